@@ -1,0 +1,114 @@
+"""Typed, validated configuration read from GGUF metadata (ModelConfig) and given by the user (EngineConfig).
+
+GGUF keys are read through the named constants below, prefixed by the architecture name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import ConfigError, ModelFormatError
+
+SUPPORTED_ARCHS = ("bitnet-b1.58", "bitnet-25", "bitnet")
+
+KEY_ARCH = "general.architecture"
+KEY_NAME = "general.name"
+# per-architecture keys: f"{arch}.{suffix}"
+K_VOCAB = "vocab_size"
+K_CONTEXT = "context_length"
+K_EMBD = "embedding_length"
+K_LAYERS = "block_count"
+K_FF = "feed_forward_length"
+K_HEADS = "attention.head_count"
+K_HEADS_KV = "attention.head_count_kv"
+K_EPS = "attention.layer_norm_rms_epsilon"
+K_ROPE_BASE = "rope.freq_base"
+K_ROPE_DIM = "rope.dimension_count"
+K_ACT = "hidden_activation"
+
+# names accepted for the FFN activation, as written by converters or given by the user
+ACTIVATIONS = {"relu2": "relu2", "relu_squared": "relu2", "relu_sqr": "relu2", "relu^2": "relu2",
+               "squared_relu": "relu2", "silu": "silu", "swish": "silu", "swiglu": "silu"}
+
+
+def normalize_activation(name: str, source: str = "activation") -> str:
+    key = str(name).strip().lower()
+    if key not in ACTIVATIONS:
+        raise ConfigError(f"{source} must be one of relu2, silu, got {name!r}")
+    return ACTIVATIONS[key]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of a BitNet model, parsed from GGUF metadata."""
+
+    arch: str                 # "bitnet-b1.58" | "bitnet-25" | "bitnet"
+    name: str                 # general.name (or the file stem)
+    n_vocab: int              # vocabulary size = rows of token_embd
+    n_ctx: int                # trained context length
+    n_embd: int               # hidden width D
+    n_layer: int
+    n_head: int               # query heads H
+    n_head_kv: int            # key/value heads (H % KVH == 0; GQA group = H / KVH)
+    head_dim: int             # D / H
+    n_ff: int                 # FFN width F
+    n_rot: int                # rotary dims per head (NEOX pairs i, i + head_dim/2)
+    rope_base: float          # RoPE theta base
+    rms_eps: float            # RMSNorm epsilon (all five norm kinds)
+    ffn_act: str              # "relu2" (relu(gate)^2 * up) or "silu" (silu(gate) * up)
+    tied_lm_head: bool        # True when output.weight is absent and token_embd is the lm_head
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_head * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_head_kv * self.head_dim
+
+    @classmethod
+    def from_metadata(cls, md: dict, path, *, tied: bool, n_vocab_tensor: int,
+                      ffn_act: str | None = None) -> "ModelConfig":
+        """Parse and validate; ``ffn_act`` overrides the file's activation (user option)."""
+        arch = md.get(KEY_ARCH)
+        if arch not in SUPPORTED_ARCHS:
+            raise ModelFormatError(path, f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
+
+        def req(suffix, typ=int):
+            key = f"{arch}.{suffix}"
+            if key not in md:
+                raise ModelFormatError(path, f"missing metadata key '{key}'")
+            try:
+                val = typ(md[key])
+            except (TypeError, ValueError):
+                raise ModelFormatError(path, f"metadata key '{key}' has a bad value {md[key]!r}") from None
+            if typ is int and val <= 0:
+                raise ModelFormatError(path, f"metadata key '{key}' must be positive, got {val}")
+            return val
+
+        n_embd, n_head = req(K_EMBD), req(K_HEADS)
+        n_head_kv = int(md.get(f"{arch}.{K_HEADS_KV}", n_head))
+        if n_embd % n_head or n_head_kv <= 0 or n_head % n_head_kv:
+            raise ModelFormatError(path, f"bad head layout: embedding {n_embd}, heads {n_head}, kv heads {n_head_kv}")
+        head_dim = n_embd // n_head
+        n_rot = int(md.get(f"{arch}.{K_ROPE_DIM}", head_dim))
+        if n_rot > head_dim or n_rot % 2:
+            raise ModelFormatError(path, f"rope.dimension_count {n_rot} must be even and <= head dim {head_dim}")
+        if ffn_act is not None:
+            act = normalize_activation(ffn_act, "ffn activation override")
+        elif f"{arch}.{K_ACT}" in md:
+            try:
+                act = normalize_activation(md[f"{arch}.{K_ACT}"], f"metadata '{arch}.{K_ACT}'")
+            except ConfigError as e:
+                raise ModelFormatError(path, str(e)) from None
+        else:
+            # llama.cpp: bitnet-b1.58 / bitnet-25 use relu^2 (build_bitnet_158); arch "bitnet" uses SiLU
+            act = "silu" if arch == "bitnet" else "relu2"
+        n_vocab = int(md.get(f"{arch}.{K_VOCAB}", n_vocab_tensor))
+        if n_vocab != n_vocab_tensor:
+            raise ModelFormatError(path, f"{arch}.vocab_size = {n_vocab} but token_embd has {n_vocab_tensor} rows",
+                                   tensor="token_embd.weight")
+        return cls(arch=arch, name=str(md.get(KEY_NAME, "")), n_vocab=n_vocab,
+                   n_ctx=int(md.get(f"{arch}.{K_CONTEXT}", 4096)), n_embd=n_embd, n_layer=req(K_LAYERS),
+                   n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, n_ff=req(K_FF), n_rot=n_rot,
+                   rope_base=float(md.get(f"{arch}.{K_ROPE_BASE}", 10000.0)), rms_eps=req(K_EPS, float),
+                   ffn_act=act, tied_lm_head=tied)

@@ -1,0 +1,116 @@
+"""The engine: model weights + paged KV cache + workspace, advanced one step at a time.
+
+A step takes parts ``(slot, tokens, start_pos, want_logits)``: a prefill chunk or a single decode token
+of one sequence each. All parts run as one batch of rows through every kernel (each weight matrix is read
+once per step) and the logits of the last row of each part that wants them come back in order.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from ..errors import ConfigError
+from ..model.bitnet import RopeTable, StepBatch, forward
+from .kv_cache import KVCache, kv_bytes_per_token
+from .workspace import Workspace
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Sizes of the engine's preallocated state."""
+    max_batch: int = 16          # sequences decoded together (KV slots)
+    max_seq_len: int = 0         # longest sequence (prompt + generation); 0 -> the model's context length
+    prefill_chunk: int = 256     # most rows (tokens) one step processes
+    kv_cache_mb: float = 0.0     # KV pool budget in MiB; 0 -> enough for max_batch full sequences, capped
+    block_size: int = 16         # tokens per KV block
+    threads: int = 0             # Numba threads; 0 -> all cores
+
+    def __post_init__(self):
+        for name in ("max_batch", "prefill_chunk", "block_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_seq_len", "kv_cache_mb", "threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+DEFAULT_KV_CAP_MB = 2048.0
+
+
+class Engine:
+    def __init__(self, model, config: EngineConfig = EngineConfig()):
+        cfg = model.config
+        self.model = model
+        self.config = config
+        if config.threads:
+            numba.set_num_threads(min(config.threads, numba.config.NUMBA_NUM_THREADS))
+        self.max_seq_len = min(config.max_seq_len or cfg.n_ctx, cfg.n_ctx)
+        per_token = kv_bytes_per_token(cfg.n_layer, cfg.kv_dim)
+        if config.kv_cache_mb:
+            n_tokens = int(config.kv_cache_mb * 2**20 // per_token)
+        else:
+            seq_blocks = -(-self.max_seq_len // config.block_size)
+            n_tokens = min(config.max_batch * seq_blocks * config.block_size,
+                           int(DEFAULT_KV_CAP_MB * 2**20 // per_token))
+        if n_tokens < config.block_size:
+            raise ConfigError(f"kv_cache_mb={config.kv_cache_mb} holds {n_tokens} tokens, less than one block")
+        self.max_seq_len = min(self.max_seq_len, n_tokens - n_tokens % config.block_size)   # one sequence fits
+        self.kv = KVCache(n_layer=cfg.n_layer, n_kv_heads=cfg.n_head_kv, head_dim=cfg.head_dim,
+                          max_seqs=config.max_batch, max_seq_len=self.max_seq_len, n_tokens=n_tokens,
+                          block_size=config.block_size)
+        self.max_rows = max(config.prefill_chunk, config.max_batch)
+        self.ws = Workspace(cfg, self.max_rows, max(config.max_batch, config.prefill_chunk))
+        self.rope = RopeTable(cfg, self.max_seq_len)
+        self.steps = 0
+        self.busy_s = 0.0
+
+    def step(self, parts):
+        """parts: list of (slot, tokens int32 [n], start_pos, want_logits). Returns a list with, per part,
+        float32 [n_vocab] logits of its last token (a view valid until the next step) or None."""
+        n = sum(len(p[1]) for p in parts)
+        if n > self.max_rows:
+            raise ValueError(f"step of {n} rows exceeds max_rows {self.max_rows}")
+        tokens = np.empty(n, np.int32)
+        row_seq = np.empty(n, np.int32)
+        row_pos = np.empty(n, np.int32)
+        logit_rows, r = [], 0
+        for slot, toks, start, want in parts:
+            m = len(toks)
+            self.kv.reserve(slot, start + m)
+            tokens[r:r + m] = toks
+            row_seq[r:r + m] = slot
+            row_pos[r:r + m] = np.arange(start, start + m, dtype=np.int32)
+            r += m
+            if want:
+                logit_rows.append(r - 1)
+        t0 = time.perf_counter()
+        logits = forward(self.model.weights, self.model.config, self.ws, self.kv, self.rope,
+                         StepBatch(tokens, row_seq, row_pos, np.asarray(logit_rows, np.int32)))
+        self.busy_s += time.perf_counter() - t0
+        self.steps += 1
+        out, j = [], 0
+        for p in parts:
+            if p[3]:
+                out.append(logits[j])
+                j += 1
+            else:
+                out.append(None)
+        return out
+
+    def all_logits(self, slot: int, tokens: np.ndarray, start: int = 0) -> np.ndarray:
+        """Logits at every position of tokens (prefill in chunks); float32 [len(tokens), n_vocab], a copy."""
+        cfg = self.model.config
+        T = len(tokens)
+        out = np.empty((T, cfg.n_vocab), np.float32)
+        chunk = min(self.max_rows, self.ws.max_logit_rows)
+        for c0 in range(0, T, chunk):
+            c1 = min(T, c0 + chunk)
+            m = c1 - c0
+            self.kv.reserve(slot, start + c1)
+            batch = StepBatch(np.ascontiguousarray(tokens[c0:c1], np.int32), np.full(m, slot, np.int32),
+                              np.arange(start + c0, start + c1, dtype=np.int32), np.arange(m, dtype=np.int32))
+            out[c0:c1] = forward(self.model.weights, cfg, self.ws, self.kv, self.rope, batch)
+        return out

@@ -1,0 +1,46 @@
+"""Scratch buffers of the forward pass, allocated once for (model, max rows per step, max logit rows).
+
+Kernels write into views ``buf[:T]`` of these; nothing is allocated per step. Activations are float64:
+they are a few rows wide (cheap next to the weights), and computing norms, projections' outputs, RoPE,
+attention and the FFN gate in float64 leaves the float32 rounding at the int8 quantizer's input as the
+only rounding, as in the float64 reference. That keeps per-token int8 rounding flips (which cascade) rare.
+The KV cache stays float32 (memory) and the lm_head runs on float32 rows.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from jit_kernels.ternary import BLOCK
+
+from ..config import ModelConfig
+
+
+def _pad(k: int) -> int:
+    return -(-k // BLOCK) * BLOCK
+
+
+class Workspace:
+    def __init__(self, cfg: ModelConfig, max_rows: int, max_logit_rows: int):
+        T, D, F = max_rows, cfg.n_embd, cfg.n_ff
+        qkv = cfg.q_dim + 2 * cfg.kv_dim
+        self.max_rows = T
+        self.max_logit_rows = max_logit_rows
+        self.x = np.zeros((T, D), np.float64)            # residual stream
+        self.h = np.zeros((T, max(D, cfg.q_dim)), np.float64)   # normed input of a block / attention output
+        self.xq = np.zeros((T, _pad(max(D, F, cfg.q_dim))), np.int8)   # int8 activations
+        self.xscale = np.zeros(T, np.float32)             # per-token activation scale s_t
+        self.xsum = np.zeros(T, np.int32)                 # per-token sum of int8 activations
+        self.qkv = np.zeros((T, qkv), np.float64)         # fused q|k|v projection output
+        self.att = np.zeros((T, cfg.n_head, cfg.head_dim), np.float64)   # attention output per head
+        self.proj = np.zeros((T, D), np.float64)          # o_proj / down_proj output
+        self.gu = np.zeros((T, 2 * F), np.float64)        # fused gate|up output
+        self.ff = np.zeros((T, F), np.float64)            # gated activation
+        self.xl = np.zeros((max_logit_rows, D), np.float64)          # final-normed rows that need logits
+        self.xl32 = np.zeros((max_logit_rows, D), np.float32)        # the same rounded for the lm_head
+        self.logits = np.zeros((max_logit_rows, cfg.n_vocab), np.float32)
+        self.lm_scratch = np.zeros((numba.config.NUMBA_NUM_THREADS, D), np.float32)   # one widened row per thread
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in vars(self).values() if isinstance(a, np.ndarray))

@@ -1,0 +1,102 @@
+"""``Model``: a loaded BitNet GGUF (config, weights in kernel layout, tokenizer) and ``load_model``."""
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..errors import ContextOverflowError, ModelFormatError, TokenizerError
+from .gguf import GGUFFile
+from .hub import resolve_model_path
+from .weights import Weights, load_weights
+
+
+class Model:
+    """A BitNet b1.58 model ready to run. Use :func:`load_model` to make one."""
+
+    def __init__(self, path: Path, gguf: GGUFFile, config: ModelConfig, weights: Weights, tokenizer, load_s: float):
+        self.path = path
+        self.gguf = gguf
+        self.config = config
+        self.weights = weights
+        self._tokenizer = tokenizer
+        self.load_s = load_s
+        self._sha256 = None
+        self._engine = None
+
+    @property
+    def tokenizer(self):
+        """The tokenizer built from the GGUF metadata (raises TokenizerError if the file has none)."""
+        if self._tokenizer is None:
+            raise TokenizerError(f"{self.path}: the model has no usable tokenizer metadata")
+        return self._tokenizer
+
+    @property
+    def metadata(self) -> dict:
+        return self.gguf.metadata
+
+    def sha256(self) -> str:
+        """sha256 of the model file (computed once, streamed)."""
+        if self._sha256 is None:
+            h = hashlib.sha256()
+            with open(self.path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+            self._sha256 = h.hexdigest()
+        return self._sha256
+
+    def logits(self, token_ids) -> np.ndarray:
+        """Logits at every position of one sequence, computed with a fresh KV cache (prefill).
+
+        Returns float32 [len(token_ids), n_vocab]."""
+        from ..engine.engine import Engine, EngineConfig
+
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        cfg = self.config
+        if ids.size == 0:
+            return np.zeros((0, cfg.n_vocab), np.float32)
+        if ids.size > cfg.n_ctx:
+            raise ContextOverflowError(f"{ids.size} tokens exceed the context length {cfg.n_ctx}")
+        if ids.min() < 0 or ids.max() >= cfg.n_vocab:
+            raise ValueError(f"token ids must be in [0, {cfg.n_vocab}), got min {ids.min()} max {ids.max()}")
+        if self._engine is None or self._engine.max_seq_len < ids.size:
+            self._engine = Engine(self, EngineConfig(max_batch=1, max_seq_len=max(int(ids.size), 256),
+                                                     prefill_chunk=64))
+        eng = self._engine
+        slot = eng.kv.allocate()
+        try:
+            return eng.all_logits(slot, ids.astype(np.int32))
+        finally:
+            eng.kv.free(slot)
+
+    def __repr__(self):
+        c = self.config
+        return (f"Model({self.path.name}: {c.arch}, {c.n_layer} layers, d={c.n_embd}, heads {c.n_head}/"
+                f"{c.n_head_kv}, ffn {c.n_ff} {c.ffn_act}, vocab {c.n_vocab})")
+
+
+def load_model(path_or_repo_id, *, filename: str | None = None, ffn_act: str | None = None,
+               revision: str | None = None) -> Model:
+    """Load a BitNet GGUF from a local path or a Hugging Face repo id (cached; honours HF_HUB_OFFLINE).
+
+    ``ffn_act`` ("relu2" / "silu") overrides the FFN activation the file implies."""
+    from ..tokenizer import tokenizer_from_metadata
+
+    t0 = time.perf_counter()
+    path = resolve_model_path(path_or_repo_id, filename, revision)
+    gf = GGUFFile(path)
+    md = gf.metadata
+    emb = gf.tensors.get("token_embd.weight")
+    if emb is None or len(emb.shape) != 2:
+        raise ModelFormatError(path, "required 2-D tensor is missing or malformed", tensor="token_embd.weight")
+    n_vocab = int(emb.shape[1])
+    cfg = ModelConfig.from_metadata(md, path, tied="output.weight" not in gf.tensors, n_vocab_tensor=n_vocab,
+                                    ffn_act=ffn_act)
+    weights = load_weights(gf, cfg)
+    tok = None
+    if md.get("tokenizer.ggml.model") is not None:
+        tok = tokenizer_from_metadata(md, source=str(path))
+    return Model(path, gf, cfg, weights, tok, time.perf_counter() - t0)

@@ -1,0 +1,29 @@
+"""RMSNorm: ``y = w * x / sqrt(mean(x^2) + eps)`` per row, computed in float64 whatever the storage type."""
+import numpy as np
+from numba import njit, prange
+
+from ._config import JIT_PARALLEL
+
+_FLOATS = (np.float32, np.float64)
+
+
+def rmsnorm(x, w, eps, out):
+    """x float32/float64 [T, D]; w float32 [D]; out float32/float64 [T, D] (may alias x)."""
+    if x.ndim != 2 or out.shape[0] < x.shape[0] or out.shape[1] != x.shape[1] or w.shape[0] != x.shape[1]:
+        raise ValueError(f"rmsnorm: shapes x {x.shape}, w {w.shape}, out {out.shape} do not match")
+    if x.dtype not in _FLOATS or out.dtype not in _FLOATS or w.dtype != np.float32:
+        raise TypeError(f"rmsnorm: want float x/out and float32 w, got {x.dtype}, {out.dtype}, {w.dtype}")
+    _rmsnorm(x, w, np.float32(eps), out)
+
+
+@njit(**JIT_PARALLEL)
+def _rmsnorm(x, w, eps, out):
+    T, D = x.shape
+    for t in prange(T):
+        ss = 0.0
+        for d in range(D):
+            v = np.float64(x[t, d])
+            ss += v * v
+        r = 1.0 / np.sqrt(ss / D + np.float64(eps))
+        for d in range(D):
+            out[t, d] = np.float64(w[d]) * (np.float64(x[t, d]) * r)

@@ -1,0 +1,43 @@
+"""NEOX ("rotate half") rotary position embedding, in place.
+
+For head vector x of width hd and position p, pairs (i, i + hd/2) rotate by theta = p * base^(-2i/n_rot)
+for i < n_rot/2; dims past n_rot are left alone. cos/sin come from a table built once in float64.
+"""
+import numpy as np
+from numba import njit, prange
+
+from ._config import JIT_PARALLEL
+
+
+def rope_table(max_pos, n_rot, base):
+    """cos, sin float32 [max_pos, n_rot // 2], computed in float64."""
+    inv = base ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)
+    ang = np.arange(max_pos, dtype=np.float64)[:, None] * inv[None, :]
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+def rope_neox(x, pos, cos, sin):
+    """x float32/float64 [T, H, hd] rotated in place (arithmetic in x's type); pos int32 [T]; cos/sin float32 [max_pos, n_rot // 2]."""
+    T, H, hd = x.shape
+    half = cos.shape[1]
+    if x.dtype not in (np.float32, np.float64) or pos.shape[0] != T or 2 * half > hd or sin.shape != cos.shape:
+        raise ValueError(f"rope_neox: x {x.shape} {x.dtype}, pos {pos.shape}, table {cos.shape}")
+    if T and (pos[:T].min() < 0 or pos[:T].max() >= cos.shape[0]):
+        raise ValueError(f"rope_neox: position out of range [0, {cos.shape[0]})")
+    _rope_neox(x, pos, cos, sin)
+
+
+@njit(**JIT_PARALLEL)
+def _rope_neox(x, pos, cos, sin):
+    T, H, hd = x.shape
+    half = cos.shape[1]
+    for t in prange(T):
+        p = pos[t]
+        for h in range(H):
+            for i in range(half):
+                c = cos[p, i]
+                s = sin[p, i]
+                a = x[t, h, i]
+                b = x[t, h, i + half]
+                x[t, h, i] = a * c - b * s
+                x[t, h, i + half] = a * s + b * c

@@ -1,0 +1,92 @@
+"""Plain-numpy twins of every kernel (slow, obvious, float64 where it helps). Tests compare against these."""
+import numpy as np
+
+
+def quantize_rows(x):
+    """-> (int8 [T, K], scale float32 [T], sum int32 [T]) per-token absmax int8 (round half to even)."""
+    x = np.asarray(x, np.float32)
+    amax = np.maximum(np.abs(x).max(axis=1), np.float32(1e-5)).astype(np.float32)
+    s = (np.float32(127.0) / amax).astype(np.float32)
+    q = np.clip(np.rint(x * s[:, None]), -128, 127).astype(np.int8)
+    return q, s, q.astype(np.int32).sum(axis=1)
+
+
+def ternary_matmul(xq, xscale, t, wscale):
+    """xq int8 [T, K]; t int8 ternary [N, K]; -> float64 [T, N] = (xq . t) / s_t * wscale."""
+    acc = xq.astype(np.int64) @ t.astype(np.int64).T
+    return acc / xscale.astype(np.float64)[:, None] * wscale.astype(np.float64)[None, :]
+
+
+def bitlinear(x, t, wscale):
+    q, s, _ = quantize_rows(x)
+    return ternary_matmul(q, s, t, wscale)
+
+
+def rmsnorm(x, w, eps):
+    x = np.asarray(x, np.float64)
+    return w * x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)
+
+
+def rope_neox(x, pos, n_rot, base):
+    """x [T, H, hd] float64 -> rotated copy."""
+    x = np.array(x, np.float64)
+    half = n_rot // 2
+    inv = base ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)
+    ang = np.asarray(pos, np.float64)[:, None] * inv[None, :]
+    c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    a, b = x[..., :half].copy(), x[..., half:2 * half].copy()
+    x[..., :half] = a * c - b * s
+    x[..., half:2 * half] = a * s + b * c
+    return x
+
+
+def causal_attention(q, k, v):
+    """One sequence: q [T, H, hd], k/v [S, KVH, hd] for positions 0..S-1, row t at position S-T+t."""
+    T, H, hd = q.shape
+    S, KVH, _ = k.shape
+    g = H // KVH
+    out = np.zeros((T, H, hd))
+    for t in range(T):
+        p = S - T + t
+        for h in range(H):
+            sc = (k[:p + 1, h // g] @ q[t, h]) / np.sqrt(hd)
+            w = np.exp(sc - sc.max())
+            out[t, h] = (w / w.sum()) @ v[:p + 1, h // g]
+    return out
+
+
+def gated(g, u, kind):
+    g = np.asarray(g, np.float64)
+    if kind == "relu2":
+        return np.maximum(g, 0) ** 2 * u
+    return g / (1 + np.exp(-g)) * u
+
+
+def f16_bits_to_f32(bits):
+    return np.asarray(bits, np.uint16).view(np.float16).astype(np.float32)
+
+
+def forward(cfg, layers, embd, output, output_norm, tokens):
+    """Whole-sequence float64 reference of the BitNet forward (per-token int8 activations, exact ternary).
+
+    layers: list of dicts of numpy arrays: attn_norm, q/k/v/o (t int8 [N, K], scale), attn_sub_norm, ffn_norm,
+    gate/up/down, ffn_sub_norm."""
+    T = len(tokens)
+    x = embd[np.asarray(tokens)].astype(np.float64)
+    H, KVH, hd = cfg.n_head, cfg.n_head_kv, cfg.head_dim
+    pos = np.arange(T)
+    for L in layers:
+        h = rmsnorm(x, L["attn_norm"], cfg.rms_eps).astype(np.float32)
+        q = bitlinear(h, *L["q"]).reshape(T, H, hd)
+        k = bitlinear(h, *L["k"]).reshape(T, KVH, hd)
+        v = bitlinear(h, *L["v"]).reshape(T, KVH, hd)
+        q, k = rope_neox(q, pos, cfg.n_rot, cfg.rope_base), rope_neox(k, pos, cfg.n_rot, cfg.rope_base)
+        a = causal_attention(q, k, v).reshape(T, H * hd)
+        a = rmsnorm(a, L["attn_sub_norm"], cfg.rms_eps).astype(np.float32)
+        x = x + bitlinear(a, *L["o"])
+        h = rmsnorm(x, L["ffn_norm"], cfg.rms_eps).astype(np.float32)
+        m = gated(bitlinear(h, *L["gate"]), bitlinear(h, *L["up"]), cfg.ffn_act)
+        m = rmsnorm(m, L["ffn_sub_norm"], cfg.rms_eps).astype(np.float32)
+        x = x + bitlinear(m, *L["down"])
+    x = rmsnorm(x, output_norm, cfg.rms_eps)
+    return x @ output.astype(np.float64).T
