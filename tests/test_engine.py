@@ -83,3 +83,20 @@ def test_logits_input_checks(i2s_model):
     with pytest.raises(bitnet_batch.ContextOverflowError):
         i2s_model.logits(np.zeros(i2s_model.config.n_ctx + 1, np.int64))
     assert i2s_model.logits([]).shape == (0, 512)
+
+
+@pytest.mark.parametrize("wtype", ["i2_s", "tq2_0", "tq1_0", "f16", "bf16", "f32"])
+@pytest.mark.parametrize("scale_tensors", [False, True])
+def test_every_weight_type_gives_the_same_model(tmp_path, wtype, scale_tensors):
+    """The writer stores the same ternary weights in every type (and with separate *.scale tensors):
+    the loaded models must agree with the I2_S one."""
+    from bitnet_batch.testing.models import write_test_model
+
+    kw = dict(n_embd=256, n_layer=2, n_head=4, n_head_kv=1, n_ff=512, n_vocab=300, seed=11, context_length=256)
+    base = bitnet_batch.load_model(write_test_model(tmp_path / "base.gguf", **kw))
+    other = bitnet_batch.load_model(write_test_model(tmp_path / f"{wtype}.gguf", weight_type=wtype,
+                                                     scale_tensors=scale_tensors, arch="bitnet",
+                                                     hidden_activation="relu2", **kw))
+    assert other.config.ffn_act == "relu2" and other.config.arch == "bitnet"
+    ids = np.arange(1, 40) * 7 % 300
+    np.testing.assert_allclose(other.logits(ids), base.logits(ids), atol=1e-4)

@@ -101,7 +101,13 @@ class _Loader:
                                     dtype=np.float32).reshape(n)
 
     def ternary(self, name, n_in, n_out):
-        """-> (int8 ternary [n_out, n_in] or None, float32 scale [n_out], raw I2 payload [n_out, n_in/4] or None)."""
+        """-> (int8 ternary [n_out, n_in] or None, float32 scale [n_out], raw I2 payload [n_out, n_in/4] or None).
+
+        A separate ``<name>.scale`` tensor (mainline "bitnet" GGUFs) multiplies the scale of any type."""
+        t, rows, payload = self._ternary(name, n_in, n_out)
+        return t, (rows * self._scale_tensor(name)).astype(np.float32), payload
+
+    def _ternary(self, name, n_in, n_out):
         info = self.info(name)
         if tuple(info.shape) != (n_in, n_out):
             raise ModelFormatError(self.path, f"shape {tuple(info.shape)} but the model needs ({n_in}, {n_out})",
@@ -122,10 +128,8 @@ class _Loader:
                                        "one scale per tensor (or per row) are supported", tensor=name)
             return t, np.ascontiguousarray(d[:, 0], dtype=np.float32), None
         if typ in FLOAT_TYPES:
-            w = quants.float_tensor(raw, typ, info.shape).reshape(n_out, n_in)
-            extra = self._scale_tensor(name)
-            t, scale = ternarize(w)
-            return t, np.full(n_out, scale * extra, np.float32), None
+            t, scale = ternarize(quants.float_tensor(raw, typ, info.shape).reshape(n_out, n_in))
+            return t, np.full(n_out, scale, np.float32), None
         raise ModelFormatError(self.path, f"unsupported tensor type {_tname(typ)} for a ternary projection "
                                "(supported: I2_S, TQ1_0, TQ2_0, F32, F16, BF16)", tensor=name)
 

@@ -1,0 +1,205 @@
+"""`bitnet-batch` command line: a click group of verbs; no logic of its own beyond parsing and printing."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .errors import BitnetBatchError
+from .model.hub import DEFAULT_REPO
+
+EXIT_FATAL = 1          # model, config or output problem: the job could not run
+EXIT_ITEM_ERRORS = 3    # the job ran, but some items are error records (--strict)
+
+
+def _sampling_options(f):
+    opts = [
+        click.option("--max-tokens", type=int, default=256, show_default=True, help="Tokens to generate per item."),
+        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
+        click.option("--top-k", type=int, default=0, show_default=True, help="0 = off."),
+        click.option("--top-p", type=float, default=1.0, show_default=True),
+        click.option("--min-p", type=float, default=0.0, show_default=True),
+        click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
+        click.option("--presence-penalty", type=float, default=0.0, show_default=True),
+        click.option("--frequency-penalty", type=float, default=0.0, show_default=True),
+        click.option("--stop", multiple=True, help="Stop string (repeatable)."),
+        click.option("--logprobs", type=int, default=None, help="Report the top-N logprobs of each token."),
+        click.option("--ignore-eos", is_flag=True, help="Do not stop at end-of-generation tokens."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Job seed; each item's RNG derives from (seed, id) unless the item sets 'seed'."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _model_options(f):
+    f = click.option("--ffn-act", type=click.Choice(["relu2", "silu"]), default=None,
+                     help="Override the FFN activation the model file implies.")(f)
+    f = click.option("--model-file", default=None, help="GGUF file name inside a Hugging Face repo.")(f)
+    f = click.option("--model", "-m", default=DEFAULT_REPO, show_default=True,
+                     help="GGUF path or Hugging Face repo id (downloaded and cached on first use).")(f)
+    f = click.option("--threads", type=int, default=0, help="Numba threads (0 = all cores).")(f)
+    return f
+
+
+def _sampling_params(kw):
+    from .sampling.params import SamplingParams
+
+    return SamplingParams(max_tokens=kw["max_tokens"], temperature=kw["temperature"], top_k=kw["top_k"],
+                          top_p=kw["top_p"], min_p=kw["min_p"], repetition_penalty=kw["repetition_penalty"],
+                          presence_penalty=kw["presence_penalty"], frequency_penalty=kw["frequency_penalty"],
+                          stop=tuple(kw["stop"]), logprobs=kw["logprobs"], ignore_eos=kw["ignore_eos"])
+
+
+def _fail(e: Exception):
+    click.echo(f"error: {e}", err=True)
+    sys.exit(EXIT_FATAL)
+
+
+@click.group()
+@click.version_option(package_name="bitnet-batch")
+def main():
+    """Run ternary (BitNet b1.58) language models over whole datasets on CPUs."""
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--output", "-o", required=True, type=click.Path(), help="Output file (.jsonl or .parquet).")
+@click.option("--output-format", type=click.Choice(["jsonl", "parquet", "openai"]), default=None,
+              help="Default: from the output extension.")
+@click.option("--input-format", type=click.Choice(["jsonl", "parquet"]), default=None)
+@click.option("--prompt-field", default="prompt", show_default=True)
+@click.option("--id-field", default="id", show_default=True)
+@click.option("--system", default=None, help="System message; plain prompts are then rendered as chat.")
+@click.option("--chat", is_flag=True, help="Render plain 'prompt' records with the chat template.")
+@click.option("--max-batch", type=int, default=16, show_default=True, help="Sequences decoded together.")
+@click.option("--prefill-chunk", type=int, default=256, show_default=True, help="Most tokens per step.")
+@click.option("--kv-cache-mb", type=float, default=0.0, help="KV cache budget in MiB (0 = derived).")
+@click.option("--max-seq-len", type=int, default=0, help="Longest prompt + generation (0 = model context).")
+@click.option("--truncate", type=click.Choice(["left", "right"]), default=None,
+              help="Cut over-long prompts instead of writing an error record.")
+@click.option("--unordered", is_flag=True, help="Write records as they finish (JSONL) instead of input order.")
+@click.option("--overwrite", is_flag=True, help="Start fresh instead of resuming.")
+@click.option("--strict", is_flag=True, help=f"Exit with {EXIT_ITEM_ERRORS} when any item is an error record.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or log (for cron).")
+@_model_options
+@_sampling_options
+def run(inputs, output, output_format, input_format, prompt_field, id_field, system, chat, max_batch,
+        prefill_chunk, kv_cache_mb, max_seq_len, truncate, unordered, overwrite, strict, quiet, model, model_file,
+        ffn_act, threads, **kw):
+    """Generate a completion for every record of INPUTS (JSONL / Parquet / OpenAI batch lines)."""
+    from .engine.engine import EngineConfig
+    from .runner import JobConfig, run_job
+
+    try:
+        job = JobConfig(inputs=tuple(inputs), output=output, model=model, model_file=model_file,
+                        output_format=output_format, input_format=input_format, prompt_field=prompt_field,
+                        id_field=id_field, system=system, chat=chat, sampling=_sampling_params(kw), seed=kw["seed"],
+                        truncate=truncate, ordered=not unordered, overwrite=overwrite, ffn_act=ffn_act,
+                        engine=EngineConfig(max_batch=max_batch, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,
+                                            kv_cache_mb=kv_cache_mb, threads=threads))
+        summary = run_job(job, quiet=quiet)
+    except (BitnetBatchError, OSError) as e:
+        _fail(e)
+    if strict and summary["items"]["error"]:
+        sys.exit(EXIT_ITEM_ERRORS)
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--system", default=None, help="Render the prompt as a chat with this system message.")
+@click.option("--chat", is_flag=True, help="Render the prompt with the chat template.")
+@_model_options
+@_sampling_options
+def generate(prompt, system, chat, model, model_file, ffn_act, threads, **kw):
+    """Generate from one PROMPT, streaming the text to stdout."""
+    from .generate import Generator
+
+    try:
+        gen = Generator.load(model, model_file=model_file, ffn_act=ffn_act, threads=threads)
+        if system or chat:
+            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            ids = gen.model.tokenizer.apply_chat_template(msgs)
+        else:
+            ids = gen.model.tokenizer.encode(prompt, add_bos=gen.model.tokenizer.add_bos)
+        result = gen.stream(ids, _sampling_params(kw), seed=kw["seed"], on_text=_echo_piece)
+    except (BitnetBatchError, OSError) as e:
+        _fail(e)
+    click.echo()
+    click.echo(f"[{result['finish_reason']}: {result['completion_tokens']} tokens, "
+               f"{result['tokens_per_s']:.1f} tok/s]", err=True)
+
+
+def _echo_piece(text):
+    click.echo(text, nl=False)
+    sys.stdout.flush()
+
+
+@main.command()
+@click.option("--system", default=None, help="System message.")
+@_model_options
+@_sampling_options
+def chat(system, model, model_file, ffn_act, threads, **kw):
+    """Interactive chat with the model's chat template and history (empty line or Ctrl-D to quit)."""
+    from .generate import Generator
+
+    try:
+        gen = Generator.load(model, model_file=model_file, ffn_act=ffn_act, threads=threads)
+    except (BitnetBatchError, OSError) as e:
+        _fail(e)
+    params = _sampling_params(kw)
+    history = [{"role": "system", "content": system}] if system else []
+    turn = 0
+    while True:
+        try:
+            line = click.prompt("you", prompt_suffix="> ", default="", show_default=False)
+        except (EOFError, click.Abort):
+            break
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line})
+        try:
+            ids = gen.model.tokenizer.apply_chat_template(history)
+            click.echo("assistant> ", nl=False)
+            result = gen.stream(ids, params, seed=kw["seed"] + turn, on_text=_echo_piece)
+        except BitnetBatchError as e:
+            click.echo(f"\nerror: {e}", err=True)
+            history.pop()
+            continue
+        click.echo()
+        history.append({"role": "assistant", "content": result["text"]})
+        turn += 1
+
+
+@main.command()
+@click.argument("model")
+@click.option("--model-file", default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def inspect(model, model_file, as_json):
+    """Show a model's architecture, tensors, tokenizer, chat template and memory estimate."""
+    from .inspect import describe, format_description
+
+    try:
+        info = describe(model, filename=model_file)
+    except (BitnetBatchError, OSError) as e:
+        _fail(e)
+    click.echo(json.dumps(info, indent=2) if as_json else format_description(info))
+
+
+@main.command()
+@click.argument("repo_id", default=DEFAULT_REPO)
+@click.option("--filename", default=None, help="File in the repo (default for the 2B4T repo: the I2_S GGUF).")
+def download(repo_id, filename):
+    """Download a model into the Hugging Face cache and print its local path."""
+    from .model.hub import resolve_model_path
+
+    try:
+        click.echo(str(resolve_model_path(repo_id, filename)))
+    except BitnetBatchError as e:
+        _fail(e)
+
+
+if __name__ == "__main__":      # pragma: no cover
+    main()

@@ -1,0 +1,1 @@
+"""Model files: the GGUF reader, ternary codecs, weight loading and the forward pass."""
