@@ -189,6 +189,43 @@ def inspect(model, model_file, as_json):
 
 
 @main.command()
+@click.option("--model", "-m", required=True, help="GGUF path or hub repo id (e.g. a 2B4T-shaped test model).")
+@click.option("--model-file", default=None)
+@click.option("--batch-sizes", default="1,8,32", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--prompt-tokens", type=int, default=64, show_default=True)
+@click.option("--gen-tokens", type=int, default=64, show_default=True)
+@click.option("--prefill-chunk", type=int, default=256, show_default=True)
+@click.option("--threads", type=int, default=0, help="Numba threads (0 = all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with a 'results' list.")
+def bench(model, model_file, batch_sizes, prompt_tokens, gen_tokens, prefill_chunk, threads, as_json):
+    """Measure prefill and batched decode throughput (random prompts, greedy decode)."""
+    from .bench import run_bench
+
+    try:
+        sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
+        if not sizes or min(sizes) < 1 or prompt_tokens < 1 or gen_tokens < 1:
+            raise click.BadParameter("batch sizes, --prompt-tokens and --gen-tokens must be >= 1")
+        out = run_bench(model, sizes, prompt_tokens, gen_tokens, threads, model_file=model_file,
+                        prefill_chunk=prefill_chunk, log=(lambda m: click.echo(m, err=True)) if as_json else click.echo)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+    except (BitnetBatchError, OSError) as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(out))
+
+
+@main.command("make-test-model", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def make_test_model(args):
+    """Write a random BitNet GGUF (e.g. `OUT.gguf --preset 2b4t` for benchmarks); see --help of
+    `python -m bitnet_batch.testing.models` for every option."""
+    from .testing.models import main as testmodel_main
+
+    sys.exit(testmodel_main(list(args)))
+
+
+@main.command()
 @click.argument("repo_id", default=DEFAULT_REPO)
 @click.option("--filename", default=None, help="File in the repo (default for the 2B4T repo: the I2_S GGUF).")
 def download(repo_id, filename):

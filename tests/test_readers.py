@@ -146,20 +146,21 @@ def test_bad_lines_become_bad_records_and_good_rows_still_come(tmp_path):
     assert good[15].id == 7 and good[15].messages == [{"role": "user", "content": "fine"}]
     assert good[17].id == f"row-{good[17].index}" == "row-14"
 
+    row = "fallback"  # the record's own id is unusable: BadRecord.id is the reserved row-{index}
     expected = {  # line -> (error.field, words the message must contain, BadRecord.id)
-        3: (None, "invalid JSON", None),
-        4: (None, "must be a JSON object, got list", None),
+        3: (None, "invalid JSON", row),
+        4: (None, "must be a JSON object, got list", row),
         5: ("prompt", "missing prompt", "c"),
         6: ("prompt", "field 'prompt' must be a string, got int (42)", "d"),
         7: ("messages", "field 'messages' must be a non-empty list", "e"),
         8: ("messages", "item 0: 'content' must be a string, got null", "f"),
         9: ("messages", "item 0 is str", "g"),
-        10: ("id", "field 'id' must be a string or an integer, got float (1.5)", None),
-        11: ("id", "got bool (True)", None),
-        12: ("id", "got null (None)", None),
-        13: ("id", f"field 'id': duplicate value 'a' (first used at {path}:1)", None),
+        10: ("id", "field 'id' must be a string or an integer, got float (1.5)", row),
+        11: ("id", "got bool (True)", row),
+        12: ("id", "got null (None)", row),
+        13: ("id", f"field 'id': duplicate value 'a' (first used at {path}:1)", row),
         14: ("prompt", "both field 'prompt' and field 'messages'", "h"),
-        18: (None, "not valid UTF-8", None),
+        18: (None, "not valid UTF-8", row),
     }
     for line, (field, words, bad_id) in expected.items():
         bad = by_line[line]
@@ -170,7 +171,7 @@ def test_bad_lines_become_bad_records_and_good_rows_still_come(tmp_path):
         message = str(bad.error)
         assert message.startswith(f"{path}:{line}: "), message
         assert words in message, message
-        assert bad.id == bad_id, line
+        assert bad.id == (f"row-{bad.index}" if bad_id is row else bad_id), line
     assert count_records(path) == len(items)
 
 
@@ -185,7 +186,25 @@ def test_ids_are_unique_across_files_and_index_is_global(tmp_path):
     assert f"first used at {a}:1" in str(items[2].error) and items[2].location == f"{b}:row 0"
     assert f"first used at {a}:2" in str(items[4].error)
     assert items[3].id == "z" and items[3].location == f"{b}:row 1"
+    assert (items[2].id, items[4].id) == ("row-2", "row-4")  # the error rows get reserved stand-in ids
     assert count_records([a, b]) == 5
+
+
+def test_bad_record_ids_are_unique_stand_ins(tmp_path):
+    """An error row's id is reserved like any other: never a clash with an explicit id, same on every run."""
+    path = write_jsonl(tmp_path / "ids.jsonl", [
+        {"id": "row-1", "prompt": "takes the name row 1 would get"},
+        "{not json",                               # index 1: row-1 is taken -> row-1-1
+        {"id": 2.5, "prompt": "bad id"},           # index 2: row-2
+        {"id": "row-2", "prompt": "clashes with the stand-in of index 2"},
+        {"prompt": "no id"},                       # index 4: row-4
+    ])
+    items = list(read_requests(path))
+    assert [it.id for it in items] == ["row-1", "row-1-1", "row-2", "row-3", "row-4"]
+    assert [type(it).__name__ for it in items] == ["Request", "BadRecord", "BadRecord", "BadRecord", "Request"]
+    assert f"duplicate value 'row-2' (first used at {path}:3)" in str(items[3].error)
+    assert [it.id for it in read_requests(path)] == [it.id for it in items]
+    assert len({str(it.id) for it in items}) == len(items)
 
 
 def test_parquet_null_cells_mean_absent(tmp_path):
@@ -242,7 +261,7 @@ def test_openai_batch_lines(tmp_path):
     assert all(isinstance(b, BadRecord) for b in items[4:])
     assert fields == [("url", "b1"), ("body.messages", "b2"), ("body.prompt", "b3"), ("body", "b4"),
                       ("body.top_logprobs", "b5"), ("body.max_completion_tokens", "b6"), ("method", "b7"),
-                      ("custom_id", None), ("custom_id", None)]
+                      ("custom_id", "row-11"), ("custom_id", "row-12")]
     assert "field 'url' must be one of /v1/chat/completions, /v1/completions" in str(items[4].error)
     assert "duplicate value 'req-1'" in str(items[12].error)
 

@@ -21,7 +21,8 @@ from bitnet_batch.errors import BitnetBatchError, ConfigError
 from bitnet_batch.io import OutputSink, writers
 
 REPO = Path(__file__).resolve().parents[1]
-FP = {"model_sha256": "ab12", "temperature": 0.0, "max_tokens": 16, "stop": ["\n"]}
+FP = {"model_sha256": "ab12", "temperature": 0.0, "max_tokens": 16, "stop": ["\n"],
+      "sampling": {"top_k": 0, "top_p": 1.0, "min_p": 0.0}}
 TIMING_KEYS = ("queue_s", "prefill_s", "ttft_s", "decode_s", "total_s", "tokens_per_s")
 
 
@@ -190,14 +191,15 @@ def test_fingerprint_change_is_refused_and_overwrite_starts_fresh(tmp_path):
     sink = OutputSink(path, fingerprint=FP)
     sink.write(record(0))
     sink.close()
-    changed = {**FP, "temperature": 0.7, "top_k": 40}
+    changed = {**FP, "temperature": 0.7, "top_k": 40, "sampling": {**FP["sampling"], "min_p": 0.05}}
     changed.pop("stop")
     with pytest.raises(ConfigError) as err:
         OutputSink(path, fingerprint=changed)
     message = str(err.value)
     assert "stop: ['\\n'] -> '<absent>'" in message and "temperature: 0.0 -> 0.7" in message
     assert "top_k: '<absent>' -> 40" in message and "--overwrite" in message
-    assert "max_tokens" not in message and "model_sha256" not in message
+    assert "sampling.min_p: 0.0 -> 0.05" in message  # nested parameters are named by dotted path
+    assert "max_tokens" not in message and "model_sha256" not in message and "top_p" not in message
     with pytest.raises(ConfigError, match="output format: 'jsonl' -> 'openai'"):
         OutputSink(path, fingerprint=FP, fmt="openai")
     with pytest.raises(ConfigError, match="ordered: True -> False"):

@@ -62,10 +62,15 @@ class Request:
 @dataclass(frozen=True)
 class BadRecord:
     """One input item that could not be turned into a Request; ``error.field`` names the field (None when
-    the whole line is unusable: invalid JSON, not an object). ``id`` is None when the id itself is bad."""
+    the whole line is unusable: invalid JSON, not an object).
+
+    ``id`` is the id the item's error record must carry, never None: the record's own id when it is usable,
+    else (no id, invalid JSON, bad id type, duplicate id) a fallback ``row-{index}`` that is reserved like
+    any other id, so it is unique in the job and the same on every run (resume skips it by id). If an
+    explicit id already took ``row-{index}``, the fallback is ``row-{index}-1`` (``-2``, ...)."""
 
     index: int
-    id: str | int | None
+    id: str | int
     location: str
     error: InputError
 
@@ -175,7 +180,7 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:
         for group in range(pf.num_row_groups):
             for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, row_groups=[group], use_threads=False):
                 for record in batch.to_pylist():
-                    yield row, record
+                    yield row, _drop_nulls(record)
                     row += 1
     except (OSError, ValueError) as e:  # ArrowInvalid derives from ValueError; IO errors from OSError
         raise ConfigError(f"{path}: corrupt Parquet data near row {row} ({e})") from e
@@ -200,6 +205,15 @@ class _Seen:
     def __init__(self, files: list[tuple[Path, str]]):
         self._files = files
         self._first: dict[str, int] = {}
+
+    def fallback(self, index: int, file_no: int, pos: int) -> str:
+        """Reserve a unique stand-in id for a record whose own id is absent or unusable."""
+        candidate, n = f"row-{index}", 0
+        while candidate in self._first:
+            n += 1
+            candidate = f"row-{index}-{n}"
+        self.claim(candidate, file_no, pos)
+        return candidate
 
     def claim(self, id_value, file_no: int, pos: int) -> str | None:
         """Register ``id_value``; return the location of its first use when it is a duplicate."""
@@ -248,6 +262,8 @@ def _parse_one(raw, index: int, location: str, names: _FieldNames, seen: _Seen, 
             overrides = _own_overrides(record)
     except InputError as e:
         error = InputError(e.args[0], location=location, field=e.field)
+        if record_id is None:
+            record_id = seen.fallback(index, file_no, pos)
         return BadRecord(index=index, id=record_id, location=location, error=error)
     return Request(index=index, id=record_id, prompt=prompt, messages=messages, overrides=overrides,
                    location=location, fields=record)

@@ -588,13 +588,23 @@ def _plain_fingerprint(fingerprint) -> dict:
 
 def _state_changes(state: dict, fingerprint: dict, fmt: str, ordered: bool) -> list[str]:
     old_fp = state.get("fingerprint") if isinstance(state.get("fingerprint"), dict) else {}
-    changes = [f"{k}: {_short(old_fp.get(k, '<absent>'))} -> {_short(fingerprint.get(k, '<absent>'))}"
-               for k in sorted(set(old_fp) | set(fingerprint), key=str) if old_fp.get(k) != fingerprint.get(k)
-               or (k in old_fp) != (k in fingerprint)]
+    changes = _dict_changes(old_fp, fingerprint, prefix="")
     if state.get("format") != fmt:
         changes.append(f"output format: {state.get('format')!r} -> {fmt!r}")
     if state.get("ordered") != ordered:
         changes.append(f"ordered: {state.get('ordered')!r} -> {ordered!r}")
+    return changes
+
+
+def _dict_changes(old: dict, new: dict, prefix: str) -> list[str]:
+    """``key: old -> new`` for every differing key; nested dicts (e.g. sampling) by dotted path."""
+    changes, absent = [], "<absent>"
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k, absent), new.get(k, absent)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += _dict_changes(a, b, prefix=f"{prefix}{k}.")
+        elif a != b or (k in old) != (k in new):
+            changes.append(f"{prefix}{k}: {_short(a)} -> {_short(b)}")
     return changes
 
 
