@@ -103,7 +103,7 @@ def run(inputs, output, output_format, input_format, prompt_field, id_field, sys
         summary = run_job(job, quiet=quiet)
     except (BitnetBatchError, OSError) as e:
         _fail(e)
-    if strict and summary["items"]["error"]:
+    if strict and summary["items"]["errors_in_output"]:
         sys.exit(EXIT_ITEM_ERRORS)
 
 

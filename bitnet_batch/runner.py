@@ -317,7 +317,8 @@ def run_job(job: JobConfig, *, model=None, quiet: bool = False, out=sys.stderr) 
         "model": {"path": str(model.path), "sha256": sha, "arch": model.config.arch, "name": model.config.name},
         "parameters": {"sampling": asdict(job.sampling), "seed": job.seed, "system": job.system, "chat": job.chat,
                        "truncate": job.truncate, "engine": asdict(job.engine), "threads": _threads()},
-        "items": {"total": stats.items, "ok": stats.ok, "error": stats.errors, "skipped_resume": stats.skipped},
+        "items": {"total": stats.items, "ok": stats.ok, "error": stats.errors, "skipped_resume": stats.skipped,
+                  "errors_in_output": count_errors(final, sink.fmt)},
         "tokens": {"prompt": stats.prompt_tokens, "completion": stats.completion_tokens},
         "time_s": {"load": round(model.load_s, 3), "compile": round(compile_s, 3), "run": round(run_s, 3),
                    "total": round(time.perf_counter() - t_start, 3), "prefill": round(stats.prefill_s, 3),
@@ -336,6 +337,23 @@ def run_job(job: JobConfig, *, model=None, quiet: bool = False, out=sys.stderr) 
         f"prefill {summary['throughput']['prefill_tok_s']} tok/s, decode {summary['throughput']['decode_tok_s']} "
         f"tok/s | peak RSS {summary['peak_rss_mb']} MB -> {final}")
     return summary
+
+
+def count_errors(path: Path, fmt: str) -> int:
+    """Error records in a finished output (this run's and earlier runs' of a resumed job)."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        col = pq.read_table(path, columns=["finish_reason"]).column("finish_reason").to_pylist()
+        return sum(1 for v in col if v == "error")
+    n = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            n += rec.get("finish_reason") == "error" if fmt == "jsonl" else rec.get("error") is not None
+    return n
 
 
 def _threads() -> int:

@@ -50,7 +50,7 @@ def test_jsonl_and_parquet_jobs_agree_with_bad_lines(tmp_path, small_model_path,
     assert len(ok) == 200 and all(isinstance(r["text"], str) for r in ok)
     assert all(r["usage"]["completion_tokens"] <= 4 + int(r["id"].split("-")[1]) % 7 for r in ok)
     assert all(r["timing"]["total_s"] >= r["timing"]["ttft_s"] >= r["timing"]["queue_s"] >= 0 for r in ok)
-    assert summary["items"] == {"total": 205, "ok": 200, "error": 5, "skipped_resume": 0}
+    assert summary["items"] == {"total": 205, "ok": 200, "error": 5, "skipped_resume": 0, "errors_in_output": 5}
     meta = json.loads(meta_path(tmp_path / "out.jsonl").read_text())
     assert meta["model"]["sha256"] == small_model.sha256() and meta["peak_rss_mb"] > 0
     # the same good records as Parquet in, Parquet out

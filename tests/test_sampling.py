@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from bitnet_batch.errors import ConfigError
-from bitnet_batch.sampling import (SamplingParams, SamplingWorkspace, Sampler, SamplingError, StopMatcher,
+from bitnet_batch.sampling import (SamplingParams, SamplingWorkspace, SamplingError, StopMatcher,
                                    as_allowed_mask, derive_seed, make_sampler, resolve_seed, token_logprobs)
 from bitnet_batch.sampling.chain import SamplerChain
-from bitnet_batch.sampling.steps import (BanTokens, Candidates, Categorical, Greedy, MinP, Penalties,
+from bitnet_batch.sampling.steps import (BanTokens, Candidates, Greedy, MinP, Penalties,
                                          StepContext, Temperature, TokenMask, TopK, TopP)
 from jit_kernels import sampling as ks
 
@@ -154,6 +154,10 @@ def test_top_k_keeps_exactly_k_with_ties_to_lowest_id():
     c = cands([1.0, -np.inf, 2.0, -np.inf, 0.0])                 # masked tokens never come back
     TopK(4).apply(c, CTX)
     assert ids_of(c) == [2, 0, 4]
+    c = cands(L5)
+    MinP(0.2).apply(c, CTX)                                     # top-k on an already reduced set
+    TopK(2).apply(c, CTX)
+    assert ids_of(c) == [1, 3]
 
 
 @pytest.mark.parametrize("p,expected", [(0.3, [1]), (0.6, [1, 3]), (0.7, [1, 3, 2]), (0.99, [1, 3, 2, 0, 4])])
@@ -423,6 +427,37 @@ def test_full_vocabulary_chain_matches_float64_reference(big_logits, kind, param
     us = np.random.Generator(np.random.PCG64(seed)).random(12)
     s = make_sampler(params, seed, V_BIG)
     assert [s.sample(logits) for _ in us] == [naive_draw(order, prob, u) for u in us]
+
+
+def test_dense_window_with_an_unreachable_goal_is_every_finite_token():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(1000).astype(np.float32)
+    x[rng.choice(1000, 10, replace=False)] = -np.inf
+    c = cands(x)
+    mass = c.dense_weights()
+    ids, cdf = c.dense_window(mass.total * 1.5, mass, strict=True)
+    assert np.array_equal(ids, naive_top_n(x, 1000)) and ids.size == 990
+    assert cdf[-1] == pytest.approx(mass.total, rel=1e-9)
+
+
+def test_bad_arguments_raise_typed_errors():
+    p = SamplingParams()
+    with pytest.raises(ConfigError, match="seed"):
+        make_sampler(p, -1, 5)
+    with pytest.raises(ConfigError, match="vocab_size"):
+        make_sampler(p, 0, 0)
+    with pytest.raises(ConfigError, match="workspace"):
+        make_sampler(p, 0, 5, workspace=SamplingWorkspace(6))
+    with pytest.raises(SamplingError, match="prompt token id 9"):
+        make_sampler(SamplingParams(repetition_penalty=1.2), 0, 5, prompt_ids=[1, 9])
+    with pytest.raises(SamplingError, match="token id 5"):
+        token_logprobs(L5, 5, 1)
+    with pytest.raises(SamplingError, match="top logprobs"):
+        token_logprobs(L5, 0, -1)
+    with pytest.raises(SamplingError, match="non-finite"):
+        token_logprobs(np.array([0.0, np.nan], np.float32), 0, 1)
+    with pytest.raises(SamplingError, match="1-D float"):
+        token_logprobs(np.zeros(3, np.int32), 0, 1)
 
 
 def test_result_does_not_depend_on_batch_position_or_workspace(big_logits):

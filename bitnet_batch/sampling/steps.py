@@ -11,9 +11,10 @@ removed token. Dense steps (penalties, masks) edit it in place. A truncation ste
 ascending id); later steps only drop entries from it. Everything here depends only on the logits, the step
 state and the seed, so a request samples the same tokens in any batch and with any thread count.
 
-Large vocabularies (V = 128256) are never fully sorted in the common cases: a truncation step first selects a
-small window of the best tokens with ``np.partition`` (O(V)) and sorts only that window; top-p and the
-categorical draw widen the window (x16) only when its probability mass is not enough.
+Large vocabularies (V = 128256) are never fully sorted in the common cases: top-k selects its k best in one
+O(V) pass and sorts only those. Top-p and a draw without top-k need the canonical prefix holding a given
+probability mass; ``Candidates.dense_window`` finds a short window of the best tokens that holds it (see there),
+so only a flat distribution, whose nucleus is itself most of the vocabulary, costs a large sort.
 """
 from __future__ import annotations
 
@@ -53,14 +54,14 @@ def top_n_ids(x: np.ndarray, n: int) -> np.ndarray:
 
 
 def as_allowed_mask(mask: np.ndarray, vocab_size: int) -> np.ndarray:
-    """A constraint mask as bool [V] (True = allowed); layouts as in ``packed_mask``."""
-    mask = packed_mask(mask, vocab_size)
+    """A constraint mask as bool [V] (True = allowed); layouts as in ``checked_mask``."""
+    mask = checked_mask(mask, vocab_size)
     if mask.dtype == np.bool_:
         return mask
     return np.unpackbits(mask.view(np.uint8), count=vocab_size, bitorder="little").view(np.bool_)
 
 
-def packed_mask(mask: np.ndarray, vocab_size: int) -> np.ndarray:
+def checked_mask(mask: np.ndarray, vocab_size: int) -> np.ndarray:
     """A constraint mask checked and brought to bool [V] or uint32 words [ceil(V/32)].
 
     Accepted layouts: bool [V] (True = allowed); 32-bit words (int32 or uint32) [ceil(V/32)] where bit j of word
@@ -116,12 +117,13 @@ class Candidates:
             raise SamplingError("no token can be sampled: every token is masked out")
         return m
 
-    def dense_weights(self) -> tuple[np.ndarray, float]:
-        """(w, total): w float32 [V] = exp(dense - max) (a view of the scratch), total = sum(w) in float64."""
+    def dense_weights(self) -> DenseMass:
+        """exp(dense - max) into the scratch, with its float64 total and the max (see ``DenseMass``)."""
+        top = self.dense_max()
         w = self._weights
-        np.subtract(self.dense, np.float32(self.dense_max()), out=w)
+        np.subtract(self.dense, np.float32(top), out=w)
         np.exp(w, out=w)
-        return w, float(w.sum(dtype=np.float64))
+        return DenseMass(w, float(w.sum(dtype=np.float64)), top)
 
     def top(self, n: int) -> np.ndarray:
         """Ids of the ``n`` best candidates in canonical order (a prefix of ``ids`` when reduced)."""
@@ -130,18 +132,35 @@ class Candidates:
         self.dense_max()
         return top_n_ids(self.dense, n)
 
-    def dense_window(self, goal: float, weights: np.ndarray, strict: bool) -> tuple[np.ndarray, np.ndarray]:
-        """The smallest top-n window (n = FIRST_WINDOW * WIDEN**i, canonical order) whose cumulative weight
-        reaches ``goal`` (``>`` when ``strict``, else ``>=``), with that cumulative weight (float64 [n]); the whole
-        finite vocabulary when no smaller window does."""
+    def dense_window(self, goal: float, mass: DenseMass, strict: bool) -> tuple[np.ndarray, np.ndarray]:
+        """A canonical-order prefix of the vocabulary whose cumulative weight reaches ``goal`` (``>`` when
+        ``strict``, else ``>=``), and that cumulative weight (float64 [n]). The whole finite vocabulary when
+        rounding leaves even that short of the goal.
+
+        Every token more than ``delta = log(V / (total - goal))`` below the max weighs < (total - goal) / V, so
+        the tokens within ``delta`` (one cheap count) are guaranteed to hold the goal. That window can be loose
+        (a peaked distribution with a long tail), so while it is large, top-n windows of 256, 4096, ... tokens
+        (an O(V) selection each) are tried first.
+        """
+        size = self.dense.size
+        slack = mass.total - goal
+        # 1.0 logit of margin: the tail left out then weighs < slack / e, so rounding has ~60% of the slack to eat
+        floor = np.float32(mass.top - math.log(size / slack) - 1.0) if slack > 0 else np.float32(-np.inf)
+        guaranteed = int(np.count_nonzero(self.dense >= floor))
         n = FIRST_WINDOW
-        while True:
+        while 4 * n < guaranteed:
             ids = top_n_ids(self.dense, n)
-            cdf = np.cumsum(weights[ids], dtype=np.float64)
-            enough = cdf[-1] > goal if strict else cdf[-1] >= goal
-            if enough or ids.size < n or n >= self.dense.size:
+            cdf = np.cumsum(mass.w[ids], dtype=np.float64)
+            if _reaches(cdf, goal, strict):
                 return ids, cdf
             n *= WIDEN
+        ids = np.flatnonzero(self.dense >= floor) if floor > -np.inf else np.flatnonzero(self.dense > -np.inf)
+        ids = canonical_order(ids, self.dense[ids])
+        cdf = np.cumsum(mass.w[ids], dtype=np.float64)
+        if not _reaches(cdf, goal, strict) and ids.size < size:     # rounding ate the slack: take everything
+            ids = top_n_ids(self.dense, size)
+            cdf = np.cumsum(mass.w[ids], dtype=np.float64)
+        return ids, cdf
 
     def reduce_to(self, ids: np.ndarray, *, canonical: bool = False) -> None:
         """Make the working set these ids (any order unless ``canonical``); -inf ids are dropped."""
@@ -161,6 +180,19 @@ class Candidates:
     def weights(self) -> np.ndarray:
         """float64 [n] exp(logit - best logit): unnormalised probabilities of the reduced set."""
         return np.exp(self.logits - self.logits[0])
+
+
+@dataclass(frozen=True)
+class DenseMass:
+    """The softmax numerators of a dense working set."""
+
+    w: np.ndarray       # float32 [V] exp(dense - top), 0 for removed tokens (a view of the scratch)
+    total: float        # sum(w) in float64
+    top: float          # the largest dense logit
+
+
+def _reaches(cdf: np.ndarray, goal: float, strict: bool) -> bool:
+    return bool(cdf[-1] > goal) if strict else bool(cdf[-1] >= goal)
 
 
 def _prefix_reaching(cdf: np.ndarray, goal: float) -> int:
@@ -260,7 +292,7 @@ class TokenMask(_Step):
     def apply(self, cands: Candidates, ctx: StepContext) -> None:
         for mask in (ctx.allowed, self.source.allowed_tokens() if self.source is not None else None):
             if mask is not None:
-                mask_disallowed(cands.dense, packed_mask(mask, self.vocab_size))
+                mask_disallowed(cands.dense, checked_mask(mask, self.vocab_size))
 
     def accept(self, token: int) -> None:
         if self.source is not None:
@@ -329,9 +361,9 @@ class TopP(_Step):
             cdf = np.cumsum(cands.weights())
             cands.keep_prefix(_prefix_reaching(cdf, self.p * cdf[-1]))
             return
-        weights, total = cands.dense_weights()
-        ids, cdf = cands.dense_window(self.p * total, weights, strict=False)
-        n = _prefix_reaching(cdf, self.p * total)
+        mass = cands.dense_weights()
+        ids, cdf = cands.dense_window(self.p * mass.total, mass, strict=False)
+        n = _prefix_reaching(cdf, self.p * mass.total)
         cands.reduce_to(ids[:n], canonical=True)
 
 
@@ -381,9 +413,9 @@ class Categorical(_Step):
         if cands.reduced:
             cdf = np.cumsum(cands.weights())
             return int(cands.ids[_pick(cdf, u * cdf[-1])])
-        weights, total = cands.dense_weights()
-        ids, cdf = cands.dense_window(u * total, weights, strict=True)
-        return int(ids[_pick(cdf, u * total)])
+        mass = cands.dense_weights()
+        ids, cdf = cands.dense_window(u * mass.total, mass, strict=True)
+        return int(ids[_pick(cdf, u * mass.total)])
 
 
 class Step(Protocol):
@@ -405,7 +437,7 @@ class Selector(Protocol):
 
 
 __all__: Sequence[str] = (
-    "SamplingError", "StepContext", "Candidates", "MaskSource", "Step", "Selector", "top_n_ids",
-    "as_allowed_mask", "packed_mask", "Penalties", "TokenMask", "BanTokens", "Temperature", "TopK", "TopP", "MinP", "Greedy",
-    "Categorical",
+    "SamplingError", "StepContext", "Candidates", "DenseMass", "MaskSource", "Step", "Selector", "top_n_ids",
+    "as_allowed_mask", "checked_mask", "Penalties", "TokenMask", "BanTokens", "Temperature", "TopK", "TopP", "MinP",
+    "Greedy", "Categorical",
 )

@@ -1,0 +1,112 @@
+"""The CLI through click's CliRunner and as real subprocesses (incl. a SIGKILL crash and resume)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from bitnet_batch.cli import EXIT_ITEM_ERRORS, main
+from conftest import read_jsonl, write_jsonl
+
+
+def _prompts(n):
+    return [{"id": i, "prompt": f"number {i} is here", "max_tokens": 6 + i % 5} for i in range(n)]
+
+
+def test_run_via_clirunner(tmp_path, small_model_path):
+    src = write_jsonl(tmp_path / "in.jsonl", _prompts(6) + ['{"id": 99, "prompt": 3}'])
+    out = tmp_path / "out.jsonl"
+    res = CliRunner().invoke(main, ["run", str(src), "-o", str(out), "-m", str(small_model_path), "--max-batch", "4",
+                                    "--temperature", "0.7", "--seed", "3", "--quiet"])
+    assert res.exit_code == 0, res.output
+    recs = read_jsonl(out)
+    assert [r["id"] for r in recs] == [0, 1, 2, 3, 4, 5, 99]
+    assert recs[-1]["finish_reason"] == "error" and "in.jsonl:7" in recs[-1]["error"]["message"]
+    meta = json.loads((tmp_path / "out.jsonl.meta.json").read_text())
+    assert meta["items"]["ok"] == 6 and meta["parameters"]["sampling"]["temperature"] == 0.7
+    # --strict turns item errors into a non-zero exit (for cron); a rerun resumes (nothing left to do)
+    res = CliRunner().invoke(main, ["run", str(src), "-o", str(out), "-m", str(small_model_path), "--temperature",
+                                    "0.7", "--seed", "3", "--quiet", "--strict"])
+    assert res.exit_code == EXIT_ITEM_ERRORS, res.output
+
+
+def test_fatal_errors_exit_1_with_a_message(tmp_path, small_model_path):
+    src = write_jsonl(tmp_path / "in.jsonl", _prompts(2))
+    res = CliRunner().invoke(main, ["run", str(src), "-o", str(tmp_path / "o.jsonl"), "-m", str(tmp_path / "nope.gguf")])
+    assert res.exit_code == 1 and "nope.gguf" in res.output
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x01" * 7)
+    res = CliRunner().invoke(main, ["run", str(src), "-o", str(tmp_path / "o.jsonl"), "-m", str(bad)])
+    assert res.exit_code == 1 and "bad.gguf" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(main, ["run", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "o.jsonl"),
+                                    "-m", str(small_model_path)])
+    assert res.exit_code == 1 and "missing.jsonl" in res.output
+
+
+def test_generate_inspect_and_chat(small_model_path):
+    r = CliRunner()
+    res = r.invoke(main, ["generate", "apple river", "-m", str(small_model_path), "--max-tokens", "5"])
+    assert res.exit_code == 0, res.output
+    assert "tokens" in res.output
+    res = r.invoke(main, ["inspect", str(small_model_path)])
+    assert res.exit_code == 0 and "bitnet-b1.58" in res.output and "blk.1.ffn_down.weight" in res.output
+    res = r.invoke(main, ["inspect", str(small_model_path), "--json"])
+    assert json.loads(res.output)["config"]["n_layer"] == 2
+    res = r.invoke(main, ["chat", "-m", str(small_model_path), "--max-tokens", "4", "--system", "Be kind."],
+                   input="hello\nmore\n\n")
+    assert res.exit_code == 0, res.output
+    assert res.output.count("assistant>") == 2
+
+
+def test_bench_json(small_model_path):
+    res = CliRunner().invoke(main, ["bench", "-m", str(small_model_path), "--batch-sizes", "1,2",
+                                    "--prompt-tokens", "8", "--gen-tokens", "4", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert [r["batch"] for r in out["results"]] == [1, 2]
+    for key in ("prefill_tok_s", "decode_tok_s", "ttft_s", "total_tok_s", "peak_rss_mb"):
+        assert out["results"][0][key] > 0
+    assert out["compile_s"] >= 0 and out["load_s"] > 0
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "bitnet_batch.cli", *map(str, args)]
+
+
+def test_subprocess_sigkill_then_resume_equals_uninterrupted(tmp_path, small_model_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": f"k{i}", "prompt": f"count {i} stones", "max_tokens": 24}
+                                               for i in range(120)])
+    common = ["-m", small_model_path, "--temperature", "0.8", "--seed", "11", "--max-batch", "2", "--quiet"]
+    ref = subprocess.run(_cli("run", src, "-o", tmp_path / "ref.jsonl", *common), capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "crash.jsonl"
+    journal = tmp_path / "crash.jsonl.partial.jsonl"
+    proc = subprocess.Popen(_cli("run", src, "-o", out, *common), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if journal.exists() and journal.read_text().count("\n") >= 10:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the job finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and journal.exists()
+    done_before = journal.read_text().count("\n")
+    assert 10 <= done_before < 120
+    again = subprocess.run(_cli("run", src, "-o", out, *common[:-1]), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert "resuming" in again.stderr
+    assert out.read_text() == (tmp_path / "ref.jsonl").read_text().replace("ref.jsonl", "crash.jsonl") or \
+        [(r["id"], r["text"]) for r in read_jsonl(out)] == [(r["id"], r["text"]) for r in read_jsonl(tmp_path / "ref.jsonl")]
+    meta = json.loads((tmp_path / "crash.jsonl.meta.json").read_text())
+    assert meta["items"]["skipped_resume"] >= done_before - 1
+
+
+@pytest.mark.parametrize("entry", [["bitnet-batch"], [sys.executable, "-m", "bitnet_batch.cli"]])
+def test_console_entry_points(entry):
+    res = subprocess.run(entry + ["--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "run" in res.stdout and "bench" in res.stdout
