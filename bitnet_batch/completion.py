@@ -19,8 +19,9 @@ class Completion:
         self.tok = tokenizer
         self.params = params
         self.max_new = max_new
-        eog = frozenset() if params.ignore_eos else tokenizer.eog_ids
-        self.sampler = make_sampler(params, seed, tokenizer.vocab_size, eog, prompt_ids, constraint=constraint)
+        # with ignore_eos the sampler masks these ids, so the check in push() never fires
+        self.sampler = make_sampler(params, seed, tokenizer.vocab_size, tokenizer.eog_ids, prompt_ids,
+                                    constraint=constraint)
         self.decoder = tokenizer.incremental_decoder()
         self.stops = StopMatcher(params.stop)
         self.tokens: list[int] = []          # generated ids (an end-of-generation token included)
