@@ -416,6 +416,20 @@ class GGUFFile:
 
     # ---- access --------------------------------------------------------------------------------------
 
+    def release(self, name: str) -> None:
+        """Drop the resident pages of a tensor's bytes from this process's memory map once the tensor has been
+        copied out, so the process is not charged twice for it (the pages stay in the OS page cache and fault
+        back in if read again). A no-op where madvise is unavailable."""
+        mm = getattr(self._data, "_mmap", None)
+        info = self.tensors.get(name)
+        if mm is None or info is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        start = -(-info.offset // page) * page
+        end = (info.offset + info.nbytes) // page * page
+        if end > start:
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def raw(self, name: str) -> np.ndarray:
         """uint8 view (no copy) of exactly the tensor's ``nbytes`` bytes."""
         info = self.tensors.get(name)

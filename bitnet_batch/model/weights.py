@@ -147,10 +147,9 @@ class _Loader:
         """Fuse projections sharing an input into one Projection (rows concatenated in order)."""
         parts = [self.ternary(name, n_in, n_out) for name, n_out in names_out]
         scale = np.concatenate([p[1] for p in parts])
-        if all(p[2] is not None for p in parts):
-            packed = np.concatenate([p[2] for p in parts])       # copies out of the memory map
-        else:
-            packed = np.concatenate([pack_kernel(p[0]) if p[0] is not None else p[2] for p in parts])
+        packed = np.concatenate([payload if payload is not None else pack_kernel(t) for t, _, payload in parts])
+        for name, _ in names_out:              # copied out of the memory map: stop counting those pages
+            self.gf.release(name)
         return Projection(packed=np.ascontiguousarray(packed), scale=scale, n_in=n_in)
 
     def matrix(self, name, v, d):
