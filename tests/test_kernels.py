@@ -168,8 +168,14 @@ def test_embed_and_lm_head(kind):
     e = np.zeros((3, D), np.float32)
     embedding.embed(toks, table, kind, e)
     np.testing.assert_array_equal(e, wide[toks])
-    x = RNG.standard_normal((R, D)).astype(np.float32)
-    out = np.zeros((R, V), np.float32)
-    scratch = np.zeros((numba.config.NUMBA_NUM_THREADS, D), np.float32)
-    embedding.lm_head(x, table, kind, scratch, out)
-    np.testing.assert_allclose(out, x.astype(np.float64) @ wide.astype(np.float64).T, rtol=1e-4, atol=1e-3)
+    x = RNG.standard_normal((8, D)).astype(np.float32)
+    out = np.zeros((8, V - 1), np.float32)                   # odd vocabulary: the last pair repeats a row
+    scratch = np.zeros((numba.config.NUMBA_NUM_THREADS, 2 * D), np.float32)
+    embedding.lm_head(x, table[:V - 1], kind, scratch, out)
+    np.testing.assert_allclose(out, x.astype(np.float64) @ wide[:V - 1].astype(np.float64).T, rtol=1e-4, atol=1e-3)
+    # a row's logits do not depend on its place in the 4-row tile or on the other rows
+    alone = np.zeros((4, V - 1), np.float32)
+    embedding.lm_head(np.vstack([x[6:7], np.zeros((3, D), np.float32)]), table[:V - 1], kind, scratch, alone)
+    np.testing.assert_array_equal(alone[0], out[6])
+    with pytest.raises(ValueError):
+        embedding.lm_head(x[:3], table, kind, scratch, out)

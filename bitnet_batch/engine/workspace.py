@@ -11,6 +11,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from jit_kernels.embedding import ROW_TILE
 from jit_kernels.ternary import BLOCK
 
 from ..config import ModelConfig
@@ -36,10 +37,11 @@ class Workspace:
         self.proj = np.zeros((T, D), np.float64)          # o_proj / down_proj output
         self.gu = np.zeros((T, 2 * F), np.float64)        # fused gate|up output
         self.ff = np.zeros((T, F), np.float64)            # gated activation
+        r4 = -(-max_logit_rows // ROW_TILE) * ROW_TILE
         self.xl = np.zeros((max_logit_rows, D), np.float64)          # final-normed rows that need logits
-        self.xl32 = np.zeros((max_logit_rows, D), np.float32)        # the same rounded for the lm_head
-        self.logits = np.zeros((max_logit_rows, cfg.n_vocab), np.float32)
-        self.lm_scratch = np.zeros((numba.config.NUMBA_NUM_THREADS, D), np.float32)   # one widened row per thread
+        self.xl32 = np.zeros((r4, D), np.float32)        # the same rounded for the lm_head, zero-padded to 4 rows
+        self.logits = np.zeros((r4, cfg.n_vocab), np.float32)
+        self.lm_scratch = np.zeros((numba.config.NUMBA_NUM_THREADS, 2 * D), np.float32)   # 2 widened rows/thread
 
     @property
     def nbytes(self) -> int:

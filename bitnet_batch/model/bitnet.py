@@ -95,8 +95,10 @@ def forward(w: Weights, cfg: ModelConfig, ws: Workspace, kv: KVCache, rt: RopeTa
     xl = ws.xl[:R]
     np.take(x, batch.logit_rows, axis=0, out=xl)
     norms.rmsnorm(xl, w.output_norm, cfg.rms_eps, xl)
-    xl32 = ws.xl32[:R]
-    xl32[:] = xl
-    out = ws.logits[:R]
+    r4 = -(-R // emb_k.ROW_TILE) * emb_k.ROW_TILE
+    xl32 = ws.xl32[:r4]
+    xl32[:R] = xl
+    xl32[R:] = 0.0
+    out = ws.logits[:r4]
     emb_k.lm_head(xl32, w.output, w.output_kind, ws.lm_scratch, out)
-    return out
+    return out[:R]
