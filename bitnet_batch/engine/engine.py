@@ -41,7 +41,9 @@ DEFAULT_KV_CAP_MB = 2048.0
 
 
 class Engine:
-    def __init__(self, model, config: EngineConfig = EngineConfig()):
+    def __init__(self, model, config: EngineConfig = EngineConfig(), *, logit_rows: int = 0):
+        """``logit_rows``: most rows whose logits one step returns (default: max_batch, one per sequence;
+        ``all_logits`` works in chunks of that many rows)."""
         cfg = model.config
         self.model = model
         self.config = config
@@ -62,7 +64,7 @@ class Engine:
                           max_seqs=config.max_batch, max_seq_len=self.max_seq_len, n_tokens=n_tokens,
                           block_size=config.block_size)
         self.max_rows = max(config.prefill_chunk, config.max_batch)
-        self.ws = Workspace(cfg, self.max_rows, max(config.max_batch, config.prefill_chunk))
+        self.ws = Workspace(cfg, self.max_rows, logit_rows or config.max_batch)
         self.rope = RopeTable(cfg, self.max_seq_len)
         self.steps = 0
         self.busy_s = 0.0

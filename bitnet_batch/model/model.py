@@ -64,7 +64,7 @@ class Model:
             raise ValueError(f"token ids must be in [0, {cfg.n_vocab}), got min {ids.min()} max {ids.max()}")
         if self._engine is None or self._engine.max_seq_len < ids.size:
             self._engine = Engine(self, EngineConfig(max_batch=1, max_seq_len=max(int(ids.size), 256),
-                                                     prefill_chunk=64))
+                                                     prefill_chunk=64), logit_rows=64)
         eng = self._engine
         slot = eng.kv.allocate()
         try:
