@@ -100,3 +100,14 @@ def test_every_weight_type_gives_the_same_model(tmp_path, wtype, scale_tensors):
     assert other.config.ffn_act == "relu2" and other.config.arch == "bitnet"
     ids = np.arange(1, 40) * 7 % 300
     np.testing.assert_allclose(other.logits(ids), base.logits(ids), atol=1e-4)
+
+
+def test_step_can_return_every_rows_logits(i2s_model):
+    ids = np.arange(3, 40, dtype=np.int32)
+    full = i2s_model.logits(ids)
+    eng = Engine(i2s_model, EngineConfig(max_batch=2, max_seq_len=64, prefill_chunk=64), logit_rows=64)
+    a, b = eng.kv.allocate(), eng.kv.allocate()
+    outs = eng.step([(a, ids[:20], 0, "all"), (b, ids[:5], 0, True), (a, ids[20:25], 20, False)])
+    np.testing.assert_array_equal(outs[0], full[:20])
+    np.testing.assert_array_equal(outs[1], full[4])
+    assert outs[2] is None

@@ -70,37 +70,38 @@ class Engine:
         self.busy_s = 0.0
 
     def step(self, parts):
-        """parts: list of (slot, tokens int32 [n], start_pos, want_logits). Returns a list with, per part,
-        float32 [n_vocab] logits of its last token (a view valid until the next step) or None."""
+        """parts: list of (slot, tokens int32 [n], start_pos, want). ``want``: False (no logits), True (the
+        logits of the part's last token: float32 [n_vocab]) or "all" (every token's: float32 [n, n_vocab]).
+        Returns one entry per part (views valid until the next step) or None."""
         n = sum(len(p[1]) for p in parts)
         if n > self.max_rows:
             raise ValueError(f"step of {n} rows exceeds max_rows {self.max_rows}")
         tokens = np.empty(n, np.int32)
         row_seq = np.empty(n, np.int32)
         row_pos = np.empty(n, np.int32)
-        logit_rows, r = [], 0
+        logit_rows, spans, r = [], [], 0
         for slot, toks, start, want in parts:
             m = len(toks)
             self.kv.reserve(slot, start + m)
             tokens[r:r + m] = toks
             row_seq[r:r + m] = slot
             row_pos[r:r + m] = np.arange(start, start + m, dtype=np.int32)
+            j = len(logit_rows)
+            if want == "all":
+                logit_rows.extend(range(r, r + m))
+                spans.append((j, j + m))
+            elif want:
+                logit_rows.append(r + m - 1)
+                spans.append(j)
+            else:
+                spans.append(None)
             r += m
-            if want:
-                logit_rows.append(r - 1)
         t0 = time.perf_counter()
         logits = forward(self.model.weights, self.model.config, self.ws, self.kv, self.rope,
                          StepBatch(tokens, row_seq, row_pos, np.asarray(logit_rows, np.int32)))
         self.busy_s += time.perf_counter() - t0
         self.steps += 1
-        out, j = [], 0
-        for p in parts:
-            if p[3]:
-                out.append(logits[j])
-                j += 1
-            else:
-                out.append(None)
-        return out
+        return [None if sp is None else logits[sp] if isinstance(sp, int) else logits[sp[0]:sp[1]] for sp in spans]
 
     def all_logits(self, slot: int, tokens: np.ndarray, start: int = 0) -> np.ndarray:
         """Logits at every position of tokens (prefill in chunks); float32 [len(tokens), n_vocab], a copy."""
