@@ -1,0 +1,38 @@
+"""Compiled kernels are cached on disk: a second process loads every kernel it uses from the cache."""
+import json
+import subprocess
+import sys
+import textwrap
+
+CHILD = textwrap.dedent("""
+    import json, sys, time
+    import numba
+    import bitnet_batch
+    from bitnet_batch.engine.engine import Engine, EngineConfig
+    from bitnet_batch.runner import warm_up
+    import jit_kernels.activations, jit_kernels.attention, jit_kernels.embedding, jit_kernels.norms
+    import jit_kernels.rope, jit_kernels.ternary
+    m = bitnet_batch.load_model(sys.argv[1])
+    compile_s = warm_up(Engine(m, EngineConfig(max_batch=2, max_seq_len=32, prefill_chunk=16)))
+    hits = misses = 0
+    for mod in (jit_kernels.activations, jit_kernels.attention, jit_kernels.embedding, jit_kernels.norms,
+                jit_kernels.rope, jit_kernels.ternary):
+        for obj in vars(mod).values():
+            if isinstance(obj, numba.core.registry.CPUDispatcher) and obj.signatures:
+                hits += sum(obj.stats.cache_hits.values())
+                misses += sum(obj.stats.cache_misses.values())
+    print(json.dumps({"compile_s": compile_s, "hits": hits, "misses": misses}))
+""")
+
+
+def _child(model):
+    res = subprocess.run([sys.executable, "-c", CHILD, str(model)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_second_process_loads_kernels_from_cache(small_model_path):
+    _child(small_model_path)                 # compiles (or already finds the cache)
+    second = _child(small_model_path)
+    assert second["misses"] == 0, second
+    assert second["hits"] >= 8, second      # every kernel the forward pass uses came from the cache
