@@ -164,3 +164,20 @@ def test_chat_messages_and_system(tmp_path, small_model_path, small_model):
     expect = tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}])
     assert out["m"]["usage"]["prompt_tokens"] == len(expect)
     assert out["bad"]["finish_reason"] == "error" and "role" in out["bad"]["error"]["message"]
+
+
+def test_small_kv_budget_admits_fewer_and_gives_the_same_texts(tmp_path, small_model_path, small_model):
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(24, seed=5))
+    run_job(job(tmp_path, [src], out="big.jsonl", model=small_model_path), model=small_model, quiet=True)
+    # 2 layers x 2 x 64 floats x 4 B = 1 KiB per token: 0.05 MiB holds ~51 tokens, about two sequences at once
+    tight = EngineConfig(max_batch=8, prefill_chunk=64, kv_cache_mb=0.05, max_seq_len=48)
+    run_job(job(tmp_path, [src], out="small.jsonl", model=small_model_path, engine=tight), model=small_model,
+            quiet=True)
+    assert texts(tmp_path / "small.jsonl") == texts(tmp_path / "big.jsonl")
+
+
+def test_unordered_output_has_every_record(tmp_path, small_model_path, small_model):
+    src = write_jsonl(tmp_path / "in.jsonl", prompts(20))
+    run_job(job(tmp_path, [src], out="u.jsonl", model=small_model_path, ordered=False), model=small_model, quiet=True)
+    recs = read_jsonl(tmp_path / "u.jsonl")
+    assert sorted(r["index"] for r in recs) == list(range(20))

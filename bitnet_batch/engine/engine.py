@@ -6,6 +6,7 @@ once per step) and the logits of the last row of each part that wants them come 
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ class EngineConfig:
     max_batch: int = 16          # sequences decoded together (KV slots)
     max_seq_len: int = 0         # longest sequence (prompt + generation); 0 -> the model's context length
     prefill_chunk: int = 256     # most rows (tokens) one step processes
-    kv_cache_mb: float = 0.0     # KV pool budget in MiB; 0 -> enough for max_batch full sequences, capped
+    kv_cache_mb: float = 0.0     # KV pool budget in MiB; 0 -> max_batch full sequences, capped by RAM
     block_size: int = 16         # tokens per KV block
     threads: int = 0             # Numba threads; 0 -> all cores
 
@@ -37,7 +38,14 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
-DEFAULT_KV_CAP_MB = 2048.0
+def default_kv_budget_mb() -> float:
+    """A quarter of the memory available now (at least 256 MiB, at most 8 GiB). The pool is allocated lazily
+    (untouched pages cost nothing), so this bounds admission rather than reserving memory up front."""
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (ValueError, OSError, AttributeError):
+        avail = 8192.0
+    return float(min(max(avail / 4, 256.0), 8192.0))
 
 
 class Engine:
@@ -56,7 +64,7 @@ class Engine:
         else:
             seq_blocks = -(-self.max_seq_len // config.block_size)
             n_tokens = min(config.max_batch * seq_blocks * config.block_size,
-                           int(DEFAULT_KV_CAP_MB * 2**20 // per_token))
+                           int(default_kv_budget_mb() * 2**20 // per_token))
         if n_tokens < config.block_size:
             raise ConfigError(f"kv_cache_mb={config.kv_cache_mb} holds {n_tokens} tokens, less than one block")
         self.max_seq_len = min(self.max_seq_len, n_tokens - n_tokens % config.block_size)   # one sequence fits
