@@ -1,22 +1,58 @@
 """Every kernel against its plain-numpy twin (tests/naive.py), on several shapes."""
+import json
+import os
+import subprocess
+import sys
+
+import numba
 import numpy as np
 import pytest
 
 import naive
-from bitnet_batch.model.layout import pack_kernel, padded, unpack_kernel
+from bitnet_batch.model import quants
+from bitnet_batch.model.layout import from_i2s_rows, pack_kernel, padded, unpack_kernel
 from jit_kernels import activations, attention, embedding, norms, rope, ternary
 
 RNG = np.random.default_rng(1234)
+KERNELS = ternary.available_kernels()       # ("avx2", "portable") on an AVX2 machine
 
 
 def _ternary(n, k):
     return RNG.integers(-1, 2, size=(n, k)).astype(np.int8)
 
 
-@pytest.mark.parametrize("T,K", [(1, 128), (3, 256), (7, 200), (16, 640)])
-def test_quantize_rows(T, K):
-    x = (RNG.standard_normal((T, K)) * RNG.uniform(0.01, 20, (T, 1))).astype(np.float32)
+def _view(a, extra=96):
+    """A copy of ``a`` seen through a wider buffer (row stride > row width), the layout of the engine's
+    workspace slices (``ws.xq[:T, :kp]``, column slices of fused outputs). Every matmul in these tests is
+    called with views, so each kernel compiles once per output dtype."""
+    buf = np.zeros((a.shape[0], a.shape[1] + extra), a.dtype)
+    buf[:, :a.shape[1]] = a
+    return buf[:, :a.shape[1]]
+
+
+def _quantized(T, K, spread=1.0):
+    """Random activations [T, K] -> (x, xq int8 view [T, padded(K)], xscale, xsum) via the kernel quantizer."""
+    x = (RNG.standard_normal((T, K)) * spread).astype(np.float32)
+    xq, s, sm = _view(np.zeros((T, padded(K)), np.int8)), np.zeros(T, np.float32), np.zeros(T, np.int32)
+    ternary.quantize_rows(x, xq, s, sm)
+    return x, xq, s, sm
+
+
+def _matmul(xq, s, sm, packed, wscale, kernel, dtype=np.float64):
+    out = _view(np.full((xq.shape[0], packed.shape[0]), np.nan, dtype))
+    ternary.ternary_matmul(xq, s, sm, packed, wscale, out, kernel=kernel)
+    return out
+
+
+# ---- activation quantization ------------------------------------------------------------------------------
+
+# small T * K run serially, (40, 2000) through the parallel kernel
+@pytest.mark.parametrize("T,K,dtype", [(1, 128, np.float32), (3, 256, np.float32), (7, 200, np.float64),
+                                       (16, 640, np.float32), (2, 6912, np.float64), (40, 2000, np.float32)])
+def test_quantize_rows(T, K, dtype):
+    x = (RNG.standard_normal((T, K)) * RNG.uniform(0.01, 20, (T, 1))).astype(dtype)
     x[0, :3] = [0.5 / 127 * 3, -2.5 / 127 * 3, 0]         # exercise ties
+    x[-1, 5] = 1e4                                         # an outlier row: most values quantize to 0
     kp = padded(K)
     xq = np.full((T, kp), 99, np.int8)
     s = np.zeros(T, np.float32)
@@ -36,43 +72,190 @@ def test_quantize_zero_row_uses_floor():
     assert s[0] == np.float32(127.0) / np.float32(1e-5) and (xq == 0).all()
 
 
-@pytest.mark.parametrize("T,N,K", [(1, 8, 128), (5, 33, 256), (4, 17, 200), (9, 64, 640)])
-def test_ternary_matmul_matches_twin(T, N, K):
+# ---- ternary matmul: every kernel against the twin, bit for bit ---------------------------------------------
+
+# T up to 40 (more than one 4-token tile, every 1..3 tail), N odd / below 4 / over one 64-row task,
+# K not a multiple of 256 and past the 8-block int16 span (1152, 2100), K = 6912 with T = 40 (two token chunks)
+SHAPES = [(1, 8, 128), (1, 37, 2560), (2, 5, 200), (3, 9, 300), (4, 17, 200), (5, 33, 256), (7, 64, 640),
+          (9, 3, 1000), (13, 131, 1152), (40, 70, 384), (6, 2, 2100), (40, 9, 6912)]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("T,N,K", SHAPES)
+def test_ternary_matmul_matches_twin_exactly(kernel, T, N, K):
     t = _ternary(N, K)
     wscale = RNG.uniform(0.1, 2.0, N).astype(np.float32)
-    x = RNG.standard_normal((T, K)).astype(np.float32)
-    kp = padded(K)
-    xq, s, sm = np.zeros((T, kp), np.int8), np.zeros(T, np.float32), np.zeros(T, np.int32)
-    ternary.quantize_rows(x, xq, s, sm)
-    out = np.zeros((T, N), np.float32)
-    ternary.ternary_matmul(xq, s, sm, pack_kernel(t), wscale, out)
-    ref = naive.bitlinear(x, t, wscale)
-    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    x, xq, s, sm = _quantized(T, K, spread=RNG.uniform(0.1, 10))
+    out = _matmul(xq, s, sm, pack_kernel(t), wscale, kernel)
+    # integer dot exact, the same float64 epilogue acc / s * wscale: equal bits
+    np.testing.assert_array_equal(out, naive.ternary_matmul(xq[:, :K], s, t, wscale))
+    np.testing.assert_allclose(out, naive.bitlinear(x, t, wscale), rtol=1e-5, atol=1e-5)
 
 
-def test_ternary_matmul_row_independent_of_batch():
-    t, wscale = _ternary(40, 256), np.ones(40, np.float32)
-    x = RNG.standard_normal((8, 256)).astype(np.float32)
-    xq, s, sm = np.zeros((8, 256), np.int8), np.zeros(8, np.float32), np.zeros(8, np.int32)
-    ternary.quantize_rows(x, xq, s, sm)
-    full = np.zeros((8, 40), np.float32)
-    ternary.ternary_matmul(xq, s, sm, pack_kernel(t), wscale, full)
-    one = np.zeros((1, 40), np.float32)
-    ternary.ternary_matmul(xq[5:6], s[5:6], sm[5:6], pack_kernel(t), wscale, one)
-    np.testing.assert_array_equal(one[0], full[5])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_float32_output_is_the_float64_result_rounded_once(kernel):
+    N, K, T = 19, 640, 6
+    t, wscale = _ternary(N, K), RNG.uniform(0.1, 2.0, N).astype(np.float32)
+    _, xq, s, sm = _quantized(T, K)
+    out32 = _matmul(xq, s, sm, pack_kernel(t), wscale, kernel, np.float32)
+    assert out32.dtype == np.float32
+    np.testing.assert_array_equal(out32, naive.ternary_matmul(xq, s, t, wscale).astype(np.float32))
 
 
-def test_pack_kernel_roundtrip_and_rejects_bad_shapes():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_extreme_activations_and_code_3_do_not_overflow(kernel):
+    """Worst case for the int16 partial sums: every code 3 (bytes 0xFF, possible in a raw I2_S payload;
+    multiplied as 3 like bitnet.cpp's dot) against -128 everywhere, and random bytes against +-128."""
+    N, K, T = 6, 6912, 3
+    packed = RNG.integers(0, 256, size=(N, K // 4)).astype(np.uint8)
+    packed[0] = 0xFF
+    packed[1] = 0xAA                                               # all code 2 (+1)
+    xq = RNG.choice(np.array([-128, 127], np.int8), size=(T, K))
+    xq[0] = -128
+    xq = _view(xq)
+    s = np.array([1.0, 0.5, 3.0], np.float32)
+    sm = xq.astype(np.int32).sum(axis=1).astype(np.int32)
+    wscale = np.ones(N, np.float32)
+    codes = np.concatenate([(packed.reshape(N, -1, 1, 32) >> sh) & 3 for sh in (6, 4, 2, 0)], axis=2)
+    dot = xq.astype(np.int64) @ codes.reshape(N, K).astype(np.int64).T - sm[:, None]
+    out = _matmul(xq, s, sm, packed, wscale, kernel)
+    np.testing.assert_array_equal(out, dot / s.astype(np.float64)[:, None])
+    assert out[0, 0] == -128 * 2 * K                                # 3 * -128 - (-128) per input
+
+
+def test_rows_are_bit_identical_whatever_the_batch_kernel_or_threads():
+    N, K, T = 67, 640, 40
+    t, wscale = _ternary(N, K), RNG.uniform(0.5, 2.0, N).astype(np.float32)   # float64 out, as the engine
+    _, xq, s, sm = _quantized(T, K)
+    packed = pack_kernel(t)
+    full = {k: _matmul(xq, s, sm, packed, wscale, k) for k in KERNELS}
+    ref = full[KERNELS[0]]
+    for k in KERNELS:
+        np.testing.assert_array_equal(full[k], ref)                # AVX2 == portable, bit for bit
+        for n_rows in range(1, T + 1):                             # every batch size (tile tails differ)
+            np.testing.assert_array_equal(_matmul(xq[:n_rows], s, sm, packed, wscale, k), ref[:n_rows])
+        rows = [31, 2, 17]                                         # rows in another order and company
+        np.testing.assert_array_equal(_matmul(_view(xq[rows]), s[rows], sm[rows], packed, wscale, k), ref[rows])
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        for k in KERNELS:
+            np.testing.assert_array_equal(_matmul(xq, s, sm, packed, wscale, k), ref)
+    finally:
+        numba.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_ternary_matmul_writes_only_its_view(kernel):
+    """Fused projections are column slices of one output (qkv): the kernel writes exactly its columns, with
+    any row strides, and reads weight rows from a row slice of a larger matrix."""
+    N, K, T = 21, 256, 6
+    t, wscale = _ternary(N + 4, K), RNG.uniform(0.5, 2.0, N + 4).astype(np.float32)
+    _, xq, s, sm = _quantized(T, K)
+    big_out = np.zeros((T, N + 30), np.float64)
+    packed = pack_kernel(t)
+    ternary.ternary_matmul(xq, s, sm, packed[2:2 + N], wscale[2:2 + N], big_out[:, 10:10 + N], kernel=kernel)
+    np.testing.assert_array_equal(big_out[:, 10:10 + N], naive.ternary_matmul(xq, s, t[2:2 + N], wscale[2:2 + N]))
+    assert (big_out[:, :10] == 0).all() and (big_out[:, 10 + N:] == 0).all()
+
+
+def test_ternary_matmul_rejects_bad_arguments():
+    p = pack_kernel(_ternary(6, 300))
+    args = (np.ones(1, np.float32), np.zeros(1, np.int32), p, np.ones(6, np.float32), np.zeros((1, 6), np.float32))
+    with pytest.raises(ValueError, match="multiple of 128"):
+        ternary.ternary_matmul(np.zeros((1, 100), np.int8), *args)
+    with pytest.raises(TypeError, match="int8"):
+        ternary.ternary_matmul(np.zeros((1, 384), np.int16), *args)
+    with pytest.raises(ValueError, match="kernel must be"):
+        ternary.ternary_matmul(np.zeros((1, 384), np.int8), *args, kernel="sse9")
+    with pytest.raises(ValueError, match="contiguous"):
+        ternary.ternary_matmul(np.zeros((1, 768), np.int8)[:, ::2], *args)
+    with pytest.raises(ValueError, match="do not match"):
+        ternary.ternary_matmul(np.zeros((2, 384), np.int8), *args)
+
+
+# ---- kernel selection and the JIT cache -------------------------------------------------------------------
+
+def test_select_kernel():
+    assert ternary.select_kernel("auto", True) == "avx2"
+    assert ternary.select_kernel("auto", False) == "portable"
+    assert ternary.select_kernel("", False) == "portable"
+    assert ternary.select_kernel(" Portable ", True) == "portable"
+    assert ternary.select_kernel("avx2", True) == "avx2"
+    with pytest.raises(ValueError, match="no AVX2"):
+        ternary.select_kernel("avx2", False)
+    with pytest.raises(ValueError, match="BITNET_BATCH_KERNEL must be one of auto, avx2, portable, got 'neon'"):
+        ternary.select_kernel("neon", True)
+    assert ternary.KERNEL == ternary.select_kernel(os.environ.get(ternary.KERNEL_ENV, "auto"), ternary.HAS_AVX2)
+
+
+CACHE_CHILD = """
+import json, numpy as np
+from jit_kernels import ternary
+xq = np.ones((5, 384), np.int8)[:, :256]              # views, as in the engine (and the tests above)
+s, sm = np.ones(5, np.float32), np.full(5, 256, np.int32)
+out = np.zeros((5, 8), np.float32)[:, :3]
+ternary.ternary_matmul(xq, s, sm, np.full((3, 64), 0xAA, np.uint8), np.ones(3, np.float32), out)
+fn = ternary._matmul_avx2 if ternary.KERNEL == "avx2" else ternary._matmul_portable
+print(json.dumps({"kernel": ternary.KERNEL, "out": out.tolist(),
+                  "hits": sum(fn.stats.cache_hits.values()), "misses": sum(fn.stats.cache_misses.values())}))
+"""
+
+
+def _child(code, env_extra):
+    env = dict(os.environ, **env_extra)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_env_var_forces_the_kernel_and_a_second_process_loads_it_from_cache():
+    for kernel in KERNELS:
+        # this process compiles the child's call (or finds it in the cache): the child must only load it
+        xq, s, sm = np.ones((5, 384), np.int8)[:, :256], np.ones(5, np.float32), np.full(5, 256, np.int32)
+        out = np.zeros((5, 8), np.float32)[:, :3]
+        ternary.ternary_matmul(xq, s, sm, np.full((3, 64), 0xAA, np.uint8), np.ones(3, np.float32), out,
+                               kernel=kernel)
+        res = _child(CACHE_CHILD, {ternary.KERNEL_ENV: kernel})
+        assert res.returncode == 0, res.stderr
+        info = json.loads(res.stdout.strip().splitlines()[-1])
+        assert info["kernel"] == kernel
+        assert info["out"] == [[256.0] * 3] * 5                    # weights +1, x = 1: (2 * 256 - 256) / 1 * 1
+        assert info["misses"] == 0 and info["hits"] == 1, info
+    bad = _child("import jit_kernels.ternary", {ternary.KERNEL_ENV: "fastest"})
+    assert bad.returncode != 0 and "BITNET_BATCH_KERNEL must be one of" in bad.stderr
+
+
+# ---- layout ----------------------------------------------------------------------------------------------
+
+def test_pack_kernel_roundtrip():
     t = _ternary(6, 300)
     p = pack_kernel(t)
-    assert p.shape == (6, padded(300) // 4)
+    assert p.shape == (6, padded(300) // 4) and p.dtype == np.uint8
     np.testing.assert_array_equal(unpack_kernel(p, 300), t)
-    with pytest.raises(ValueError):
-        ternary.ternary_matmul(np.zeros((1, 100), np.int8), np.ones(1, np.float32), np.zeros(1, np.int32),
-                               p, np.ones(6, np.float32), np.zeros((1, 6), np.float32))
-    with pytest.raises(TypeError):
-        ternary.ternary_matmul(np.zeros((1, 384), np.int16), np.ones(1, np.float32), np.zeros(1, np.int32),
-                               p, np.ones(6, np.float32), np.zeros((1, 6), np.float32))
+    assert (unpack_kernel(p, padded(300))[:, 300:] == 0).all()     # padding codes are weight 0
+    assert padded(1) == 128 and padded(128) == 128 and padded(6912) == 6912
+    with pytest.raises(ValueError, match="2-D"):
+        pack_kernel(t[0])
+
+
+def test_from_i2s_rows_is_the_kernel_layout():
+    N, K = 7, 512
+    t = _ternary(N, K)
+    raw = quants.pack_i2s(t, 0.25)                                 # a whole I2_S tensor: payload + scale
+    rows = raw[: N * K // 4].reshape(N, K // 4)
+    packed = from_i2s_rows(rows)
+    np.testing.assert_array_equal(packed, pack_kernel(t))
+    assert np.shares_memory(packed, raw)                           # no copy at load
+    np.testing.assert_array_equal(unpack_kernel(packed, K), t)
+    _, xq, s, sm = _quantized(3, K)
+    wscale = np.full(N, 0.25, np.float32)
+    np.testing.assert_array_equal(_matmul(xq, s, sm, packed, wscale, ternary.KERNEL),
+                                  naive.ternary_matmul(xq, s, t, wscale))
+    with pytest.raises(ValueError, match="uint8"):
+        from_i2s_rows(rows.astype(np.int16))
+    with pytest.raises(ValueError, match="uint8"):
+        from_i2s_rows(raw)
+    with pytest.raises(ValueError, match="not a multiple of 128"):
+        from_i2s_rows(raw[:N * 40].reshape(N, 40))
 
 
 @pytest.mark.parametrize("T,D", [(1, 64), (6, 256), (3, 6912)])

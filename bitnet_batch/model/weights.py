@@ -30,7 +30,7 @@ from ..config import ModelConfig
 from ..errors import ModelFormatError
 from .gguf import GGMLType, GGUFFile
 from . import quants
-from .layout import pack_kernel
+from .layout import from_i2s_rows, pack_kernel
 
 LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_sub_norm", "attn_output",
                  "ffn_norm", "ffn_gate", "ffn_up", "ffn_sub_norm", "ffn_down")
@@ -117,7 +117,7 @@ class _Loader:
             scale = _i2s_scale(raw, n_in * n_out, self.path, name)
             rows = np.full(n_out, scale, np.float32)
             if n_in % BLOCK == 0:
-                return None, rows, raw[: n_in * n_out // 4].reshape(n_out, n_in // 4)
+                return None, rows, from_i2s_rows(raw[: n_in * n_out // 4].reshape(n_out, n_in // 4))
             t, _ = quants.unpack_i2s(raw, n_in, n_out)
             return t, rows, None
         if typ in (GGMLType.TQ1_0, GGMLType.TQ2_0):
