@@ -65,8 +65,12 @@ def main():
 
 
 @main.command()
-@click.argument("inputs", nargs=-1, required=True, type=click.Path())
-@click.option("--output", "-o", required=True, type=click.Path(), help="Output file (.jsonl or .parquet).")
+@click.argument("inputs", nargs=-1, type=click.Path())
+@click.option("--output", "-o", default=None, type=click.Path(),
+              help="Output file (.jsonl or .parquet). Required unless a pipeline sets it.")
+@click.option("--pipeline", "pipeline_file", default=None, type=click.Path(),
+              help="Pipeline TOML file (a single INPUT ending in .toml is one too); INPUTS given with it replace "
+                   "its inputs, and options given explicitly override its values.")
 @click.option("--output-format", type=click.Choice(["jsonl", "parquet", "openai"]), default=None,
               help="Default: from the output extension.")
 @click.option("--input-format", type=click.Choice(["jsonl", "parquet"]), default=None)
@@ -84,25 +88,157 @@ def main():
 @click.option("--overwrite", is_flag=True, help="Start fresh instead of resuming.")
 @click.option("--strict", is_flag=True, help=f"Exit with {EXIT_ITEM_ERRORS} when any item is an error record.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or log (for cron).")
+@click.option("--response-format", default=None,
+              help='Structured output for every item: inline JSON or a JSON file, {"type": "json_object"} or '
+                   '{"type": "json_schema", "json_schema": {"schema": {...}}}. Records may override it.')
+@click.option("--json-schema", default=None, type=click.Path(), help="A JSON schema file every output must satisfy.")
+@click.option("--regex", default=None, help="A regular expression (Rust syntax) every output must match.")
+@click.option("--choice", multiple=True, help="Every output is exactly one of these strings (repeatable).")
+@click.option("--n", "n", type=int, default=1, show_default=True,
+              help="Samples per input, each with its own seed and a sample_index field.")
+@click.option("--dedupe", is_flag=True, help="Drop samples whose text equals an earlier sample of the same input.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process; ray: engine actors on a Ray cluster (pip install 'bitnet-batch[ray]').")
+@click.option("--ray-address", default=None,
+              help="With --engine ray: 'auto', HOST:PORT or ray://HOST:PORT (default: RAY_ADDRESS or a local Ray).")
+@click.option("--actors", type=int, default=None, help="With --engine ray: engine actors (default: fill the cluster).")
+@click.option("--threads-per-actor", type=int, default=None,
+              help="With --engine ray: CPUs = Numba threads per actor (default: a node's CPUs).")
 @_model_options
 @_sampling_options
-def run(inputs, output, output_format, input_format, prompt_field, id_field, system, chat, max_batch,
-        prefill_chunk, kv_cache_mb, max_seq_len, truncate, unordered, overwrite, strict, quiet, model, model_file,
+def run(inputs, output, pipeline_file, output_format, input_format, prompt_field, id_field, system, chat, max_batch,
+        prefill_chunk, kv_cache_mb, max_seq_len, truncate, unordered, overwrite, strict, quiet, response_format,
+        json_schema, regex, choice, n, dedupe, engine, ray_address, actors, threads_per_actor, model, model_file,
         ffn_act, threads, **kw):
-    """Generate a completion for every record of INPUTS (JSONL / Parquet / OpenAI batch lines)."""
+    """Generate a completion for every record of INPUTS (JSONL / Parquet / OpenAI batch lines), or run a
+    pipeline file (`bitnet-batch run pipelines/NAME.toml`)."""
     from .engine.engine import EngineConfig
-    from .runner import JobConfig, run_job
+    from .pipeline import is_pipeline_file, load_pipeline
+    from .runner import JobConfig
 
+    ctx = click.get_current_context()
     try:
-        job = JobConfig(inputs=tuple(inputs), output=output, model=model, model_file=model_file,
-                        output_format=output_format, input_format=input_format, prompt_field=prompt_field,
-                        id_field=id_field, system=system, chat=chat, sampling=_sampling_params(kw), seed=kw["seed"],
-                        truncate=truncate, ordered=not unordered, overwrite=overwrite, ffn_act=ffn_act,
-                        engine=EngineConfig(max_batch=max_batch, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,
-                                            kv_cache_mb=kv_cache_mb, threads=threads))
-        summary = run_job(job, quiet=quiet)
+        constraint = _constraint(response_format, json_schema, regex, choice)
+        if pipeline_file is None and len(inputs) == 1 and is_pipeline_file(inputs[0]):
+            pipeline_file, inputs = inputs[0], ()
+        if pipeline_file is not None:
+            overrides = _explicit_overrides(ctx, inputs, constraint)
+            job = load_pipeline(pipeline_file).job(overrides)
+        else:
+            if not inputs:
+                raise click.UsageError("give INPUTS (JSONL / Parquet files) or a pipeline file")
+            if output is None:
+                raise click.UsageError("--output / -o is required (only a pipeline file can set it)")
+            job = JobConfig(inputs=tuple(inputs), output=output, model=model, model_file=model_file,
+                            output_format=output_format, input_format=input_format, prompt_field=prompt_field,
+                            id_field=id_field, system=system, chat=chat, sampling=_sampling_params(kw),
+                            seed=kw["seed"], truncate=truncate, ordered=not unordered, overwrite=overwrite,
+                            ffn_act=ffn_act, constraint=constraint, n=n, dedupe=dedupe,
+                            engine=EngineConfig(max_batch=max_batch, max_seq_len=max_seq_len,
+                                                prefill_chunk=prefill_chunk, kv_cache_mb=kv_cache_mb, threads=threads))
+        summary = _run_on(engine, job, quiet, ray_address, actors, threads_per_actor)
     except (BitnetBatchError, OSError) as e:
         _fail(e)
+    if strict and summary["items"]["errors_in_output"]:
+        sys.exit(EXIT_ITEM_ERRORS)
+
+
+def _run_on(engine, job, quiet, ray_address, actors, threads_per_actor) -> dict:
+    """Run the job in this process (the default; Ray is not imported) or on a Ray cluster."""
+    if engine == "ray":
+        from .distributed import RayConfig, run_ray_job
+
+        cfg = RayConfig(address=ray_address, actors=actors or 0, threads_per_actor=threads_per_actor or 0)
+        return run_ray_job(job, cfg, quiet=quiet)
+    given = [name for name, v in (("--ray-address", ray_address), ("--actors", actors),
+                                  ("--threads-per-actor", threads_per_actor)) if v is not None]
+    if given:
+        raise click.UsageError(f"{given[0]} needs --engine ray")
+    from .runner import run_job
+
+    return run_job(job, quiet=quiet)
+
+
+_CONSTRAINT_OPTIONS = ("response_format", "json_schema", "regex", "choice")
+_NOT_FOR_PIPELINES = ("prompt_field", "chat")
+_ENGINE_OPTIONS = ("engine", "ray_address", "actors", "threads_per_actor")     # where a job runs, not what it is
+
+
+def _constraint(response_format, json_schema, regex, choice):
+    """The job-level constraint from --response-format / --json-schema / --regex / --choice (at most one)."""
+    from .sampling.constraints import job_constraint, load_json_arg
+
+    return job_constraint(
+        response_format=None if response_format is None else load_json_arg(response_format, "--response-format"),
+        json_schema=None if json_schema is None else load_json_arg(json_schema, "--json-schema"),
+        regex=regex, choice=choice)
+
+
+def _explicit_overrides(ctx: click.Context, inputs, constraint) -> dict:
+    """The run options given on the command line (not defaults), as Pipeline.job overrides."""
+    from click.core import ParameterSource
+
+    given = {k for k in ctx.params
+             if ctx.get_parameter_source(k) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)}
+    wrong = [k for k in _NOT_FOR_PIPELINES if k in given]
+    if wrong:
+        raise click.UsageError(f"--{wrong[0].replace('_', '-')} does not apply to a pipeline (its [prompt] "
+                               f"template builds the prompts)")
+    skip = {"inputs", "pipeline_file", "strict", "quiet", "unordered", *_CONSTRAINT_OPTIONS, *_ENGINE_OPTIONS}
+    out = {k: ctx.params[k] for k in given - skip}
+    if "stop" in out:
+        out["stop"] = tuple(out["stop"])
+    if "unordered" in given:
+        out["ordered"] = not ctx.params["unordered"]
+    if inputs:
+        out["inputs"] = tuple(inputs)
+    if given & set(_CONSTRAINT_OPTIONS):
+        out["constraint"] = constraint
+    return out
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--output", "-o", required=True, type=click.Path(), help="Output file (.jsonl or .parquet).")
+@click.option("--output-format", type=click.Choice(["jsonl", "parquet"]), default=None,
+              help="Default: from the output extension.")
+@click.option("--input-format", type=click.Choice(["jsonl", "parquet"]), default=None)
+@click.option("--text-field", default="text", show_default=True, help="Scored whole.")
+@click.option("--prompt-field", default="prompt", show_default=True, help="Context only (with --completion-field).")
+@click.option("--completion-field", default="completion", show_default=True, help="Scored given the prompt.")
+@click.option("--id-field", default="id", show_default=True)
+@click.option("--token-logprobs", is_flag=True, help="Add every scored token's logprob to its record.")
+@click.option("--max-batch", type=int, default=16, show_default=True, help="Sequences in flight together.")
+@click.option("--prefill-chunk", type=int, default=256, show_default=True, help="Most tokens per step.")
+@click.option("--kv-cache-mb", type=float, default=0.0, help="KV cache budget in MiB (0 = derived).")
+@click.option("--max-seq-len", type=int, default=0, help="Longest scored sequence (0 = model context).")
+@click.option("--unordered", is_flag=True, help="Write records as they finish (JSONL) instead of input order.")
+@click.option("--overwrite", is_flag=True, help="Start fresh instead of resuming.")
+@click.option("--strict", is_flag=True, help=f"Exit with {EXIT_ITEM_ERRORS} when any item is an error record.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or log.")
+@_model_options
+def score(inputs, output, output_format, input_format, text_field, prompt_field, completion_field, id_field,
+          token_logprobs, max_batch, prefill_chunk, kv_cache_mb, max_seq_len, unordered, overwrite, strict, quiet,
+          model, model_file, ffn_act, threads):
+    """Log-likelihood, mean NLL and perplexity of every record's `text` (or of its `completion` given its
+    `prompt`), plus the corpus perplexity in <output>.meta.json."""
+    from .engine.engine import EngineConfig
+    from .score import ScoreFields, ScoreJobConfig, score_job
+
+    try:
+        job = ScoreJobConfig(inputs=tuple(inputs), output=output, model=model, model_file=model_file,
+                             output_format=output_format, input_format=input_format,
+                             fields=ScoreFields(text=text_field, prompt=prompt_field, completion=completion_field,
+                                                id=id_field),
+                             token_logprobs=token_logprobs, ordered=not unordered, overwrite=overwrite,
+                             ffn_act=ffn_act, engine=EngineConfig(max_batch=max_batch, max_seq_len=max_seq_len,
+                                                                  prefill_chunk=prefill_chunk,
+                                                                  kv_cache_mb=kv_cache_mb, threads=threads))
+        summary = score_job(job, quiet=quiet)
+    except (BitnetBatchError, OSError) as e:
+        _fail(e)
+    if quiet:
+        click.echo(f"corpus perplexity: {summary['corpus']['perplexity']} over {summary['corpus']['tokens']} tokens")
     if strict and summary["items"]["errors_in_output"]:
         sys.exit(EXIT_ITEM_ERRORS)
 

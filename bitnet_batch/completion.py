@@ -19,6 +19,7 @@ class Completion:
         self.tok = tokenizer
         self.params = params
         self.max_new = max_new
+        self.constraint = constraint         # a grammar (sampling.constraints.GrammarConstraint) or None
         # with ignore_eos the sampler masks these ids, so the check in push() never fires
         self.sampler = make_sampler(params, seed, tokenizer.vocab_size, tokenizer.eog_ids, prompt_ids,
                                     constraint=constraint)
@@ -55,7 +56,9 @@ class Completion:
             if stopped:                       # the stop string and anything after it are dropped
                 self.finish_reason = "stop"
                 return self._emit(out)
-            if len(self.tokens) >= self.max_new:
+            if self.constraint is not None and self.constraint.finished:
+                self.finish_reason = "stop"   # the grammar is complete: only EOG could follow
+            elif len(self.tokens) >= self.max_new:
                 self.finish_reason = "length"
         if self.done:                         # release text held back by the decoder / stop matcher
             emit, stopped = self.stops.push(self.decoder.flush())
@@ -63,6 +66,12 @@ class Completion:
             if not stopped:
                 out.append(self.stops.flush())
         return self._emit(out)
+
+    def structured(self) -> dict:
+        """Extra record fields of a constrained completion (``parsed``, ``incomplete``); {} without one."""
+        if self.constraint is None:
+            return {}
+        return self.constraint.result(self.text, cut=self.stops.matched is not None)
 
     def _emit(self, out: list[str]) -> str:
         text = "".join(out)

@@ -1,12 +1,19 @@
 """The batch job: the only place that wires reader -> scheduler -> engine -> sampler -> writer.
 
 ``run_job(JobConfig)`` streams the input, turns each good record into a sequence (prompt tokens, sampling
-parameters, a per-request seeded sampler), runs them with continuous batching, and writes one record per
-input item as soon as it finishes (crash-safe, resumable), then the ordered output and ``<output>.meta.json``.
-Per-item problems become error records; only model, config and output errors stop the job.
+parameters, a per-request seeded sampler, an optional grammar constraint), runs them with continuous batching,
+and writes one record per input item as soon as it finishes (crash-safe, resumable), then the ordered output
+and ``<output>.meta.json``. Per-item problems become error records; only model, config and output errors stop
+the job.
+
+With ``n`` > 1 samples per input (job ``n`` or the record's ``n``), an input becomes n sequences, sample k
+seeded from (request seed, k), and n records carrying ``sample_index`` k; resume skips finished
+(id, sample_index) pairs. With ``dedupe`` the samples of one input are held until all are done, and a sample
+whose text equals an earlier (lower sample_index) one is dropped.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import resource
 import sys
@@ -22,10 +29,12 @@ from .io.readers import BadRecord, Request, count_records, read_requests
 from .io.writers import OutputSink
 from .completion import Completion
 from .sampling.chain import make_sampler
+from .sampling.constraints import ConstraintCompiler, ConstraintSpec, MaskBatch, request_constraint
 from .sampling.params import SamplingParams, resolve_seed
 from .scheduler import Scheduler, Sequence
 
 TRUNCATE_MODES = (None, "left", "right")
+MAX_SAMPLES = 1024          # most samples per input (n)
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,11 @@ class JobConfig:
     overwrite: bool = False
     ffn_act: str | None = None              # override the model's FFN activation
     engine: EngineConfig = field(default_factory=EngineConfig)
+    constraint: ConstraintSpec | None = None  # default structured-output constraint (records may override)
+    n: int = 1                              # samples per input (records may override with "n")
+    dedupe: bool = False                    # drop samples whose text equals an earlier sample of the input
+    template: object | None = None          # a pipeline's PromptTemplate: builds requests from raw records
+    pipeline: str | None = None             # the pipeline file this job came from (for the summary only)
 
     def __post_init__(self):
         if not self.inputs:
@@ -56,13 +70,57 @@ class JobConfig:
             raise ConfigError(f"truncate must be one of left, right, got {self.truncate!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
+        check_n(self.n)
+        if not isinstance(self.dedupe, bool):
+            raise ConfigError(f"dedupe must be true or false, got {self.dedupe!r}")
+        if self.constraint is not None and not isinstance(self.constraint, ConstraintSpec):
+            raise ConfigError(f"constraint must be a ConstraintSpec, got {type(self.constraint).__name__}")
+        if self.template is not None and not callable(getattr(self.template, "requests", None)):
+            raise ConfigError("template must have a requests(paths, fmt=, id_field=) method")
 
     def fingerprint(self, model_sha256: str) -> dict:
-        """What determines the outputs (not batch size or threads: outputs do not depend on them)."""
-        return {"model_sha256": model_sha256, "sampling": asdict(self.sampling), "seed": self.seed,
-                "system": self.system, "chat": self.chat, "prompt_field": self.prompt_field,
-                "id_field": self.id_field, "truncate": self.truncate, "ffn_act": self.ffn_act,
-                "inputs": [Path(p).name for p in self.inputs]}
+        """What determines the outputs (not batch size or threads: outputs do not depend on them). Keys of
+        features left at their defaults are omitted, so older partial outputs stay resumable."""
+        fp = {"model_sha256": model_sha256, "sampling": asdict(self.sampling), "seed": self.seed,
+              "system": self.system, "chat": self.chat, "prompt_field": self.prompt_field,
+              "id_field": self.id_field, "truncate": self.truncate, "ffn_act": self.ffn_act,
+              "inputs": [Path(p).name for p in self.inputs]}
+        if self.constraint is not None:
+            fp["constraint"] = self.constraint.describe()
+        if self.n != 1:
+            fp["n"] = self.n
+        if self.dedupe:
+            fp["dedupe"] = True
+        if self.template is not None:
+            fp["template"] = self.template.describe()
+        return fp
+
+
+def check_n(value, name: str = "n") -> int:
+    """Samples per input: an integer in [1, MAX_SAMPLES]."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SAMPLES:
+        raise ConfigError(f"{name} must be an integer in [1, {MAX_SAMPLES}], got {value!r}")
+    return value
+
+
+def sample_seed(base: int, sample_index: int) -> int:
+    """Seed of sample k of a request whose own seed is ``base``: sample 0 keeps ``base`` (so n = 1 and the
+    first of n samples agree), later ones hash (base, k), stable on every platform."""
+    if sample_index == 0:
+        return base
+    digest = hashlib.sha256(f"bitnet-batch/sample/v1\x00{base}\x00{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+@dataclass(frozen=True)
+class ItemPlan:
+    """One input item, tokenized and parameterized; its samples share all of it but the seed."""
+    request: Request
+    ids: list                       # prompt token ids (after truncation)
+    params: SamplingParams
+    constraint: ConstraintSpec | None
+    max_new: int                    # generation budget, clamped to the context
+    n: int                          # samples of this item
 
 
 @dataclass
@@ -70,6 +128,16 @@ class ItemState:
     """The runner's per-request state, carried by its scheduler Sequence."""
     request: Request
     completion: Completion
+    sample_index: int | None = None     # None when the item has a single sample (no sample_index field)
+    group: "_Group | None" = None       # the item's samples held back for dedupe
+
+
+@dataclass
+class _Group:
+    """The samples of one input under dedupe: records are held until every planned sample finished."""
+    request: Request
+    pending: int                                        # planned samples not finished yet
+    records: dict = field(default_factory=dict)         # sample_index -> record
 
 
 @dataclass
@@ -84,6 +152,9 @@ class JobStats:
     decode_s: float = 0.0     # engine time attributed to decode rows
     sample_s: float = 0.0     # sampling + detokenization
     steps: int = 0
+    constrained: int = 0      # records of constrained requests (errors excluded)
+    incomplete: int = 0       # ... of which the grammar was not complete (max_tokens or a stop string)
+    dropped: int = 0          # samples dropped by dedupe
 
 
 class Runner:
@@ -94,15 +165,31 @@ class Runner:
         self.stats = JobStats()
         self.progress = progress
         self.log = log or (lambda msg: None)
+        self._compiler: ConstraintCompiler | None = None    # built on the first constrained request
+        self._masks: MaskBatch | None = None                # parallel grammar masks, ditto
+        self._keys = 0                                      # scheduler keys, unique per sequence
+
+    @property
+    def compiler(self) -> ConstraintCompiler:
+        if self._compiler is None:
+            self._compiler = ConstraintCompiler.for_tokenizer(self.tok)
+        return self._compiler
 
     # ---------------------------------------------------------------- input -> sequences
-    def prepare(self, req: Request) -> Sequence:
+    def plan(self, req: Request) -> ItemPlan:
         """Tokenize and parameterize one request; raises BitnetBatchError subclasses for per-item problems."""
         try:
             params = SamplingParams.from_overrides(self.job.sampling, req.overrides)
+            n = check_n(req.overrides.get("n", self.job.n))
         except ConfigError as e:
             field = next((k for k in req.overrides if str(e).startswith(k)), None)
             raise InputError(str(e), location=req.location, field=field) from None
+        spec = request_constraint(req.overrides, self.job.constraint, req.location)
+        if spec is not None:
+            try:
+                self.compiler.prepare(spec)
+            except ConfigError as e:
+                raise InputError(str(e), location=req.location, field=spec.field.split(".")[0]) from None
         ids = self._prompt_ids(req)
         limit = self.engine.max_seq_len
         if len(ids) >= limit:
@@ -113,9 +200,33 @@ class Runner:
             keep = max(1, limit - max(1, min(params.max_tokens, limit // 2)))
             ids = ids[len(ids) - keep:] if self.job.truncate == "left" else ids[:keep]
         max_new = min(params.max_tokens, limit - len(ids))
-        seed = resolve_seed(params, self.job.seed, req.id)
-        state = ItemState(req, Completion(self.tok, params, seed, ids, max_new))
-        return Sequence(key=req.index, prompt=np.asarray(ids, np.int32), max_new=max_new, state=state)
+        return ItemPlan(req, ids, params, spec, max_new, n)
+
+    def sequence(self, plan: ItemPlan, sample_index: int | None, group: _Group | None = None) -> Sequence:
+        """Sample ``sample_index`` (None: the only one) of a planned item, with its own seed and grammar."""
+        req = plan.request
+        seed = resolve_seed(plan.params, self.job.seed, req.id)
+        if sample_index is not None:
+            seed = sample_seed(seed, sample_index)
+        constraint = self.compiler.make(plan.constraint) if plan.constraint is not None else None
+        comp = Completion(self.tok, plan.params, seed, plan.ids, plan.max_new, constraint=constraint)
+        self._keys += 1
+        return Sequence(key=self._keys, prompt=np.asarray(plan.ids, np.int32), max_new=plan.max_new,
+                        state=ItemState(req, comp, sample_index, group))
+
+    def todo(self, plan: ItemPlan, sink: OutputSink) -> list | None:
+        """The sample indices to generate for ``plan`` ([None] for a single-sample item), or None when the
+        output already has everything (resume). Under dedupe a partly written item is generated again in
+        full (outputs are deterministic) so its duplicates are judged against every earlier sample."""
+        rid = plan.request.id
+        if plan.n == 1:
+            return None if rid in sink.done else [None]
+        if rid not in sink.done:
+            return list(range(plan.n))
+        written = [k for k in range(plan.n) if sink.is_done(rid, k)]
+        if not written or len(written) == plan.n:      # an error record for the whole item, or all samples
+            return None
+        return list(range(plan.n)) if self.job.dedupe else [k for k in range(plan.n) if k not in written]
 
     def _prompt_ids(self, req: Request) -> list[int]:
         messages = req.messages
@@ -135,12 +246,16 @@ class Runner:
 
     # ---------------------------------------------------------------- records
     @staticmethod
-    def error_record(index: int, rid, err: Exception, *, prompt_tokens: int = 0) -> dict:
-        return {"id": rid if rid is not None else f"row-{index}", "index": index, "text": None,
-                "finish_reason": "error", "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0},
-                "timing": {k: 0.0 for k in ("queue_s", "prefill_s", "ttft_s", "decode_s", "total_s",
-                                            "tokens_per_s")},
-                "error": {"type": type(err).__name__, "message": str(err)}}
+    def error_record(index: int, rid, err: Exception, *, prompt_tokens: int = 0,
+                     sample_index: int | None = None) -> dict:
+        rec = {"id": rid if rid is not None else f"row-{index}", "index": index, "text": None,
+               "finish_reason": "error", "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0},
+               "timing": {k: 0.0 for k in ("queue_s", "prefill_s", "ttft_s", "decode_s", "total_s",
+                                           "tokens_per_s")},
+               "error": {"type": type(err).__name__, "message": str(err)}}
+        if sample_index is not None:
+            rec["sample_index"] = sample_index
+        return rec
 
     def result_record(self, seq: Sequence, now: float) -> dict:
         st: ItemState = seq.state
@@ -160,30 +275,20 @@ class Runner:
                "error": None}
         if comp.params.logprobs is not None:
             rec["logprobs"] = comp.logprobs
+        if st.sample_index is not None:
+            rec["sample_index"] = st.sample_index
+        rec.update(comp.structured())
         return rec
 
     # ---------------------------------------------------------------- the loop
     def run(self, sink: OutputSink, engine: Engine) -> JobStats:
         self.engine = engine
-        job, stats = self.job, self.stats
+        self.sink = sink
+        stats = self.stats
         sched = Scheduler(engine.kv, engine.config.max_batch, engine.max_rows)
-        reader = read_requests(list(job.inputs), prompt_field=job.prompt_field, id_field=job.id_field,
-                               fmt=job.input_format)
+        reader = self._reader()
         exhausted = False
         lookahead = 2 * engine.config.max_batch + 2
-
-        def emit(record):
-            sink.write(record)
-            if record["finish_reason"] == "error":
-                stats.errors += 1
-            else:
-                stats.ok += 1
-                stats.prompt_tokens += record["usage"]["prompt_tokens"]
-                stats.completion_tokens += record["usage"]["completion_tokens"]
-            if self.progress is not None:
-                self.progress.update(1)
-                self.progress.set_postfix(tok_s=f"{stats.completion_tokens / max(1e-9, self._elapsed()):.1f}",
-                                          refresh=False)
 
         self._t0 = time.perf_counter()
         while True:
@@ -193,25 +298,13 @@ class Runner:
                     exhausted = True
                     break
                 stats.items += 1
-                if item.id in sink.done:
-                    stats.skipped += 1
-                    if self.progress is not None:
-                        self.progress.update(1)
-                    continue
-                if isinstance(item, BadRecord):
-                    emit(self.error_record(item.index, item.id, item.error))
-                    continue
-                try:
-                    seq = self.prepare(item)
-                except BitnetBatchError as e:
-                    emit(self.error_record(item.index, item.id, e))
-                    continue
-                if seq.max_new == 0:                 # nothing to generate: no model work
-                    seq.t_enqueue = seq.t_admit = time.perf_counter()
-                    seq.state.completion.finish_reason = "length"
-                    emit(self.result_record(seq, seq.t_admit))
-                else:
-                    sched.add(seq)
+                for seq in self._start(item):
+                    if seq.max_new == 0:                 # nothing to generate: no model work
+                        seq.t_enqueue = seq.t_admit = time.perf_counter()
+                        seq.state.completion.finish_reason = "length"
+                        self._finish(seq.state, self.result_record(seq, seq.t_admit))
+                    else:
+                        sched.add(seq)
             sched.admit()
             parts = sched.plan()
             if not parts:
@@ -226,26 +319,126 @@ class Runner:
             stats.prefill_s += (t1 - t0) * n_prefill / n_rows
             stats.decode_s += (t1 - t0) * (n_rows - n_prefill) / n_rows
             stats.steps += 1
+            self._fill_masks([p.seq for p, logits in zip(parts, outs) if logits is not None])
             for p, logits in zip(parts, outs):
-                if logits is None:
-                    continue
-                seq = p.seq
-                comp = seq.state.completion
-                try:
-                    comp.push(logits)
-                    if not seq.generated:
-                        seq.t_first = t1
-                    seq.generated.append(comp.tokens[-1])
-                except BitnetBatchError as e:
-                    sched.retire(seq)
-                    emit(self.error_record(seq.state.request.index, seq.state.request.id, e,
-                                           prompt_tokens=len(seq.prompt)))
-                    continue
-                if comp.done:
-                    sched.retire(seq)
-                    emit(self.result_record(seq, time.perf_counter()))
+                if logits is not None:
+                    self._advance(sched, p.seq, logits, t1)
             stats.sample_s += time.perf_counter() - t1
         return stats
+
+    def _fill_masks(self, seqs: list[Sequence]) -> None:
+        """The grammar masks of this step's constrained requests, computed together in parallel."""
+        constraints = [s.state.completion.constraint for s in seqs if s.state.completion.constraint is not None]
+        if len(constraints) < 2:
+            return
+        if self._masks is None:
+            import numba
+
+            self._masks = MaskBatch(self.tok.vocab_size, threads=numba.get_num_threads())
+        self._masks.fill(constraints)
+
+    def _reader(self):
+        job = self.job
+        if job.template is not None:
+            return job.template.requests(list(job.inputs), fmt=job.input_format, id_field=job.id_field)
+        return read_requests(list(job.inputs), prompt_field=job.prompt_field, id_field=job.id_field,
+                             fmt=job.input_format)
+
+    def _start(self, item) -> list[Sequence]:
+        """The sequences of one input item still to be generated; error records and resume skips here."""
+        sink = self.sink
+        if isinstance(item, BadRecord):
+            if item.id in sink.done:
+                self._skip()
+            else:
+                self._emit(self.error_record(item.index, item.id, item.error))
+            return []
+        try:
+            plan = self.plan(item)
+        except BitnetBatchError as e:
+            if item.id in sink.done:
+                self._skip()
+            else:
+                self._emit(self.error_record(item.index, item.id, e))
+            return []
+        todo = self.todo(plan, sink)
+        if todo is None:
+            self._skip()
+            return []
+        group = _Group(item, pending=len(todo)) if self.job.dedupe and plan.n > 1 else None
+        return [self.sequence(plan, k, group) for k in todo]
+
+    def _advance(self, sched: Scheduler, seq: Sequence, logits, t_step: float) -> None:
+        """Sample one token for ``seq``; retire it and hand its record on when it is done."""
+        st: ItemState = seq.state
+        comp = st.completion
+        try:
+            comp.push(logits)
+            if not seq.generated:
+                seq.t_first = t_step
+            seq.generated.append(comp.tokens[-1])
+        except BitnetBatchError as e:
+            sched.retire(seq)
+            self._finish(st, self.error_record(st.request.index, st.request.id, e, prompt_tokens=len(seq.prompt),
+                                               sample_index=st.sample_index))
+            return
+        if comp.done:
+            sched.retire(seq)
+            self._finish(st, self.result_record(seq, time.perf_counter()))
+
+    def _finish(self, st: ItemState, record: dict) -> None:
+        """A finished sample: written at once, or held in its dedupe group until the group is complete."""
+        group = st.group
+        if group is None:
+            self._emit(record)
+            return
+        group.records[st.sample_index] = record
+        group.pending -= 1
+        if group.pending == 0:
+            self._flush_group(group)
+
+    def _flush_group(self, group: _Group) -> None:
+        """Write a deduped group in sample order: a sample whose text an earlier sample already had is dropped;
+        samples an interrupted run already wrote are not written again. Drops are counted once per run that
+        writes something of the group."""
+        seen, dropped, keep = set(), 0, []
+        for k in sorted(group.records):
+            record = group.records[k]
+            if record["finish_reason"] != "error":
+                if record["text"] in seen:
+                    dropped += 1
+                    continue
+                seen.add(record["text"])
+            if not self.sink.is_done(group.request.id, k):
+                keep.append(record)
+        if keep:
+            self.stats.dropped += dropped
+        for record in keep:
+            self._emit(record)
+        if self.progress is not None and dropped:
+            self.progress.update(dropped)
+
+    def _emit(self, record: dict) -> None:
+        stats = self.stats
+        self.sink.write(record)
+        if record["finish_reason"] == "error":
+            stats.errors += 1
+        else:
+            stats.ok += 1
+            stats.prompt_tokens += record["usage"]["prompt_tokens"]
+            stats.completion_tokens += record["usage"]["completion_tokens"]
+            if "incomplete" in record:
+                stats.constrained += 1
+                stats.incomplete += bool(record["incomplete"])
+        if self.progress is not None:
+            self.progress.update(1)
+            self.progress.set_postfix(tok_s=f"{stats.completion_tokens / max(1e-9, self._elapsed()):.1f}",
+                                      refresh=False)
+
+    def _skip(self) -> None:
+        self.stats.skipped += 1
+        if self.progress is not None:
+            self.progress.update(self.job.n)
 
     def _elapsed(self) -> float:
         return time.perf_counter() - self._t0
@@ -264,8 +457,12 @@ def warm_up(engine: Engine) -> float:
         engine.step([(slot, np.array([2], np.int32), 2, True)])
     finally:
         engine.kv.free(slot)
-    make_sampler(SamplingParams(temperature=1.0, top_k=5, top_p=0.9, min_p=0.01, repetition_penalty=1.1),
-                 0, engine.model.config.n_vocab).sample(np.zeros(engine.model.config.n_vocab, np.float32))
+    n_vocab = engine.model.config.n_vocab
+    sampler = make_sampler(SamplingParams(temperature=1.0, top_k=5, top_p=0.9, min_p=0.01, repetition_penalty=1.1),
+                           0, n_vocab)
+    sampler.sample(np.zeros(n_vocab, np.float32))
+    # the constraint mask kernel (grammar bitmasks are int32 words)
+    sampler.sample(np.zeros(n_vocab, np.float32), allowed=np.full(-(-n_vocab // 32), -1, np.int32))
     return time.perf_counter() - t0
 
 
@@ -295,12 +492,17 @@ def run_job(job: JobConfig, *, model=None, quiet: bool = False, out=sys.stderr) 
             log(f"resuming: {len(sink.done)} items already done")
         engine = Engine(model, job.engine)
         compile_s = warm_up(engine)
+        if job.constraint is not None:       # llguidance's vocabulary view and the job grammar, built once
+            t_c = time.perf_counter()
+            ConstraintCompiler.for_tokenizer(model.tokenizer).prepare(job.constraint)
+            compile_s += time.perf_counter() - t_c
         log(f"kernels ready in {compile_s:.2f}s (JIT compile / cache load, not counted in item timings)")
         total = count_records(list(job.inputs), job.input_format)
         progress = None
         if not quiet:
             from tqdm import tqdm
-            progress = tqdm(total=total, unit="item", file=out, disable=None, dynamic_ncols=True)
+            progress = tqdm(total=None if total is None else total * job.n, unit="record", file=out,
+                            disable=None, dynamic_ncols=True)
         runner = Runner(job, model, progress=progress, log=log)
         t_run = time.perf_counter()
         try:
@@ -316,7 +518,9 @@ def run_job(job: JobConfig, *, model=None, quiet: bool = False, out=sys.stderr) 
         "output": str(final), "format": sink.fmt,
         "model": {"path": str(model.path), "sha256": sha, "arch": model.config.arch, "name": model.config.name},
         "parameters": {"sampling": asdict(job.sampling), "seed": job.seed, "system": job.system, "chat": job.chat,
-                       "truncate": job.truncate, "engine": asdict(job.engine), "threads": _threads()},
+                       "truncate": job.truncate, "engine": asdict(job.engine), "threads": _threads(),
+                       "constraint": None if job.constraint is None else job.constraint.describe(),
+                       "n": job.n, "dedupe": job.dedupe, "pipeline": job.pipeline},
         "items": {"total": stats.items, "ok": stats.ok, "error": stats.errors, "skipped_resume": stats.skipped,
                   "errors_in_output": count_errors(final, sink.fmt)},
         "tokens": {"prompt": stats.prompt_tokens, "completion": stats.completion_tokens},
@@ -329,6 +533,8 @@ def run_job(job: JobConfig, *, model=None, quiet: bool = False, out=sys.stderr) 
             "completion_tok_s": round(stats.completion_tokens / run_s, 2) if run_s else 0.0,
             "items_per_s": round((stats.ok + stats.errors) / run_s, 3) if run_s else 0.0},
         "steps": stats.steps,
+        "structured": {"records": stats.constrained, "incomplete": stats.incomplete},
+        "samples": {"n": job.n, "dedupe": job.dedupe, "dropped_duplicates": stats.dropped},
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
     meta = meta_path(final)

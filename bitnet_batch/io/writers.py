@@ -103,6 +103,13 @@ class OutputSink:
         """True once ``finalize`` has produced the output (in this or an earlier run)."""
         return self._complete
 
+    def is_done(self, record_id, sample_index: int | None = None) -> bool:
+        """True when the record for ``record_id`` (sample ``sample_index`` of it, when given) is already
+        written. A complete job has every sample of every id it holds."""
+        if record_id not in self.done:
+            return False
+        return sample_index is None or self._complete or (record_id, sample_index) in self._samples
+
     # ------------------------------------------------------------------------------------------ public API
 
     def write(self, record: dict) -> None:

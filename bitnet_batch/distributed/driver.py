@@ -1,0 +1,275 @@
+"""``run_ray_job``: a job on a Ray cluster, with the local job's records, resume and summary.
+
+The driver (this process) reads the input shards with Ray Data, skips what the output already holds, writes
+error records for bad rows itself, and sends tasks of good items to the actor pool; every record an actor
+returns is written by the driver through the output's crash-safe sink. The summary is the local runner's
+(``<output>.meta.json``), plus a ``ray`` section: actors, their threads, restarts and retried tasks.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from ..errors import BitnetBatchError, ConfigError
+from ..io.readers import BadRecord, count_records
+from ..runner import JobStats, Runner, meta_path, peak_rss_mb
+from .config import RayConfig, import_ray
+from .inputs import expand_inputs, parse_shards, read_shards, record_parser
+from .outputs import open_output
+from .pool import ActorPool, Task
+
+_ACTOR_STATS = ("prefill_s", "decode_s", "sample_s", "steps", "dropped", "skipped")   # summed from actors
+
+
+class WorkerCrashError(BitnetBatchError):
+    """An item whose engine actor died every time it was tried (the type name of its error record)."""
+
+
+class _Driver:
+    """Reader -> tasks -> pool -> records -> output, with the local runner's counters."""
+
+    def __init__(self, job, output, pool: ActorPool, task_size: int, progress=None):
+        self.job, self.output, self.pool, self.task_size = job, output, pool, task_size
+        self.progress = progress
+        self.stats = JobStats()
+        self.duplicates = 0             # records that came back for an id already written (never expected)
+        self.by_actor: dict = {}        # pid -> {"tasks", "items", "run_s", "threads", "peak_rss_mb"}
+        self._t0 = time.perf_counter()
+
+    def run(self, items) -> None:
+        reader, exhausted = iter(items), False
+        while True:
+            while not exhausted and self.pool.wants_work():
+                task = self._next_task(reader)
+                if task is None:
+                    exhausted = True
+                else:
+                    self.pool.put(task)
+            if exhausted and not self.pool.busy():
+                return
+            for task, result in self.pool.wait(timeout=1.0):
+                self._collect(task, result)
+
+    def _next_task(self, reader) -> Task | None:
+        """Up to ``task_size`` items that still need the model; bad rows and finished ids are handled here."""
+        todo = []
+        while len(todo) < self.task_size:
+            item = next(reader, None)
+            if item is None:
+                break
+            self.stats.items += 1
+            sink = self.output.lookup(item.index)
+            if isinstance(item, BadRecord):
+                if item.id in sink.done:
+                    self._skip()
+                else:
+                    self._write(Runner.error_record(item.index, item.id, item.error))
+            elif item.id not in sink.done:
+                todo.append((item, None))
+            elif item.overrides.get("n", self.job.n) == 1:
+                self._skip()                # written by an earlier run
+            else:                           # n > 1: the actor's runner decides which samples are left
+                todo.append((item, _done_samples(item, sink, self.job)))
+            if todo and todo[-1][0] is item:
+                self.output.started(item.index)
+            self.output.seal(item.index + 1)
+        return Task(todo) if todo else None
+
+    def _collect(self, task: Task, result: dict) -> None:
+        if "failed" in result:
+            for request, _ in task.items:
+                self._write(Runner.error_record(request.index, request.id,
+                                                WorkerCrashError(f"{request.location}: {result['failed']}")))
+        else:
+            for record in result["records"]:
+                self._write(record)
+            for name in _ACTOR_STATS:
+                setattr(self.stats, name, getattr(self.stats, name) + result["stats"][name])
+            self._account(task, result)
+        for request, _ in task.items:
+            self.output.returned(request.index)
+
+    def _account(self, task: Task, result: dict) -> None:
+        actor = self.by_actor.setdefault(result["pid"], {"tasks": 0, "items": 0, "run_s": 0.0, "threads": set()})
+        actor["tasks"] += 1
+        actor["items"] += len(task.items)
+        actor["run_s"] += result["run_s"]
+        actor["threads"].add(result["threads"])
+        actor["peak_rss_mb"] = result["peak_rss_mb"]
+
+    def _write(self, record: dict) -> None:
+        """The local runner's ``_emit``: write once, count, show progress."""
+        sink = self.output.lookup(record["index"])
+        if sink.is_done(record["id"], record.get("sample_index")):
+            self.duplicates += 1
+            return
+        sink.write(record)
+        stats = self.stats
+        if record["finish_reason"] == "error":
+            stats.errors += 1
+        else:
+            stats.ok += 1
+            stats.prompt_tokens += record["usage"]["prompt_tokens"]
+            stats.completion_tokens += record["usage"]["completion_tokens"]
+            if "incomplete" in record:
+                stats.constrained += 1
+                stats.incomplete += bool(record["incomplete"])
+        if self.progress is not None:
+            self.progress.update(1)
+            elapsed = max(1e-9, time.perf_counter() - self._t0)
+            self.progress.set_postfix(tok_s=f"{stats.completion_tokens / elapsed:.1f}", refresh=False)
+
+    def _skip(self) -> None:
+        self.stats.skipped += 1
+        if self.progress is not None:
+            self.progress.update(self.job.n)
+
+
+def _done_samples(request, sink, job) -> list[int]:
+    """Sample indices of an n > 1 item that the output holds (an invalid n: none; the actor reports it)."""
+    n = request.overrides.get("n", job.n)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        return []
+    return [k for k in range(n) if sink.is_done(request.id, k)]
+
+
+# ---------------------------------------------------------------------------------------------- the job
+
+def run_ray_job(job, ray_config: RayConfig | None = None, *, quiet: bool = False, out=sys.stderr) -> dict:
+    """Run ``job`` on Ray (connecting to ``ray_config.address``, or the Ray already initialized in this
+    process); returns the summary, also written to ``<output>.meta.json``."""
+    cfg = ray_config or RayConfig()
+    ray = import_ray()
+
+    def log(msg):
+        if not quiet:
+            print(msg, file=out, flush=True)
+
+    t_start = time.perf_counter()
+    if Path(job.model).exists():        # actors do not share the driver's working directory on other nodes
+        job = replace(job, model=str(Path(job.model).resolve()))
+    shards = expand_inputs(job.inputs, job.input_format)      # missing / unreadable inputs fail before Ray starts
+    parse = record_parser(job)
+    started_ray = _connect(ray, cfg, quiet)
+    data_logger = logging.getLogger("ray.data")
+    saved_level = data_logger.level
+    data_logger.setLevel(logging.ERROR)     # Ray Data's per-dataset INFO lines would tear the progress bar
+    pool = output = None
+    try:
+        threads, n_actors = _plan_actors(ray, cfg)
+        job = replace(job, engine=replace(job.engine, threads=threads))
+        log(f"ray: {n_actors} engine actors x {threads} CPUs (Numba threads) on "
+            f"{ray.cluster_resources().get('CPU', 0):g} cluster CPUs")
+        pool = ActorPool(ray, job, n_actors=n_actors, threads=threads, tasks_per_actor=cfg.tasks_per_actor,
+                         max_attempts=cfg.max_attempts, log=log)
+        info = pool.wait_ready(cfg.startup_timeout_s)
+        log(f"model: {info['path']} ({info['arch']}, {info['n_layer']} layers, vocab {info['n_vocab']}) loaded in "
+            f"{info['load_s']:.2f}s, kernels ready in {info['compile_s']:.2f}s (first actor, on {info['host']})")
+        output = open_output(job, job.fingerprint(info["sha256"]), info["name"] or os.path.basename(info["path"]),
+                             cfg.rows_per_part)
+        progress = _progress(job, shards, quiet, out)
+        driver = _Driver(job, output, pool, cfg.task_size(job.engine.max_batch), progress)
+        t_run = time.perf_counter()
+        try:
+            driver.run(parse_shards(read_shards(ray, shards, pin_local=not _is_client(cfg)), shards, parse))
+        finally:
+            if progress is not None:
+                progress.close()
+        run_s = time.perf_counter() - t_run
+        final = output.finalize()
+    finally:
+        data_logger.setLevel(saved_level)
+        if output is not None:
+            output.close()
+        if pool is not None:
+            pool.shutdown()
+        if started_ray:
+            ray.shutdown()
+    summary = _summary(job, cfg, info, driver, pool, output, final, n_actors, threads, run_s, t_start)
+    meta_path(final).write_text(json.dumps(summary, indent=2) + "\n")
+    stats = driver.stats
+    log(f"done: {stats.ok} ok, {stats.errors} errors, {stats.skipped} already done | {n_actors} actors, "
+        f"{pool.stats.restarts} replaced | {summary['throughput']['completion_tok_s']} tok/s -> {final}")
+    return summary
+
+
+def _connect(ray, cfg: RayConfig, quiet: bool) -> bool:
+    """Join the cluster at ``cfg.address`` (or start a local Ray); False when this process already had Ray."""
+    if ray.is_initialized():
+        return False
+    kwargs = {"address": cfg.address, "log_to_driver": not quiet,
+              "logging_level": logging.WARNING if quiet else logging.INFO}
+    if cfg.address is None and not os.environ.get("RAY_ADDRESS"):
+        kwargs["include_dashboard"] = False         # a private local instance
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise ConfigError(f"cannot connect to Ray at {cfg.address or 'a new local instance'}: {e}") from e
+    return True
+
+
+def _is_client(cfg: RayConfig) -> bool:
+    """A Ray Client driver (ray://) runs on no cluster node."""
+    return (cfg.address or os.environ.get("RAY_ADDRESS", "")).startswith("ray://")
+
+
+def _plan_actors(ray, cfg: RayConfig) -> tuple[int, int]:
+    """(CPUs = Numba threads per actor, actors): as given, else one actor per node using its CPUs."""
+    cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    cpus = [c for c in cpus if c > 0] or [1]
+    threads = cfg.threads_per_actor or min(cpus)
+    actors = cfg.actors or max(1, sum(c // threads for c in cpus))
+    return threads, actors
+
+
+def _progress(job, shards, quiet: bool, out):
+    if quiet:
+        return None
+    from tqdm import tqdm
+
+    total = None
+    if all(s.is_local for s in shards):
+        total = count_records([s.uri for s in shards], job.input_format) * job.n
+    return tqdm(total=total, unit="record", file=out, disable=None, dynamic_ncols=True)
+
+
+def _summary(job, cfg, info, driver, pool, output, final, n_actors, threads, run_s, t_start) -> dict:
+    """The local runner's summary keys, plus ``engine`` and ``ray``."""
+    stats = driver.stats
+    summary = {
+        "output": str(final), "format": output.fmt, "engine": "ray",
+        "model": {"path": info["path"], "sha256": info["sha256"], "arch": info["arch"], "name": info["name"]},
+        "parameters": {"sampling": asdict(job.sampling), "seed": job.seed, "system": job.system, "chat": job.chat,
+                       "truncate": job.truncate, "engine": asdict(job.engine), "threads": threads,
+                       "constraint": None if job.constraint is None else job.constraint.describe(),
+                       "n": job.n, "dedupe": job.dedupe, "pipeline": job.pipeline},
+        "items": {"total": stats.items, "ok": stats.ok, "error": stats.errors, "skipped_resume": stats.skipped,
+                  "errors_in_output": output.count_errors(final)},
+        "tokens": {"prompt": stats.prompt_tokens, "completion": stats.completion_tokens},
+        "time_s": {"load": round(info["load_s"], 3), "compile": round(info["compile_s"], 3), "run": round(run_s, 3),
+                   "total": round(time.perf_counter() - t_start, 3), "prefill": round(stats.prefill_s, 3),
+                   "decode": round(stats.decode_s, 3), "sampling": round(stats.sample_s, 3)},
+        "throughput": {   # prefill / decode: per actor-second; completion / items: of the whole job
+            "prefill_tok_s": round(stats.prompt_tokens / stats.prefill_s, 2) if stats.prefill_s else 0.0,
+            "decode_tok_s": round(stats.completion_tokens / stats.decode_s, 2) if stats.decode_s else 0.0,
+            "completion_tok_s": round(stats.completion_tokens / run_s, 2) if run_s else 0.0,
+            "items_per_s": round((stats.ok + stats.errors) / run_s, 3) if run_s else 0.0},
+        "steps": stats.steps,
+        "structured": {"records": stats.constrained, "incomplete": stats.incomplete},
+        "samples": {"n": job.n, "dedupe": job.dedupe, "dropped_duplicates": stats.dropped},
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "ray": {"address": cfg.address, "actors": n_actors, "threads_per_actor": threads,
+                "task_size": driver.task_size, "restarts": pool.stats.restarts,
+                "retried_tasks": pool.stats.retried_tasks, "failed_items": pool.stats.failed_items,
+                "duplicate_records": driver.duplicates,
+                "actor_starts": [{k: a.get(k) for k in ("slot", "generation", "host", "pid", "load_s", "compile_s",
+                                                        "threads")} for a in pool.stats.actors],
+                "actor_work": [{"pid": pid, **w, "threads": sorted(w["threads"])}
+                               for pid, w in sorted(driver.by_actor.items())]},
+    }
+    return summary

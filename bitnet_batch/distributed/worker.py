@@ -1,0 +1,145 @@
+"""One engine per Ray actor: the model loaded once, Numba threads = the actor's CPUs, and the local runner's
+continuous-batching loop over each task's items.
+
+``EngineWorker`` is a plain class (wrapped with ``ray.remote`` by the driver, usable in-process in tests). A
+task is a list of ``(Request, done_samples)``: ``done_samples`` is None for an item with nothing written yet,
+else the sample indices the output already holds (resume of an n > 1 item). The worker runs the items through
+``runner.Runner`` (the same planning, seeding, sampling, error records, n / dedupe handling and timing as a
+local job) against a sink that collects the records, and returns them; the driver writes them to the real
+output. Records therefore equal the local runner's, text for text.
+
+Errors that must stop the job (a model that does not load, an option the engine rejects) are returned as
+``{"error": ...}`` rather than raised, so they reach the driver with their type and are never mistaken for a
+crashed actor (which the driver replaces and retries).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import asdict, replace
+
+from .. import errors
+from ..errors import BitnetBatchError
+from ..runner import JobStats, Runner, peak_rss_mb, warm_up
+
+
+class _TaskSink:
+    """The slice of ``OutputSink`` the runner uses, for one task: what is done already, and the new records."""
+
+    def __init__(self, done: dict, samples: set):
+        self.done = done                # id -> index of items with something written (resume)
+        self._samples = samples         # (id, sample_index) already written
+        self.records: list[dict] = []
+
+    def is_done(self, record_id, sample_index: int | None = None) -> bool:
+        if record_id not in self.done:
+            return False
+        return sample_index is None or (record_id, sample_index) in self._samples
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+
+
+class _TaskRunner(Runner):
+    """The local runner, reading a task's items instead of the job's files."""
+
+    _items: tuple = ()
+
+    def _reader(self):
+        return iter(self._items)
+
+    def run_items(self, items, sink: _TaskSink, engine) -> JobStats:
+        self._items = tuple(items)
+        self.stats = JobStats()
+        return self.run(sink, engine)
+
+
+class EngineWorker:
+    """A Ray actor's state: one model + engine, reused for every task it is given."""
+
+    def __init__(self, job, threads: int):
+        self.threads = int(threads)
+        self.error: dict | None = None
+        self.info_: dict = {"pid": os.getpid(), "host": socket.gethostname()}
+        try:
+            self._setup(job)
+        except (BitnetBatchError, OSError) as e:
+            self.error = portable_error(e)
+
+    def _setup(self, job) -> None:
+        import numba
+
+        from ..engine.engine import Engine
+        from ..model.model import load_model
+
+        self._set_threads()
+        self.job = replace(job, engine=replace(job.engine, threads=self.threads))
+        self.model = load_model(job.model, filename=job.model_file, ffn_act=job.ffn_act)
+        self.engine = Engine(self.model, self.job.engine)
+        compile_s = warm_up(self.engine)
+        if getattr(job, "constraint", None) is not None:     # the job grammar, compiled once per actor
+            from ..sampling.constraints import ConstraintCompiler
+
+            t0 = time.perf_counter()
+            ConstraintCompiler.for_tokenizer(self.model.tokenizer).prepare(job.constraint)
+            compile_s += time.perf_counter() - t0
+        self.runner = _TaskRunner(self.job, self.model)
+        cfg = self.model.config
+        self.info_.update(path=str(self.model.path), sha256=self.model.sha256(), arch=cfg.arch, name=cfg.name,
+                          n_layer=cfg.n_layer, n_vocab=cfg.n_vocab, load_s=self.model.load_s, compile_s=compile_s,
+                          threads=numba.get_num_threads())
+
+    def _set_threads(self) -> None:
+        """Numba's thread count is per calling thread: set it wherever kernels will run."""
+        import numba
+
+        numba.set_num_threads(max(1, min(self.threads, numba.config.NUMBA_NUM_THREADS)))
+
+    def info(self) -> dict:
+        """Model identity and start-up times (or the error that kept the model from loading)."""
+        return {"error": self.error} if self.error else dict(self.info_)
+
+    def run_task(self, items: list) -> dict:
+        """Generate every item of a task; returns its records, the runner's counters and the Numba threads used."""
+        if self.error:
+            return {"error": self.error}
+        import numba
+
+        self._set_threads()
+        done, samples, requests = {}, set(), []
+        for request, done_samples in items:
+            requests.append(request)
+            if done_samples is not None:
+                done[request.id] = request.index
+                samples.update((request.id, k) for k in done_samples)
+        sink = _TaskSink(done, samples)
+        t0 = time.perf_counter()
+        try:
+            stats = self.runner.run_items(requests, sink, self.engine)
+        except BitnetBatchError as e:
+            return {"error": portable_error(e)}
+        return {"records": sink.records, "stats": asdict(stats), "run_s": time.perf_counter() - t0,
+                "threads": numba.get_num_threads(), "pid": os.getpid(), "peak_rss_mb": round(peak_rss_mb(), 1)}
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+def portable_error(e: Exception) -> dict:
+    """An error as plain data (some of ours do not unpickle: ModelFormatError needs two arguments)."""
+    out = {"type": type(e).__name__, "message": str(e)}
+    if isinstance(e, errors.ModelFormatError):
+        out.update(path=e.path, problem=e.problem, tensor=e.tensor)
+    return out
+
+
+def raise_portable(err: dict, where: str) -> None:
+    """Raise the job-stopping error an actor reported, as its own type when it is one of ours."""
+    kind = getattr(errors, err.get("type", ""), None)
+    if kind is errors.ModelFormatError:
+        raise errors.ModelFormatError(err["path"], err["problem"], tensor=err.get("tensor"))
+    if isinstance(kind, type) and issubclass(kind, BitnetBatchError) and kind is not errors.InputError:
+        raise kind(err["message"])
+    if err.get("type") in ("FileNotFoundError", "PermissionError", "OSError"):
+        raise OSError(f"{where}: {err['message']}")
+    raise BitnetBatchError(f"{where}: {err.get('type')}: {err.get('message')}")
