@@ -8,9 +8,10 @@ Cache layout of one layer (owned and allocated by ``bitnet_batch.engine.kv_cache
 A step holds T rows (tokens) from any number of sequences: row t belongs to sequence ``row_seq[t]`` at
 position ``row_pos[t]``. Its K/V are written first (``kv_write``), then every row attends to positions
 0..row_pos[t] of its own sequence, so prefill chunks and decode steps use the same code.
-Scores, softmax (online: running max and sum) and the weighted sum are computed in float64 from the
-float32 cache; query head h reads KV head h // (H / KVH).
+Scores, softmax (two passes over a per-thread score buffer) and the weighted sum are computed in float64
+from the float32 cache; query head h reads KV head h // (H / KVH).
 """
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -49,18 +50,30 @@ def _kv_write(k, v, k_cache, v_cache, block_tables, row_seq, row_pos):
                 v_cache[blk, h, off, d] = v[t, h, d]
 
 
-def attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, out):
-    """out[t, h] = softmax(q[t, h] . K[0..pos] / sqrt(hd)) V[0..pos]; q, out float [T, H, hd]."""
+def attention_scratch(n_threads, max_pos, head_dim):
+    """The per-thread scratch ``attention`` needs: float64 [n_threads, max_pos + head_dim]."""
+    return np.zeros((n_threads, max_pos + head_dim), np.float64)
+
+
+def attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, out, scratch):
+    """out[t, h] = softmax(q[t, h] . K[0..pos] / sqrt(hd)) V[0..pos]; q, out float [T, H, hd].
+
+    scratch float64 [>= n_threads, >= max position + 1 + hd] (see ``attention_scratch``): one row per worker
+    thread for the scores of one (row, head) and a contiguous copy of its query."""
     T, H, hd = q.shape
     KVH = k_cache.shape[1]
     if H % KVH or k_cache.shape[3] != hd or out.shape != q.shape or v_cache.shape != k_cache.shape:
         raise ValueError(f"attention: q {q.shape}, cache {k_cache.shape}, out {out.shape} do not match")
     _check_rows(row_seq, row_pos, block_tables, k_cache.shape[2], T)
-    _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, 1.0 / np.sqrt(hd), out)
+    need = (int(row_pos[:T].max()) + 1 if T else 0) + hd
+    if scratch.dtype != np.float64 or scratch.shape[0] < numba.config.NUMBA_NUM_THREADS or scratch.shape[1] < need:
+        raise ValueError(f"attention: scratch {scratch.shape} {scratch.dtype} must be float64 "
+                         f"[>= {numba.config.NUMBA_NUM_THREADS}, >= {need}]")
+    _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, 1.0 / np.sqrt(hd), scratch, out)
 
 
 @njit(**JIT_PARALLEL)
-def _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, out):
+def _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, scratch, out):
     T, H, hd = q.shape
     KVH = k_cache.shape[1]
     bs = k_cache.shape[2]
@@ -70,30 +83,34 @@ def _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, out):
         h = i % H
         kvh = h // group
         table = block_tables[row_seq[t]]
-        qv = q[t, h]
-        acc = out[t, h]
-        acc[:] = 0.0
+        n = row_pos[t] + 1
+        buf = scratch[numba.get_thread_id()]
+        sc = buf[:n]                       # scores, then softmax weights
+        qv = buf[n:n + hd]                 # contiguous copy of the query
+        for d in range(hd):
+            qv[d] = q[t, h, d]
         m = -np.inf
-        l = 0.0
-        for p in range(row_pos[t] + 1):
-            blk = table[p // bs]
-            off = p % bs
-            kr = k_cache[blk, kvh, off]
+        for p in range(n):
+            kr = k_cache[table[p // bs], kvh, p % bs]
             s = 0.0
             for d in range(hd):
-                s += np.float64(qv[d]) * np.float64(kr[d])
+                s += qv[d] * np.float64(kr[d])
             s *= scale
+            sc[p] = s
             if s > m:
-                r = np.exp(m - s) if l > 0 else 0.0
-                for d in range(hd):
-                    acc[d] *= r
-                l *= r
                 m = s
-            w = np.exp(s - m)
-            l += w
-            vr = v_cache[blk, kvh, off]
+        l = 0.0
+        for p in range(n):
+            e = np.exp(sc[p] - m)
+            sc[p] = e
+            l += e
+        acc = out[t, h]
+        acc[:] = 0.0
+        for p in range(n):
+            w = sc[p]
+            vr = v_cache[table[p // bs], kvh, p % bs]
             for d in range(hd):
-                acc[d] += w * vr[d]
+                acc[d] += w * np.float64(vr[d])
         inv = 1.0 / l
         for d in range(hd):
             acc[d] *= inv

@@ -317,12 +317,14 @@ def test_kv_write_and_attention_match_twin(H, KVH, hd, bs):
     attention.kv_write(np.concatenate(ks), np.concatenate(vs), kc, vc, tables, row_seq, row_pos)
     q = np.concatenate(qs)
     out = np.zeros_like(q)
-    attention.attention(q, kc, vc, tables, row_seq, row_pos, out)
+    scratch = attention.attention_scratch(numba.config.NUMBA_NUM_THREADS, 32, hd)
+    attention.attention(q, kc, vc, tables, row_seq, row_pos, out, scratch)
     ref = np.concatenate([naive.causal_attention(qs[s], ks[s], vs[s]) for s in range(len(lens))])
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
     # a decode row (last position only) gives the same values as its row in the prefill
     last = np.zeros((1, H, hd), np.float32)
-    attention.attention(qs[2][-1:].copy(), kc, vc, tables, np.array([2], np.int32), np.array([22], np.int32), last)
+    attention.attention(qs[2][-1:].copy(), kc, vc, tables, np.array([2], np.int32), np.array([22], np.int32), last,
+                        scratch)
     np.testing.assert_array_equal(last[0], out[-1])
 
 
@@ -330,7 +332,8 @@ def test_attention_rejects_position_beyond_table():
     kc, vc, tables = _paged(None, 1, 8, 4, 4, [4])
     with pytest.raises(ValueError):
         attention.attention(np.zeros((1, 1, 8), np.float32), kc, vc, tables, np.array([0], np.int32),
-                            np.array([4], np.int32), np.zeros((1, 1, 8), np.float32))
+                            np.array([4], np.int32), np.zeros((1, 1, 8), np.float32),
+                            attention.attention_scratch(numba.config.NUMBA_NUM_THREADS, 8, 8))
 
 
 @pytest.mark.parametrize("kind", [embedding.F16, embedding.BF16, embedding.F32])

@@ -72,7 +72,7 @@ class Engine:
                           max_seqs=config.max_batch, max_seq_len=self.max_seq_len, n_tokens=n_tokens,
                           block_size=config.block_size)
         self.max_rows = max(config.prefill_chunk, config.max_batch)
-        self.ws = Workspace(cfg, self.max_rows, logit_rows or config.max_batch)
+        self.ws = Workspace(cfg, self.max_rows, logit_rows or config.max_batch, self.max_seq_len)
         self.rope = RopeTable(cfg, self.max_seq_len)
         self.steps = 0
         self.busy_s = 0.0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from jit_kernels.attention import attention_scratch
 from jit_kernels.embedding import ROW_TILE
 from jit_kernels.ternary import BLOCK
 
@@ -22,7 +23,7 @@ def _pad(k: int) -> int:
 
 
 class Workspace:
-    def __init__(self, cfg: ModelConfig, max_rows: int, max_logit_rows: int):
+    def __init__(self, cfg: ModelConfig, max_rows: int, max_logit_rows: int, max_seq_len: int):
         T, D, F = max_rows, cfg.n_embd, cfg.n_ff
         qkv = cfg.q_dim + 2 * cfg.kv_dim
         self.max_rows = T
@@ -41,6 +42,7 @@ class Workspace:
         self.xl = np.zeros((max_logit_rows, D), np.float64)          # final-normed rows that need logits
         self.xl32 = np.zeros((r4, D), np.float32)        # the same rounded for the lm_head, zero-padded to 4 rows
         self.logits = np.zeros((r4, cfg.n_vocab), np.float32)
+        self.att_scratch = attention_scratch(numba.config.NUMBA_NUM_THREADS, max_seq_len, cfg.head_dim)
         self.lm_scratch = np.zeros((numba.config.NUMBA_NUM_THREADS, 2 * D), np.float32)   # 2 widened rows/thread
 
     @property

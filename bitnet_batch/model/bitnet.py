@@ -81,7 +81,7 @@ def forward(w: Weights, cfg: ModelConfig, ws: Workspace, kv: KVCache, rt: RopeTa
         rope.rope_neox(q, batch.row_pos, rt.cos, rt.sin)
         rope.rope_neox(k, batch.row_pos, rt.cos, rt.sin)
         att_k.kv_write(k, v, kc, vc, kv.block_tables, batch.row_seq, batch.row_pos)
-        att_k.attention(q, kc, vc, kv.block_tables, batch.row_seq, batch.row_pos, att)
+        att_k.attention(q, kc, vc, kv.block_tables, batch.row_seq, batch.row_pos, att, ws.att_scratch)
         a = h[:, :qd]
         norms.rmsnorm(att.reshape(T, qd), lw.attn_sub_norm, cfg.rms_eps, a)
         _project(ws, a, lw.wo, proj)
