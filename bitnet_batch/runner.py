@@ -471,15 +471,19 @@ def meta_path(output) -> Path:
     return p.with_name(p.name + ".meta.json")
 
 
-def run_job(job: JobConfig, *, model=None, quiet: bool = False, out=sys.stderr) -> dict:
-    """Run a whole job; returns the summary (also written to ``<output>.meta.json``)."""
-    from .model.model import load_model
-
+def job_logger(quiet: bool, out):
+    """The job's log function: a line to ``out`` unless quiet."""
     def log(msg):
         if not quiet:
             print(msg, file=out, flush=True)
+    return log
 
-    t_start = time.perf_counter()
+
+def open_job(job, model, log):
+    """Load the model (unless given), open the job's crash-safe output with the job's fingerprint, and say
+    whether it resumes. Shared by ``run`` and ``score`` jobs. Returns (model, model sha256, OutputSink)."""
+    from .model.model import load_model
+
     if model is None:
         model = load_model(job.model, filename=job.model_file, ffn_act=job.ffn_act)
     log(f"model: {model.path} ({model.config.arch}, {model.config.n_layer} layers, vocab {model.config.n_vocab}) "
@@ -487,9 +491,17 @@ def run_job(job: JobConfig, *, model=None, quiet: bool = False, out=sys.stderr) 
     sha = model.sha256()
     sink = OutputSink(job.output, fmt=job.output_format, fingerprint=job.fingerprint(sha),
                       overwrite=job.overwrite, ordered=job.ordered, model_name=model.config.name or model.path.name)
+    if sink.done:
+        log(f"resuming: {len(sink.done)} items already done")
+    return model, sha, sink
+
+
+def run_job(job: JobConfig, *, model=None, quiet: bool = False, out=sys.stderr) -> dict:
+    """Run a whole job; returns the summary (also written to ``<output>.meta.json``)."""
+    log = job_logger(quiet, out)
+    t_start = time.perf_counter()
+    model, sha, sink = open_job(job, model, log)
     try:
-        if sink.done:
-            log(f"resuming: {len(sink.done)} items already done")
         engine = Engine(model, job.engine)
         compile_s = warm_up(engine)
         if job.constraint is not None:       # llguidance's vocabulary view and the job grammar, built once

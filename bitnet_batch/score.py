@@ -424,25 +424,12 @@ def warm_up(engine: Engine) -> float:
 
 def score_job(job: ScoreJobConfig, *, model=None, quiet: bool = False, out=sys.stderr) -> dict:
     """Run a whole score job; returns the summary (also written to ``<output>.meta.json``)."""
-    from .model.model import load_model
-    from .runner import meta_path, peak_rss_mb
+    from .runner import job_logger, meta_path, open_job, peak_rss_mb
 
-    def log(msg):
-        if not quiet:
-            print(msg, file=out, flush=True)
-
+    log = job_logger(quiet, out)
     t_start = time.perf_counter()
-    if model is None:
-        model = load_model(job.model, filename=job.model_file, ffn_act=job.ffn_act)
-    log(f"model: {model.path} ({model.config.arch}, {model.config.n_layer} layers, vocab {model.config.n_vocab}) "
-        f"loaded in {model.load_s:.2f}s")
-    sha = model.sha256()
-    sink = OutputSink(job.output, fmt=job.output_format,
-                      fingerprint=job.fingerprint(sha), overwrite=job.overwrite, ordered=job.ordered,
-                      model_name=model.config.name or model.path.name)
+    model, sha, sink = open_job(job, model, log)
     try:
-        if sink.done:
-            log(f"resuming: {len(sink.done)} items already done")
         ecfg = job.engine
         engine = Engine(model, ecfg, logit_rows=max(ecfg.prefill_chunk, ecfg.max_batch))
         compile_s = warm_up(engine)
