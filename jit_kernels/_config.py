@@ -17,3 +17,9 @@ FASTMATH = {"reassoc", "contract", "nsz"}
 
 JIT = dict(nogil=True, cache=_CACHE, fastmath=FASTMATH, boundscheck=False)
 JIT_PARALLEL = dict(JIT, parallel=True)
+
+# Kernels that must keep their written order of float operations wherever they are inlined (the intrinsic
+# microkernels emit plain IEEE instructions; Numba's fastmath pass would add flags to them): no fastmath, and
+# error_model numpy (x / 0 gives inf).
+JIT_EXACT = dict(JIT, fastmath=False, error_model="numpy")
+JIT_EXACT_PARALLEL = dict(JIT_PARALLEL, fastmath=False, error_model="numpy")

@@ -2,14 +2,19 @@
 
 Half-precision matrices stay in their file bytes, viewed as uint16 [V, D]; rows are widened to float32
 in registers (F16: sign | (exp,mantissa) << 13, then * 2^112, which is exact for normal and subnormal
-halves; BF16: bits << 16). The lm_head is weight-stationary: each vocabulary row is read once per step and
-applied to every requested hidden row; work is split over vocabulary rows, never over the D reduction.
+halves; BF16: bits << 16). The lm_head is weight-stationary: each vocabulary row is read from memory once per
+step and applied to every requested hidden row; work is split over vocabulary rows, never over the D reduction.
 """
-import numpy as np
 import numba
-from numba import njit, prange
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.core.extending import intrinsic
 
-from ._config import JIT, JIT_PARALLEL
+from ._config import JIT, JIT_EXACT_PARALLEL, JIT_PARALLEL
+from ._cpu import HAS_AVX2, KERNEL
+from ._ir import I16, I32, Emit, const64
 
 F32 = 0
 F16 = 1
@@ -65,32 +70,171 @@ def _embed_u16(tokens, table, kind, out):
         out[t, :] = row
 
 
-ROW_TILE = 4    # the lm_head computes token rows in groups of 4: callers pad R to a multiple of 4
+VOCAB_TASK = 64     # vocabulary rows per parallel task of the AVX2 lm_head (64 F16 rows of 2560: 320 KB, in L2)
+LM_PREFETCH = 512   # bytes ahead in each vocabulary row that the one-token AVX2 tile prefetches
 
 
-def lm_head(x, table, kind, scratch, out):
-    """out[r, v] = x[r] . table[v]. x float32 [R, D] with R a multiple of ROW_TILE (pad with zero rows);
-    table [V, D] (uint16 bits or float32); scratch float32 [n_threads, 2 * D] (two widened rows per worker
-    thread); out float32 [R, V].
+def lm_head_scratch(n_threads, D):
+    """The lm_head's per-thread scratch: float32 [n_threads, 2 * D] (two widened rows per worker thread)."""
+    return np.zeros((n_threads, 2 * D), np.float32)
 
-    Register tiling: 2 vocabulary rows x 4 token rows per pass over D (8 accumulators). Every token row goes
-    through the same 4-row code whatever its place in the batch, so its logits are bit-identical in any batch."""
+
+def lm_head(x, table, kind, scratch, out, kernel=None):
+    """out[r, v] = x[r] . table[v] for r < R. x float32 [R, D] (rows with contiguous elements); table [V, D]
+    (uint16 F16/BF16 bits or float32); scratch from ``lm_head_scratch``; out float32 [>= R, V].
+
+    Each logit is one dot of D products with a fixed order of operations that depends on neither R nor the
+    row's place in the batch nor the thread count, so a row's logits are bit-identical in any batch.
+
+    - ``avx2`` (D a multiple of 8): 8 float32 lanes per (token row, vocabulary row) pair, each lane an FMA
+      chain over d = lane, lane + 8, ...; then a fixed pairwise sum of the lanes. F16 rows widen with
+      ``vcvtph2ps``. Tiles: 3 vocabulary x 4 token rows (12 accumulators in registers) and, for the last
+      R % 4 rows and for decode of one stream, 4 vocabulary x 1 token row with prefetch (memory bound: the
+      F16 table is the largest single read of a decode step).
+    - ``portable``: rows widened into ``scratch``, 2 vocabulary x 4 token-row register tiles vectorised by
+      LLVM; a short last group repeats its last row (computed, not stored)."""
     R, D = x.shape
     V = table.shape[0]
-    if R % ROW_TILE:
-        raise ValueError(f"lm_head: x has {R} rows; pad it to a multiple of {ROW_TILE}")
-    if table.shape[1] != D or out.shape[0] < R or out.shape[1] != V or x.dtype != np.float32:
-        raise ValueError(f"lm_head: x {x.shape} {x.dtype}, table {table.shape}, out {out.shape} do not match")
-    if scratch.shape[0] < numba.config.NUMBA_NUM_THREADS or scratch.shape[1] != 2 * D:
-        raise ValueError(f"lm_head: scratch {scratch.shape} must be [>= {numba.config.NUMBA_NUM_THREADS}, {2 * D}]")
-    _lm_head(x, table, kind, scratch, out)
+    if table.shape[1] != D or out.shape[0] < R or out.shape[1] != V or x.dtype != np.float32 \
+            or out.dtype != np.float32:
+        raise ValueError(f"lm_head: x {x.shape} {x.dtype}, table {table.shape}, out {out.shape} {out.dtype} "
+                         f"do not match")
+    if table.dtype != (np.float32 if kind == F32 else np.uint16):
+        raise TypeError(f"lm_head: table dtype {table.dtype} does not match kind {kind}")
+    if R == 0:
+        return
+    kernel = KERNEL if kernel is None else kernel
+    if kernel == "avx2" and D % 8 == 0 and x.strides[1] == 4 and table.strides[1] == table.itemsize:
+        if not HAS_AVX2:
+            raise ValueError("lm_head: kernel 'avx2' needs a CPU with AVX2, FMA and F16C")
+        _lm_head_avx2(x, table, kind, out)
+    elif kernel in ("avx2", "portable"):
+        if scratch.shape[0] < numba.config.NUMBA_NUM_THREADS or scratch.shape[1] != 2 * D:
+            raise ValueError(f"lm_head: scratch {scratch.shape} must be [>= {numba.config.NUMBA_NUM_THREADS}, "
+                             f"{2 * D}]")
+        _lm_head_portable(x, table, kind, scratch, out)
+    else:
+        raise ValueError(f"lm_head: kernel must be 'avx2' or 'portable', got {kernel!r}")
 
+
+# ---- AVX2 / FMA / F16C kernel ----------------------------------------------------------------------------
+
+_F32, _V8F32, _V8I16 = ir.FloatType(), ir.VectorType(ir.FloatType(), 8), ir.VectorType(I16, 8)
+
+
+def _emit_lm_tile(e, context, sig, args, RV, C, prefetch, wkind):
+    """IR: out[t0 + c, v0 + r] = x[t0 + c] . table[v0 + r] for r < RV, c < C (``wkind``: the table's element
+    format, fixed at compile time)."""
+    b = e.b
+    table_t, x_t, out_t = sig.args[0], sig.args[1], sig.args[5]
+    table, x, v0, t0, _, out = args
+    tp, tstride, _ = e.data_address(context, table_t, table, v0)
+    xp, xstride, xshape = e.data_address(context, x_t, x, t0)
+    esize = 4 if wkind == F32 else 2
+    fma = e.declare("llvm.fma.v8f32", _V8F32, [_V8F32, _V8F32, _V8F32])
+    zero = ir.Constant(_V8F32, None)
+    acc = [[cgutils.alloca_once_value(b, zero) for _ in range(C)] for _ in range(RV)]
+    with cgutils.for_range_slice(b, const64(0), xshape[1], const64(8)) as (d, _):
+        wofs = b.mul(d, const64(esize))
+        xofs = b.mul(d, const64(4))
+        if prefetch:
+            for r in range(RV):
+                e.prefetch_read(e.addr(tp, tstride, r, wofs, prefetch))
+        w = []
+        for r in range(RV):
+            if wkind == F32:
+                w.append(e.load(e.addr(tp, tstride, r, wofs), _V8F32))
+                continue
+            bits = e.load(e.addr(tp, tstride, r, wofs), _V8I16)
+            if wkind == F16:        # exact widening, vcvtph2ps
+                w.append(b.fpext(b.bitcast(bits, ir.VectorType(ir.HalfType(), 8)), _V8F32))
+            else:                   # BF16: the top half of a float32
+                wide = b.shl(b.zext(bits, ir.VectorType(I32, 8)), ir.Constant(ir.VectorType(I32, 8), [16] * 8))
+                w.append(b.bitcast(wide, _V8F32))
+        for c in range(C):
+            xv = e.load(e.addr(xp, xstride, c, xofs), _V8F32)
+            for r in range(RV):
+                b.store(b.call(fma, [w[r], xv, b.load(acc[r][c])]), acc[r][c])
+    for r in range(RV):
+        v = b.add(v0, const64(r))
+        for c in range(C):
+            a = b.load(acc[r][c])       # fixed pairwise order, plain IEEE adds: (l0+l4 + l2+l6) + (l1+l5 + l3+l7)
+            s4 = b.fadd(b.shuffle_vector(a, a, ir.Constant(ir.VectorType(I32, 4), [0, 1, 2, 3])),
+                        b.shuffle_vector(a, a, ir.Constant(ir.VectorType(I32, 4), [4, 5, 6, 7])))
+            s2 = b.fadd(b.shuffle_vector(s4, s4, ir.Constant(ir.VectorType(I32, 2), [0, 1])),
+                        b.shuffle_vector(s4, s4, ir.Constant(ir.VectorType(I32, 2), [2, 3])))
+            total = b.fadd(b.extract_element(s2, ir.Constant(I32, 0)), b.extract_element(s2, ir.Constant(I32, 1)))
+            ary = context.make_array(out_t)(context, b, out)
+            ptr = cgutils.get_item_pointer(context, b, out_t, ary, [b.add(t0, const64(c)), v], wraparound=False)
+            b.store(total, ptr)
+
+
+def _lm_tile(RV, C, prefetch=0):
+    """An intrinsic ``(table, x, v0, t0, kind, out)``: vocabulary rows [v0, v0 + RV) against token rows
+    [t0, t0 + C) over the whole D (a multiple of 8)."""
+    @intrinsic
+    def tile(typingctx, table, x, v0, t0, kind, out):
+        if not (isinstance(table, types.Array) and isinstance(x, types.Array) and isinstance(out, types.Array)
+                and all(isinstance(i, types.Integer) for i in (v0, t0, kind))):
+            return None
+        if table.ndim != 2 or table.dtype not in (types.uint16, types.float32) or x.ndim != 2 \
+                or x.dtype != types.float32 or out.ndim != 2 or out.dtype != types.float32:
+            return None
+        sig = types.void(table, x, types.intp, types.intp, types.intp, out)
+
+        def codegen(context, builder, sig, args):
+            e = Emit(builder)
+            if sig.args[0].dtype == types.float32:
+                _emit_lm_tile(e, context, sig, args, RV, C, prefetch, F32)
+            else:
+                is_bf16 = builder.icmp_signed("==", args[4], const64(BF16))
+                with builder.if_else(is_bf16) as (bf16, f16):
+                    with bf16:
+                        _emit_lm_tile(e, context, sig, args, RV, C, prefetch, BF16)
+                    with f16:
+                        _emit_lm_tile(e, context, sig, args, RV, C, prefetch, F16)
+            return context.get_dummy_value()
+        return sig, codegen
+    return tile
+
+
+_t34, _t14, _t41, _t11 = _lm_tile(3, 4), _lm_tile(1, 4), _lm_tile(4, 1, LM_PREFETCH), _lm_tile(1, 1, LM_PREFETCH)
+
+
+@njit(**JIT_EXACT_PARALLEL)
+def _lm_head_avx2(x, table, kind, out):
+    R = x.shape[0]
+    V = table.shape[0]
+    for task in prange((V + VOCAB_TASK - 1) // VOCAB_TASK):
+        v_lo = task * VOCAB_TASK
+        v_hi = min(V, v_lo + VOCAB_TASK)
+        t = 0
+        while t + 4 <= R:           # the task's vocabulary rows stay in L2 while 4 token rows at a time pass
+            v = v_lo
+            while v + 3 <= v_hi:
+                _t34(table, x, v, t, kind, out)
+                v += 3
+            while v < v_hi:
+                _t14(table, x, v, t, kind, out)
+                v += 1
+            t += 4
+        while t < R:
+            v = v_lo
+            while v + 4 <= v_hi:
+                _t41(table, x, v, t, kind, out)
+                v += 4
+            while v < v_hi:
+                _t11(table, x, v, t, kind, out)
+                v += 1
+            t += 1
+
+
+# ---- portable kernel -------------------------------------------------------------------------------------
 
 @njit(**JIT)
-def _dot_tile(x, r, w0, w1, out, v0, v1):
-    """out[r..r+3, v0] = x[r..r+3] . w0 and out[r..r+3, v1] = x[r..r+3] . w1."""
-    D = x.shape[1]
-    x0, x1, x2, x3 = x[r], x[r + 1], x[r + 2], x[r + 3]
+def _dot_tile(x0, x1, x2, x3, w0, w1):
+    """x0..x3 . w0 and x0..x3 . w1 (8 register accumulators)."""
+    D = x0.shape[0]
     a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = np.float32(0.0)
     for d in range(D):
         w, u = w0[d], w1[d]
@@ -102,12 +246,11 @@ def _dot_tile(x, r, w0, w1, out, v0, v1):
         b1 += u * x1[d]
         b2 += u * x2[d]
         b3 += u * x3[d]
-    out[r, v0], out[r + 1, v0], out[r + 2, v0], out[r + 3, v0] = a0, a1, a2, a3
-    out[r, v1], out[r + 1, v1], out[r + 2, v1], out[r + 3, v1] = b0, b1, b2, b3
+    return a0, a1, a2, a3, b0, b1, b2, b3
 
 
 @njit(**JIT_PARALLEL)
-def _lm_head(x, table, kind, scratch, out):
+def _lm_head_portable(x, table, kind, scratch, out):
     R, D = x.shape
     V = table.shape[0]
     for vp in prange((V + 1) // 2):
@@ -118,5 +261,18 @@ def _lm_head(x, table, kind, scratch, out):
         w1 = buf[D:]
         _widen_row(table[v0], kind, w0)
         _widen_row(table[v1], kind, w1)
-        for r in range(0, R, 4):
-            _dot_tile(x, r, w0, w1, out, v0, v1)
+        for r in range(0, R, 4):           # every row goes through the same 4-row code; a short last group
+            n = min(4, R - r)              # repeats its last row
+            a0, a1, a2, a3, b0, b1, b2, b3 = _dot_tile(x[r], x[r + min(1, n - 1)], x[r + min(2, n - 1)],
+                                                       x[r + n - 1], w0, w1)
+            out[r, v0] = a0
+            out[r, v1] = b0
+            if n > 1:
+                out[r + 1, v0] = a1
+                out[r + 1, v1] = b1
+            if n > 2:
+                out[r + 2, v0] = a2
+                out[r + 2, v1] = b2
+            if n > 3:
+                out[r + 3, v0] = a3
+                out[r + 3, v1] = b3

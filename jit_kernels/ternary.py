@@ -20,7 +20,7 @@ Math (BitNet b1.58, as bitnet.cpp computes it)::
 The integer dot is exact and the float epilogue is the same per element in every kernel, so a row's result
 never depends on the kernel, the batch it is computed in or the thread count (bit-identical).
 
-Kernels (``KERNEL`` is chosen once at import; ``BITNET_BATCH_KERNEL=auto|avx2|portable`` forces one):
+Kernels (``KERNEL`` is chosen once at import by ``_cpu``; ``BITNET_BATCH_KERNEL=auto|avx2|portable`` forces one):
 
 - ``avx2``: bitnet.cpp's I2_S dot written as LLVM IR (Numba ``@intrinsic``): ``vpmaddubsw`` of 32 code bytes
   (unsigned 0..2) with 32 int8 activations gives int16 pair sums; they are added in int16 over
@@ -28,7 +28,7 @@ Kernels (``KERNEL`` is chosen once at import; ``BITNET_BATCH_KERNEL=auto|avx2|po
   R = 2 weight rows x C <= 4 token rows over the whole K (each weight vector is unpacked once, by a shift and
   a mask, and applied to C token rows), prefetches the weight rows ``PREFETCH`` bytes ahead and ends with the
   float epilogue. One token row (decode) uses tiles of 4 weight rows x 1. Chosen only when the CPU Numba
-  compiles for has AVX2 (and the JIT is on).
+  compiles for has AVX2 (with FMA and F16C, which the lm_head needs) and the JIT is on.
 - ``portable``: plain Numba (any CPU; also runs under ``NUMBA_DISABLE_JIT``): tiles of 2 weight rows x 2
   token rows, integer arithmetic vectorised by LLVM. About 8x slower than ``avx2`` (1.5x faster than the
   scalar kernel they replaced).
@@ -41,16 +41,15 @@ do integer work; the float epilogue must keep its written order wherever it is i
 ``quantize_rows`` runs serially for small inputs (a decode step's rows): waking the thread pool would cost
 more than the work. ``scripts/bench_kernels.py`` measures all of this.
 """
-import os
-
 import numpy as np
 from llvmlite import ir
-from numba import config as numba_config, njit, prange, types
+from numba import njit, prange, types
 from numba.core import cgutils
-from numba.core.codegen import get_host_cpu_features
 from numba.core.extending import intrinsic
 
-from ._config import JIT, JIT_PARALLEL
+from ._config import JIT, JIT_EXACT, JIT_EXACT_PARALLEL, JIT_PARALLEL
+from ._ir import I8, I16, I32, I64, Emit
+from ._cpu import HAS_AVX2, KERNEL
 
 BLOCK = 128          # inputs per packed block
 BLOCK_BYTES = 32     # bytes per packed block
@@ -58,46 +57,6 @@ TASK_ROWS = 64       # output rows per parallel task (weights of a task: 64 * K/
 PREFETCH = 1024      # bytes ahead in each weight row that the microkernels prefetch
 QUANT_SERIAL_MAX = 65536   # quantize_rows runs serially up to this many elements (T * K)
 I16_BLOCKS = 8       # blocks summed in int16 before widening: 8 blocks * 4 groups * |3*128 + 3*128| < 2**15
-
-# no fastmath (see above); error_model numpy: x / 0 gives inf as in the AVX2 epilogue (xscale is 0 when the
-# activations hold an inf)
-_JIT_EXACT = dict(JIT, fastmath=False, error_model="numpy")
-_JIT_EXACT_PARALLEL = dict(JIT_PARALLEL, fastmath=False, error_model="numpy")
-
-KERNEL_ENV = "BITNET_BATCH_KERNEL"
-KERNEL_CHOICES = ("auto", "avx2", "portable")
-
-
-# ---- kernel selection ------------------------------------------------------------------------------------
-
-def cpu_has_avx2() -> bool:
-    """True when the CPU Numba compiles for has AVX2 (mirrors Numba: ``NUMBA_CPU_FEATURES`` if set, else the
-    host's features; ``NUMBA_ENABLE_AVX=0`` clears them)."""
-    feats = numba_config.CPU_FEATURES if numba_config.CPU_FEATURES is not None else get_host_cpu_features()
-    return "+avx2" in feats.split(",")
-
-
-def select_kernel(choice: str, has_avx2: bool) -> str:
-    """``choice`` is the value of ``BITNET_BATCH_KERNEL`` (``auto`` when unset) -> ``"avx2"`` or ``"portable"``."""
-    choice = choice.strip().lower() or "auto"
-    if choice not in KERNEL_CHOICES:
-        raise ValueError(f"{KERNEL_ENV} must be one of {', '.join(KERNEL_CHOICES)}, got {choice!r}")
-    if choice == "avx2" and not has_avx2:
-        raise ValueError(f"{KERNEL_ENV}=avx2 but the CPU Numba compiles for has no AVX2 (or NUMBA_DISABLE_JIT is "
-                         f"set; NUMBA_CPU_FEATURES={numba_config.CPU_FEATURES!r}); use portable or auto")
-    if choice == "auto":
-        return "avx2" if has_avx2 else "portable"
-    return choice
-
-
-HAS_AVX2 = cpu_has_avx2() and not numba_config.DISABLE_JIT   # asked once: the feature query costs ~0.2 ms
-KERNEL = select_kernel(os.environ.get(KERNEL_ENV, "auto"), HAS_AVX2)
-
-
-def available_kernels() -> tuple:
-    """Kernels that can run here (tests run each of them against the numpy twin)."""
-    return ("avx2", "portable") if HAS_AVX2 else ("portable",)
-
 
 # ---- activation quantization -----------------------------------------------------------------------------
 
@@ -195,7 +154,7 @@ def ternary_matmul(xq, xscale, xsum, packed, wscale, out, kernel=None):
 
 # Compiled without fastmath wherever it is inlined: reassoc would let LLVM turn a / b * c into (a * c) / b in
 # one loop and not in another. The AVX2 tiles emit the same instructions (``_emit_epilogue``).
-@njit(inline="always", **_JIT_EXACT)
+@njit(inline="always", **JIT_EXACT)
 def _epilogue(acc, xsum_t, xscale_t, ws):
     # float64: exact for |acc| < 2^53, rounded once when stored
     return np.float64(acc - xsum_t) / np.float64(xscale_t) * np.float64(ws)
@@ -203,41 +162,25 @@ def _epilogue(acc, xsum_t, xscale_t, ws):
 
 # ---- AVX2 kernel -----------------------------------------------------------------------------------------
 
-_I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
-_V32I8, _V16I16, _V8I32 = ir.VectorType(_I8, 32), ir.VectorType(_I16, 16), ir.VectorType(_I32, 8)
+_V32I8, _V16I16, _V8I32 = ir.VectorType(I8, 32), ir.VectorType(I16, 16), ir.VectorType(I32, 8)
 
 
-class _Emit:
-    """IR helpers for one microkernel body: integer addresses, unaligned vector loads, the intrinsics."""
+class _Emit(Emit):
+    """``Emit`` plus the integer-dot intrinsics."""
 
     def __init__(self, builder):
-        self.b = builder
-        get, mod = cgutils.get_or_insert_function, builder.module
-        self.pmaddubsw = get(mod, ir.FunctionType(_V16I16, [_V32I8, _V32I8]), "llvm.x86.avx2.pmadd.ub.sw")
-        self.pmaddwd = get(mod, ir.FunctionType(_V8I32, [_V16I16, _V16I16]), "llvm.x86.avx2.pmadd.wd")
-        self.hsum = get(mod, ir.FunctionType(_I32, [_V8I32]), "llvm.vector.reduce.add.v8i32")
-        self.prefetch = get(mod, ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]),
-                            "llvm.prefetch.p0")
-
-    def addr(self, base, stride, i, offset, const=0):
-        """base + i * stride + offset + const (i, const: Python ints; the rest i64 values)."""
-        b = self.b
-        return b.add(b.add(base, b.mul(stride, ir.Constant(_I64, i))), b.add(offset, ir.Constant(_I64, const)))
-
-    def load(self, address, vtype):
-        return self.b.load(self.b.inttoptr(address, vtype.as_pointer()), align=1)
-
-    def prefetch_read(self, address):
-        i32 = lambda v: ir.Constant(_I32, v)  # noqa: E731
-        self.b.call(self.prefetch, [self.b.inttoptr(address, _I8.as_pointer()), i32(0), i32(3), i32(1)])
+        super().__init__(builder)
+        self.pmaddubsw = self.declare("llvm.x86.avx2.pmadd.ub.sw", _V16I16, [_V32I8, _V32I8])
+        self.pmaddwd = self.declare("llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16])
+        self.hsum = self.declare("llvm.vector.reduce.add.v8i32", I32, [_V8I32])
 
 
 def _emit_block(e, wp, wstride, xp, xstride, blk, acc16, R, C, prefetch):
     """IR for block ``blk``: acc16[r][c] (<16 x i16> values) += codes(row r) . x(token c) over its 128 inputs."""
     b = e.b
     mask = ir.Constant(_V16I16, [0x0303] * 16)
-    wofs = b.mul(blk, ir.Constant(_I64, BLOCK_BYTES))
-    xofs = b.mul(blk, ir.Constant(_I64, BLOCK))
+    wofs = b.mul(blk, ir.Constant(I64, BLOCK_BYTES))
+    xofs = b.mul(blk, ir.Constant(I64, BLOCK))
     if prefetch:          # the hardware prefetcher alone leaves a one-token (decode) pass far below DRAM speed
         for r in range(R):
             e.prefetch_read(e.addr(wp, wstride, r, wofs, prefetch))
@@ -261,13 +204,13 @@ def _emit_dots(e, wp, wstride, xp, xstride, nblk, R, C, prefetch):
     # into registers by SROA)
     acc32 = [[cgutils.alloca_once_value(builder, zero32) for _ in range(C)] for _ in range(R)]
     acc16 = [[cgutils.alloca_once_value(builder, zero16) for _ in range(C)] for _ in range(R)]
-    step = ir.Constant(_I64, I16_BLOCKS)
-    with cgutils.for_range_slice(builder, ir.Constant(_I64, 0), nblk, step) as (b0, _):
+    step = ir.Constant(I64, I16_BLOCKS)
+    with cgutils.for_range_slice(builder, ir.Constant(I64, 0), nblk, step) as (b0, _):
         b1 = builder.add(b0, step)
         end = builder.select(builder.icmp_signed("<", b1, nblk), b1, nblk)
         for acc in sum(acc16, []):
             builder.store(zero16, acc)
-        with cgutils.for_range_slice(builder, b0, end, ir.Constant(_I64, 1)) as (blk, _):
+        with cgutils.for_range_slice(builder, b0, end, ir.Constant(I64, 1)) as (blk, _):
             vals = [[builder.load(a) for a in row] for row in acc16]
             _emit_block(e, wp, wstride, xp, xstride, blk, vals, R, C, prefetch)
             for r in range(R):
@@ -291,15 +234,15 @@ def _emit_epilogue(context, builder, sig, args, dots, R, C, n0, t0):
         aryty, ary = arrays[name]
         return cgutils.get_item_pointer(context, builder, aryty, ary, list(idx), wraparound=False)
 
-    t = [builder.add(t0, ir.Constant(_I64, c)) for c in range(C)]
+    t = [builder.add(t0, ir.Constant(I64, c)) for c in range(C)]
     scale = [builder.fpext(builder.load(ptr("xscale", tc)), f64) for tc in t]
-    xsum = [builder.sext(builder.load(ptr("xsum", tc)), _I64) for tc in t]
+    xsum = [builder.sext(builder.load(ptr("xsum", tc)), I64) for tc in t]
     out_f32 = sig.args[7].dtype == types.float32
     for r in range(R):
-        n = builder.add(n0, ir.Constant(_I64, r))
+        n = builder.add(n0, ir.Constant(I64, r))
         ws = builder.fpext(builder.load(ptr("wscale", n)), f64)
         for c in range(C):
-            v = builder.sitofp(builder.sub(builder.sext(dots[r][c], _I64), xsum[c]), f64)
+            v = builder.sitofp(builder.sub(builder.sext(dots[r][c], I64), xsum[c]), f64)
             v = builder.fmul(builder.fdiv(v, scale[c]), ws)
             builder.store(builder.fptrunc(v, ir.FloatType()) if out_f32 else v, ptr("out", t[c], n))
 
@@ -311,9 +254,9 @@ def _tile_codegen(R, C, prefetch):
         pk = context.make_array(packed_t)(context, builder, packed)
         xa = context.make_array(xq_t)(context, builder, xq)
         wstride, xstride = cgutils.unpack_tuple(builder, pk.strides)[0], cgutils.unpack_tuple(builder, xa.strides)[0]
-        nblk = builder.sdiv(cgutils.unpack_tuple(builder, xa.shape)[1], ir.Constant(_I64, BLOCK))
-        wp = builder.add(builder.ptrtoint(pk.data, _I64), builder.mul(n0, wstride))
-        xp = builder.add(builder.ptrtoint(xa.data, _I64), builder.mul(t0, xstride))
+        nblk = builder.sdiv(cgutils.unpack_tuple(builder, xa.shape)[1], ir.Constant(I64, BLOCK))
+        wp = builder.add(builder.ptrtoint(pk.data, I64), builder.mul(n0, wstride))
+        xp = builder.add(builder.ptrtoint(xa.data, I64), builder.mul(t0, xstride))
         dots = _emit_dots(e, wp, wstride, xp, xstride, nblk, R, C, prefetch)
         _emit_epilogue(context, builder, sig, args, dots, R, C, n0, t0)
         return context.get_dummy_value()
@@ -343,7 +286,7 @@ _k21, _k22, _k23, _k24 = _tile(2, 1), _tile(2, 2), _tile(2, 3), _tile(2, 4)
 _k41 = _tile(4, 1)
 
 
-@njit(**_JIT_EXACT)
+@njit(**JIT_EXACT)
 def _row_pairs_avx2(C, packed, xq, n_lo, n_hi, t, xscale, xsum, wscale, out):
     """Token rows [t, t + C) (C <= 4) against weight rows [n_lo, n_hi), two rows per call. Consecutive calls
     share the C token rows (in L1) and write along out's rows. An odd last row (no real model has one) takes
@@ -365,7 +308,7 @@ def _row_pairs_avx2(C, packed, xq, n_lo, n_hi, t, xscale, xsum, wscale, out):
             out[tt, n] = _epilogue(_dot_portable(packed[n], xq[tt], nblk), xsum[tt], xscale[tt], wscale[n])
 
 
-@njit(**_JIT_EXACT_PARALLEL)
+@njit(**JIT_EXACT_PARALLEL)
 def _matmul_avx2(xq, xscale, xsum, packed, wscale, out):
     T = xq.shape[0]
     N = packed.shape[0]
@@ -386,7 +329,7 @@ def _matmul_avx2(xq, xscale, xsum, packed, wscale, out):
 
 # ---- portable kernel -------------------------------------------------------------------------------------
 
-@njit(**_JIT_EXACT)
+@njit(**JIT_EXACT)
 def _dot_portable(w, x, nblk):
     """One weight row . one token row (tails of the 2 x 2 tiles)."""
     acc = 0
@@ -398,7 +341,7 @@ def _dot_portable(w, x, nblk):
     return acc
 
 
-@njit(**_JIT_EXACT)
+@njit(**JIT_EXACT)
 def _dot2x2_portable(w0, w1, x0, x1, nblk):
     """Two weight rows . two token rows; each code byte is unpacked once for both tokens."""
     a00 = 0
@@ -422,7 +365,7 @@ def _dot2x2_portable(w0, w1, x0, x1, nblk):
     return a00, a01, a10, a11
 
 
-@njit(**_JIT_EXACT_PARALLEL)
+@njit(**JIT_EXACT_PARALLEL)
 def _matmul_portable(xq, xscale, xsum, packed, wscale, out):
     T, Kp = xq.shape
     N = packed.shape[0]

@@ -11,10 +11,10 @@ import pytest
 import naive
 from bitnet_batch.model import quants
 from bitnet_batch.model.layout import from_i2s_rows, pack_kernel, padded, unpack_kernel
-from jit_kernels import activations, attention, embedding, norms, rope, ternary
+from jit_kernels import _cpu, activations, attention, embedding, norms, rope, ternary
 
 RNG = np.random.default_rng(1234)
-KERNELS = ternary.available_kernels()       # ("avx2", "portable") on an AVX2 machine
+KERNELS = _cpu.available_kernels()       # ("avx2", "portable") on an AVX2 machine
 
 
 def _ternary(n, k):
@@ -177,16 +177,16 @@ def test_ternary_matmul_rejects_bad_arguments():
 # ---- kernel selection and the JIT cache -------------------------------------------------------------------
 
 def test_select_kernel():
-    assert ternary.select_kernel("auto", True) == "avx2"
-    assert ternary.select_kernel("auto", False) == "portable"
-    assert ternary.select_kernel("", False) == "portable"
-    assert ternary.select_kernel(" Portable ", True) == "portable"
-    assert ternary.select_kernel("avx2", True) == "avx2"
-    with pytest.raises(ValueError, match="no AVX2"):
-        ternary.select_kernel("avx2", False)
+    assert _cpu.select_kernel("auto", True) == "avx2"
+    assert _cpu.select_kernel("auto", False) == "portable"
+    assert _cpu.select_kernel("", False) == "portable"
+    assert _cpu.select_kernel(" Portable ", True) == "portable"
+    assert _cpu.select_kernel("avx2", True) == "avx2"
+    with pytest.raises(ValueError, match="lacks AVX2/FMA/F16C"):
+        _cpu.select_kernel("avx2", False)
     with pytest.raises(ValueError, match="BITNET_BATCH_KERNEL must be one of auto, avx2, portable, got 'neon'"):
-        ternary.select_kernel("neon", True)
-    assert ternary.KERNEL == ternary.select_kernel(os.environ.get(ternary.KERNEL_ENV, "auto"), ternary.HAS_AVX2)
+        _cpu.select_kernel("neon", True)
+    assert ternary.KERNEL == _cpu.KERNEL == _cpu.select_kernel(os.environ.get(_cpu.KERNEL_ENV, "auto"), _cpu.HAS_AVX2)
 
 
 CACHE_CHILD = """
@@ -214,13 +214,13 @@ def test_env_var_forces_the_kernel_and_a_second_process_loads_it_from_cache():
         out = np.zeros((5, 8), np.float32)[:, :3]
         ternary.ternary_matmul(xq, s, sm, np.full((3, 64), 0xAA, np.uint8), np.ones(3, np.float32), out,
                                kernel=kernel)
-        res = _child(CACHE_CHILD, {ternary.KERNEL_ENV: kernel})
+        res = _child(CACHE_CHILD, {_cpu.KERNEL_ENV: kernel})
         assert res.returncode == 0, res.stderr
         info = json.loads(res.stdout.strip().splitlines()[-1])
         assert info["kernel"] == kernel
         assert info["out"] == [[256.0] * 3] * 5                    # weights +1, x = 1: (2 * 256 - 256) / 1 * 1
         assert info["misses"] == 0 and info["hits"] == 1, info
-    bad = _child("import jit_kernels.ternary", {ternary.KERNEL_ENV: "fastest"})
+    bad = _child("import jit_kernels.ternary", {_cpu.KERNEL_ENV: "fastest"})
     assert bad.returncode != 0 and "BITNET_BATCH_KERNEL must be one of" in bad.stderr
 
 
@@ -339,7 +339,7 @@ def test_attention_rejects_position_beyond_table():
 @pytest.mark.parametrize("kind", [embedding.F16, embedding.BF16, embedding.F32])
 def test_embed_and_lm_head(kind):
     import numba
-    V, D, R = 300, 96, 3
+    V, D = 300, 96
     table32 = (RNG.standard_normal((V, D)) * 0.1).astype(np.float32)
     table32[0, :4] = [6e-8, -3e-5, 65504.0, 0.0]              # f16 subnormals and the max normal
     if kind == embedding.F16:
@@ -354,14 +354,22 @@ def test_embed_and_lm_head(kind):
     e = np.zeros((3, D), np.float32)
     embedding.embed(toks, table, kind, e)
     np.testing.assert_array_equal(e, wide[toks])
-    x = RNG.standard_normal((8, D)).astype(np.float32)
-    out = np.zeros((8, V - 1), np.float32)                   # odd vocabulary: the last pair repeats a row
-    scratch = np.zeros((numba.config.NUMBA_NUM_THREADS, 2 * D), np.float32)
-    embedding.lm_head(x, table[:V - 1], kind, scratch, out)
-    np.testing.assert_allclose(out, x.astype(np.float64) @ wide[:V - 1].astype(np.float64).T, rtol=1e-4, atol=1e-3)
-    # a row's logits do not depend on its place in the 4-row tile or on the other rows
-    alone = np.zeros((4, V - 1), np.float32)
-    embedding.lm_head(np.vstack([x[6:7], np.zeros((3, D), np.float32)]), table[:V - 1], kind, scratch, alone)
-    np.testing.assert_array_equal(alone[0], out[6])
+    scratch = embedding.lm_head_scratch(numba.config.NUMBA_NUM_THREADS, D)
+    x = RNG.standard_normal((11, D)).astype(np.float32)
+    ref = x.astype(np.float64) @ wide[:V - 1].astype(np.float64).T
+    for kernel in KERNELS:
+        out = np.zeros((11, V - 1), np.float32)     # odd vocabulary and 11 rows: every tile shape and its tails
+        embedding.lm_head(x, table[:V - 1], kind, scratch, out, kernel=kernel)
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-3)
+        # a row's logits do not depend on the batch: alone, in a group of 4, or in a short last group
+        for rows in ([6], [4, 5, 6, 7], [5, 6], [0, 1, 2, 3, 4, 5, 6]):
+            part = np.zeros((len(rows), V - 1), np.float32)
+            embedding.lm_head(np.ascontiguousarray(x[rows]), table[:V - 1], kind, scratch, part, kernel=kernel)
+            np.testing.assert_array_equal(part[rows.index(6)], out[6])
     with pytest.raises(ValueError):
-        embedding.lm_head(x[:3], table, kind, scratch, out)
+        embedding.lm_head(x[:3], table, kind, scratch, np.zeros((2, V), np.float32))
+    with pytest.raises(ValueError, match="kernel must be"):
+        embedding.lm_head(x[:3], table, kind, scratch, np.zeros((3, V), np.float32), kernel="sse9")
+    with pytest.raises(TypeError):
+        embedding.lm_head(x[:3], table.view(np.int16) if kind != embedding.F32 else table.astype(np.float64), kind,
+                          scratch, np.zeros((3, V), np.float32))

@@ -12,7 +12,7 @@ import numba
 import numpy as np
 
 from jit_kernels.attention import attention_scratch
-from jit_kernels.embedding import ROW_TILE
+from jit_kernels.embedding import lm_head_scratch
 from jit_kernels.ternary import BLOCK
 
 from ..config import ModelConfig
@@ -30,7 +30,9 @@ class Workspace:
         self.max_logit_rows = max_logit_rows
         self.x = np.zeros((T, D), np.float64)            # residual stream
         self.h = np.zeros((T, max(D, cfg.q_dim)), np.float64)   # normed input of a block / attention output
-        self.xq = np.zeros((T, _pad(max(D, F, cfg.q_dim))), np.int8)   # int8 activations
+        # int8 activations, flat: each projection views it as a contiguous [T, Kp] (a row stride wider than Kp
+        # made the ternary matmul ~30% slower at K = 2560)
+        self.xq = np.zeros(T * _pad(max(D, F, cfg.q_dim)), np.int8)
         self.xscale = np.zeros(T, np.float32)             # per-token activation scale s_t
         self.xsum = np.zeros(T, np.int32)                 # per-token sum of int8 activations
         self.qkv = np.zeros((T, qkv), np.float64)         # fused q|k|v projection output
@@ -38,12 +40,11 @@ class Workspace:
         self.proj = np.zeros((T, D), np.float64)          # o_proj / down_proj output
         self.gu = np.zeros((T, 2 * F), np.float64)        # fused gate|up output
         self.ff = np.zeros((T, F), np.float64)            # gated activation
-        r4 = -(-max_logit_rows // ROW_TILE) * ROW_TILE
         self.xl = np.zeros((max_logit_rows, D), np.float64)          # final-normed rows that need logits
-        self.xl32 = np.zeros((r4, D), np.float32)        # the same rounded for the lm_head, zero-padded to 4 rows
-        self.logits = np.zeros((r4, cfg.n_vocab), np.float32)
+        self.xl32 = np.zeros((max_logit_rows, D), np.float32)        # the same rounded for the lm_head
+        self.logits = np.zeros((max_logit_rows, cfg.n_vocab), np.float32)
         self.att_scratch = attention_scratch(numba.config.NUMBA_NUM_THREADS, max_seq_len, cfg.head_dim)
-        self.lm_scratch = np.zeros((numba.config.NUMBA_NUM_THREADS, 2 * D), np.float32)   # 2 widened rows/thread
+        self.lm_scratch = lm_head_scratch(numba.config.NUMBA_NUM_THREADS, D)
 
     @property
     def nbytes(self) -> int:

@@ -53,7 +53,7 @@ def _project(ws: Workspace, x: np.ndarray, proj: Projection, out: np.ndarray) ->
     """out = ternary(int8(x)): per-token absmax quantization then the exact ternary matmul."""
     T = x.shape[0]
     kp = proj.packed.shape[1] * 4
-    xq = ws.xq[:T, :kp]
+    xq = ws.xq[:T * kp].reshape(T, kp)
     ternary.quantize_rows(x, xq, ws.xscale, ws.xsum)
     ternary.ternary_matmul(xq, ws.xscale[:T], ws.xsum[:T], proj.packed, proj.scale, out)
 
@@ -95,10 +95,8 @@ def forward(w: Weights, cfg: ModelConfig, ws: Workspace, kv: KVCache, rt: RopeTa
     xl = ws.xl[:R]
     np.take(x, batch.logit_rows, axis=0, out=xl)
     norms.rmsnorm(xl, w.output_norm, cfg.rms_eps, xl)
-    r4 = -(-R // emb_k.ROW_TILE) * emb_k.ROW_TILE
-    xl32 = ws.xl32[:r4]
-    xl32[:R] = xl
-    xl32[R:] = 0.0
-    out = ws.logits[:r4]
+    xl32 = ws.xl32[:R]
+    xl32[:] = xl
+    out = ws.logits[:R]
     emb_k.lm_head(xl32, w.output, w.output_kind, ws.lm_scratch, out)
-    return out[:R]
+    return out
