@@ -28,7 +28,7 @@ class BenchResult:
     peak_rss_mb: float
 
 
-def bench_batch(model, batch: int, prompt_tokens: int, gen_tokens: int, *, prefill_chunk: int = 256,
+def bench_batch(model, batch: int, prompt_tokens: int, gen_tokens: int, *, prefill_chunk: int = 128,
                 threads: int = 0, seed: int = 0) -> BenchResult:
     cfg = model.config
     eng = Engine(model, EngineConfig(max_batch=batch, max_seq_len=prompt_tokens + gen_tokens + 1,
@@ -71,7 +71,7 @@ def bench_batch(model, batch: int, prompt_tokens: int, gen_tokens: int, *, prefi
 
 
 def run_bench(model_ref, batch_sizes=(1, 8, 32), prompt_tokens=64, gen_tokens=64, threads=0, model_file=None,
-              prefill_chunk=256, log=print) -> dict:
+              prefill_chunk=128, log=print) -> dict:
     from .model.model import load_model
 
     t0 = time.perf_counter()

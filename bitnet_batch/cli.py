@@ -79,7 +79,7 @@ def main():
 @click.option("--system", default=None, help="System message; plain prompts are then rendered as chat.")
 @click.option("--chat", is_flag=True, help="Render plain 'prompt' records with the chat template.")
 @click.option("--max-batch", type=int, default=16, show_default=True, help="Sequences decoded together.")
-@click.option("--prefill-chunk", type=int, default=256, show_default=True, help="Most tokens per step.")
+@click.option("--prefill-chunk", type=int, default=128, show_default=True, help="Most tokens per step.")
 @click.option("--kv-cache-mb", type=float, default=0.0, help="KV cache budget in MiB (0 = derived).")
 @click.option("--max-seq-len", type=int, default=0, help="Longest prompt + generation (0 = model context).")
 @click.option("--truncate", type=click.Choice(["left", "right"]), default=None,
@@ -209,7 +209,7 @@ def _explicit_overrides(ctx: click.Context, inputs, constraint) -> dict:
 @click.option("--id-field", default="id", show_default=True)
 @click.option("--token-logprobs", is_flag=True, help="Add every scored token's logprob to its record.")
 @click.option("--max-batch", type=int, default=16, show_default=True, help="Sequences in flight together.")
-@click.option("--prefill-chunk", type=int, default=256, show_default=True, help="Most tokens per step.")
+@click.option("--prefill-chunk", type=int, default=128, show_default=True, help="Most tokens per step.")
 @click.option("--kv-cache-mb", type=float, default=0.0, help="KV cache budget in MiB (0 = derived).")
 @click.option("--max-seq-len", type=int, default=0, help="Longest scored sequence (0 = model context).")
 @click.option("--unordered", is_flag=True, help="Write records as they finish (JSONL) instead of input order.")
@@ -330,7 +330,7 @@ def inspect(model, model_file, as_json):
 @click.option("--batch-sizes", default="1,8,32", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--prompt-tokens", type=int, default=64, show_default=True)
 @click.option("--gen-tokens", type=int, default=64, show_default=True)
-@click.option("--prefill-chunk", type=int, default=256, show_default=True)
+@click.option("--prefill-chunk", type=int, default=128, show_default=True)
 @click.option("--threads", type=int, default=0, help="Numba threads (0 = all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with a 'results' list.")
 def bench(model, model_file, batch_sizes, prompt_tokens, gen_tokens, prefill_chunk, threads, as_json):

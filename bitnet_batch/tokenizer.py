@@ -22,7 +22,7 @@ import codecs
 import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from operator import itemgetter
 from os import PathLike
 from typing import Any
@@ -319,8 +319,8 @@ class Tokenizer:
     chat_template: str | None
 
     def __init__(self, spec: VocabSpec):
-        self.spec = spec
         self.hf = _build_hf(spec)
+        self.spec = replace(spec, merges=())     # the BPE model holds the merges now (280k strings for LLaMA-3)
         self.vocab_size = len(spec.tokens)
         self.bos_id, self.eos_id, self.eot_id = spec.bos_id, spec.eos_id, spec.eot_id
         self.add_bos = spec.add_bos

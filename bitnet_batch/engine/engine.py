@@ -24,7 +24,7 @@ class EngineConfig:
     """Sizes of the engine's preallocated state."""
     max_batch: int = 16          # sequences decoded together (KV slots)
     max_seq_len: int = 0         # longest sequence (prompt + generation); 0 -> the model's context length
-    prefill_chunk: int = 256     # most rows (tokens) one step processes
+    prefill_chunk: int = 128     # most rows (tokens) one step processes
     kv_cache_mb: float = 0.0     # KV pool budget in MiB; 0 -> max_batch full sequences, capped by RAM
     block_size: int = 16         # tokens per KV block
     threads: int = 0             # Numba threads; 0 -> all cores

@@ -68,7 +68,8 @@ def forward(w: Weights, cfg: ModelConfig, ws: Workspace, kv: KVCache, rt: RopeTa
     D, F, H, KVH, hd = cfg.n_embd, cfg.n_ff, cfg.n_head, cfg.n_head_kv, cfg.head_dim
     qd, kvd = cfg.q_dim, cfg.kv_dim
     x, h, qkv, att = ws.x[:T], ws.h[:T], ws.qkv[:T], ws.att[:T]
-    proj, gu, ff = ws.proj[:T], ws.gu[:T], ws.ff[:T]
+    proj, gu = ws.proj[:T], ws.gu[:T]
+    ff = gu[:, :F]                 # the gated activation overwrites the gate half in place
     emb_k.embed(batch.tokens, w.tok_embd, w.tok_kind, x)
     for li, lw in enumerate(w.layers):
         kc, vc = kv.layer(li)

@@ -36,6 +36,7 @@ class Model:
 
     @property
     def metadata(self) -> dict:
+        """The GGUF metadata, less ``tokenizer.ggml.merges`` once the tokenizer is built (it holds them)."""
         return self.gguf.metadata
 
     def sha256(self) -> str:
@@ -99,4 +100,5 @@ def load_model(path_or_repo_id, *, filename: str | None = None, ffn_act: str | N
     tok = None
     if md.get("tokenizer.ggml.model") is not None:
         tok = tokenizer_from_metadata(md, source=str(path))
+        md.pop("tokenizer.ggml.merges", None)     # 280k strings for LLaMA-3: not kept twice
     return Model(path, gf, cfg, weights, tok, time.perf_counter() - t0)
