@@ -29,10 +29,10 @@ class BenchResult:
 
 
 def bench_batch(model, batch: int, prompt_tokens: int, gen_tokens: int, *, prefill_chunk: int = 128,
-                threads: int = 0, seed: int = 0) -> BenchResult:
+                threads: int = 0, seed: int = 0, kv_dtype: str = "f32") -> BenchResult:
     cfg = model.config
     eng = Engine(model, EngineConfig(max_batch=batch, max_seq_len=prompt_tokens + gen_tokens + 1,
-                                     prefill_chunk=max(prefill_chunk, batch), threads=threads))
+                                     prefill_chunk=max(prefill_chunk, batch), threads=threads, kv_dtype=kv_dtype))
     rng = np.random.default_rng(seed)
     prompts = rng.integers(0, cfg.n_vocab, size=(batch, prompt_tokens)).astype(np.int32)
     slots = [eng.kv.allocate() for _ in range(batch)]
@@ -71,7 +71,7 @@ def bench_batch(model, batch: int, prompt_tokens: int, gen_tokens: int, *, prefi
 
 
 def run_bench(model_ref, batch_sizes=(1, 8, 32), prompt_tokens=64, gen_tokens=64, threads=0, model_file=None,
-              prefill_chunk=128, log=print) -> dict:
+              prefill_chunk=128, kv_dtype="f32", log=print) -> dict:
     from .model.model import load_model
 
     t0 = time.perf_counter()
@@ -79,16 +79,18 @@ def run_bench(model_ref, batch_sizes=(1, 8, 32), prompt_tokens=64, gen_tokens=64
     load_s = time.perf_counter() - t0
     rss_load = peak_rss_mb()
     compile_s = warm_up(Engine(model, EngineConfig(max_batch=1, max_seq_len=8, prefill_chunk=prefill_chunk,
-                                                   threads=threads)))
+                                                   threads=threads, kv_dtype=kv_dtype)))
     import numba
 
     out = {"model": str(model.path), "arch": model.config.arch, "n_layer": model.config.n_layer,
            "n_embd": model.config.n_embd, "threads": numba.get_num_threads(), "load_s": round(load_s, 3),
-           "rss_after_load_mb": round(rss_load, 1), "compile_s": round(compile_s, 3), "results": []}
+           "rss_after_load_mb": round(rss_load, 1), "compile_s": round(compile_s, 3), "kv_dtype": kv_dtype,
+           "prefill_chunk": prefill_chunk, "results": []}
     log(f"model {model.path.name}: load {load_s:.2f}s (RSS {rss_load:.0f} MB), compile {compile_s:.2f}s, "
-        f"{out['threads']} threads")
+        f"{out['threads']} threads, KV {kv_dtype}")
     for b in batch_sizes:
-        r = bench_batch(model, b, prompt_tokens, gen_tokens, prefill_chunk=prefill_chunk, threads=threads)
+        r = bench_batch(model, b, prompt_tokens, gen_tokens, prefill_chunk=prefill_chunk, threads=threads,
+                        kv_dtype=kv_dtype)
         out["results"].append(asdict(r))
         log(f"batch {r.batch:3d}: prefill {r.prefill_tok_s:8.1f} tok/s | decode {r.decode_tok_s:8.1f} tok/s "
             f"({r.step_ms:.0f} ms/step) | ttft {r.ttft_s:.3f}s | total {r.total_tok_s:8.1f} tok/s | "

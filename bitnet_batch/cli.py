@@ -81,6 +81,8 @@ def main():
 @click.option("--max-batch", type=int, default=16, show_default=True, help="Sequences decoded together.")
 @click.option("--prefill-chunk", type=int, default=128, show_default=True, help="Most tokens per step.")
 @click.option("--kv-cache-mb", type=float, default=0.0, help="KV cache budget in MiB (0 = derived).")
+@click.option("--kv-dtype", type=click.Choice(["f32", "f16"]), default="f32", show_default=True,
+              help="KV cache storage: f32 = the BitNet spec's numerics; f16 = half the memory (llama.cpp's default).")
 @click.option("--max-seq-len", type=int, default=0, help="Longest prompt + generation (0 = model context).")
 @click.option("--truncate", type=click.Choice(["left", "right"]), default=None,
               help="Cut over-long prompts instead of writing an error record.")
@@ -107,8 +109,8 @@ def main():
 @_model_options
 @_sampling_options
 def run(inputs, output, pipeline_file, output_format, input_format, prompt_field, id_field, system, chat, max_batch,
-        prefill_chunk, kv_cache_mb, max_seq_len, truncate, unordered, overwrite, strict, quiet, response_format,
-        json_schema, regex, choice, n, dedupe, engine, ray_address, actors, threads_per_actor, model, model_file,
+        prefill_chunk, kv_cache_mb, kv_dtype, max_seq_len, truncate, unordered, overwrite, strict, quiet,
+        response_format, json_schema, regex, choice, n, dedupe, engine, ray_address, actors, threads_per_actor, model, model_file,
         ffn_act, threads, **kw):
     """Generate a completion for every record of INPUTS (JSONL / Parquet / OpenAI batch lines), or run a
     pipeline file (`bitnet-batch run pipelines/NAME.toml`)."""
@@ -135,7 +137,8 @@ def run(inputs, output, pipeline_file, output_format, input_format, prompt_field
                             seed=kw["seed"], truncate=truncate, ordered=not unordered, overwrite=overwrite,
                             ffn_act=ffn_act, constraint=constraint, n=n, dedupe=dedupe,
                             engine=EngineConfig(max_batch=max_batch, max_seq_len=max_seq_len,
-                                                prefill_chunk=prefill_chunk, kv_cache_mb=kv_cache_mb, threads=threads))
+                                                prefill_chunk=prefill_chunk, kv_cache_mb=kv_cache_mb,
+                                                kv_dtype=kv_dtype, threads=threads))
         summary = _run_on(engine, job, quiet, ray_address, actors, threads_per_actor)
     except (BitnetBatchError, OSError) as e:
         _fail(e)
@@ -211,6 +214,8 @@ def _explicit_overrides(ctx: click.Context, inputs, constraint) -> dict:
 @click.option("--max-batch", type=int, default=16, show_default=True, help="Sequences in flight together.")
 @click.option("--prefill-chunk", type=int, default=128, show_default=True, help="Most tokens per step.")
 @click.option("--kv-cache-mb", type=float, default=0.0, help="KV cache budget in MiB (0 = derived).")
+@click.option("--kv-dtype", type=click.Choice(["f32", "f16"]), default="f32", show_default=True,
+              help="KV cache storage: f32 = the BitNet spec's numerics; f16 = half the memory (llama.cpp's default).")
 @click.option("--max-seq-len", type=int, default=0, help="Longest scored sequence (0 = model context).")
 @click.option("--unordered", is_flag=True, help="Write records as they finish (JSONL) instead of input order.")
 @click.option("--overwrite", is_flag=True, help="Start fresh instead of resuming.")
@@ -218,8 +223,8 @@ def _explicit_overrides(ctx: click.Context, inputs, constraint) -> dict:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or log.")
 @_model_options
 def score(inputs, output, output_format, input_format, text_field, prompt_field, completion_field, id_field,
-          token_logprobs, max_batch, prefill_chunk, kv_cache_mb, max_seq_len, unordered, overwrite, strict, quiet,
-          model, model_file, ffn_act, threads):
+          token_logprobs, max_batch, prefill_chunk, kv_cache_mb, kv_dtype, max_seq_len, unordered, overwrite, strict,
+          quiet, model, model_file, ffn_act, threads):
     """Log-likelihood, mean NLL and perplexity of every record's `text` (or of its `completion` given its
     `prompt`), plus the corpus perplexity in <output>.meta.json."""
     from .engine.engine import EngineConfig
@@ -233,7 +238,8 @@ def score(inputs, output, output_format, input_format, text_field, prompt_field,
                              token_logprobs=token_logprobs, ordered=not unordered, overwrite=overwrite,
                              ffn_act=ffn_act, engine=EngineConfig(max_batch=max_batch, max_seq_len=max_seq_len,
                                                                   prefill_chunk=prefill_chunk,
-                                                                  kv_cache_mb=kv_cache_mb, threads=threads))
+                                                                  kv_cache_mb=kv_cache_mb, kv_dtype=kv_dtype,
+                                                                  threads=threads))
         summary = score_job(job, quiet=quiet)
     except (BitnetBatchError, OSError) as e:
         _fail(e)
@@ -331,9 +337,11 @@ def inspect(model, model_file, as_json):
 @click.option("--prompt-tokens", type=int, default=64, show_default=True)
 @click.option("--gen-tokens", type=int, default=64, show_default=True)
 @click.option("--prefill-chunk", type=int, default=128, show_default=True)
+@click.option("--kv-dtype", type=click.Choice(["f32", "f16"]), default="f32", show_default=True,
+              help="KV cache storage: f32 = the BitNet spec's numerics; f16 = half the memory (llama.cpp's default).")
 @click.option("--threads", type=int, default=0, help="Numba threads (0 = all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with a 'results' list.")
-def bench(model, model_file, batch_sizes, prompt_tokens, gen_tokens, prefill_chunk, threads, as_json):
+def bench(model, model_file, batch_sizes, prompt_tokens, gen_tokens, prefill_chunk, kv_dtype, threads, as_json):
     """Measure prefill and batched decode throughput (random prompts, greedy decode)."""
     from .bench import run_bench
 
@@ -342,7 +350,8 @@ def bench(model, model_file, batch_sizes, prompt_tokens, gen_tokens, prefill_chu
         if not sizes or min(sizes) < 1 or prompt_tokens < 1 or gen_tokens < 1:
             raise click.BadParameter("batch sizes, --prompt-tokens and --gen-tokens must be >= 1")
         out = run_bench(model, sizes, prompt_tokens, gen_tokens, threads, model_file=model_file,
-                        prefill_chunk=prefill_chunk, log=(lambda m: click.echo(m, err=True)) if as_json else click.echo)
+                        prefill_chunk=prefill_chunk, kv_dtype=kv_dtype,
+                        log=(lambda m: click.echo(m, err=True)) if as_json else click.echo)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     except (BitnetBatchError, OSError) as e:

@@ -93,6 +93,8 @@ class JobConfig:
             fp["dedupe"] = True
         if self.template is not None:
             fp["template"] = self.template.describe()
+        if self.engine.kv_dtype != "f32":
+            fp["kv_dtype"] = self.engine.kv_dtype      # float16 K/V round differently: not the same outputs
         return fp
 
 

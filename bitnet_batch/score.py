@@ -189,9 +189,12 @@ class ScoreJobConfig:
 
     def fingerprint(self, model_sha256: str) -> dict:
         """What determines the records (not batch size or threads)."""
-        return {"task": "score", "model_sha256": model_sha256, "fields": asdict(self.fields),
-                "token_logprobs": self.token_logprobs, "ffn_act": self.ffn_act,
-                "inputs": [Path(p).name for p in self.inputs]}
+        fp = {"task": "score", "model_sha256": model_sha256, "fields": asdict(self.fields),
+              "token_logprobs": self.token_logprobs, "ffn_act": self.ffn_act,
+              "inputs": [Path(p).name for p in self.inputs]}
+        if self.engine.kv_dtype != "f32":
+            fp["kv_dtype"] = self.engine.kv_dtype
+        return fp
 
 
 @dataclass

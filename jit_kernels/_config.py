@@ -23,3 +23,9 @@ JIT_PARALLEL = dict(JIT, parallel=True)
 # error_model numpy (x / 0 gives inf).
 JIT_EXACT = dict(JIT, fastmath=False, error_model="numpy")
 JIT_EXACT_PARALLEL = dict(JIT_PARALLEL, fastmath=False, error_model="numpy")
+
+# Row-wise kernels (norms, RoPE, KV writes, activations, int8 quantization) run serially up to this many
+# elements: a decode step's few rows take microseconds, less than waking the thread pool (which costs far more
+# when the other core is busy). The row body is one inlined function in both drivers, so a row's result does
+# not depend on which driver ran it.
+SERIAL_MAX = 1 << 17

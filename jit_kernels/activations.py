@@ -2,7 +2,7 @@
 import numpy as np
 from numba import njit, prange
 
-from ._config import JIT_PARALLEL
+from ._config import JIT, JIT_PARALLEL, SERIAL_MAX
 
 RELU2 = 0
 SILU = 1
@@ -16,19 +16,33 @@ def gated_activation(g, u, kind, out):
         raise TypeError(f"gated_activation: dtypes differ: {g.dtype}, {u.dtype}, {out.dtype}")
     if kind not in (RELU2, SILU):
         raise ValueError(f"gated_activation: unknown kind {kind}")
-    _gated(g, u, kind, out)
+    if g.size <= SERIAL_MAX:
+        _gated_serial(g, u, kind, out)
+    else:
+        _gated(g, u, kind, out)
+
+
+@njit(inline="always", **JIT)
+def _gated_row(g, u, kind, out, t):
+    F = g.shape[1]
+    if kind == RELU2:
+        for f in range(F):
+            a = g[t, f]
+            a = a if a > 0 else 0.0 * a
+            out[t, f] = a * a * u[t, f]
+    else:
+        for f in range(F):
+            a = g[t, f]
+            out[t, f] = a / (1.0 + np.exp(-a)) * u[t, f]
 
 
 @njit(**JIT_PARALLEL)
 def _gated(g, u, kind, out):
-    T, F = g.shape
-    for t in prange(T):
-        if kind == RELU2:
-            for f in range(F):
-                a = g[t, f]
-                a = a if a > 0 else 0.0 * a
-                out[t, f] = a * a * u[t, f]
-        else:
-            for f in range(F):
-                a = g[t, f]
-                out[t, f] = a / (1.0 + np.exp(-a)) * u[t, f]
+    for t in prange(g.shape[0]):
+        _gated_row(g, u, kind, out, t)
+
+
+@njit(**JIT)
+def _gated_serial(g, u, kind, out):
+    for t in range(g.shape[0]):
+        _gated_row(g, u, kind, out, t)

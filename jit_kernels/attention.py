@@ -2,20 +2,105 @@
 
 Cache layout of one layer (owned and allocated by ``bitnet_batch.engine.kv_cache``)::
 
-    k_cache, v_cache  float32 [n_blocks, n_kv_heads, block_size, head_dim]
+    k_cache, v_cache  float32 or uint16 [n_blocks, n_kv_heads, block_size, head_dim]
     block_tables      int32   [n_seqs, max_blocks_per_seq]   # logical block j of sequence s -> physical block
+
+A float32 cache holds K/V rounded to float32 (the BitNet spec's numerics). A uint16 cache holds IEEE
+float16 bits (as llama.cpp / bitnet.cpp by default; half the memory): values are rounded to float32, then to
+float16 (round half to even), finite values beyond +-65504 saturate to +-65504 and NaN is stored as a NaN
+pattern that reads back as a large finite value. Reads widen the bits exactly (shift into float64's layout,
+times 2^1008), so every stored value reads back exactly.
 
 A step holds T rows (tokens) from any number of sequences: row t belongs to sequence ``row_seq[t]`` at
 position ``row_pos[t]``. Its K/V are written first (``kv_write``), then every row attends to positions
 0..row_pos[t] of its own sequence, so prefill chunks and decode steps use the same code.
 Scores, softmax (two passes over a per-thread score buffer) and the weighted sum are computed in float64
-from the float32 cache; query head h reads KV head h // (H / KVH).
+from the cache; query head h reads KV head h // (H / KVH).
 """
+import math
+
 import numba
 import numpy as np
 from numba import njit, prange
 
-from ._config import JIT_PARALLEL
+from numba import types
+from numba.extending import overload
+
+from ._config import JIT, JIT_EXACT, JIT_PARALLEL, SERIAL_MAX
+
+_CACHE_DTYPES = (np.float32, np.uint16)
+_F16_TO_F64 = np.float64(2.0 ** 1008)
+
+
+# ---- float16 storage -------------------------------------------------------------------------------------
+
+@njit(**JIT_EXACT)           # no fastmath: the sign of zero and the rounding steps must stay as written
+def half_bits(x):
+    """float -> IEEE float16 bits (uint16): rounded to float32 first, then to float16 half to even; finite
+    overflow saturates to +-65504, NaN -> 0x7e00."""
+    a32 = np.float32(x)
+    if a32 != a32:
+        return np.uint16(0x7E00)
+    sign = np.uint16(0x8000) if (a32 < 0 or (a32 == 0 and np.float32(1.0) / a32 < 0)) else np.uint16(0)
+    a = np.float64(abs(a32))
+    if a >= 65520.0:                          # rounds to inf in float16: saturate
+        return sign | np.uint16(0x7BFF)
+    if a < 2.0 ** -14:                        # subnormal (or zero): units of 2^-24; 1024 is the smallest normal
+        return sign | np.uint16(np.rint(a * 2.0 ** 24))
+    m, e = math.frexp(a)                      # a = m * 2^e, m in [0.5, 1)
+    mant = np.rint(m * 2048.0)                # 11 significant bits, half to even (exact: a has 24 bits)
+    if mant == 2048.0:
+        mant = 1024.0
+        e += 1
+    if e + 14 > 30:
+        return sign | np.uint16(0x7BFF)
+    return sign | np.uint16(((e + 14) << 10) | (np.int64(mant) - 1024))
+
+
+@njit(**JIT)
+def _widen_half_row(src, dst):
+    """dst float64 [n] <- float16 bits src uint16 [n], exactly (normal and subnormal halves)."""
+    bits = dst.view(np.uint64)
+    for d in range(src.shape[0]):
+        h = np.uint64(src[d])
+        bits[d] = ((h & np.uint64(0x8000)) << np.uint64(48)) | ((h & np.uint64(0x7FFF)) << np.uint64(42))
+    for d in range(src.shape[0]):
+        dst[d] *= _F16_TO_F64
+
+
+def _kv_row(cache, blk, h, off, buf):
+    """The cache row at (blk, h, off) as floats: a view of a float32 cache, or widened into buf (float64)."""
+
+
+@overload(_kv_row, jit_options=dict(JIT))
+def _kv_row_impl(cache, blk, h, off, buf):
+    if cache.dtype == types.uint16:
+        def widen(cache, blk, h, off, buf):
+            _widen_half_row(cache[blk, h, off], buf)
+            return buf
+        return widen
+    return lambda cache, blk, h, off, buf: cache[blk, h, off]
+
+
+def _store_row(src, dst):
+    """dst (a cache row) <- src (float row), rounded to the cache's type."""
+
+
+@overload(_store_row, jit_options=dict(JIT))
+def _store_row_impl(src, dst):
+    if dst.dtype == types.uint16:
+        def store_half(src, dst):
+            for d in range(src.shape[0]):
+                dst[d] = half_bits(src[d])
+        return store_half
+
+    def store(src, dst):
+        for d in range(src.shape[0]):
+            dst[d] = src[d]
+    return store
+
+
+# ---- kernels ---------------------------------------------------------------------------------------------
 
 
 def _check_rows(row_seq, row_pos, block_tables, block_size, T):
@@ -27,45 +112,67 @@ def _check_rows(row_seq, row_pos, block_tables, block_size, T):
         raise ValueError("attention: position beyond the sequence's block table")
 
 
+def _check_cache(k_cache, v_cache, where):
+    if k_cache.dtype not in _CACHE_DTYPES or v_cache.dtype != k_cache.dtype or v_cache.shape != k_cache.shape:
+        raise ValueError(f"{where}: caches must be float32 or uint16 (float16 bits) of one shape, got "
+                         f"{k_cache.dtype} {k_cache.shape} / {v_cache.dtype} {v_cache.shape}")
+
+
 def kv_write(k, v, k_cache, v_cache, block_tables, row_seq, row_pos):
-    """Store k, v (float32/float64 [T, KVH, hd], rounded to the cache's float32) of each row at its sequence position in the layer's cache."""
+    """Store k, v (float32/float64 [T, KVH, hd]) of each row at its sequence position in the layer's cache,
+    rounded to the cache's type (float32, or float16 bits in a uint16 cache)."""
     T = k.shape[0]
+    _check_cache(k_cache, v_cache, "kv_write")
     if k.shape != v.shape or k.shape[1:] != (k_cache.shape[1], k_cache.shape[3]):
         raise ValueError(f"kv_write: k {k.shape} / v {v.shape} do not match cache {k_cache.shape}")
     _check_rows(row_seq, row_pos, block_tables, k_cache.shape[2], T)
-    _kv_write(k, v, k_cache, v_cache, block_tables, row_seq, row_pos)
+    if k.size <= SERIAL_MAX:
+        _kv_write_serial(k, v, k_cache, v_cache, block_tables, row_seq, row_pos)
+    else:
+        _kv_write(k, v, k_cache, v_cache, block_tables, row_seq, row_pos)
+
+
+@njit(inline="always", **JIT)
+def _kv_write_row(k, v, k_cache, v_cache, block_tables, row_seq, row_pos, t):
+    bs = k_cache.shape[2]
+    p = row_pos[t]
+    blk = block_tables[row_seq[t], p // bs]
+    off = p % bs
+    for h in range(k.shape[1]):
+        _store_row(k[t, h], k_cache[blk, h, off])
+        _store_row(v[t, h], v_cache[blk, h, off])
 
 
 @njit(**JIT_PARALLEL)
 def _kv_write(k, v, k_cache, v_cache, block_tables, row_seq, row_pos):
-    T, KVH, hd = k.shape
-    bs = k_cache.shape[2]
-    for t in prange(T):
-        p = row_pos[t]
-        blk = block_tables[row_seq[t], p // bs]
-        off = p % bs
-        for h in range(KVH):
-            for d in range(hd):
-                k_cache[blk, h, off, d] = k[t, h, d]
-                v_cache[blk, h, off, d] = v[t, h, d]
+    for t in prange(k.shape[0]):
+        _kv_write_row(k, v, k_cache, v_cache, block_tables, row_seq, row_pos, t)
+
+
+@njit(**JIT)
+def _kv_write_serial(k, v, k_cache, v_cache, block_tables, row_seq, row_pos):
+    for t in range(k.shape[0]):
+        _kv_write_row(k, v, k_cache, v_cache, block_tables, row_seq, row_pos, t)
 
 
 def attention_scratch(n_threads, max_pos, head_dim):
-    """The per-thread scratch ``attention`` needs: float64 [n_threads, max_pos + head_dim]."""
-    return np.zeros((n_threads, max_pos + head_dim), np.float64)
+    """The per-thread scratch ``attention`` needs: float64 [n_threads, max_pos + 2 * head_dim]."""
+    return np.zeros((n_threads, max_pos + 2 * head_dim), np.float64)
 
 
 def attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, out, scratch):
     """out[t, h] = softmax(q[t, h] . K[0..pos] / sqrt(hd)) V[0..pos]; q, out float [T, H, hd].
 
-    scratch float64 [>= n_threads, >= max position + 1 + hd] (see ``attention_scratch``): one row per worker
-    thread for the scores of one (row, head) and a contiguous copy of its query."""
+    scratch float64 [>= n_threads, >= max position + 1 + 2 * hd] (see ``attention_scratch``): one row per
+    worker thread for the scores of one (row, head), a contiguous copy of its query and a widened K/V row
+    (float16 caches)."""
     T, H, hd = q.shape
     KVH = k_cache.shape[1]
+    _check_cache(k_cache, v_cache, "attention")
     if H % KVH or k_cache.shape[3] != hd or out.shape != q.shape or v_cache.shape != k_cache.shape:
         raise ValueError(f"attention: q {q.shape}, cache {k_cache.shape}, out {out.shape} do not match")
     _check_rows(row_seq, row_pos, block_tables, k_cache.shape[2], T)
-    need = (int(row_pos[:T].max()) + 1 if T else 0) + hd
+    need = (int(row_pos[:T].max()) + 1 if T else 0) + 2 * hd
     if scratch.dtype != np.float64 or scratch.shape[0] < numba.config.NUMBA_NUM_THREADS or scratch.shape[1] < need:
         raise ValueError(f"attention: scratch {scratch.shape} {scratch.dtype} must be float64 "
                          f"[>= {numba.config.NUMBA_NUM_THREADS}, >= {need}]")
@@ -87,11 +194,12 @@ def _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, scrat
         buf = scratch[numba.get_thread_id()]
         sc = buf[:n]                       # scores, then softmax weights
         qv = buf[n:n + hd]                 # contiguous copy of the query
+        kvbuf = buf[n + hd:n + 2 * hd]     # a float16 cache row widened
         for d in range(hd):
             qv[d] = q[t, h, d]
         m = -np.inf
         for p in range(n):
-            kr = k_cache[table[p // bs], kvh, p % bs]
+            kr = _kv_row(k_cache, table[p // bs], kvh, p % bs, kvbuf)
             s = 0.0
             for d in range(hd):
                 s += qv[d] * np.float64(kr[d])
@@ -108,7 +216,7 @@ def _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, scrat
         acc[:] = 0.0
         for p in range(n):
             w = sc[p]
-            vr = v_cache[table[p // bs], kvh, p % bs]
+            vr = _kv_row(v_cache, table[p // bs], kvh, p % bs, kvbuf)
             for d in range(hd):
                 acc[d] += w * np.float64(vr[d])
         inv = 1.0 / l

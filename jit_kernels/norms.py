@@ -2,7 +2,7 @@
 import numpy as np
 from numba import njit, prange
 
-from ._config import JIT_PARALLEL
+from ._config import JIT, JIT_PARALLEL, SERIAL_MAX
 
 _FLOATS = (np.float32, np.float64)
 
@@ -13,17 +13,31 @@ def rmsnorm(x, w, eps, out):
         raise ValueError(f"rmsnorm: shapes x {x.shape}, w {w.shape}, out {out.shape} do not match")
     if x.dtype not in _FLOATS or out.dtype not in _FLOATS or w.dtype != np.float32:
         raise TypeError(f"rmsnorm: want float x/out and float32 w, got {x.dtype}, {out.dtype}, {w.dtype}")
-    _rmsnorm(x, w, np.float32(eps), out)
+    if x.size <= SERIAL_MAX:
+        _rmsnorm_serial(x, w, np.float32(eps), out)
+    else:
+        _rmsnorm(x, w, np.float32(eps), out)
+
+
+@njit(inline="always", **JIT)
+def _rmsnorm_row(x, w, eps, out, t):
+    D = x.shape[1]
+    ss = 0.0
+    for d in range(D):
+        v = np.float64(x[t, d])
+        ss += v * v
+    r = 1.0 / np.sqrt(ss / D + np.float64(eps))
+    for d in range(D):
+        out[t, d] = np.float64(w[d]) * (np.float64(x[t, d]) * r)
 
 
 @njit(**JIT_PARALLEL)
 def _rmsnorm(x, w, eps, out):
-    T, D = x.shape
-    for t in prange(T):
-        ss = 0.0
-        for d in range(D):
-            v = np.float64(x[t, d])
-            ss += v * v
-        r = 1.0 / np.sqrt(ss / D + np.float64(eps))
-        for d in range(D):
-            out[t, d] = np.float64(w[d]) * (np.float64(x[t, d]) * r)
+    for t in prange(x.shape[0]):
+        _rmsnorm_row(x, w, eps, out, t)
+
+
+@njit(**JIT)
+def _rmsnorm_serial(x, w, eps, out):
+    for t in range(x.shape[0]):
+        _rmsnorm_row(x, w, eps, out, t)

@@ -6,7 +6,7 @@ for i < n_rot/2; dims past n_rot are left alone. cos/sin come from a table built
 import numpy as np
 from numba import njit, prange
 
-from ._config import JIT_PARALLEL
+from ._config import JIT, JIT_PARALLEL, SERIAL_MAX
 
 
 def rope_table(max_pos, n_rot, base):
@@ -24,20 +24,34 @@ def rope_neox(x, pos, cos, sin):
         raise ValueError(f"rope_neox: x {x.shape} {x.dtype}, pos {pos.shape}, table {cos.shape}")
     if T and (pos[:T].min() < 0 or pos[:T].max() >= cos.shape[0]):
         raise ValueError(f"rope_neox: position out of range [0, {cos.shape[0]})")
-    _rope_neox(x, pos, cos, sin)
+    if x.size <= SERIAL_MAX:
+        _rope_neox_serial(x, pos, cos, sin)
+    else:
+        _rope_neox(x, pos, cos, sin)
+
+
+@njit(inline="always", **JIT)
+def _rope_row(x, pos, cos, sin, t):
+    H = x.shape[1]
+    half = cos.shape[1]
+    p = pos[t]
+    for h in range(H):
+        for i in range(half):
+            c = cos[p, i]
+            s = sin[p, i]
+            a = x[t, h, i]
+            b = x[t, h, i + half]
+            x[t, h, i] = a * c - b * s
+            x[t, h, i + half] = a * s + b * c
 
 
 @njit(**JIT_PARALLEL)
 def _rope_neox(x, pos, cos, sin):
-    T, H, hd = x.shape
-    half = cos.shape[1]
-    for t in prange(T):
-        p = pos[t]
-        for h in range(H):
-            for i in range(half):
-                c = cos[p, i]
-                s = sin[p, i]
-                a = x[t, h, i]
-                b = x[t, h, i + half]
-                x[t, h, i] = a * c - b * s
-                x[t, h, i + half] = a * s + b * c
+    for t in prange(x.shape[0]):
+        _rope_row(x, pos, cos, sin, t)
+
+
+@njit(**JIT)
+def _rope_neox_serial(x, pos, cos, sin):
+    for t in range(x.shape[0]):
+        _rope_row(x, pos, cos, sin, t)

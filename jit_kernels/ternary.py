@@ -47,7 +47,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
-from ._config import JIT, JIT_EXACT, JIT_EXACT_PARALLEL, JIT_PARALLEL
+from ._config import JIT, JIT_EXACT, JIT_EXACT_PARALLEL, JIT_PARALLEL, SERIAL_MAX
 from ._ir import I8, I16, I32, I64, Emit
 from ._cpu import HAS_AVX2, KERNEL
 
@@ -55,7 +55,6 @@ BLOCK = 128          # inputs per packed block
 BLOCK_BYTES = 32     # bytes per packed block
 TASK_ROWS = 64       # output rows per parallel task (weights of a task: 64 * K/4 bytes, <= 110 KB, stay in L2)
 PREFETCH = 1024      # bytes ahead in each weight row that the microkernels prefetch
-QUANT_SERIAL_MAX = 65536   # quantize_rows runs serially up to this many elements (T * K)
 I16_BLOCKS = 8       # blocks summed in int16 before widening: 8 blocks * 4 groups * |3*128 + 3*128| < 2**15
 
 # ---- activation quantization -----------------------------------------------------------------------------
@@ -71,7 +70,7 @@ def quantize_rows(x, xq, xscale, xsum):
         raise ValueError(f"quantize_rows: output buffers too small for x {x.shape}: xq {xq.shape}")
     if xscale.dtype != np.float32 or xsum.dtype != np.int32:
         raise TypeError("quantize_rows: xscale must be float32 and xsum int32")
-    if T * K <= QUANT_SERIAL_MAX:
+    if T * K <= SERIAL_MAX:
         _quantize_rows_serial(x, xq, xscale, xsum)
     else:
         _quantize_rows(x, xq, xscale, xsum)

@@ -134,7 +134,7 @@ def main(argv=None):
 
 def _warm(kernels):
     """Compile (or load from the cache) everything the timed calls use."""
-    for T in (1, 5, 1024):          # quantize_rows: serial below QUANT_SERIAL_MAX elements, parallel above
+    for T in (1, 5, 1024):          # quantize_rows: serial up to _config.SERIAL_MAX elements, parallel above
         xq, s, sm = np.zeros((T, 128), np.int8), np.ones(T, np.float32), np.zeros(T, np.int32)
         ternary.quantize_rows(np.zeros((T, 128), np.float32), xq, s, sm)
         p, ws, out = np.zeros((3, 32), np.uint8), np.ones(3, np.float32), np.zeros((T, 3), np.float64)

@@ -32,6 +32,13 @@ def test_run_via_clirunner(tmp_path, small_model_path):
     res = CliRunner().invoke(main, ["run", str(src), "-o", str(out), "-m", str(small_model_path), "--temperature",
                                     "0.7", "--seed", "3", "--quiet", "--strict"])
     assert res.exit_code == EXIT_ITEM_ERRORS, res.output
+    # a float16 KV cache is a different numerics choice: recorded, and a fresh output runs with it
+    f16 = tmp_path / "f16.jsonl"
+    res = CliRunner().invoke(main, ["run", str(src), "-o", str(f16), "-m", str(small_model_path), "--temperature",
+                                    "0.7", "--seed", "3", "--quiet", "--kv-dtype", "f16"])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "f16.jsonl.meta.json").read_text())
+    assert meta["parameters"]["engine"]["kv_dtype"] == "f16" and meta["items"]["ok"] == 6
 
 
 def test_fatal_errors_exit_1_with_a_message(tmp_path, small_model_path):
@@ -62,11 +69,13 @@ def test_generate_inspect_and_chat(small_model_path):
     assert res.output.count("assistant>") == 2
 
 
-def test_bench_json(small_model_path):
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
+def test_bench_json(small_model_path, kv_dtype):
     res = CliRunner().invoke(main, ["bench", "-m", str(small_model_path), "--batch-sizes", "1,2",
-                                    "--prompt-tokens", "8", "--gen-tokens", "4", "--json"])
+                                    "--prompt-tokens", "8", "--gen-tokens", "4", "--kv-dtype", kv_dtype, "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["kv_dtype"] == kv_dtype
     assert [r["batch"] for r in out["results"]] == [1, 2]
     for key in ("prefill_tok_s", "decode_tok_s", "ttft_s", "total_tok_s", "peak_rss_mb"):
         assert out["results"][0][key] > 0

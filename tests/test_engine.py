@@ -54,6 +54,32 @@ def test_cached_decode_equals_full_prefill(i2s_model):
         np.testing.assert_array_equal(out, full[p])      # same kernels per row: bit-identical
 
 
+def test_float16_kv_cache(i2s_model):
+    """kv_dtype f16: half the KV bytes; cached decode == prefill bit for bit, batch-independent rows, and logits
+    near the float32 cache's (every K/V value moves by at most 2^-11 relative)."""
+    ids = np.array(json.loads((REF / "tiny-i2s-b158.json").read_text())["sequences"]["s2_len40"]["ids"])
+    cfg = EngineConfig(max_batch=2, max_seq_len=64, prefill_chunk=16, block_size=8, kv_dtype="f16")
+    eng = Engine(i2s_model, cfg)
+    assert eng.kv.k.dtype == np.uint16
+    assert eng.kv.nbytes * 2 == Engine(i2s_model, EngineConfig(max_batch=2, max_seq_len=64, prefill_chunk=16,
+                                                                block_size=8)).kv.nbytes
+    slot = eng.kv.allocate()
+    full = eng.all_logits(slot, ids.astype(np.int32))
+    eng.kv.free(slot)
+    f32 = i2s_model.logits(ids)
+    assert 0 < np.abs(full - f32).max() < 2.0                  # f16 rounding moves int8 activations a little
+    assert (full.argmax(1) == f32.argmax(1)).mean() >= 0.9
+    a, b = eng.kv.allocate(), eng.kv.allocate()
+    eng.step([(b, ids[:7].astype(np.int32), 0, False)])
+    got = eng.step([(a, ids[:10].astype(np.int32), 0, True), (b, ids[7:9].astype(np.int32), 7, True)])
+    np.testing.assert_array_equal(got[0], full[9])
+    for p in range(10, len(ids)):
+        got = eng.step([(a, ids[p:p + 1].astype(np.int32), p, True), (b, ids[p - 1:p].astype(np.int32), p - 1, True)])
+        np.testing.assert_array_equal(got[0], full[p])
+    with pytest.raises(Exception, match="kv_dtype must be one of f32, f16"):
+        EngineConfig(kv_dtype="int8")
+
+
 def test_rows_are_independent_of_the_batch(i2s_model):
     """A sequence gets bit-identical logits alone or sharing steps with others (prefill and decode mixed)."""
     rng = np.random.default_rng(0)

@@ -291,9 +291,9 @@ def test_gated_activation(kind):
     np.testing.assert_allclose(out, naive.gated(g, u, kind), rtol=1e-5, atol=1e-6)
 
 
-def _paged(S, KVH, hd, bs, n_blocks, seqs_len):
+def _paged(S, KVH, hd, bs, n_blocks, seqs_len, dtype=np.float32):
     """Random K/V for len(seqs_len) sequences scattered over a shuffled block pool."""
-    kc = np.zeros((n_blocks, KVH, bs, hd), np.float32)
+    kc = np.zeros((n_blocks, KVH, bs, hd), dtype)
     vc = np.zeros_like(kc)
     mb = max(-(-n // bs) for n in seqs_len)
     tables = np.full((len(seqs_len), mb), -1, np.int32)
@@ -304,12 +304,16 @@ def _paged(S, KVH, hd, bs, n_blocks, seqs_len):
     return kc, vc, tables
 
 
+@pytest.mark.parametrize("cache", [np.float32, np.uint16])
 @pytest.mark.parametrize("H,KVH,hd,bs", [(4, 2, 64, 16), (4, 4, 32, 8), (6, 1, 16, 4)])
-def test_kv_write_and_attention_match_twin(H, KVH, hd, bs):
+def test_kv_write_and_attention_match_twin(H, KVH, hd, bs, cache):
     lens = [9, 1, 23]
-    kc, vc, tables = _paged(None, KVH, hd, bs, 32, lens)
+    kc, vc, tables = _paged(None, KVH, hd, bs, 32, lens, cache)
     ks = [RNG.standard_normal((n, KVH, hd)).astype(np.float32) for n in lens]
     vs = [RNG.standard_normal((n, KVH, hd)).astype(np.float32) for n in lens]
+    if cache == np.uint16:        # float16 cache: the twin attends over the float16-rounded K/V
+        ks = [k.astype(np.float16).astype(np.float32) for k in ks]
+        vs = [v.astype(np.float16).astype(np.float32) for v in vs]
     qs = [RNG.standard_normal((n, H, hd)).astype(np.float32) for n in lens]
     # one step holding all rows of all sequences (prefill of several sequences at once)
     row_seq = np.concatenate([np.full(n, s, np.int32) for s, n in enumerate(lens)])
@@ -321,11 +325,74 @@ def test_kv_write_and_attention_match_twin(H, KVH, hd, bs):
     attention.attention(q, kc, vc, tables, row_seq, row_pos, out, scratch)
     ref = np.concatenate([naive.causal_attention(qs[s], ks[s], vs[s]) for s in range(len(lens))])
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    if cache == np.uint16:        # stored exactly as numpy's float16 bits
+        np.testing.assert_array_equal(kc[tables[2, 0], :, 3], ks[2][3].astype(np.float16).view(np.uint16))
     # a decode row (last position only) gives the same values as its row in the prefill
     last = np.zeros((1, H, hd), np.float32)
     attention.attention(qs[2][-1:].copy(), kc, vc, tables, np.array([2], np.int32), np.array([22], np.int32), last,
                         scratch)
     np.testing.assert_array_equal(last[0], out[-1])
+
+
+def test_row_kernels_give_the_same_row_serial_or_parallel():
+    """Small inputs take a serial driver, large ones a parallel one: a row's result is bit-identical in both."""
+    from jit_kernels._config import SERIAL_MAX
+    D, F, H, hd = 512, 768, 4, 64
+    T = SERIAL_MAX // D + 3                               # above the serial limit for every kernel below
+    x = RNG.standard_normal((T, D)) * 3
+    w = RNG.standard_normal(D).astype(np.float32)
+    big, one = np.zeros_like(x), np.zeros((1, D))
+    norms.rmsnorm(x, w, 1e-5, big)
+    norms.rmsnorm(x[7:8], w, 1e-5, one)
+    np.testing.assert_array_equal(big[7], one[0])
+    g, u = RNG.standard_normal((T, F)), RNG.standard_normal((T, F))
+    for kind in (activations.RELU2, activations.SILU):
+        big, one = np.zeros_like(g), np.zeros((1, F))
+        activations.gated_activation(g, u, kind, big)
+        activations.gated_activation(g[7:8], u[7:8], kind, one)
+        np.testing.assert_array_equal(big[7], one[0])
+    cos, sin = rope.rope_table(T, hd, 10000.0)
+    q = RNG.standard_normal((T, H, hd))
+    pos = np.arange(T, dtype=np.int32)
+    q1 = q[7:8].copy()
+    rope.rope_neox(q, pos, cos, sin)
+    rope.rope_neox(q1, pos[7:8], cos, sin)
+    np.testing.assert_array_equal(q[7], q1[0])
+    xq, s, sm = np.zeros((T, D), np.int8), np.zeros(T, np.float32), np.zeros(T, np.int32)
+    ternary.quantize_rows(x, xq, s, sm)
+    ternary.quantize_rows(x[7:8], xq[:1], s, sm)
+    np.testing.assert_array_equal(xq[0], xq[7])
+    for cache in (np.float32, np.uint16):
+        kv = RNG.standard_normal((T, 2, hd))
+        kc, vc = np.zeros((T, 2, 1, hd), cache), np.zeros((T, 2, 1, hd), cache)
+        tables = np.arange(T, dtype=np.int32).reshape(T, 1)
+        attention.kv_write(kv, kv, kc, vc, tables, np.arange(T, dtype=np.int32), np.zeros(T, np.int32))
+        kc1, vc1 = np.zeros_like(kc), np.zeros_like(vc)
+        attention.kv_write(kv[7:8], kv[7:8], kc1, vc1, tables, np.array([7], np.int32), np.array([0], np.int32))
+        np.testing.assert_array_equal(kc[7], kc1[7])
+
+
+def test_half_bits_round_like_numpy_and_widen_exactly():
+    x = np.concatenate([RNG.standard_normal(20000) * 10.0 ** RNG.integers(-9, 6, 20000),
+                        np.arange(-70000.0, 70000.0, 0.25),                     # ties at every magnitude
+                        [0.0, -0.0, 65504.0, 65519.0, 2.0 ** -24, 2.0 ** -25, 3 * 2.0 ** -25, 2.0 ** -14,
+                         2.0 ** -14 - 2.0 ** -25, 1e-30]])
+    bits = np.array([attention.half_bits(v) for v in x[:2000]] +
+                    [attention.half_bits(v) for v in x[2000:][::37]], np.uint16)
+    sel = np.concatenate([x[:2000], x[2000:][::37]])
+    with np.errstate(over="ignore"):
+        ref = sel.astype(np.float32).astype(np.float16)
+    fin = np.isfinite(ref)
+    np.testing.assert_array_equal(bits[fin], ref.view(np.uint16)[fin])
+    assert attention.half_bits(1e6) == 0x7BFF and attention.half_bits(-65520.0) == 0xFBFF     # saturate, no inf
+    assert attention.half_bits(-0.0) == 0x8000 and attention.half_bits(np.nan) == 0x7E00
+    every = np.arange(65536, dtype=np.uint16)
+    wide = np.zeros(65536)
+    attention._widen_half_row(every, wide)
+    halves = every.view(np.float16).astype(np.float64)
+    ok = np.isfinite(halves)
+    np.testing.assert_array_equal(wide[ok], halves[ok])
+    assert np.signbit(wide[0x8000])
 
 
 def test_attention_rejects_position_beyond_table():

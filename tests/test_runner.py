@@ -112,6 +112,10 @@ def test_resume_skips_finished_and_refuses_changed_parameters(tmp_path, small_mo
     changed = job(tmp_path, [src], out="resumed.jsonl", model=small_model_path, seed=5)
     with pytest.raises(ConfigError, match="overwrite"):
         run_job(changed, model=small_model, quiet=True)
+    f16 = job(tmp_path, [src], out="resumed.jsonl", model=small_model_path,          # float16 K/V: other outputs
+              engine=EngineConfig(max_batch=8, prefill_chunk=64, kv_dtype="f16"))
+    with pytest.raises(ConfigError, match="overwrite"):
+        run_job(f16, model=small_model, quiet=True)
     j2 = job(tmp_path, [src], out="resumed.jsonl", model=small_model_path, seed=5, overwrite=True)
     assert run_job(j2, model=small_model, quiet=True)["items"]["ok"] == 30
 

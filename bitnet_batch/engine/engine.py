@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..model.bitnet import RopeTable, StepBatch, forward
-from .kv_cache import KVCache, kv_bytes_per_token
+from .kv_cache import KVCache, check_kv_dtype, kv_bytes_per_token
 from .workspace import Workspace
 
 
@@ -28,6 +28,7 @@ class EngineConfig:
     kv_cache_mb: float = 0.0     # KV pool budget in MiB; 0 -> max_batch full sequences, capped by RAM
     block_size: int = 16         # tokens per KV block
     threads: int = 0             # Numba threads; 0 -> all cores
+    kv_dtype: str = "f32"        # KV cache storage: "f32" (the spec's numerics) or "f16" (half the memory)
 
     def __post_init__(self):
         for name in ("max_batch", "prefill_chunk", "block_size"):
@@ -36,6 +37,7 @@ class EngineConfig:
         for name in ("max_seq_len", "kv_cache_mb", "threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_kv_dtype(self.kv_dtype)
 
 
 def default_kv_budget_mb() -> float:
@@ -58,7 +60,7 @@ class Engine:
         if config.threads:
             numba.set_num_threads(min(config.threads, numba.config.NUMBA_NUM_THREADS))
         self.max_seq_len = min(config.max_seq_len or cfg.n_ctx, cfg.n_ctx)
-        per_token = kv_bytes_per_token(cfg.n_layer, cfg.kv_dim)
+        per_token = kv_bytes_per_token(cfg.n_layer, cfg.kv_dim, config.kv_dtype)
         if config.kv_cache_mb:
             n_tokens = int(config.kv_cache_mb * 2**20 // per_token)
         else:
@@ -70,7 +72,7 @@ class Engine:
         self.max_seq_len = min(self.max_seq_len, n_tokens - n_tokens % config.block_size)   # one sequence fits
         self.kv = KVCache(n_layer=cfg.n_layer, n_kv_heads=cfg.n_head_kv, head_dim=cfg.head_dim,
                           max_seqs=config.max_batch, max_seq_len=self.max_seq_len, n_tokens=n_tokens,
-                          block_size=config.block_size)
+                          block_size=config.block_size, dtype=config.kv_dtype)
         self.max_rows = max(config.prefill_chunk, config.max_batch)
         self.ws = Workspace(cfg, self.max_rows, logit_rows or config.max_batch, self.max_seq_len)
         self.rope = RopeTable(cfg, self.max_seq_len)

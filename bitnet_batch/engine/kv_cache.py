@@ -5,8 +5,12 @@ Memory is a pool of fixed-size blocks shared by all sequences; a sequence holds 
 is sized once (from a token budget) so admission control can be exact: a request is admitted only when
 the blocks it will need are available.
 
-    k, v          float32 [n_layer, n_blocks, n_kv_heads, block_size, head_dim]
+    k, v          float32 or uint16 [n_layer, n_blocks, n_kv_heads, block_size, head_dim]
     block_tables  int32   [max_seqs, max_blocks_per_seq]   (-1 = unassigned)
+
+``dtype`` "f32" (default) keeps K/V in float32, the BitNet spec's numerics; "f16" keeps IEEE float16 bits in
+uint16 (half the memory; what llama.cpp and bitnet.cpp use by default; rounding rules in
+``jit_kernels.attention``).
 """
 from __future__ import annotations
 
@@ -14,26 +18,33 @@ import numpy as np
 
 from ..errors import ConfigError, ContextOverflowError
 
-BYTES_PER_VALUE = 4
+KV_DTYPES = {"f32": np.float32, "f16": np.uint16}      # "f16": float16 bits
 
 
-def kv_bytes_per_token(n_layer: int, kv_dim: int) -> int:
-    return 2 * n_layer * kv_dim * BYTES_PER_VALUE
+def check_kv_dtype(kv_dtype) -> str:
+    if kv_dtype not in KV_DTYPES:
+        raise ConfigError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
+    return kv_dtype
+
+
+def kv_bytes_per_token(n_layer: int, kv_dim: int, kv_dtype: str = "f32") -> int:
+    return 2 * n_layer * kv_dim * np.dtype(KV_DTYPES[check_kv_dtype(kv_dtype)]).itemsize
 
 
 class KVCache:
     def __init__(self, *, n_layer: int, n_kv_heads: int, head_dim: int, max_seqs: int, max_seq_len: int,
-                 n_tokens: int, block_size: int = 16):
+                 n_tokens: int, block_size: int = 16, dtype: str = "f32"):
         if block_size <= 0 or max_seqs <= 0 or max_seq_len <= 0:
             raise ConfigError(f"KV cache sizes must be positive: block_size={block_size}, "
                               f"max_seqs={max_seqs}, max_seq_len={max_seq_len}")
         self.block_size = block_size
+        self.dtype = check_kv_dtype(dtype)
         self.max_seq_len = max_seq_len
         self.max_blocks_per_seq = -(-max_seq_len // block_size)
         self.n_blocks = max(-(-n_tokens // block_size), self.max_blocks_per_seq)
         shape = (n_layer, self.n_blocks, n_kv_heads, block_size, head_dim)
-        self.k = np.zeros(shape, np.float32)
-        self.v = np.zeros(shape, np.float32)
+        self.k = np.zeros(shape, KV_DTYPES[dtype])
+        self.v = np.zeros(shape, KV_DTYPES[dtype])
         self.block_tables = np.full((max_seqs, self.max_blocks_per_seq), -1, np.int32)
         self._free_blocks = list(range(self.n_blocks - 1, -1, -1))     # pop() hands out low ids first
         self._free_slots = list(range(max_seqs - 1, -1, -1))
@@ -85,5 +96,5 @@ class KVCache:
         self._free_slots.append(slot)
 
     def layer(self, i: int):
-        """(k, v) views of layer i: float32 [n_blocks, n_kv_heads, block_size, head_dim]."""
+        """(k, v) views of layer i: [n_blocks, n_kv_heads, block_size, head_dim] (float32 or float16 bits)."""
         return self.k[i], self.v[i]

@@ -1,6 +1,7 @@
 """``Model``: a loaded BitNet GGUF (config, weights in kernel layout, tokenizer) and ``load_model``."""
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import time
 from pathlib import Path
@@ -79,6 +80,14 @@ class Model:
                 f"{c.n_head_kv}, ffn {c.n_ff} {c.ffn_act}, vocab {c.n_vocab})")
 
 
+def release_free_heap() -> None:
+    """Give freed C heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def load_model(path_or_repo_id, *, filename: str | None = None, ffn_act: str | None = None,
                revision: str | None = None) -> Model:
     """Load a BitNet GGUF from a local path or a Hugging Face repo id (cached; honours HF_HUB_OFFLINE).
@@ -101,4 +110,5 @@ def load_model(path_or_repo_id, *, filename: str | None = None, ffn_act: str | N
     if md.get("tokenizer.ggml.model") is not None:
         tok = tokenizer_from_metadata(md, source=str(path))
         md.pop("tokenizer.ggml.merges", None)     # 280k strings for LLaMA-3: not kept twice
+        release_free_heap()                        # the tokenizer build's temporaries (~25 MB for LLaMA-3)
     return Model(path, gf, cfg, weights, tok, time.perf_counter() - t0)
