@@ -110,8 +110,8 @@ def main():
 @_sampling_options
 def run(inputs, output, pipeline_file, output_format, input_format, prompt_field, id_field, system, chat, max_batch,
         prefill_chunk, kv_cache_mb, kv_dtype, max_seq_len, truncate, unordered, overwrite, strict, quiet,
-        response_format, json_schema, regex, choice, n, dedupe, engine, ray_address, actors, threads_per_actor, model, model_file,
-        ffn_act, threads, **kw):
+        response_format, json_schema, regex, choice, n, dedupe, engine, ray_address, actors, threads_per_actor, model,
+        model_file, ffn_act, threads, **kw):
     """Generate a completion for every record of INPUTS (JSONL / Parquet / OpenAI batch lines), or run a
     pipeline file (`bitnet-batch run pipelines/NAME.toml`)."""
     from .engine.engine import EngineConfig

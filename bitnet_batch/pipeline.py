@@ -58,7 +58,7 @@ from typing import Any, Iterator, Mapping
 
 from .engine.engine import EngineConfig
 from .errors import ConfigError, InputError
-from .io.readers import BadRecord, Request
+from .io.readers import BadRecord, RecordSpec, Request, own_overrides, read_items
 from .model.hub import DEFAULT_REPO
 from .runner import JobConfig, check_n
 from .sampling.constraints import (ConstraintSpec, choice_constraint, json_schema_constraint,
@@ -157,47 +157,16 @@ class PromptTemplate:
     def requests(self, paths, *, fmt: str | None = None, id_field: str = "id") -> Iterator[Request | BadRecord]:
         """Every record of ``paths`` as a Request with its prompt rendered from this template (or a BadRecord);
         ids, duplicates, locations and per-item parameters exactly as ``io.readers.read_requests``."""
-        from .io import readers as R
+        return read_items(paths, self.record_spec(id_field), fmt=fmt)
 
-        files = [(Path(p), R._resolve_format(Path(p), fmt)) for p in paths]
-        for path, file_fmt in files:
-            R._check_readable(path, file_fmt)
-        return self._iter(files, id_field)
-
-    def _iter(self, files, id_field: str) -> Iterator[Request | BadRecord]:
-        from .io import readers as R
-
-        seen = R._Seen(files)
-        index = 0
-        for file_no, (path, fmt) in enumerate(files):
-            rows = R._parquet_rows(path) if fmt == "parquet" else R._jsonl_lines(path)
-            for pos, raw in rows:
-                yield self._one(raw, index, R._location(path, fmt, pos), id_field, seen, file_no, pos)
-                index += 1
-
-    def _one(self, raw, index: int, location: str, id_field: str, seen, file_no: int, pos: int):
-        from .io import readers as R
-
-        record_id = None
-        try:
-            record = R._decode_json_line(raw, first=(pos == 1)) if isinstance(raw, bytes) else raw
-            if not isinstance(record, dict):
-                raise InputError(f"record must be a JSON object, got {R._type_name(record)}")
-            record_id = R._read_id(record, id_field, index)
-            first_use = seen.claim(record_id, file_no, pos)
-            if first_use is not None:
-                dup, record_id = record_id, None
-                raise InputError(f"field {id_field!r}: duplicate value {dup!r} (first used at {first_use})",
-                                 field=id_field)
+    def record_spec(self, id_field: str = "id") -> RecordSpec:
+        """Records -> ``Request`` with this template's prompt (the shared checks are ``io.readers``')."""
+        def parse(record: dict, index: int, record_id, location: str) -> Request:
             prompt, messages = self.render(record)
-            overrides = R._own_overrides(record)
-        except InputError as e:
-            error = InputError(e.args[0], location=location, field=e.field)
-            if record_id is None:
-                record_id = seen.fallback(index, file_no, pos)
-            return BadRecord(index=index, id=record_id, location=location, error=error)
-        return Request(index=index, id=record_id, prompt=prompt, messages=messages, overrides=overrides,
-                       location=location, fields=record)
+            return Request(index=index, id=record_id, prompt=prompt, messages=messages,
+                           overrides=own_overrides(record), location=location, fields=record)
+
+        return RecordSpec(parse, id_field=id_field)
 
 
 def _parse_template(template: str, key: str) -> list[tuple[str, str]]:

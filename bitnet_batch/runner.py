@@ -158,6 +158,45 @@ class JobStats:
     incomplete: int = 0       # ... of which the grammar was not complete (max_tokens or a stop string)
     dropped: int = 0          # samples dropped by dedupe
 
+    def count(self, record: dict) -> None:
+        """Tally one written output record."""
+        if record["finish_reason"] == "error":
+            self.errors += 1
+            return
+        self.ok += 1
+        self.prompt_tokens += record["usage"]["prompt_tokens"]
+        self.completion_tokens += record["usage"]["completion_tokens"]
+        if "incomplete" in record:
+            self.constrained += 1
+            self.incomplete += bool(record["incomplete"])
+
+
+def job_summary(job: JobConfig, stats: JobStats, *, output, fmt: str, model: dict, threads: int, load_s: float,
+                compile_s: float, run_s: float, t_start: float, errors_in_output: int) -> dict:
+    """The ``<output>.meta.json`` summary of a generation job (the local runner's and the Ray driver's)."""
+    return {
+        "output": str(output), "format": fmt, "model": model,
+        "parameters": {"sampling": asdict(job.sampling), "seed": job.seed, "system": job.system, "chat": job.chat,
+                       "truncate": job.truncate, "engine": asdict(job.engine), "threads": threads,
+                       "constraint": None if job.constraint is None else job.constraint.describe(),
+                       "n": job.n, "dedupe": job.dedupe, "pipeline": job.pipeline},
+        "items": {"total": stats.items, "ok": stats.ok, "error": stats.errors, "skipped_resume": stats.skipped,
+                  "errors_in_output": errors_in_output},
+        "tokens": {"prompt": stats.prompt_tokens, "completion": stats.completion_tokens},
+        "time_s": {"load": round(load_s, 3), "compile": round(compile_s, 3), "run": round(run_s, 3),
+                   "total": round(time.perf_counter() - t_start, 3), "prefill": round(stats.prefill_s, 3),
+                   "decode": round(stats.decode_s, 3), "sampling": round(stats.sample_s, 3)},
+        "throughput": {   # prefill / decode: per engine-second; completion / items: of the whole job
+            "prefill_tok_s": round(stats.prompt_tokens / stats.prefill_s, 2) if stats.prefill_s else 0.0,
+            "decode_tok_s": round(stats.completion_tokens / stats.decode_s, 2) if stats.decode_s else 0.0,
+            "completion_tok_s": round(stats.completion_tokens / run_s, 2) if run_s else 0.0,
+            "items_per_s": round((stats.ok + stats.errors) / run_s, 3) if run_s else 0.0},
+        "steps": stats.steps,
+        "structured": {"records": stats.constrained, "incomplete": stats.incomplete},
+        "samples": {"n": job.n, "dedupe": job.dedupe, "dropped_duplicates": stats.dropped},
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
+
 
 class Runner:
     def __init__(self, job: JobConfig, model, *, progress=None, log=None):
@@ -423,15 +462,7 @@ class Runner:
     def _emit(self, record: dict) -> None:
         stats = self.stats
         self.sink.write(record)
-        if record["finish_reason"] == "error":
-            stats.errors += 1
-        else:
-            stats.ok += 1
-            stats.prompt_tokens += record["usage"]["prompt_tokens"]
-            stats.completion_tokens += record["usage"]["completion_tokens"]
-            if "incomplete" in record:
-                stats.constrained += 1
-                stats.incomplete += bool(record["incomplete"])
+        stats.count(record)
         if self.progress is not None:
             self.progress.update(1)
             self.progress.set_postfix(tok_s=f"{stats.completion_tokens / max(1e-9, self._elapsed()):.1f}",
@@ -528,29 +559,10 @@ def run_job(job: JobConfig, *, model=None, quiet: bool = False, out=sys.stderr) 
         final = sink.finalize()
     finally:
         sink.close()
-    summary = {
-        "output": str(final), "format": sink.fmt,
-        "model": {"path": str(model.path), "sha256": sha, "arch": model.config.arch, "name": model.config.name},
-        "parameters": {"sampling": asdict(job.sampling), "seed": job.seed, "system": job.system, "chat": job.chat,
-                       "truncate": job.truncate, "engine": asdict(job.engine), "threads": _threads(),
-                       "constraint": None if job.constraint is None else job.constraint.describe(),
-                       "n": job.n, "dedupe": job.dedupe, "pipeline": job.pipeline},
-        "items": {"total": stats.items, "ok": stats.ok, "error": stats.errors, "skipped_resume": stats.skipped,
-                  "errors_in_output": count_errors(final, sink.fmt)},
-        "tokens": {"prompt": stats.prompt_tokens, "completion": stats.completion_tokens},
-        "time_s": {"load": round(model.load_s, 3), "compile": round(compile_s, 3), "run": round(run_s, 3),
-                   "total": round(time.perf_counter() - t_start, 3), "prefill": round(stats.prefill_s, 3),
-                   "decode": round(stats.decode_s, 3), "sampling": round(stats.sample_s, 3)},
-        "throughput": {
-            "prefill_tok_s": round(stats.prompt_tokens / stats.prefill_s, 2) if stats.prefill_s else 0.0,
-            "decode_tok_s": round(stats.completion_tokens / stats.decode_s, 2) if stats.decode_s else 0.0,
-            "completion_tok_s": round(stats.completion_tokens / run_s, 2) if run_s else 0.0,
-            "items_per_s": round((stats.ok + stats.errors) / run_s, 3) if run_s else 0.0},
-        "steps": stats.steps,
-        "structured": {"records": stats.constrained, "incomplete": stats.incomplete},
-        "samples": {"n": job.n, "dedupe": job.dedupe, "dropped_duplicates": stats.dropped},
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-    }
+    summary = job_summary(
+        job, stats, output=final, fmt=sink.fmt, threads=_threads(), load_s=model.load_s, compile_s=compile_s,
+        run_s=run_s, t_start=t_start, errors_in_output=count_errors(final, sink.fmt),
+        model={"path": str(model.path), "sha256": sha, "arch": model.config.arch, "name": model.config.name})
     meta = meta_path(final)
     meta.write_text(json.dumps(summary, indent=2) + "\n")
     log(f"done: {stats.ok} ok, {stats.errors} errors, {stats.skipped} already done | "

@@ -91,42 +91,12 @@ def read_score_items(paths, *, fields: ScoreFields = ScoreFields(), fmt: str | N
                      ) -> Iterator[ScoreItem | BadRecord]:
     """Stream every record of ``paths`` as ScoreItem or BadRecord (``io.readers`` conventions: all files
     are checked before anything is yielded; ids unique across files; stand-in ids for unusable records)."""
-    files = [(path, readers._resolve_format(path, fmt)) for path in readers._as_path_list(paths)]
-    for path, file_fmt in files:
-        readers._check_readable(path, file_fmt)
-    return _iter_items(files, fields)
-
-
-def _iter_items(files, fields: ScoreFields) -> Iterator[ScoreItem | BadRecord]:
-    seen = readers._Seen(files)
-    index = 0
-    for file_no, (path, fmt) in enumerate(files):
-        rows = readers._parquet_rows(path) if fmt == "parquet" else readers._jsonl_lines(path)
-        for pos, raw in rows:
-            yield _parse_item(raw, index, readers._location(path, fmt, pos), fields, seen, file_no, pos)
-            index += 1
-
-
-def _parse_item(raw, index: int, location: str, fields: ScoreFields, seen, file_no: int,
-                pos: int) -> ScoreItem | BadRecord:
-    record_id = None
-    try:
-        record = readers._decode_json_line(raw, first=(pos == 1)) if isinstance(raw, bytes) else raw
-        if not isinstance(record, dict):
-            raise InputError(f"record must be a JSON object, got {readers._type_name(record)}")
-        record_id = readers._read_id(record, fields.id, index)
-        first_use = seen.claim(record_id, file_no, pos)
-        if first_use is not None:
-            dup, record_id = record_id, None
-            raise InputError(f"field {fields.id!r}: duplicate value {dup!r} (first used at {first_use})",
-                             field=fields.id)
+    def parse(record: dict, index: int, record_id, location: str) -> ScoreItem:
         text, prompt, completion = _read_texts(record, fields)
-    except InputError as e:
-        error = InputError(e.args[0], location=location, field=e.field)
-        if record_id is None:
-            record_id = seen.fallback(index, file_no, pos)
-        return BadRecord(index=index, id=record_id, location=location, error=error)
-    return ScoreItem(index=index, id=record_id, text=text, prompt=prompt, completion=completion, location=location)
+        return ScoreItem(index=index, id=record_id, text=text, prompt=prompt, completion=completion,
+                         location=location)
+
+    return readers.read_items(paths, readers.RecordSpec(parse, id_field=fields.id), fmt=fmt)
 
 
 def _read_texts(record: dict, fields: ScoreFields) -> tuple[str | None, str | None, str | None]:
@@ -144,16 +114,16 @@ def _read_texts(record: dict, fields: ScoreFields) -> tuple[str | None, str | No
         return _nonempty_str(record, fields.text), None, None
     prompt = record.get(fields.prompt, "")
     if not isinstance(prompt, str):
-        raise InputError(f"field {fields.prompt!r} must be a string, got {readers._type_name(prompt)} "
-                         f"({readers._short(prompt)})", field=fields.prompt)
+        raise InputError(f"field {fields.prompt!r} must be a string, got {readers.type_name(prompt)} "
+                         f"({readers.short(prompt)})", field=fields.prompt)
     return None, prompt, _nonempty_str(record, fields.completion)
 
 
 def _nonempty_str(record: dict, key: str) -> str:
     value = record[key]
     if not isinstance(value, str):
-        raise InputError(f"field {key!r} must be a string, got {readers._type_name(value)} "
-                         f"({readers._short(value)})", field=key)
+        raise InputError(f"field {key!r} must be a string, got {readers.type_name(value)} "
+                         f"({readers.short(value)})", field=key)
     if not value:
         raise InputError(f"field {key!r} is empty: there is nothing to score", field=key)
     return value

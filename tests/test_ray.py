@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from bitnet_batch.cli import main
 from bitnet_batch.distributed import RayConfig, run_ray_job
 from bitnet_batch.distributed.config import import_ray
-from bitnet_batch.distributed.inputs import Shard, expand_inputs, parse_shards, record_parser
+from bitnet_batch.distributed.inputs import Shard, expand_inputs, parse_shards, record_spec
 from bitnet_batch.distributed.outputs import is_directory_output
 from bitnet_batch.distributed.pool import Task
 from bitnet_batch.distributed.worker import EngineWorker, raise_portable
@@ -111,7 +111,7 @@ def _as_tuples(items):
 
 def _parse_locally(shards, job_):
     """What the driver parses, with the shards' bytes read from disk instead of by Ray Data."""
-    return list(parse_shards(((s, Path(s.uri).read_bytes()) for s in shards), shards, record_parser(job_)))
+    return list(parse_shards(((s, Path(s.uri).read_bytes()) for s in shards), shards, record_spec(job_)))
 
 
 def test_shards_parse_exactly_like_the_local_reader(tmp_path):
@@ -147,7 +147,7 @@ def test_shards_parse_exactly_like_the_local_reader(tmp_path):
     with pytest.raises(ConfigError, match="holds no"):
         expand_inputs([tmp_path / "empty"])
     uri = Shard("s3://bucket/x.jsonl", "s3://bucket/x.jsonl", "jsonl")
-    bad = list(parse_shards(iter([(uri, b'{"id": 1}\n')]), [uri], record_parser(j)))
+    bad = list(parse_shards(iter([(uri, b'{"id": 1}\n')]), [uri], record_spec(j)))
     assert bad[0].location == "s3://bucket/x.jsonl:1"                   # URIs are not folded by Path()
 
 
@@ -340,7 +340,7 @@ def test_ray_data_reads_many_shards_in_order(tmp_path, ray_session):
             write_jsonl(d / f"part-{k * 5}.jsonl", rows + ['{"id": "s%d-0"}' % k])    # a duplicate id
     j = job([d], tmp_path / "o.jsonl", "m.gguf")
     shards = expand_inputs(j.inputs)
-    via_ray = list(parse_shards(read_shards(ray, shards), shards, record_parser(j)))
+    via_ray = list(parse_shards(read_shards(ray, shards), shards, record_spec(j)))
     assert _as_tuples(via_ray) == _as_tuples(_parse_locally(shards, j))
     assert len(via_ray) == sum(3 + 5 * k for k in range(6)) + 3
     (d / "part-0.jsonl").unlink()                    # vanished between listing and reading

@@ -12,14 +12,14 @@ import logging
 import os
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import BitnetBatchError, ConfigError
 from ..io.readers import BadRecord, count_records
-from ..runner import JobStats, Runner, meta_path, peak_rss_mb
+from ..runner import JobStats, Runner, job_summary, meta_path
 from .config import RayConfig, import_ray
-from .inputs import expand_inputs, parse_shards, read_shards, record_parser
+from .inputs import expand_inputs, parse_shards, read_shards, record_spec
 from .outputs import open_output
 from .pool import ActorPool, Task
 
@@ -110,15 +110,7 @@ class _Driver:
             return
         sink.write(record)
         stats = self.stats
-        if record["finish_reason"] == "error":
-            stats.errors += 1
-        else:
-            stats.ok += 1
-            stats.prompt_tokens += record["usage"]["prompt_tokens"]
-            stats.completion_tokens += record["usage"]["completion_tokens"]
-            if "incomplete" in record:
-                stats.constrained += 1
-                stats.incomplete += bool(record["incomplete"])
+        stats.count(record)
         if self.progress is not None:
             self.progress.update(1)
             elapsed = max(1e-9, time.perf_counter() - self._t0)
@@ -154,7 +146,7 @@ def run_ray_job(job, ray_config: RayConfig | None = None, *, quiet: bool = False
     if Path(job.model).exists():        # actors do not share the driver's working directory on other nodes
         job = replace(job, model=str(Path(job.model).resolve()))
     shards = expand_inputs(job.inputs, job.input_format)      # missing / unreadable inputs fail before Ray starts
-    parse = record_parser(job)
+    spec = record_spec(job)
     started_ray = _connect(ray, cfg, quiet)
     data_logger = logging.getLogger("ray.data")
     saved_level = data_logger.level
@@ -176,7 +168,7 @@ def run_ray_job(job, ray_config: RayConfig | None = None, *, quiet: bool = False
         driver = _Driver(job, output, pool, cfg.task_size(job.engine.max_batch), progress)
         t_run = time.perf_counter()
         try:
-            driver.run(parse_shards(read_shards(ray, shards, pin_local=not _is_client(cfg)), shards, parse))
+            driver.run(parse_shards(read_shards(ray, shards, pin_local=not _is_client(cfg)), shards, spec))
         finally:
             if progress is not None:
                 progress.close()
@@ -240,36 +232,17 @@ def _progress(job, shards, quiet: bool, out):
 
 def _summary(job, cfg, info, driver, pool, output, final, n_actors, threads, run_s, t_start) -> dict:
     """The local runner's summary keys, plus ``engine`` and ``ray``."""
-    stats = driver.stats
-    summary = {
-        "output": str(final), "format": output.fmt, "engine": "ray",
-        "model": {"path": info["path"], "sha256": info["sha256"], "arch": info["arch"], "name": info["name"]},
-        "parameters": {"sampling": asdict(job.sampling), "seed": job.seed, "system": job.system, "chat": job.chat,
-                       "truncate": job.truncate, "engine": asdict(job.engine), "threads": threads,
-                       "constraint": None if job.constraint is None else job.constraint.describe(),
-                       "n": job.n, "dedupe": job.dedupe, "pipeline": job.pipeline},
-        "items": {"total": stats.items, "ok": stats.ok, "error": stats.errors, "skipped_resume": stats.skipped,
-                  "errors_in_output": output.count_errors(final)},
-        "tokens": {"prompt": stats.prompt_tokens, "completion": stats.completion_tokens},
-        "time_s": {"load": round(info["load_s"], 3), "compile": round(info["compile_s"], 3), "run": round(run_s, 3),
-                   "total": round(time.perf_counter() - t_start, 3), "prefill": round(stats.prefill_s, 3),
-                   "decode": round(stats.decode_s, 3), "sampling": round(stats.sample_s, 3)},
-        "throughput": {   # prefill / decode: per actor-second; completion / items: of the whole job
-            "prefill_tok_s": round(stats.prompt_tokens / stats.prefill_s, 2) if stats.prefill_s else 0.0,
-            "decode_tok_s": round(stats.completion_tokens / stats.decode_s, 2) if stats.decode_s else 0.0,
-            "completion_tok_s": round(stats.completion_tokens / run_s, 2) if run_s else 0.0,
-            "items_per_s": round((stats.ok + stats.errors) / run_s, 3) if run_s else 0.0},
-        "steps": stats.steps,
-        "structured": {"records": stats.constrained, "incomplete": stats.incomplete},
-        "samples": {"n": job.n, "dedupe": job.dedupe, "dropped_duplicates": stats.dropped},
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "ray": {"address": cfg.address, "actors": n_actors, "threads_per_actor": threads,
-                "task_size": driver.task_size, "restarts": pool.stats.restarts,
-                "retried_tasks": pool.stats.retried_tasks, "failed_items": pool.stats.failed_items,
-                "duplicate_records": driver.duplicates,
-                "actor_starts": [{k: a.get(k) for k in ("slot", "generation", "host", "pid", "load_s", "compile_s",
-                                                        "threads")} for a in pool.stats.actors],
-                "actor_work": [{"pid": pid, **w, "threads": sorted(w["threads"])}
-                               for pid, w in sorted(driver.by_actor.items())]},
-    }
+    summary = job_summary(
+        job, driver.stats, output=final, fmt=output.fmt, threads=threads, load_s=info["load_s"],
+        compile_s=info["compile_s"], run_s=run_s, t_start=t_start, errors_in_output=output.count_errors(final),
+        model={"path": info["path"], "sha256": info["sha256"], "arch": info["arch"], "name": info["name"]})
+    summary["engine"] = "ray"
+    summary["ray"] = {
+        "address": cfg.address, "actors": n_actors, "threads_per_actor": threads, "task_size": driver.task_size,
+        "restarts": pool.stats.restarts, "retried_tasks": pool.stats.retried_tasks,
+        "failed_items": pool.stats.failed_items, "duplicate_records": driver.duplicates,
+        "actor_starts": [{k: a.get(k) for k in ("slot", "generation", "host", "pid", "load_s", "compile_s",
+                                                "threads")} for a in pool.stats.actors],
+        "actor_work": [{"pid": pid, **w, "threads": sorted(w["threads"])}
+                       for pid, w in sorted(driver.by_actor.items())]}
     return summary

@@ -14,7 +14,7 @@ import inspect
 import io
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterator
+from typing import Iterator
 
 from ..errors import ConfigError
 from ..io import readers as R
@@ -49,9 +49,9 @@ def expand_inputs(inputs, fmt: str | None = None) -> list[Shard]:
 def _expand_local(path: Path, fmt: str | None) -> list[Shard]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and _is_data_file(p.relative_to(path), fmt))
-        return [Shard(str(p.resolve()), str(p), R._resolve_format(p, fmt)) for p in files]
-    file_fmt = R._resolve_format(path, fmt)
-    R._check_readable(path, file_fmt)       # same errors as the local reader: not found, unreadable, bad footer
+        return [Shard(str(p.resolve()), str(p), R.resolve_format(p, fmt)) for p in files]
+    file_fmt = R.resolve_format(path, fmt)
+    R.check_readable(path, file_fmt)       # same errors as the local reader: not found, unreadable, bad footer
     return [Shard(str(path.resolve()), str(path), file_fmt)]
 
 
@@ -66,11 +66,11 @@ def _expand_uri(uri: str, fmt: str | None) -> list[Shard]:
     if info.type == pafs.FileType.NotFound:
         raise ConfigError(f"{uri}: input file not found")
     if info.type != pafs.FileType.Directory:
-        return [Shard(uri, uri, R._resolve_format(PurePosixPath(root), fmt))]
+        return [Shard(uri, uri, R.resolve_format(PurePosixPath(root), fmt))]
     base = uri.rstrip("/")
     entries = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     rels = sorted(PurePosixPath(e.path).relative_to(root) for e in entries if e.type == pafs.FileType.File)
-    return [Shard(f"{base}/{rel}", f"{base}/{rel}", R._resolve_format(rel, fmt))
+    return [Shard(f"{base}/{rel}", f"{base}/{rel}", R.resolve_format(rel, fmt))
             for rel in rels if _is_data_file(rel, fmt)]
 
 
@@ -78,7 +78,7 @@ def _is_data_file(rel, fmt: str | None) -> bool:
     """Hidden and ``_``-prefixed names (``_SUCCESS``, ``.crc``) are not data, as in Spark / Arrow datasets."""
     if any(part.startswith((".", "_")) for part in rel.parts):
         return False
-    return fmt is not None or rel.suffix.lower() in R._FORMAT_BY_SUFFIX
+    return fmt is not None or rel.suffix.lower() in R.FORMAT_BY_SUFFIX
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -137,7 +137,7 @@ def _parquet_rows(shard: Shard, data: bytes) -> Iterator[tuple[int, dict]]:
         for group in range(pf.num_row_groups):
             for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, row_groups=[group], use_threads=False):
                 for record in batch.to_pylist():
-                    yield row, R._drop_nulls(record)
+                    yield row, R.drop_nulls(record)
                     row += 1
     except (OSError, ValueError) as e:     # ArrowInvalid derives from ValueError
         what = "not a readable Parquet file" if row == 0 else f"corrupt Parquet data near row {row}"
@@ -146,32 +146,28 @@ def _parquet_rows(shard: Shard, data: bytes) -> Iterator[tuple[int, dict]]:
 
 # ------------------------------------------------------------------------------------------- parsing
 
-Parser = Callable[..., object]      # (raw, index, location, seen, file_no, pos) -> Request | BadRecord
-
-
-def record_parser(job) -> Parser:
-    """The local reader's per-record parser for this job (the pipeline template's when it has one)."""
+def record_spec(job) -> R.RecordSpec:
+    """The local reader's record spec for this job (the pipeline template's when it has one)."""
     if job.template is None:
-        names = R._FieldNames(prompt=job.prompt_field, id=job.id_field, messages="messages")
-        return lambda raw, index, loc, seen, file_no, pos: R._parse_one(raw, index, loc, names, seen, file_no, pos)
-    one = getattr(job.template, "_one", None)
-    if one is None:
+        return R.request_spec(prompt_field=job.prompt_field, id_field=job.id_field)
+    spec = getattr(job.template, "record_spec", None)
+    if spec is None:
         raise ConfigError(f"{type(job.template).__name__}: this prompt template cannot parse single records, "
                           f"so its pipeline cannot run with --engine ray")
-    return lambda raw, index, loc, seen, file_no, pos: one(raw, index, loc, job.id_field, seen, file_no, pos)
+    return spec(job.id_field)
 
 
-def parse_shards(shard_bytes: Iterator[tuple[Shard, bytes]], shards: list[Shard], parse: Parser):
+def parse_shards(shard_bytes: Iterator[tuple[Shard, bytes]], shards: list[Shard], spec: R.RecordSpec):
     """Every record of every shard as Request / BadRecord, with job-wide indices and duplicate-id checks."""
     # names stay strings: Path() would fold "s3://b/k" into "s3:/b/k"
-    seen = R._Seen([(s.name, s.fmt) for s in shards])     # names a duplicate's first use as file:line
+    ids = R.IdRegistry([(s.name, s.fmt) for s in shards])     # names a duplicate's first use as file:line
     index = 0
     for file_no, (shard, data) in enumerate(shard_bytes):
         for pos, raw in shard_rows(shard, data):
-            yield parse(raw, index, R._location(shard.name, shard.fmt, pos), seen, file_no, pos)
+            yield R.parse_record(raw, index, R.location(shard.name, shard.fmt, pos), spec, ids, file_no, pos)
             index += 1
 
 
 def ray_requests(ray, job, shards: list[Shard]):
     """The job's items, read by Ray Data: what ``read_requests`` yields for the same files."""
-    return parse_shards(read_shards(ray, shards), shards, record_parser(job))
+    return parse_shards(read_shards(ray, shards), shards, record_spec(job))

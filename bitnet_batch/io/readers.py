@@ -21,7 +21,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from bitnet_batch.errors import ConfigError, InputError
 
@@ -34,7 +34,7 @@ OVERRIDE_KEYS = (
 _OPENAI_SAME_KEYS = tuple(k for k in OVERRIDE_KEYS if k not in ("max_tokens", "logprobs"))
 _OPENAI_URLS = {"/v1/chat/completions": "messages", "/v1/completions": "prompt"}
 
-_FORMAT_BY_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+FORMAT_BY_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 FORMATS = ("jsonl", "parquet")
 _PARQUET_BATCH_ROWS = 1024  # rows converted to Python dicts at a time, inside one row group
 _ROW_BITS = 40              # packing of (file ordinal, line/row) into one int for duplicate-id bookkeeping
@@ -77,6 +77,20 @@ class BadRecord:
 
 # ---------------------------------------------------------------------------------------------- public API
 
+Item = TypeVar("Item")
+# parse(record, index, id, location) -> the caller's item; raises InputError (with .field) for a bad record
+RecordParser = Callable[[dict, int, "str | int", str], Item]
+
+
+@dataclass(frozen=True)
+class RecordSpec:
+    """How a job turns one input record (a JSON object) into its item: ``parse`` after the shared checks, the
+    id field, and whether OpenAI batch lines take their id from ``custom_id``."""
+    parse: RecordParser
+    id_field: str = "id"
+    openai_ids: bool = False
+
+
 def read_requests(paths: str | Path | list, *, prompt_field: str = "prompt", id_field: str = "id",
                   messages_field: str = "messages", fmt: str | None = None) -> Iterator[Request | BadRecord]:
     """Stream every record of ``paths`` (one file or a list, read in order) as Request or BadRecord.
@@ -84,11 +98,71 @@ def read_requests(paths: str | Path | list, *, prompt_field: str = "prompt", id_
     All files are checked (exist, readable, known format, Parquet footer readable) before anything is
     yielded, so a typo in the third file fails at once, not after hours of work on the first two.
     """
-    files = [(path, _resolve_format(path, fmt)) for path in _as_path_list(paths)]
-    for path, file_fmt in files:
-        _check_readable(path, file_fmt)
+    return read_items(paths, request_spec(prompt_field=prompt_field, id_field=id_field,
+                                          messages_field=messages_field), fmt=fmt)
+
+
+def request_spec(*, prompt_field: str = "prompt", id_field: str = "id", messages_field: str = "messages"
+                 ) -> RecordSpec:
+    """Records -> ``Request``: our own shape (prompt or messages, sampling overrides) or OpenAI batch lines."""
     names = _FieldNames(prompt=prompt_field, id=id_field, messages=messages_field)
-    return _iter_requests(files, names)
+
+    def parse(record: dict, index: int, record_id, location: str) -> Request:
+        if _is_openai(record):
+            prompt, messages, overrides = _parse_openai(record)
+        else:
+            prompt, messages = _read_prompt(record, names)
+            overrides = own_overrides(record)
+        return Request(index=index, id=record_id, prompt=prompt, messages=messages, overrides=overrides,
+                       location=location, fields=record)
+
+    return RecordSpec(parse, id_field=id_field, openai_ids=True)
+
+
+def read_items(paths: str | Path | list, spec: RecordSpec, *, fmt: str | None = None) -> Iterator[Item | BadRecord]:
+    """The reading every job shares: stream the records of ``paths`` (checked up front, as in
+    ``read_requests``) through ``parse_record`` with one ``IdRegistry`` for all files."""
+    files = [(path, resolve_format(path, fmt)) for path in _as_path_list(paths)]
+    for path, file_fmt in files:
+        check_readable(path, file_fmt)
+    return _iter_items(files, spec)
+
+
+def parse_record(raw, index: int, where: str, spec: RecordSpec, ids: IdRegistry, file_no: int,
+                 pos: int):
+    """One raw record (JSONL line bytes, or a Parquet row dict with nulls dropped) at ``where`` ("file:line")
+    -> ``spec.parse``'s item or a ``BadRecord``.
+
+    Shared checks: JSON decoding, "must be an object", the id (``spec.id_field``; with ``spec.openai_ids`` an
+    OpenAI batch line's ``custom_id``; absent -> ``row-{index}``), unique across the job (``ids``), and every
+    ``InputError`` (from here or from ``spec.parse``) turned into a ``BadRecord`` with its location and a stable
+    stand-in id when the record's own id is unusable."""
+    record_id = None
+    try:
+        record = _decode_json_line(raw, first=(pos == 1)) if isinstance(raw, bytes) else raw
+        if not isinstance(record, dict):
+            hint = "; a .json input must hold one JSON object per line" if isinstance(record, list) else ""
+            raise InputError(f"record must be a JSON object, got {type_name(record)}{hint}")
+        id_key = "custom_id" if spec.openai_ids and _is_openai(record) else spec.id_field
+        record_id = _read_id(record, id_key, index)
+        first_use = ids.claim(record_id, file_no, pos)
+        if first_use is not None:
+            dup, record_id = record_id, None
+            raise InputError(f"field {id_key!r}: duplicate value {dup!r} (first used at {first_use})", field=id_key)
+        return spec.parse(record, index, record_id, where)
+    except InputError as e:
+        error = InputError(e.args[0], location=where, field=e.field)
+        if record_id is None:
+            record_id = ids.fallback(index, file_no, pos)
+        return BadRecord(index=index, id=record_id, location=where, error=error)
+
+
+def own_overrides(record: dict) -> dict:
+    """The per-item sampling parameters of one of our own records (raw; None values dropped)."""
+    overrides = {k: record[k] for k in OVERRIDE_KEYS if record.get(k) is not None}
+    if isinstance(overrides.get("stop"), str):
+        overrides["stop"] = [overrides["stop"]]
+    return overrides
 
 
 def count_records(paths: str | Path | list, fmt: str | None = None) -> int | None:
@@ -99,8 +173,8 @@ def count_records(paths: str | Path | list, fmt: str | None = None) -> int | Non
     """
     total = 0
     for path in _as_path_list(paths):
-        file_fmt = _resolve_format(path, fmt)
-        _check_readable(path, file_fmt)
+        file_fmt = resolve_format(path, fmt)
+        check_readable(path, file_fmt)
         if not path.is_file():
             return None
         if file_fmt == "parquet":
@@ -129,19 +203,21 @@ def _as_path_list(paths) -> list[Path]:
     return out
 
 
-def _resolve_format(path: Path, fmt: str | None) -> str:
+def resolve_format(path: Path, fmt: str | None, *, formats: tuple = FORMATS, what: str = "input") -> str:
+    """``fmt`` when given (checked against ``formats``), else the format ``path``'s extension names (inputs and
+    outputs share the extension table; ``what`` names the side in errors)."""
     if fmt is not None:
-        if fmt not in FORMATS:
-            raise ConfigError(f"input format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        if fmt not in formats:
+            raise ConfigError(f"{what} format must be one of {', '.join(formats)}, got {fmt!r}")
         return fmt
-    found = _FORMAT_BY_SUFFIX.get(path.suffix.lower())
+    found = FORMAT_BY_SUFFIX.get(path.suffix.lower())
     if found is None:
-        raise ConfigError(f"{path}: unknown input extension {path.suffix!r}; use one of "
-                          f"{', '.join(sorted(_FORMAT_BY_SUFFIX))} or give the format explicitly")
+        raise ConfigError(f"{path}: unknown {what} extension {path.suffix!r}; use one of "
+                          f"{', '.join(sorted(FORMAT_BY_SUFFIX))} or give the format ({', '.join(formats)})")
     return found
 
 
-def _check_readable(path: Path, fmt: str) -> None:
+def check_readable(path: Path, fmt: str) -> None:
     if not path.exists():
         raise ConfigError(f"{path}: input file not found")
     if path.is_dir():
@@ -180,13 +256,13 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:
         for group in range(pf.num_row_groups):
             for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, row_groups=[group], use_threads=False):
                 for record in batch.to_pylist():
-                    yield row, _drop_nulls(record)
+                    yield row, drop_nulls(record)
                     row += 1
     except (OSError, ValueError) as e:  # ArrowInvalid derives from ValueError; IO errors from OSError
         raise ConfigError(f"{path}: corrupt Parquet data near row {row} ({e})") from e
 
 
-def _drop_nulls(record: dict) -> dict:
+def drop_nulls(record: dict) -> dict:
     """Parquet null cell -> absent key, also inside list-of-struct cells such as chat messages, where Arrow
     fills keys that only some messages have (e.g. ``name``) with nulls."""
     out = {k: v for k, v in record.items() if v is not None}
@@ -198,7 +274,7 @@ def _drop_nulls(record: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------ record parsing
 
-class _Seen:
+class IdRegistry:
     """Ids seen so far (as str, so 1 and "1" collide: ids are strings in Parquet / OpenAI output) -> packed
     (file ordinal, line) of their first use, to name it in the duplicate message."""
 
@@ -222,51 +298,25 @@ class _Seen:
         if packed == (file_no << _ROW_BITS) | pos:
             return None
         path, fmt = self._files[packed >> _ROW_BITS]
-        return _location(path, fmt, packed & ((1 << _ROW_BITS) - 1))
+        return location(path, fmt, packed & ((1 << _ROW_BITS) - 1))
 
 
-def _location(path: Path, fmt: str, pos: int) -> str:
+def location(path: Path, fmt: str, pos: int) -> str:
     return f"{path}:row {pos}" if fmt == "parquet" else f"{path}:{pos}"
 
 
-def _iter_requests(files: list[tuple[Path, str]], names: _FieldNames) -> Iterator[Request | BadRecord]:
-    seen = _Seen(files)
+def _iter_items(files: list[tuple[Path, str]], spec: RecordSpec) -> Iterator:
+    ids = IdRegistry(files)
     index = 0
     for file_no, (path, fmt) in enumerate(files):
         rows = _parquet_rows(path) if fmt == "parquet" else _jsonl_lines(path)
         for pos, raw in rows:
-            location = _location(path, fmt, pos)
-            yield _parse_one(raw, index, location, names, seen, file_no, pos)
+            yield parse_record(raw, index, location(path, fmt, pos), spec, ids, file_no, pos)
             index += 1
 
 
-def _parse_one(raw, index: int, location: str, names: _FieldNames, seen: _Seen, file_no: int,
-               pos: int) -> Request | BadRecord:
-    record_id = None
-    try:
-        record = _decode_json_line(raw, first=(pos == 1)) if isinstance(raw, bytes) else raw
-        if not isinstance(record, dict):
-            hint = "; a .json input must hold one JSON object per line" if isinstance(record, list) else ""
-            raise InputError(f"record must be a JSON object, got {_type_name(record)}{hint}")
-        is_openai = "custom_id" in record and "body" in record
-        id_key = "custom_id" if is_openai else names.id
-        record_id = _read_id(record, id_key, index)
-        first_use = seen.claim(record_id, file_no, pos)
-        if first_use is not None:
-            dup, record_id = record_id, None
-            raise InputError(f"field {id_key!r}: duplicate value {dup!r} (first used at {first_use})", field=id_key)
-        if is_openai:
-            prompt, messages, overrides = _parse_openai(record)
-        else:
-            prompt, messages = _read_prompt(record, names)
-            overrides = _own_overrides(record)
-    except InputError as e:
-        error = InputError(e.args[0], location=location, field=e.field)
-        if record_id is None:
-            record_id = seen.fallback(index, file_no, pos)
-        return BadRecord(index=index, id=record_id, location=location, error=error)
-    return Request(index=index, id=record_id, prompt=prompt, messages=messages, overrides=overrides,
-                   location=location, fields=record)
+def _is_openai(record: dict) -> bool:
+    return "custom_id" in record and "body" in record
 
 
 def _decode_json_line(raw: bytes, *, first: bool) -> Any:
@@ -285,8 +335,8 @@ def _read_id(record: dict, key: str, index: int) -> str | int:
         return f"row-{index}"
     value = record[key]
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise InputError(f"field {key!r} must be a string or an integer, got {_type_name(value)} "
-                         f"({_short(value)})", field=key)
+        raise InputError(f"field {key!r} must be a string or an integer, got {type_name(value)} "
+                         f"({short(value)})", field=key)
     return value
 
 
@@ -302,7 +352,7 @@ def _read_prompt(record: dict, names: _FieldNames) -> tuple[str | None, list[dic
                          f"{names.messages!r}", field=names.prompt)
     prompt = record[names.prompt]
     if not isinstance(prompt, str):
-        raise InputError(f"field {names.prompt!r} must be a string, got {_type_name(prompt)} ({_short(prompt)})",
+        raise InputError(f"field {names.prompt!r} must be a string, got {type_name(prompt)} ({short(prompt)})",
                          field=names.prompt)
     return prompt, None
 
@@ -310,22 +360,15 @@ def _read_prompt(record: dict, names: _FieldNames) -> tuple[str | None, list[dic
 def _check_messages(messages, field: str) -> list[dict]:
     shape = "a non-empty list of {role: str, content: str} objects"
     if not isinstance(messages, list) or not messages:
-        raise InputError(f"field {field!r} must be {shape}, got {_short(messages)}", field=field)
+        raise InputError(f"field {field!r} must be {shape}, got {short(messages)}", field=field)
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise InputError(f"field {field!r} must be {shape}; item {i} is {_type_name(message)}", field=field)
+            raise InputError(f"field {field!r} must be {shape}; item {i} is {type_name(message)}", field=field)
         for key in ("role", "content"):
             if not isinstance(message.get(key), str):
                 raise InputError(f"field {field!r} must be {shape}; item {i}: {key!r} must be a string, got "
-                                 f"{_type_name(message.get(key))} ({_short(message.get(key))})", field=field)
+                                 f"{type_name(message.get(key))} ({short(message.get(key))})", field=field)
     return messages
-
-
-def _own_overrides(record: dict) -> dict:
-    overrides = {k: record[k] for k in OVERRIDE_KEYS if record.get(k) is not None}
-    if isinstance(overrides.get("stop"), str):
-        overrides["stop"] = [overrides["stop"]]
-    return overrides
 
 
 # ------------------------------------------------------------------------------------ OpenAI Batch API lines
@@ -333,16 +376,16 @@ def _own_overrides(record: dict) -> dict:
 def _parse_openai(record: dict) -> tuple[str | None, list[dict] | None, dict]:
     body = record["body"]
     if not isinstance(body, dict):
-        raise InputError(f"field 'body' must be a JSON object, got {_type_name(body)}", field="body")
+        raise InputError(f"field 'body' must be a JSON object, got {type_name(body)}", field="body")
     method = record.get("method", "POST")
     if method != "POST":
-        raise InputError(f"field 'method' must be 'POST', got {_short(method)}", field="method")
+        raise InputError(f"field 'method' must be 'POST', got {short(method)}", field="method")
     wanted = _openai_prompt_key(record.get("url"), body)
     if wanted == "messages":
         return None, _check_messages(body.get("messages"), "body.messages"), _openai_overrides(body)
     prompt = body.get("prompt")
     if not isinstance(prompt, str):
-        raise InputError(f"field 'body.prompt' must be a string, got {_type_name(prompt)} ({_short(prompt)})",
+        raise InputError(f"field 'body.prompt' must be a string, got {type_name(prompt)} ({short(prompt)})",
                          field="body.prompt")
     return prompt, None, _openai_overrides(body)
 
@@ -355,7 +398,7 @@ def _openai_prompt_key(url, body: dict) -> str:
             return "prompt"
         raise InputError("missing prompt: body has neither 'messages' nor 'prompt'", field="body.messages")
     if url not in _OPENAI_URLS:
-        raise InputError(f"field 'url' must be one of {', '.join(_OPENAI_URLS)}, got {_short(url)}", field="url")
+        raise InputError(f"field 'url' must be one of {', '.join(_OPENAI_URLS)}, got {short(url)}", field="url")
     return _OPENAI_URLS[url]
 
 
@@ -365,8 +408,8 @@ def _openai_overrides(body: dict) -> dict:
         overrides["stop"] = [overrides["stop"]]
     max_tokens, max_completion = body.get("max_tokens"), body.get("max_completion_tokens")
     if max_tokens is not None and max_completion is not None and max_tokens != max_completion:
-        raise InputError(f"body gives max_tokens={_short(max_tokens)} and max_completion_tokens="
-                         f"{_short(max_completion)}; give one", field="body.max_completion_tokens")
+        raise InputError(f"body gives max_tokens={short(max_tokens)} and max_completion_tokens="
+                         f"{short(max_completion)}; give one", field="body.max_completion_tokens")
     if max_completion is not None or max_tokens is not None:
         overrides["max_tokens"] = max_completion if max_completion is not None else max_tokens
     logprobs, top = body.get("logprobs"), body.get("top_logprobs")
@@ -381,10 +424,10 @@ def _openai_overrides(body: dict) -> dict:
 
 # -------------------------------------------------------------------------------------------------- helpers
 
-def _type_name(value) -> str:
+def type_name(value) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _short(value, limit: int = 60) -> str:
+def short(value, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -42,6 +42,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from bitnet_batch.errors import BitnetBatchError, ConfigError
+from bitnet_batch.io.readers import resolve_format
 
 try:
     import fcntl
@@ -49,7 +50,6 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks, single-wri
     fcntl = None
 
 FORMATS = ("jsonl", "parquet", "openai")
-_FORMAT_BY_SUFFIX = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 STATE_SUFFIX = ".state.json"
 JOURNAL_SUFFIX = ".partial.jsonl"
 STATE_VERSION = 1
@@ -70,7 +70,7 @@ class OutputSink:
     def __init__(self, path, *, fmt: str | None = None, fingerprint: dict, overwrite: bool = False,
                  ordered: bool = True, model_name: str = "bitnet"):
         self.path = Path(path)
-        self.fmt = _resolve_format(self.path, fmt)
+        self.fmt = resolve_format(self.path, fmt, formats=FORMATS, what="output")
         self.ordered = bool(ordered)
         self.model_name = model_name
         self.fingerprint = _plain_fingerprint(fingerprint)
@@ -570,18 +570,6 @@ def _openai_logprob(entry: dict, *, with_top: bool = True) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-
-def _resolve_format(path: Path, fmt: str | None) -> str:
-    if fmt is not None:
-        if fmt not in FORMATS:
-            raise ConfigError(f"output format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-        return fmt
-    found = _FORMAT_BY_SUFFIX.get(path.suffix.lower())
-    if found is None:
-        raise ConfigError(f"{path}: unknown output extension {path.suffix!r}; use one of "
-                          f"{', '.join(sorted(_FORMAT_BY_SUFFIX))} or give the format (jsonl, parquet, openai)")
-    return found
-
 
 def _plain_fingerprint(fingerprint) -> dict:
     """The fingerprint as it will read back from JSON (tuples -> lists), so comparisons are exact."""
