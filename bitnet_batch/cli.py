@@ -340,17 +340,20 @@ def inspect(model, model_file, as_json):
 @click.option("--kv-dtype", type=click.Choice(["f32", "f16"]), default="f32", show_default=True,
               help="KV cache storage: f32 = the BitNet spec's numerics; f16 = half the memory (llama.cpp's default).")
 @click.option("--threads", type=int, default=0, help="Numba threads (0 = all cores).")
+@click.option("--repeat", type=int, default=1, show_default=True,
+              help="Runs per batch size; the best (total tok/s) is reported, all are in the JSON.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with a 'results' list.")
-def bench(model, model_file, batch_sizes, prompt_tokens, gen_tokens, prefill_chunk, kv_dtype, threads, as_json):
+def bench(model, model_file, batch_sizes, prompt_tokens, gen_tokens, prefill_chunk, kv_dtype, threads, repeat,
+          as_json):
     """Measure prefill and batched decode throughput (random prompts, greedy decode)."""
     from .bench import run_bench
 
     try:
         sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
-        if not sizes or min(sizes) < 1 or prompt_tokens < 1 or gen_tokens < 1:
-            raise click.BadParameter("batch sizes, --prompt-tokens and --gen-tokens must be >= 1")
+        if not sizes or min(sizes) < 1 or prompt_tokens < 1 or gen_tokens < 1 or repeat < 1:
+            raise click.BadParameter("batch sizes, --prompt-tokens, --gen-tokens and --repeat must be >= 1")
         out = run_bench(model, sizes, prompt_tokens, gen_tokens, threads, model_file=model_file,
-                        prefill_chunk=prefill_chunk, kv_dtype=kv_dtype,
+                        prefill_chunk=prefill_chunk, kv_dtype=kv_dtype, repeat=repeat,
                         log=(lambda m: click.echo(m, err=True)) if as_json else click.echo)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None

@@ -72,10 +72,13 @@ def test_generate_inspect_and_chat(small_model_path):
 @pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
 def test_bench_json(small_model_path, kv_dtype):
     res = CliRunner().invoke(main, ["bench", "-m", str(small_model_path), "--batch-sizes", "1,2",
-                                    "--prompt-tokens", "8", "--gen-tokens", "4", "--kv-dtype", kv_dtype, "--json"])
+                                    "--prompt-tokens", "8", "--gen-tokens", "4", "--kv-dtype", kv_dtype, "--repeat",
+                                    "2", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert out["kv_dtype"] == kv_dtype
+    assert out["kv_dtype"] == kv_dtype and out["repeat"] == 2
+    for r in out["results"]:                 # the best of the 2 runs is reported
+        assert len(r["runs"]) == 2 and r["total_tok_s"] == max(x["total_tok_s"] for x in r["runs"])
     assert [r["batch"] for r in out["results"]] == [1, 2]
     for key in ("prefill_tok_s", "decode_tok_s", "ttft_s", "total_tok_s", "peak_rss_mb"):
         assert out["results"][0][key] > 0
