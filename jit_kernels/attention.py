@@ -7,7 +7,7 @@ Cache layout of one layer (owned and allocated by ``bitnet_batch.engine.kv_cache
 
 A float32 cache holds K/V rounded to float32 (the BitNet spec's numerics). A uint16 cache holds IEEE
 float16 bits (as llama.cpp / bitnet.cpp by default; half the memory): values are rounded to float32, then to
-float16 (round half to even), finite values beyond +-65504 saturate to +-65504 and NaN is stored as a NaN
+float16 (round half to even), values beyond +-65504 (infinities too) saturate to +-65504 and NaN is stored as a NaN
 pattern that reads back as a large finite value. Reads widen the bits exactly (shift into float64's layout,
 times 2^1008), so every stored value reads back exactly.
 
@@ -17,8 +17,6 @@ position ``row_pos[t]``. Its K/V are written first (``kv_write``), then every ro
 Scores, softmax (two passes over a per-thread score buffer) and the weighted sum are computed in float64
 from the cache; query head h reads KV head h // (H / KVH).
 """
-import math
-
 import numba
 import numpy as np
 from numba import njit, prange
@@ -26,7 +24,7 @@ from numba import njit, prange
 from numba import types
 from numba.extending import overload
 
-from ._config import JIT, JIT_EXACT, JIT_PARALLEL, SERIAL_MAX
+from ._config import JIT, JIT_PARALLEL, SERIAL_MAX
 
 _CACHE_DTYPES = (np.float32, np.uint16)
 _F16_TO_F64 = np.float64(2.0 ** 1008)
@@ -34,27 +32,26 @@ _F16_TO_F64 = np.float64(2.0 ** 1008)
 
 # ---- float16 storage -------------------------------------------------------------------------------------
 
-@njit(**JIT_EXACT)           # no fastmath: the sign of zero and the rounding steps must stay as written
-def half_bits(x):
-    """float -> IEEE float16 bits (uint16): rounded to float32 first, then to float16 half to even; finite
-    overflow saturates to +-65504, NaN -> 0x7e00."""
-    a32 = np.float32(x)
-    if a32 != a32:
-        return np.uint16(0x7E00)
-    sign = np.uint16(0x8000) if (a32 < 0 or (a32 == 0 and np.float32(1.0) / a32 < 0)) else np.uint16(0)
-    a = np.float64(abs(a32))
-    if a >= 65520.0:                          # rounds to inf in float16: saturate
-        return sign | np.uint16(0x7BFF)
-    if a < 2.0 ** -14:                        # subnormal (or zero): units of 2^-24; 1024 is the smallest normal
-        return sign | np.uint16(np.rint(a * 2.0 ** 24))
-    m, e = math.frexp(a)                      # a = m * 2^e, m in [0.5, 1)
-    mant = np.rint(m * 2048.0)                # 11 significant bits, half to even (exact: a has 24 bits)
-    if mant == 2048.0:
-        mant = 1024.0
-        e += 1
-    if e + 14 > 30:
-        return sign | np.uint16(0x7BFF)
-    return sign | np.uint16(((e + 14) << 10) | (np.int64(mant) - 1024))
+@njit(**JIT)
+def half_bits_row(src, dst, tmp):
+    """dst uint16 [n] <- IEEE float16 bits of src (float [n]): rounded to float32 first, then to float16 half to
+    even; overflow (and +-inf) saturates to +-65504, NaN -> 0x7e00. tmp: float32 [>= n] scratch. Integer
+    operations on the float32 bits, selects instead of branches (vectorised)."""
+    n = src.shape[0]
+    for d in range(n):
+        tmp[d] = np.float32(src[d])
+    bits = tmp[:n].view(np.uint32)
+    for d in range(n):
+        b = bits[d]
+        a = b & np.uint32(0x7FFFFFFF)
+        # normal range: rebias the exponent (127 -> 15) and round the 13 dropped bits half to even; a carry
+        # into the exponent is the right result
+        h = (a - np.uint32(0x38000000) + np.uint32(0xFFF) + ((a >> np.uint32(13)) & np.uint32(1))) >> np.uint32(13)
+        sub = np.uint32(np.rint(abs(tmp[d]) * np.float32(16777216.0)))     # below 2^-14: units of 2^-24, exact
+        h = sub if a < np.uint32(0x38800000) else h
+        h = np.uint32(0x7BFF) if a >= np.uint32(0x477FF000) else h          # >= 65520 would round to inf
+        h = np.uint32(0x7E00) if a > np.uint32(0x7F800000) else h           # NaN
+        dst[d] = np.uint16(((b >> np.uint32(16)) & np.uint32(0x8000)) | h)
 
 
 @njit(**JIT)
@@ -90,8 +87,7 @@ def _store_row(src, dst):
 def _store_row_impl(src, dst):
     if dst.dtype == types.uint16:
         def store_half(src, dst):
-            for d in range(src.shape[0]):
-                dst[d] = half_bits(src[d])
+            half_bits_row(src, dst, np.empty(src.shape[0], np.float32))
         return store_half
 
     def store(src, dst):
