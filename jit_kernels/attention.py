@@ -19,9 +19,7 @@ from the cache; query head h reads KV head h // (H / KVH).
 """
 import numba
 import numpy as np
-from numba import njit, prange
-
-from numba import types
+from numba import njit, prange, types
 from numba.extending import overload
 
 from ._config import JIT, JIT_PARALLEL, SERIAL_MAX

@@ -119,7 +119,7 @@ def lm_head(x, table, kind, scratch, out, kernel=None):
 
 # ---- AVX2 / FMA / F16C kernel ----------------------------------------------------------------------------
 
-_F32, _V8F32, _V8I16 = ir.FloatType(), ir.VectorType(ir.FloatType(), 8), ir.VectorType(I16, 8)
+_V8F32, _V8I16 = ir.VectorType(ir.FloatType(), 8), ir.VectorType(I16, 8)
 
 
 def _emit_lm_tile(e, context, sig, args, RV, C, prefetch, wkind):
