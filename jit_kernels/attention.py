@@ -15,7 +15,8 @@ A step holds T rows (tokens) from any number of sequences: row t belongs to sequ
 position ``row_pos[t]``. Its K/V are written first (``kv_write``), then every row attends to positions
 0..row_pos[t] of its own sequence, so prefill chunks and decode steps use the same code.
 Scores, softmax (two passes over a per-thread score buffer) and the weighted sum are computed in float64
-from the cache; query head h reads KV head h // (H / KVH).
+from the cache; query head h reads KV head h // (H / KVH), and the query heads of one KV head are computed
+together so each K / V row is read once per step (at 32 streams of the 2B4T shapes: 55 -> 45 ms per step).
 """
 import numba
 import numpy as np
@@ -149,24 +150,27 @@ def _kv_write_serial(k, v, k_cache, v_cache, block_tables, row_seq, row_pos):
         _kv_write_row(k, v, k_cache, v_cache, block_tables, row_seq, row_pos, t)
 
 
-def attention_scratch(n_threads, max_pos, head_dim):
-    """The per-thread scratch ``attention`` needs: float64 [n_threads, max_pos + 2 * head_dim]."""
-    return np.zeros((n_threads, max_pos + 2 * head_dim), np.float64)
+def attention_scratch(n_threads, max_pos, head_dim, group=1):
+    """The per-thread scratch ``attention`` needs for ``group`` query heads per KV head: float64
+    [n_threads, group * (max_pos + head_dim) + head_dim]."""
+    return np.zeros((n_threads, group * (max_pos + head_dim) + head_dim), np.float64)
 
 
 def attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, out, scratch):
     """out[t, h] = softmax(q[t, h] . K[0..pos] / sqrt(hd)) V[0..pos]; q, out float [T, H, hd].
 
-    scratch float64 [>= n_threads, >= max position + 1 + 2 * hd] (see ``attention_scratch``): one row per
-    worker thread for the scores of one (row, head), a contiguous copy of its query and a widened K/V row
-    (float16 caches)."""
+    Work is split over (row, KV head): the H / KVH query heads that share a KV head read each K and V row once.
+    scratch float64 [>= n_threads, >= group * (max position + 1 + hd) + hd] (see ``attention_scratch``): one row
+    per worker thread for the group's scores, contiguous copies of its queries and a widened K/V row (float16
+    caches)."""
     T, H, hd = q.shape
     KVH = k_cache.shape[1]
     _check_cache(k_cache, v_cache, "attention")
     if H % KVH or k_cache.shape[3] != hd or out.shape != q.shape or v_cache.shape != k_cache.shape:
         raise ValueError(f"attention: q {q.shape}, cache {k_cache.shape}, out {out.shape} do not match")
     _check_rows(row_seq, row_pos, block_tables, k_cache.shape[2], T)
-    need = (int(row_pos[:T].max()) + 1 if T else 0) + 2 * hd
+    group = H // KVH
+    need = group * ((int(row_pos[:T].max()) + 1 if T else 0) + hd) + hd
     if scratch.dtype != np.float64 or scratch.shape[0] < numba.config.NUMBA_NUM_THREADS or scratch.shape[1] < need:
         raise ValueError(f"attention: scratch {scratch.shape} {scratch.dtype} must be float64 "
                          f"[>= {numba.config.NUMBA_NUM_THREADS}, >= {need}]")
@@ -178,41 +182,50 @@ def _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, scrat
     T, H, hd = q.shape
     KVH = k_cache.shape[1]
     bs = k_cache.shape[2]
-    group = H // KVH
-    for i in prange(T * H):
-        t = i // H
-        h = i % H
-        kvh = h // group
+    G = H // KVH
+    for i in prange(T * KVH):
+        t = i // KVH
+        kvh = i % KVH
+        h0 = kvh * G
         table = block_tables[row_seq[t]]
         n = row_pos[t] + 1
         buf = scratch[numba.get_thread_id()]
-        sc = buf[:n]                       # scores, then softmax weights
-        qv = buf[n:n + hd]                 # contiguous copy of the query
-        kvbuf = buf[n + hd:n + 2 * hd]     # a float16 cache row widened
-        for d in range(hd):
-            qv[d] = q[t, h, d]
-        m = -np.inf
+        sc = buf[:G * n]                              # scores of head h0 + j at [j * n, j * n + n)
+        qv = buf[G * n:G * (n + hd)]                  # contiguous copies of the G queries
+        kvbuf = buf[G * (n + hd):G * (n + hd) + hd]   # a float16 cache row widened
+        for j in range(G):
+            for d in range(hd):
+                qv[j * hd + d] = q[t, h0 + j, d]
         for p in range(n):
             kr = _kv_row(k_cache, table[p // bs], kvh, p % bs, kvbuf)
-            s = 0.0
-            for d in range(hd):
-                s += qv[d] * np.float64(kr[d])
-            s *= scale
-            sc[p] = s
-            if s > m:
-                m = s
-        l = 0.0
+            for j in range(G):
+                qj = qv[j * hd:(j + 1) * hd]
+                s = 0.0
+                for d in range(hd):
+                    s += qj[d] * np.float64(kr[d])
+                sc[j * n + p] = s * scale
+        for j in range(G):                            # softmax per head: exp(s - max), then 1 / sum at the end
+            scj = sc[j * n:(j + 1) * n]
+            m = -np.inf
+            for p in range(n):
+                if scj[p] > m:
+                    m = scj[p]
+            for p in range(n):
+                scj[p] = np.exp(scj[p] - m)
+            out[t, h0 + j, :] = 0.0
         for p in range(n):
-            e = np.exp(sc[p] - m)
-            sc[p] = e
-            l += e
-        acc = out[t, h]
-        acc[:] = 0.0
-        for p in range(n):
-            w = sc[p]
             vr = _kv_row(v_cache, table[p // bs], kvh, p % bs, kvbuf)
+            for j in range(G):
+                w = sc[j * n + p]
+                acc = out[t, h0 + j]
+                for d in range(hd):
+                    acc[d] += w * np.float64(vr[d])
+        for j in range(G):
+            scj = sc[j * n:(j + 1) * n]
+            l = 0.0
+            for p in range(n):
+                l += scj[p]
+            inv = 1.0 / l
+            acc = out[t, h0 + j]
             for d in range(hd):
-                acc[d] += w * np.float64(vr[d])
-        inv = 1.0 / l
-        for d in range(hd):
-            acc[d] *= inv
+                acc[d] *= inv

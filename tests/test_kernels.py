@@ -321,7 +321,7 @@ def test_kv_write_and_attention_match_twin(H, KVH, hd, bs, cache):
     attention.kv_write(np.concatenate(ks), np.concatenate(vs), kc, vc, tables, row_seq, row_pos)
     q = np.concatenate(qs)
     out = np.zeros_like(q)
-    scratch = attention.attention_scratch(numba.config.NUMBA_NUM_THREADS, 32, hd)
+    scratch = attention.attention_scratch(numba.config.NUMBA_NUM_THREADS, 32, hd, H // KVH)
     attention.attention(q, kc, vc, tables, row_seq, row_pos, out, scratch)
     ref = np.concatenate([naive.causal_attention(qs[s], ks[s], vs[s]) for s in range(len(lens))])
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)

@@ -42,7 +42,8 @@ class Workspace:
         self.xl = np.zeros((max_logit_rows, D), np.float64)          # final-normed rows that need logits
         self.xl32 = np.zeros((max_logit_rows, D), np.float32)        # the same rounded for the lm_head
         self.logits = np.zeros((max_logit_rows, cfg.n_vocab), np.float32)
-        self.att_scratch = attention_scratch(numba.config.NUMBA_NUM_THREADS, max_seq_len, cfg.head_dim)
+        self.att_scratch = attention_scratch(numba.config.NUMBA_NUM_THREADS, max_seq_len, cfg.head_dim,
+                                             cfg.n_head // cfg.n_head_kv)
         self.lm_scratch = lm_head_scratch(numba.config.NUMBA_NUM_THREADS, D)
 
     @property
