@@ -116,6 +116,68 @@ def _quantize_rows_serial(x, xq, xscale, xsum):
         _quantize_row(x, t, xq, xscale, xsum)
 
 
+def norm_quantize_rows(x, w, eps, xq, xscale, xsum):
+    """``quantize_rows`` of RMSNorm(x) * w without storing the normed rows: per row, the float64 sum of squares,
+    then each normed value ``w[d] * (x[t, d] * r)`` (float64, as ``norms.rmsnorm``) is recomputed for the absmax
+    pass and the rounding pass. x float32/float64 [T, K]; w float32 [K]; outputs as ``quantize_rows``."""
+    T, K = x.shape
+    if x.dtype not in (np.float32, np.float64) or xq.dtype != np.int8 or w.dtype != np.float32:
+        raise TypeError(f"norm_quantize_rows: want float x, float32 w, int8 xq; got {x.dtype}, {w.dtype}, "
+                        f"{xq.dtype}")
+    if w.shape[0] != K or xq.shape[0] < T or xq.shape[1] < K or xscale.shape[0] < T or xsum.shape[0] < T:
+        raise ValueError(f"norm_quantize_rows: x {x.shape}, w {w.shape}, xq {xq.shape} do not match")
+    if xscale.dtype != np.float32 or xsum.dtype != np.int32:
+        raise TypeError("norm_quantize_rows: xscale must be float32 and xsum int32")
+    if T * K <= SERIAL_MAX:
+        _norm_quantize_rows_serial(x, w, np.float32(eps), xq, xscale, xsum)
+    else:
+        _norm_quantize_rows(x, w, np.float32(eps), xq, xscale, xsum)
+
+
+@njit(inline="always", **JIT)
+def _norm_quantize_row(x, w, eps, t, xq, xscale, xsum):
+    K = x.shape[1]
+    ss = 0.0
+    for k in range(K):
+        v = np.float64(x[t, k])
+        ss += v * v
+    r = 1.0 / np.sqrt(ss / K + np.float64(eps))
+    amax = np.float32(0.0)
+    for k in range(K):
+        a = abs(np.float32(np.float64(w[k]) * (np.float64(x[t, k]) * r)))
+        if a > amax:
+            amax = a
+    if amax < np.float32(1e-5):
+        amax = np.float32(1e-5)
+    s = np.float32(127.0) / amax
+    total = 0
+    for k in range(K):
+        q = np.rint(np.float32(np.float64(w[k]) * (np.float64(x[t, k]) * r)) * s)
+        if q > 127.0:
+            q = 127.0
+        elif q < -128.0:
+            q = -128.0
+        qi = np.int8(q)
+        xq[t, k] = qi
+        total += np.int32(qi)
+    for k in range(K, xq.shape[1]):
+        xq[t, k] = 0
+    xscale[t] = s
+    xsum[t] = total
+
+
+@njit(**JIT_PARALLEL)
+def _norm_quantize_rows(x, w, eps, xq, xscale, xsum):
+    for t in prange(x.shape[0]):
+        _norm_quantize_row(x, w, eps, t, xq, xscale, xsum)
+
+
+@njit(**JIT)
+def _norm_quantize_rows_serial(x, w, eps, xq, xscale, xsum):
+    for t in range(x.shape[0]):
+        _norm_quantize_row(x, w, eps, t, xq, xscale, xsum)
+
+
 # ---- the matmul ------------------------------------------------------------------------------------------
 
 def ternary_matmul(xq, xscale, xsum, packed, wscale, out, kernel=None):

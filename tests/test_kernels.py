@@ -65,6 +65,33 @@ def test_quantize_rows(T, K, dtype):
     np.testing.assert_array_equal(sm, sum_ref)
 
 
+@pytest.mark.parametrize("T", [1, 3, 70])              # serial and parallel drivers
+def test_norm_quantize_rows_is_quantize_of_rmsnorm(T):
+    K = 2560
+    x = RNG.standard_normal((T, K)) * RNG.uniform(0.01, 20, (T, 1))
+    w = RNG.uniform(0.2, 3.0, K).astype(np.float32)
+    kp = padded(K) + 128
+    xq, s, sm = np.full((T, kp), 99, np.int8), np.zeros(T, np.float32), np.zeros(T, np.int32)
+    ternary.norm_quantize_rows(x, w, 1e-5, xq, s, sm)
+    q_ref, s_ref, sum_ref = naive.quantize_rows(naive.rmsnorm(x, w, 1e-5))
+    assert (xq[:, K:] == 0).all()
+    # the float64 norm may differ from the twin's in its last bit, which can move a value across a rounding
+    # tie: allow a handful of +-1 flips, nothing more
+    diff = xq[:, :K].astype(int) - q_ref
+    assert np.abs(diff).max() <= 1 and np.count_nonzero(diff) <= max(2, T * K // 100000)
+    np.testing.assert_allclose(s, s_ref, rtol=1e-6)
+    # and exactly what the unfused kernels give row by row
+    normed = np.zeros_like(x)
+    norms.rmsnorm(x, w, 1e-5, normed)
+    xq2, s2, sm2 = np.zeros((T, kp), np.int8), np.zeros(T, np.float32), np.zeros(T, np.int32)
+    ternary.quantize_rows(normed, xq2, s2, sm2)
+    np.testing.assert_array_equal(xq, xq2)
+    np.testing.assert_array_equal(s, s2)
+    np.testing.assert_array_equal(sm, sm2)
+    with pytest.raises(ValueError):
+        ternary.norm_quantize_rows(x, w[:-1], 1e-5, xq, s, sm)
+
+
 def test_quantize_zero_row_uses_floor():
     x = np.zeros((1, 128), np.float32)
     xq, s, sm = np.zeros((1, 128), np.int8), np.zeros(1, np.float32), np.zeros(1, np.int32)

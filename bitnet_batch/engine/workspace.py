@@ -29,7 +29,6 @@ class Workspace:
         self.max_rows = T
         self.max_logit_rows = max_logit_rows
         self.x = np.zeros((T, D), np.float64)            # residual stream
-        self.h = np.zeros((T, max(D, cfg.q_dim)), np.float64)   # normed input of a block / attention output
         # int8 activations, flat: each projection views it as a contiguous [T, Kp] (a row stride wider than Kp
         # made the ternary matmul ~30% slower at K = 2560)
         self.xq = np.zeros(T * _pad(max(D, F, cfg.q_dim)), np.int8)

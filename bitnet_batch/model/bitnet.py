@@ -10,7 +10,9 @@ Per layer (``/work/shared/spec/model_spec.md`` section 2)::
     x = x + W_down(int8(RMSNorm(act(gate) * up) * ffn_sub_norm))     act = relu^2 or silu
     logits = (RMSNorm(x) * output_norm) @ token_embd^T                (float, no activation quant)
 
-``forward`` returns logits only; it never samples. Prefill chunks and decode steps are the same call.
+Each RMSNorm that feeds a projection is fused with the int8 quantizer (``ternary.norm_quantize_rows``): the
+normed rows h are never stored. ``forward`` returns logits only; it never samples. Prefill chunks and decode
+steps are the same call.
 """
 from __future__ import annotations
 
@@ -49,12 +51,14 @@ class RopeTable:
         self.cos, self.sin = rope.rope_table(max_pos, cfg.n_rot, cfg.rope_base)
 
 
-def _project(ws: Workspace, x: np.ndarray, proj: Projection, out: np.ndarray) -> None:
-    """out = ternary(int8(x)): per-token absmax quantization then the exact ternary matmul."""
+def _norm_project(ws: Workspace, x: np.ndarray, norm_w: np.ndarray, eps: float, proj: Projection,
+                  out: np.ndarray) -> None:
+    """out = ternary(int8(RMSNorm(x) * norm_w)): the norm and the per-token absmax quantization in one pass
+    (the normed rows are never stored), then the exact ternary matmul."""
     T = x.shape[0]
     kp = proj.packed.shape[1] * 4
     xq = ws.xq[:T * kp].reshape(T, kp)
-    ternary.quantize_rows(x, xq, ws.xscale, ws.xsum)
+    ternary.norm_quantize_rows(x, norm_w, eps, xq, ws.xscale, ws.xsum)
     ternary.ternary_matmul(xq, ws.xscale[:T], ws.xsum[:T], proj.packed, proj.scale, out)
 
 
@@ -65,17 +69,16 @@ def forward(w: Weights, cfg: ModelConfig, ws: Workspace, kv: KVCache, rt: RopeTa
     if T == 0 or T > ws.max_rows or R > ws.max_logit_rows:
         raise ValueError(f"forward: {T} rows / {R} logit rows exceed the workspace ({ws.max_rows}, "
                          f"{ws.max_logit_rows})")
-    D, F, H, KVH, hd = cfg.n_embd, cfg.n_ff, cfg.n_head, cfg.n_head_kv, cfg.head_dim
+    F, H, KVH, hd = cfg.n_ff, cfg.n_head, cfg.n_head_kv, cfg.head_dim
     qd, kvd = cfg.q_dim, cfg.kv_dim
-    x, h, qkv, att = ws.x[:T], ws.h[:T], ws.qkv[:T], ws.att[:T]
+    x, qkv, att = ws.x[:T], ws.qkv[:T], ws.att[:T]
     proj, gu = ws.proj[:T], ws.gu[:T]
     ff = gu[:, :F]                 # the gated activation overwrites the gate half in place
+    eps = cfg.rms_eps
     emb_k.embed(batch.tokens, w.tok_embd, w.tok_kind, x)
     for li, lw in enumerate(w.layers):
         kc, vc = kv.layer(li)
-        hd_in = h[:, :D]
-        norms.rmsnorm(x, lw.attn_norm, cfg.rms_eps, hd_in)
-        _project(ws, hd_in, lw.qkv, qkv)
+        _norm_project(ws, x, lw.attn_norm, eps, lw.qkv, qkv)
         q = qkv[:, :qd].reshape(T, H, hd)
         k = qkv[:, qd:qd + kvd].reshape(T, KVH, hd)
         v = qkv[:, qd + kvd:].reshape(T, KVH, hd)
@@ -83,15 +86,11 @@ def forward(w: Weights, cfg: ModelConfig, ws: Workspace, kv: KVCache, rt: RopeTa
         rope.rope_neox(k, batch.row_pos, rt.cos, rt.sin)
         att_k.kv_write(k, v, kc, vc, kv.block_tables, batch.row_seq, batch.row_pos)
         att_k.attention(q, kc, vc, kv.block_tables, batch.row_seq, batch.row_pos, att, ws.att_scratch)
-        a = h[:, :qd]
-        norms.rmsnorm(att.reshape(T, qd), lw.attn_sub_norm, cfg.rms_eps, a)
-        _project(ws, a, lw.wo, proj)
+        _norm_project(ws, att.reshape(T, qd), lw.attn_sub_norm, eps, lw.wo, proj)
         x += proj
-        norms.rmsnorm(x, lw.ffn_norm, cfg.rms_eps, hd_in)
-        _project(ws, hd_in, lw.gate_up, gu)
+        _norm_project(ws, x, lw.ffn_norm, eps, lw.gate_up, gu)
         act_k.gated_activation(gu[:, :F], gu[:, F:], _ACT[cfg.ffn_act], ff)
-        norms.rmsnorm(ff, lw.ffn_sub_norm, cfg.rms_eps, ff)
-        _project(ws, ff, lw.down, proj)
+        _norm_project(ws, ff, lw.ffn_sub_norm, eps, lw.down, proj)
         x += proj
     xl = ws.xl[:R]
     np.take(x, batch.logit_rows, axis=0, out=xl)
