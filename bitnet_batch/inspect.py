@@ -40,7 +40,8 @@ def describe(model, *, filename=None) -> dict:
             info["memory"] = {"ternary_weights_mb": round(ternary / 2**20, 1),
                               "embedding_mb": round(emb.nbytes / 2**20, 1),
                               "kv_cache_kb_per_token": round(per_tok / 1024, 1),
-                              "kv_cache_mb_full_context": round(per_tok * cfg.n_ctx / 2**20, 1)}
+                              "kv_cache_mb_full_context": round(per_tok * cfg.n_ctx / 2**20, 1),
+                              "kv_cache_kb_per_token_f16": round(per_tok / 2 / 1024, 1)}
     else:
         info["config"] = None      # a weightless (tokenizer-only) GGUF
     if md.get("tokenizer.ggml.model") is not None:
@@ -71,7 +72,7 @@ def format_description(info: dict) -> str:
         m = info["memory"]
         lines.append(f"memory    ternary weights {m['ternary_weights_mb']} MiB, embedding {m['embedding_mb']} MiB, "
                      f"KV cache {m['kv_cache_kb_per_token']} KiB/token ({m['kv_cache_mb_full_context']} MiB per full "
-                     f"context sequence)")
+                     f"context sequence; {m['kv_cache_kb_per_token_f16']} KiB/token with --kv-dtype f16)")
     elif "config_error" in info:
         lines.append(f"config    {info['config_error']}")
     else:

@@ -62,7 +62,10 @@ def test_generate_inspect_and_chat(small_model_path):
     res = r.invoke(main, ["inspect", str(small_model_path)])
     assert res.exit_code == 0 and "bitnet-b1.58" in res.output and "blk.1.ffn_down.weight" in res.output
     res = r.invoke(main, ["inspect", str(small_model_path), "--json"])
-    assert json.loads(res.output)["config"]["n_layer"] == 2
+    info = json.loads(res.output)
+    assert info["config"]["n_layer"] == 2
+    assert info["memory"]["kv_cache_kb_per_token_f16"] * 2 == pytest.approx(info["memory"]["kv_cache_kb_per_token"],
+                                                                             abs=0.1)
     res = r.invoke(main, ["chat", "-m", str(small_model_path), "--max-tokens", "4", "--system", "Be kind."],
                    input="hello\nmore\n\n")
     assert res.exit_code == 0, res.output
