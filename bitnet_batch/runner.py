@@ -483,11 +483,15 @@ def peak_rss_mb() -> float:
 
 def warm_up(engine: Engine) -> float:
     """Compile (or load from cache) every kernel specialization the job uses; returns seconds spent."""
+    from jit_kernels._config import parallel_drivers
+
     t0 = time.perf_counter()
     slot = engine.kv.allocate()
     try:
         engine.step([(slot, np.array([0, 1], np.int32), 0, True)])
         engine.step([(slot, np.array([2], np.int32), 2, True)])
+        with parallel_drivers():          # the drivers that large steps (prefill chunks) take
+            engine.step([(slot, np.array([3, 4], np.int32), 3, True)])
     finally:
         engine.kv.free(slot)
     n_vocab = engine.model.config.n_vocab

@@ -10,6 +10,7 @@
   row gives bit-identical results whatever batch or thread count it runs with. Never reduce across a
   ``prange`` axis.
 """
+import contextlib
 import os
 
 _CACHE = os.environ.get("BITNET_BATCH_JIT_CACHE", "1") != "0"
@@ -29,3 +30,21 @@ JIT_EXACT_PARALLEL = dict(JIT_PARALLEL, fastmath=False, error_model="numpy")
 # when the other core is busy). The row body is one inlined function in both drivers, so a row's result does
 # not depend on which driver ran it.
 SERIAL_MAX = 1 << 17
+_serial_limit = [SERIAL_MAX]
+
+
+def serial(n_elements: int) -> bool:
+    """True when a row-wise kernel over ``n_elements`` should take its serial driver."""
+    return n_elements <= _serial_limit[0]
+
+
+@contextlib.contextmanager
+def parallel_drivers():
+    """Row-wise kernels take their parallel driver whatever the size, inside this block: a warm-up runs a tiny
+    step in it so the parallel drivers are compiled (or loaded from the cache) before anything is timed."""
+    saved = _serial_limit[0]
+    _serial_limit[0] = -1
+    try:
+        yield
+    finally:
+        _serial_limit[0] = saved

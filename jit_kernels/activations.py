@@ -2,7 +2,7 @@
 import numpy as np
 from numba import njit, prange
 
-from ._config import JIT, JIT_PARALLEL, SERIAL_MAX
+from ._config import JIT, JIT_PARALLEL, serial
 
 RELU2 = 0
 SILU = 1
@@ -16,7 +16,7 @@ def gated_activation(g, u, kind, out):
         raise TypeError(f"gated_activation: dtypes differ: {g.dtype}, {u.dtype}, {out.dtype}")
     if kind not in (RELU2, SILU):
         raise ValueError(f"gated_activation: unknown kind {kind}")
-    if g.size <= SERIAL_MAX:
+    if serial(g.size):
         _gated_serial(g, u, kind, out)
     else:
         _gated(g, u, kind, out)

@@ -23,7 +23,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from ._config import JIT, JIT_PARALLEL, SERIAL_MAX
+from ._config import JIT, JIT_PARALLEL, serial
 
 _CACHE_DTYPES = (np.float32, np.uint16)
 _F16_TO_F64 = np.float64(2.0 ** 1008)
@@ -121,7 +121,7 @@ def kv_write(k, v, k_cache, v_cache, block_tables, row_seq, row_pos):
     if k.shape != v.shape or k.shape[1:] != (k_cache.shape[1], k_cache.shape[3]):
         raise ValueError(f"kv_write: k {k.shape} / v {v.shape} do not match cache {k_cache.shape}")
     _check_rows(row_seq, row_pos, block_tables, k_cache.shape[2], T)
-    if k.size <= SERIAL_MAX:
+    if serial(k.size):
         _kv_write_serial(k, v, k_cache, v_cache, block_tables, row_seq, row_pos)
     else:
         _kv_write(k, v, k_cache, v_cache, block_tables, row_seq, row_pos)

@@ -2,7 +2,7 @@
 import numpy as np
 from numba import njit, prange
 
-from ._config import JIT, JIT_PARALLEL, SERIAL_MAX
+from ._config import JIT, JIT_PARALLEL, serial
 
 _FLOATS = (np.float32, np.float64)
 
@@ -13,7 +13,7 @@ def rmsnorm(x, w, eps, out):
         raise ValueError(f"rmsnorm: shapes x {x.shape}, w {w.shape}, out {out.shape} do not match")
     if x.dtype not in _FLOATS or out.dtype not in _FLOATS or w.dtype != np.float32:
         raise TypeError(f"rmsnorm: want float x/out and float32 w, got {x.dtype}, {out.dtype}, {w.dtype}")
-    if x.size <= SERIAL_MAX:
+    if serial(x.size):
         _rmsnorm_serial(x, w, np.float32(eps), out)
     else:
         _rmsnorm(x, w, np.float32(eps), out)

@@ -6,7 +6,7 @@ for i < n_rot/2; dims past n_rot are left alone. cos/sin come from a table built
 import numpy as np
 from numba import njit, prange
 
-from ._config import JIT, JIT_PARALLEL, SERIAL_MAX
+from ._config import JIT, JIT_PARALLEL, serial
 
 
 def rope_table(max_pos, n_rot, base):
@@ -24,7 +24,7 @@ def rope_neox(x, pos, cos, sin):
         raise ValueError(f"rope_neox: x {x.shape} {x.dtype}, pos {pos.shape}, table {cos.shape}")
     if T and (pos[:T].min() < 0 or pos[:T].max() >= cos.shape[0]):
         raise ValueError(f"rope_neox: position out of range [0, {cos.shape[0]})")
-    if x.size <= SERIAL_MAX:
+    if serial(x.size):
         _rope_neox_serial(x, pos, cos, sin)
     else:
         _rope_neox(x, pos, cos, sin)
