@@ -20,13 +20,20 @@ def rmsnorm(x, w, eps, out):
 
 
 @njit(inline="always", **JIT)
-def _rmsnorm_row(x, w, eps, out, t):
+def inv_rms(x, eps, t):
+    """1 / sqrt(mean(x[t]^2) + eps) in float64 (shared with the fused norm + int8 quantizer in ``ternary``)."""
     D = x.shape[1]
     ss = 0.0
     for d in range(D):
         v = np.float64(x[t, d])
         ss += v * v
-    r = 1.0 / np.sqrt(ss / D + np.float64(eps))
+    return 1.0 / np.sqrt(ss / D + np.float64(eps))
+
+
+@njit(inline="always", **JIT)
+def _rmsnorm_row(x, w, eps, out, t):
+    D = x.shape[1]
+    r = inv_rms(x, eps, t)
     for d in range(D):
         out[t, d] = np.float64(w[d]) * (np.float64(x[t, d]) * r)
 

@@ -46,11 +46,12 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
-from numba.core.extending import intrinsic
+from numba.core.extending import intrinsic, overload
 
 from ._config import JIT, JIT_EXACT, JIT_EXACT_PARALLEL, JIT_PARALLEL, serial
-from ._ir import I8, I16, I32, I64, Emit
 from ._cpu import HAS_AVX2, KERNEL
+from ._ir import I8, I16, I32, I64, Emit
+from .norms import inv_rms
 
 BLOCK = 128          # inputs per packed block
 BLOCK_BYTES = 32     # bytes per packed block
@@ -66,88 +67,68 @@ def quantize_rows(x, xq, xscale, xsum):
     """Quantize each row of ``x`` (float32 or float64 [T, K]; float64 is rounded to float32 first, the
     quantizer itself runs in float32 arithmetic) into ``xq`` (int8 [T, Kp], Kp >= K, padding zeroed),
     ``xscale`` (float32 [T]: s_t) and ``xsum`` (int32 [T]: sum of the row's int8 values)."""
-    T, K = x.shape
-    if x.dtype not in (np.float32, np.float64) or xq.dtype != np.int8:
-        raise TypeError(f"quantize_rows: want float32/float64 x and int8 xq, got {x.dtype}, {xq.dtype}")
-    if xq.shape[0] < T or xq.shape[1] < K or xscale.shape[0] < T or xsum.shape[0] < T:
-        raise ValueError(f"quantize_rows: output buffers too small for x {x.shape}: xq {xq.shape}")
-    if xscale.dtype != np.float32 or xsum.dtype != np.int32:
-        raise TypeError("quantize_rows: xscale must be float32 and xsum int32")
-    if serial(T * K):
-        _quantize_rows_serial(x, xq, xscale, xsum)
-    else:
-        _quantize_rows(x, xq, xscale, xsum)
-
-
-@njit(inline="always", **JIT)
-def _quantize_row(x, t, xq, xscale, xsum):
-    K = x.shape[1]
-    amax = np.float32(0.0)
-    for k in range(K):
-        a = abs(np.float32(x[t, k]))
-        if a > amax:
-            amax = a
-    if amax < np.float32(1e-5):
-        amax = np.float32(1e-5)
-    s = np.float32(127.0) / amax
-    total = 0
-    for k in range(K):
-        q = np.rint(np.float32(x[t, k]) * s)
-        if q > 127.0:
-            q = 127.0
-        elif q < -128.0:
-            q = -128.0
-        qi = np.int8(q)
-        xq[t, k] = qi
-        total += np.int32(qi)
-    for k in range(K, xq.shape[1]):
-        xq[t, k] = 0
-    xscale[t] = s
-    xsum[t] = total
-
-
-@njit(**JIT_PARALLEL)
-def _quantize_rows(x, xq, xscale, xsum):
-    for t in prange(x.shape[0]):
-        _quantize_row(x, t, xq, xscale, xsum)
-
-
-@njit(**JIT)
-def _quantize_rows_serial(x, xq, xscale, xsum):
-    # a decode step's few rows take microseconds: not worth waking the thread pool (costly when loaded)
-    for t in range(x.shape[0]):
-        _quantize_row(x, t, xq, xscale, xsum)
+    _check_quantize("quantize_rows", x, None, xq, xscale, xsum)
+    _quantize_any(x, None, 0.0, xq, xscale, xsum)
 
 
 def norm_quantize_rows(x, w, eps, xq, xscale, xsum):
     """``quantize_rows`` of RMSNorm(x) * w without storing the normed rows: per row, the float64 sum of squares,
     then each normed value ``w[d] * (x[t, d] * r)`` (float64, as ``norms.rmsnorm``) is recomputed for the absmax
     pass and the rounding pass. x float32/float64 [T, K]; w float32 [K]; outputs as ``quantize_rows``."""
+    _check_quantize("norm_quantize_rows", x, w, xq, xscale, xsum)
+    _quantize_any(x, w, eps, xq, xscale, xsum)
+
+
+def _check_quantize(name, x, w, xq, xscale, xsum):
     T, K = x.shape
-    if x.dtype not in (np.float32, np.float64) or xq.dtype != np.int8 or w.dtype != np.float32:
-        raise TypeError(f"norm_quantize_rows: want float x, float32 w, int8 xq; got {x.dtype}, {w.dtype}, "
-                        f"{xq.dtype}")
-    if w.shape[0] != K or xq.shape[0] < T or xq.shape[1] < K or xscale.shape[0] < T or xsum.shape[0] < T:
-        raise ValueError(f"norm_quantize_rows: x {x.shape}, w {w.shape}, xq {xq.shape} do not match")
+    if x.dtype not in (np.float32, np.float64) or xq.dtype != np.int8:
+        raise TypeError(f"{name}: want float32/float64 x and int8 xq, got {x.dtype}, {xq.dtype}")
+    if w is not None and w.dtype != np.float32:
+        raise TypeError(f"{name}: w must be float32, got {w.dtype}")
+    if w is not None and w.shape != (K,):
+        raise ValueError(f"{name}: w {w.shape} does not match x {x.shape}")
+    if xq.shape[0] < T or xq.shape[1] < K or xscale.shape[0] < T or xsum.shape[0] < T:
+        raise ValueError(f"{name}: output buffers too small for x {x.shape}: xq {xq.shape}")
     if xscale.dtype != np.float32 or xsum.dtype != np.int32:
-        raise TypeError("norm_quantize_rows: xscale must be float32 and xsum int32")
-    if serial(T * K):
-        _norm_quantize_rows_serial(x, w, np.float32(eps), xq, xscale, xsum)
+        raise TypeError(f"{name}: xscale must be float32 and xsum int32")
+
+
+def _quantize_any(x, w, eps, xq, xscale, xsum):
+    if serial(x.shape[0] * x.shape[1]):
+        _quantize_rows_serial(x, w, np.float32(eps), xq, xscale, xsum)
     else:
-        _norm_quantize_rows(x, w, np.float32(eps), xq, xscale, xsum)
+        _quantize_rows(x, w, np.float32(eps), xq, xscale, xsum)
+
+
+def _row_scale(x, w, eps, t):
+    """1 / rms of row t when the row is normed (w an array), unused otherwise."""
+
+
+@overload(_row_scale, inline="always", jit_options=dict(JIT))
+def _row_scale_impl(x, w, eps, t):
+    if isinstance(w, types.NoneType):
+        return lambda x, w, eps, t: 1.0
+    return lambda x, w, eps, t: inv_rms(x, eps, t)
+
+
+def _quant_input(x, w, r, t, k):
+    """The float32 value the quantizer sees at (t, k): x itself, or the normed ``w[k] * (x[t, k] * r)``."""
+
+
+@overload(_quant_input, inline="always", jit_options=dict(JIT))
+def _quant_input_impl(x, w, r, t, k):
+    if isinstance(w, types.NoneType):
+        return lambda x, w, r, t, k: np.float32(x[t, k])
+    return lambda x, w, r, t, k: np.float32(np.float64(w[k]) * (np.float64(x[t, k]) * r))
 
 
 @njit(inline="always", **JIT)
-def _norm_quantize_row(x, w, eps, t, xq, xscale, xsum):
+def _quantize_row(x, w, eps, t, xq, xscale, xsum):
     K = x.shape[1]
-    ss = 0.0
-    for k in range(K):
-        v = np.float64(x[t, k])
-        ss += v * v
-    r = 1.0 / np.sqrt(ss / K + np.float64(eps))
+    r = _row_scale(x, w, eps, t)
     amax = np.float32(0.0)
     for k in range(K):
-        a = abs(np.float32(np.float64(w[k]) * (np.float64(x[t, k]) * r)))
+        a = abs(_quant_input(x, w, r, t, k))
         if a > amax:
             amax = a
     if amax < np.float32(1e-5):
@@ -155,7 +136,7 @@ def _norm_quantize_row(x, w, eps, t, xq, xscale, xsum):
     s = np.float32(127.0) / amax
     total = 0
     for k in range(K):
-        q = np.rint(np.float32(np.float64(w[k]) * (np.float64(x[t, k]) * r)) * s)
+        q = np.rint(_quant_input(x, w, r, t, k) * s)
         if q > 127.0:
             q = 127.0
         elif q < -128.0:
@@ -170,15 +151,16 @@ def _norm_quantize_row(x, w, eps, t, xq, xscale, xsum):
 
 
 @njit(**JIT_PARALLEL)
-def _norm_quantize_rows(x, w, eps, xq, xscale, xsum):
+def _quantize_rows(x, w, eps, xq, xscale, xsum):
     for t in prange(x.shape[0]):
-        _norm_quantize_row(x, w, eps, t, xq, xscale, xsum)
+        _quantize_row(x, w, eps, t, xq, xscale, xsum)
 
 
 @njit(**JIT)
-def _norm_quantize_rows_serial(x, w, eps, xq, xscale, xsum):
+def _quantize_rows_serial(x, w, eps, xq, xscale, xsum):
+    # a decode step's few rows take microseconds: not worth waking the thread pool (costly when loaded)
     for t in range(x.shape[0]):
-        _norm_quantize_row(x, w, eps, t, xq, xscale, xsum)
+        _quantize_row(x, w, eps, t, xq, xscale, xsum)
 
 
 # ---- the matmul ------------------------------------------------------------------------------------------

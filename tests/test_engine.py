@@ -142,13 +142,16 @@ def test_step_can_return_every_rows_logits(i2s_model):
 def test_warm_up_compiles_the_serial_and_the_parallel_drivers(i2s_model):
     """Large steps take the parallel drivers of the row kernels: warm-up compiles them too, so no compilation
     lands inside a timed step."""
+    from numba import types
+
     from jit_kernels import _config, activations, attention, rope, ternary
     from bitnet_batch.runner import warm_up
 
     warm_up(Engine(i2s_model, EngineConfig(max_batch=1, max_seq_len=8)))
-    for fn in (ternary._norm_quantize_rows, ternary._norm_quantize_rows_serial, rope._rope_neox,
-               rope._rope_neox_serial, attention._kv_write, attention._kv_write_serial, activations._gated,
-               activations._gated_serial):
+    for fn in (ternary._quantize_rows, ternary._quantize_rows_serial):      # the fused norm + quantizer (w given)
+        assert any(isinstance(sig[1], types.Array) for sig in fn.signatures), fn
+    for fn in (rope._rope_neox, rope._rope_neox_serial, attention._kv_write, attention._kv_write_serial,
+               activations._gated, activations._gated_serial):
         assert fn.signatures, fn
     assert _config.serial(10)
     with _config.parallel_drivers():
