@@ -44,6 +44,32 @@ def _model_options(f):
     return f
 
 
+_kv_dtype_option = click.option(
+    "--kv-dtype", type=click.Choice(["f32", "f16"]), default="f32", show_default=True,
+    help="KV cache storage: f32 = the BitNet spec's numerics; f16 = half the memory (llama.cpp's default).")
+
+
+def _engine_options(batch_help: str, seq_len_help: str):
+    """--max-batch, --prefill-chunk, --kv-cache-mb, --kv-dtype, --max-seq-len (``_engine_config`` reads them)."""
+    def decorate(f):
+        for opt in reversed([
+                click.option("--max-batch", type=int, default=16, show_default=True, help=batch_help),
+                click.option("--prefill-chunk", type=int, default=128, show_default=True, help="Most tokens per step."),
+                click.option("--kv-cache-mb", type=float, default=0.0, help="KV cache budget in MiB (0 = derived)."),
+                _kv_dtype_option,
+                click.option("--max-seq-len", type=int, default=0, help=seq_len_help)]):
+            f = opt(f)
+        return f
+    return decorate
+
+
+def _engine_config(max_batch, prefill_chunk, kv_cache_mb, kv_dtype, max_seq_len, threads):
+    from .engine.engine import EngineConfig
+
+    return EngineConfig(max_batch=max_batch, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,
+                        kv_cache_mb=kv_cache_mb, kv_dtype=kv_dtype, threads=threads)
+
+
 def _sampling_params(kw):
     from .sampling.params import SamplingParams
 
@@ -78,12 +104,7 @@ def main():
 @click.option("--id-field", default="id", show_default=True)
 @click.option("--system", default=None, help="System message; plain prompts are then rendered as chat.")
 @click.option("--chat", is_flag=True, help="Render plain 'prompt' records with the chat template.")
-@click.option("--max-batch", type=int, default=16, show_default=True, help="Sequences decoded together.")
-@click.option("--prefill-chunk", type=int, default=128, show_default=True, help="Most tokens per step.")
-@click.option("--kv-cache-mb", type=float, default=0.0, help="KV cache budget in MiB (0 = derived).")
-@click.option("--kv-dtype", type=click.Choice(["f32", "f16"]), default="f32", show_default=True,
-              help="KV cache storage: f32 = the BitNet spec's numerics; f16 = half the memory (llama.cpp's default).")
-@click.option("--max-seq-len", type=int, default=0, help="Longest prompt + generation (0 = model context).")
+@_engine_options("Sequences decoded together.", "Longest prompt + generation (0 = model context).")
 @click.option("--truncate", type=click.Choice(["left", "right"]), default=None,
               help="Cut over-long prompts instead of writing an error record.")
 @click.option("--unordered", is_flag=True, help="Write records as they finish (JSONL) instead of input order.")
@@ -114,7 +135,6 @@ def run(inputs, output, pipeline_file, output_format, input_format, prompt_field
         model_file, ffn_act, threads, **kw):
     """Generate a completion for every record of INPUTS (JSONL / Parquet / OpenAI batch lines), or run a
     pipeline file (`bitnet-batch run pipelines/NAME.toml`)."""
-    from .engine.engine import EngineConfig
     from .pipeline import is_pipeline_file, load_pipeline
     from .runner import JobConfig
 
@@ -136,9 +156,8 @@ def run(inputs, output, pipeline_file, output_format, input_format, prompt_field
                             id_field=id_field, system=system, chat=chat, sampling=_sampling_params(kw),
                             seed=kw["seed"], truncate=truncate, ordered=not unordered, overwrite=overwrite,
                             ffn_act=ffn_act, constraint=constraint, n=n, dedupe=dedupe,
-                            engine=EngineConfig(max_batch=max_batch, max_seq_len=max_seq_len,
-                                                prefill_chunk=prefill_chunk, kv_cache_mb=kv_cache_mb,
-                                                kv_dtype=kv_dtype, threads=threads))
+                            engine=_engine_config(max_batch, prefill_chunk, kv_cache_mb, kv_dtype, max_seq_len,
+                                                  threads))
         summary = _run_on(engine, job, quiet, ray_address, actors, threads_per_actor)
     except (BitnetBatchError, OSError) as e:
         _fail(e)
@@ -211,12 +230,7 @@ def _explicit_overrides(ctx: click.Context, inputs, constraint) -> dict:
 @click.option("--completion-field", default="completion", show_default=True, help="Scored given the prompt.")
 @click.option("--id-field", default="id", show_default=True)
 @click.option("--token-logprobs", is_flag=True, help="Add every scored token's logprob to its record.")
-@click.option("--max-batch", type=int, default=16, show_default=True, help="Sequences in flight together.")
-@click.option("--prefill-chunk", type=int, default=128, show_default=True, help="Most tokens per step.")
-@click.option("--kv-cache-mb", type=float, default=0.0, help="KV cache budget in MiB (0 = derived).")
-@click.option("--kv-dtype", type=click.Choice(["f32", "f16"]), default="f32", show_default=True,
-              help="KV cache storage: f32 = the BitNet spec's numerics; f16 = half the memory (llama.cpp's default).")
-@click.option("--max-seq-len", type=int, default=0, help="Longest scored sequence (0 = model context).")
+@_engine_options("Sequences in flight together.", "Longest scored sequence (0 = model context).")
 @click.option("--unordered", is_flag=True, help="Write records as they finish (JSONL) instead of input order.")
 @click.option("--overwrite", is_flag=True, help="Start fresh instead of resuming.")
 @click.option("--strict", is_flag=True, help=f"Exit with {EXIT_ITEM_ERRORS} when any item is an error record.")
@@ -227,7 +241,6 @@ def score(inputs, output, output_format, input_format, text_field, prompt_field,
           quiet, model, model_file, ffn_act, threads):
     """Log-likelihood, mean NLL and perplexity of every record's `text` (or of its `completion` given its
     `prompt`), plus the corpus perplexity in <output>.meta.json."""
-    from .engine.engine import EngineConfig
     from .score import ScoreFields, ScoreJobConfig, score_job
 
     try:
@@ -236,10 +249,8 @@ def score(inputs, output, output_format, input_format, text_field, prompt_field,
                              fields=ScoreFields(text=text_field, prompt=prompt_field, completion=completion_field,
                                                 id=id_field),
                              token_logprobs=token_logprobs, ordered=not unordered, overwrite=overwrite,
-                             ffn_act=ffn_act, engine=EngineConfig(max_batch=max_batch, max_seq_len=max_seq_len,
-                                                                  prefill_chunk=prefill_chunk,
-                                                                  kv_cache_mb=kv_cache_mb, kv_dtype=kv_dtype,
-                                                                  threads=threads))
+                             ffn_act=ffn_act, engine=_engine_config(max_batch, prefill_chunk, kv_cache_mb, kv_dtype,
+                                                                    max_seq_len, threads))
         summary = score_job(job, quiet=quiet)
     except (BitnetBatchError, OSError) as e:
         _fail(e)
@@ -337,8 +348,7 @@ def inspect(model, model_file, as_json):
 @click.option("--prompt-tokens", type=int, default=64, show_default=True)
 @click.option("--gen-tokens", type=int, default=64, show_default=True)
 @click.option("--prefill-chunk", type=int, default=128, show_default=True)
-@click.option("--kv-dtype", type=click.Choice(["f32", "f16"]), default="f32", show_default=True,
-              help="KV cache storage: f32 = the BitNet spec's numerics; f16 = half the memory (llama.cpp's default).")
+@_kv_dtype_option
 @click.option("--threads", type=int, default=0, help="Numba threads (0 = all cores).")
 @click.option("--repeat", type=int, default=1, show_default=True,
               help="Runs per batch size; the best (total tok/s) is reported, all are in the JSON.")

@@ -13,6 +13,7 @@ whose text equals an earlier (lower sample_index) one is dropped.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import resource
@@ -503,6 +504,22 @@ def warm_up(engine: Engine) -> float:
     return time.perf_counter() - t0
 
 
+@contextlib.contextmanager
+def progress_bar(total, quiet: bool, out):
+    """A tqdm bar over output records for the block (None when quiet). ``total``: a callable giving the record
+    count or None (called only when the bar is shown: counting scans the inputs)."""
+    if quiet:
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=total(), unit="record", file=out, disable=None, dynamic_ncols=True)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
 def meta_path(output) -> Path:
     p = Path(output)
     return p.with_name(p.name + ".meta.json")
@@ -546,19 +563,13 @@ def run_job(job: JobConfig, *, model=None, quiet: bool = False, out=sys.stderr) 
             ConstraintCompiler.for_tokenizer(model.tokenizer).prepare(job.constraint)
             compile_s += time.perf_counter() - t_c
         log(f"kernels ready in {compile_s:.2f}s (JIT compile / cache load, not counted in item timings)")
-        total = count_records(list(job.inputs), job.input_format)
-        progress = None
-        if not quiet:
-            from tqdm import tqdm
-            progress = tqdm(total=None if total is None else total * job.n, unit="record", file=out,
-                            disable=None, dynamic_ncols=True)
-        runner = Runner(job, model, progress=progress, log=log)
+        def total():
+            n = count_records(list(job.inputs), job.input_format)
+            return None if n is None else n * job.n
+
         t_run = time.perf_counter()
-        try:
-            stats = runner.run(sink, engine)
-        finally:
-            if progress is not None:
-                progress.close()
+        with progress_bar(total, quiet, out) as progress:
+            stats = Runner(job, model, progress=progress, log=log).run(sink, engine)
         run_s = time.perf_counter() - t_run
         final = sink.finalize()
     finally:

@@ -397,7 +397,7 @@ def warm_up(engine: Engine) -> float:
 
 def score_job(job: ScoreJobConfig, *, model=None, quiet: bool = False, out=sys.stderr) -> dict:
     """Run a whole score job; returns the summary (also written to ``<output>.meta.json``)."""
-    from .runner import job_logger, meta_path, open_job, peak_rss_mb
+    from .runner import job_logger, meta_path, open_job, peak_rss_mb, progress_bar
 
     log = job_logger(quiet, out)
     t_start = time.perf_counter()
@@ -407,18 +407,9 @@ def score_job(job: ScoreJobConfig, *, model=None, quiet: bool = False, out=sys.s
         engine = Engine(model, ecfg, logit_rows=max(ecfg.prefill_chunk, ecfg.max_batch))
         compile_s = warm_up(engine)
         log(f"kernels ready in {compile_s:.2f}s (JIT compile / cache load, not counted in item timings)")
-        progress = None
-        if not quiet:
-            from tqdm import tqdm
-            progress = tqdm(total=count_records(list(job.inputs), job.input_format), unit="record", file=out,
-                            disable=None, dynamic_ncols=True)
-        scorer = Scorer(job, model, progress=progress)
         t_run = time.perf_counter()
-        try:
-            stats = scorer.run(sink, engine)
-        finally:
-            if progress is not None:
-                progress.close()
+        with progress_bar(lambda: count_records(list(job.inputs), job.input_format), quiet, out) as progress:
+            stats = Scorer(job, model, progress=progress).run(sink, engine)
         run_s = time.perf_counter() - t_run
         final = sink.finalize()
     finally:

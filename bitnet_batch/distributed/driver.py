@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import BitnetBatchError, ConfigError
 from ..io.readers import BadRecord, count_records
-from ..runner import JobStats, Runner, job_summary, meta_path
+from ..runner import JobStats, Runner, job_summary, meta_path, progress_bar
 from .config import RayConfig, import_ray
 from .inputs import expand_inputs, parse_shards, read_shards, record_spec
 from .outputs import open_output
@@ -164,14 +164,10 @@ def run_ray_job(job, ray_config: RayConfig | None = None, *, quiet: bool = False
             f"{info['load_s']:.2f}s, kernels ready in {info['compile_s']:.2f}s (first actor, on {info['host']})")
         output = open_output(job, job.fingerprint(info["sha256"]), info["name"] or os.path.basename(info["path"]),
                              cfg.rows_per_part)
-        progress = _progress(job, shards, quiet, out)
-        driver = _Driver(job, output, pool, cfg.task_size(job.engine.max_batch), progress)
         t_run = time.perf_counter()
-        try:
+        with progress_bar(lambda: _total(job, shards), quiet, out) as progress:
+            driver = _Driver(job, output, pool, cfg.task_size(job.engine.max_batch), progress)
             driver.run(parse_shards(read_shards(ray, shards, pin_local=not _is_client(cfg)), shards, spec))
-        finally:
-            if progress is not None:
-                progress.close()
         run_s = time.perf_counter() - t_run
         final = output.finalize()
     finally:
@@ -219,15 +215,13 @@ def _plan_actors(ray, cfg: RayConfig) -> tuple[int, int]:
     return threads, actors
 
 
-def _progress(job, shards, quiet: bool, out):
-    if quiet:
+def _total(job, shards) -> int | None:
+    """Output records the job will write, when the inputs are local files (counting remote ones means reading
+    them twice)."""
+    if not all(s.is_local for s in shards):
         return None
-    from tqdm import tqdm
-
-    total = None
-    if all(s.is_local for s in shards):
-        total = count_records([s.uri for s in shards], job.input_format) * job.n
-    return tqdm(total=total, unit="record", file=out, disable=None, dynamic_ncols=True)
+    n = count_records([s.uri for s in shards], job.input_format)
+    return None if n is None else n * job.n
 
 
 def _summary(job, cfg, info, driver, pool, output, final, n_actors, threads, run_s, t_start) -> dict:
