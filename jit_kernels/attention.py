@@ -78,18 +78,19 @@ def _kv_row_impl(cache, blk, h, off, buf):
     return lambda cache, blk, h, off, buf: cache[blk, h, off]
 
 
-def _store_row(src, dst):
-    """dst (a cache row) <- src (float row), rounded to the cache's type."""
+def _store_row(src, dst, buf):
+    """dst (a cache row) <- src (float row), rounded to the cache's type; buf: a float64 scratch row (>= n / 2
+    values), the float32 temporary of the float16 rounding."""
 
 
 @overload(_store_row, jit_options=dict(JIT))
-def _store_row_impl(src, dst):
+def _store_row_impl(src, dst, buf):
     if dst.dtype == types.uint16:
-        def store_half(src, dst):
-            half_bits_row(src, dst, np.empty(src.shape[0], np.float32))
+        def store_half(src, dst, buf):
+            half_bits_row(src, dst, buf.view(np.float32))
         return store_half
 
-    def store(src, dst):
+    def store(src, dst, buf):
         for d in range(src.shape[0]):
             dst[d] = src[d]
     return store
@@ -113,41 +114,48 @@ def _check_cache(k_cache, v_cache, where):
                          f"{k_cache.dtype} {k_cache.shape} / {v_cache.dtype} {v_cache.shape}")
 
 
-def kv_write(k, v, k_cache, v_cache, block_tables, row_seq, row_pos):
+def kv_write(k, v, k_cache, v_cache, block_tables, row_seq, row_pos, scratch):
     """Store k, v (float32/float64 [T, KVH, hd]) of each row at its sequence position in the layer's cache,
-    rounded to the cache's type (float32, or float16 bits in a uint16 cache)."""
-    T = k.shape[0]
+    rounded to the cache's type (float32, or float16 bits in a uint16 cache). scratch: ``attention``'s
+    (float64 [>= n_threads, >= hd]), a temporary row per worker thread for the float16 rounding."""
+    T, _, hd = k.shape
     _check_cache(k_cache, v_cache, "kv_write")
     if k.shape != v.shape or k.shape[1:] != (k_cache.shape[1], k_cache.shape[3]):
         raise ValueError(f"kv_write: k {k.shape} / v {v.shape} do not match cache {k_cache.shape}")
     _check_rows(row_seq, row_pos, block_tables, k_cache.shape[2], T)
+    if scratch.dtype != np.float64 or scratch.shape[0] < numba.config.NUMBA_NUM_THREADS or scratch.shape[1] < hd \
+            or not scratch.flags.c_contiguous:
+        raise ValueError(f"kv_write: scratch {scratch.shape} {scratch.dtype} must be C-contiguous float64 "
+                         f"[>= {numba.config.NUMBA_NUM_THREADS}, >= {hd}]")
     if serial(k.size):
-        _kv_write_serial(k, v, k_cache, v_cache, block_tables, row_seq, row_pos)
+        _kv_write_serial(k, v, k_cache, v_cache, block_tables, row_seq, row_pos, scratch)
     else:
-        _kv_write(k, v, k_cache, v_cache, block_tables, row_seq, row_pos)
+        _kv_write(k, v, k_cache, v_cache, block_tables, row_seq, row_pos, scratch)
 
 
 @njit(inline="always", **JIT)
-def _kv_write_row(k, v, k_cache, v_cache, block_tables, row_seq, row_pos, t):
+def _kv_write_row(k, v, k_cache, v_cache, block_tables, row_seq, row_pos, buf, t):
     bs = k_cache.shape[2]
     p = row_pos[t]
     blk = block_tables[row_seq[t], p // bs]
     off = p % bs
     for h in range(k.shape[1]):
-        _store_row(k[t, h], k_cache[blk, h, off])
-        _store_row(v[t, h], v_cache[blk, h, off])
+        _store_row(k[t, h], k_cache[blk, h, off], buf)
+        _store_row(v[t, h], v_cache[blk, h, off], buf)
 
 
 @njit(**JIT_PARALLEL)
-def _kv_write(k, v, k_cache, v_cache, block_tables, row_seq, row_pos):
+def _kv_write(k, v, k_cache, v_cache, block_tables, row_seq, row_pos, scratch):
     for t in prange(k.shape[0]):
-        _kv_write_row(k, v, k_cache, v_cache, block_tables, row_seq, row_pos, t)
+        _kv_write_row(k, v, k_cache, v_cache, block_tables, row_seq, row_pos, scratch[numba.get_thread_id()], t)
 
 
 @njit(**JIT)
-def _kv_write_serial(k, v, k_cache, v_cache, block_tables, row_seq, row_pos):
+def _kv_write_serial(k, v, k_cache, v_cache, block_tables, row_seq, row_pos, scratch):
+    # scratch row 0, not numba.get_thread_id(): in a serial function it does not survive the on-disk JIT cache
+    # (a second process crashed loading it)
     for t in range(k.shape[0]):
-        _kv_write_row(k, v, k_cache, v_cache, block_tables, row_seq, row_pos, t)
+        _kv_write_row(k, v, k_cache, v_cache, block_tables, row_seq, row_pos, scratch[0], t)
 
 
 def attention_scratch(n_threads, max_pos, head_dim, group=1):

@@ -251,6 +251,27 @@ def test_env_var_forces_the_kernel_and_a_second_process_loads_it_from_cache():
     assert bad.returncode != 0 and "BITNET_BATCH_KERNEL must be one of" in bad.stderr
 
 
+KV_CHILD = """
+import numba, numpy as np
+from jit_kernels import attention
+k = np.linspace(-3, 3, 2 * 2 * 8).reshape(2, 2, 8)
+for dtype in (np.float32, np.uint16):
+    kc, vc = np.zeros((2, 2, 4, 8), dtype), np.zeros((2, 2, 4, 8), dtype)
+    scratch = attention.attention_scratch(numba.config.NUMBA_NUM_THREADS, 4, 8)
+    attention.kv_write(k, k, kc, vc, np.array([[0], [1]], np.int32), np.array([0, 1], np.int32),
+                       np.array([1, 2], np.int32), scratch)
+    print(kc.tolist())
+"""
+
+
+def test_kv_write_runs_from_the_jit_cache_in_a_second_process():
+    """The serial KV write once crashed when a second process loaded it from the on-disk cache."""
+    first = _child(KV_CHILD, {})
+    second = _child(KV_CHILD, {})
+    assert first.returncode == 0 and second.returncode == 0, (first.stderr[-2000:], second.stderr[-2000:])
+    assert first.stdout == second.stdout and first.stdout.count("\n") == 2
+
+
 # ---- layout ----------------------------------------------------------------------------------------------
 
 def test_pack_kernel_roundtrip():
@@ -345,10 +366,10 @@ def test_kv_write_and_attention_match_twin(H, KVH, hd, bs, cache):
     # one step holding all rows of all sequences (prefill of several sequences at once)
     row_seq = np.concatenate([np.full(n, s, np.int32) for s, n in enumerate(lens)])
     row_pos = np.concatenate([np.arange(n, dtype=np.int32) for n in lens])
-    attention.kv_write(np.concatenate(ks), np.concatenate(vs), kc, vc, tables, row_seq, row_pos)
+    scratch = attention.attention_scratch(numba.config.NUMBA_NUM_THREADS, 32, hd, H // KVH)
+    attention.kv_write(np.concatenate(ks), np.concatenate(vs), kc, vc, tables, row_seq, row_pos, scratch)
     q = np.concatenate(qs)
     out = np.zeros_like(q)
-    scratch = attention.attention_scratch(numba.config.NUMBA_NUM_THREADS, 32, hd, H // KVH)
     attention.attention(q, kc, vc, tables, row_seq, row_pos, out, scratch)
     ref = np.concatenate([naive.causal_attention(qs[s], ks[s], vs[s]) for s in range(len(lens))])
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
@@ -393,9 +414,14 @@ def test_row_kernels_give_the_same_row_serial_or_parallel():
         kv = RNG.standard_normal((T, 2, hd))
         kc, vc = np.zeros((T, 2, 1, hd), cache), np.zeros((T, 2, 1, hd), cache)
         tables = np.arange(T, dtype=np.int32).reshape(T, 1)
-        attention.kv_write(kv, kv, kc, vc, tables, np.arange(T, dtype=np.int32), np.zeros(T, np.int32))
+        scratch = attention.attention_scratch(numba.config.NUMBA_NUM_THREADS, 1, hd)
+        attention.kv_write(kv, kv, kc, vc, tables, np.arange(T, dtype=np.int32), np.zeros(T, np.int32), scratch)
         kc1, vc1 = np.zeros_like(kc), np.zeros_like(vc)
-        attention.kv_write(kv[7:8], kv[7:8], kc1, vc1, tables, np.array([7], np.int32), np.array([0], np.int32))
+        attention.kv_write(kv[7:8], kv[7:8], kc1, vc1, tables, np.array([7], np.int32), np.array([0], np.int32),
+                           scratch)
+        with pytest.raises(ValueError, match="scratch"):
+            attention.kv_write(kv, kv, kc, vc, tables, np.arange(T, dtype=np.int32), np.zeros(T, np.int32),
+                               scratch[:, :hd - 1])
         np.testing.assert_array_equal(kc[7], kc1[7])
 
 

@@ -84,7 +84,7 @@ def forward(w: Weights, cfg: ModelConfig, ws: Workspace, kv: KVCache, rt: RopeTa
         v = qkv[:, qd + kvd:].reshape(T, KVH, hd)
         rope.rope_neox(q, batch.row_pos, rt.cos, rt.sin)
         rope.rope_neox(k, batch.row_pos, rt.cos, rt.sin)
-        att_k.kv_write(k, v, kc, vc, kv.block_tables, batch.row_seq, batch.row_pos)
+        att_k.kv_write(k, v, kc, vc, kv.block_tables, batch.row_seq, batch.row_pos, ws.att_scratch)
         att_k.attention(q, kc, vc, kv.block_tables, batch.row_seq, batch.row_pos, att, ws.att_scratch)
         _norm_project(ws, att.reshape(T, qd), lw.attn_sub_norm, eps, lw.wo, proj)
         x += proj
