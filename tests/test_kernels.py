@@ -272,6 +272,38 @@ def test_kv_write_runs_from_the_jit_cache_in_a_second_process():
     assert first.stdout == second.stdout and first.stdout.count("\n") == 2
 
 
+NOJIT_CHILD = """
+import json, numpy as np
+from jit_kernels import ternary
+rng = np.random.default_rng(5)
+x = rng.standard_normal((3, 256)) * 4
+w = rng.standard_normal(256).astype(np.float32)
+packed = rng.integers(0, 256, (6, 64)).astype(np.uint8) & 0xAA | 0x11
+res = {}
+for name, norm in (("plain", None), ("normed", w)):
+    xq, s, sm = np.zeros((3, 256), np.int8), np.zeros(3, np.float32), np.zeros(3, np.int32)
+    if norm is None:
+        ternary.quantize_rows(x, xq, s, sm)
+    else:
+        ternary.norm_quantize_rows(x, norm, 1e-5, xq, s, sm)
+    out = np.zeros((3, 6))
+    ternary.ternary_matmul(xq, s, sm, packed, np.full(6, 0.5, np.float32), out, kernel="portable")
+    res[name] = [xq.tolist(), s.tolist(), sm.tolist(), out.tolist()]
+print(json.dumps(res))
+"""
+
+
+def test_portable_path_runs_without_the_jit_and_gives_the_same_bits():
+    """``NUMBA_DISABLE_JIT=1`` (debugging, CPUs Numba cannot compile for) runs the plain Python bodies of the
+    quantizer's helpers and the portable matmul: same int8 rows, scales and outputs as the compiled code."""
+    jit = _child(NOJIT_CHILD, {})
+    nojit = _child(NOJIT_CHILD, {"NUMBA_DISABLE_JIT": "1"})
+    assert jit.returncode == 0 and nojit.returncode == 0, (jit.stderr[-2000:], nojit.stderr[-2000:])
+    a, b = json.loads(jit.stdout), json.loads(nojit.stdout)
+    assert a == b
+    assert any(v != 0 for v in np.ravel(a["normed"][0]))
+
+
 # ---- layout ----------------------------------------------------------------------------------------------
 
 def test_pack_kernel_roundtrip():
