@@ -23,6 +23,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
+from ._bounds import in_range, min_max
 from ._config import JIT, JIT_PARALLEL, serial
 
 _CACHE_DTYPES = (np.float32, np.uint16)
@@ -102,9 +103,9 @@ def _store_row_impl(src, dst, buf):
 def _check_rows(row_seq, row_pos, block_tables, block_size, T):
     if row_seq.shape[0] < T or row_pos.shape[0] < T:
         raise ValueError("attention: row_seq/row_pos shorter than the number of rows")
-    if T and (row_seq[:T].min() < 0 or row_seq[:T].max() >= block_tables.shape[0]):
+    if not in_range(row_seq, T, block_tables.shape[0]):
         raise ValueError("attention: row_seq out of range of block_tables")
-    if T and (row_pos[:T].min() < 0 or row_pos[:T].max() >= block_tables.shape[1] * block_size):
+    if not in_range(row_pos, T, block_tables.shape[1] * block_size):
         raise ValueError("attention: position beyond the sequence's block table")
 
 
@@ -178,7 +179,7 @@ def attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, out, scratch)
         raise ValueError(f"attention: q {q.shape}, cache {k_cache.shape}, out {out.shape} do not match")
     _check_rows(row_seq, row_pos, block_tables, k_cache.shape[2], T)
     group = H // KVH
-    need = group * ((int(row_pos[:T].max()) + 1 if T else 0) + hd) + hd
+    need = group * ((min_max(row_pos, T)[1] + 1 if T else 0) + hd) + hd
     if scratch.dtype != np.float64 or scratch.shape[0] < numba.config.NUMBA_NUM_THREADS or scratch.shape[1] < need:
         raise ValueError(f"attention: scratch {scratch.shape} {scratch.dtype} must be float64 "
                          f"[>= {numba.config.NUMBA_NUM_THREADS}, >= {need}]")

@@ -12,6 +12,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
+from ._bounds import in_range
 from ._config import JIT, JIT_EXACT_PARALLEL, JIT_PARALLEL
 from ._cpu import HAS_AVX2, KERNEL
 from ._ir import I16, I32, Emit, const64
@@ -48,7 +49,7 @@ def embed(tokens, table, kind, out):
     T = tokens.shape[0]
     if out.shape[0] < T or out.shape[1] != table.shape[1]:
         raise ValueError(f"embed: out {out.shape} too small for {T} tokens of width {table.shape[1]}")
-    if T and (tokens[:T].min() < 0 or tokens[:T].max() >= table.shape[0]):
+    if not in_range(tokens, T, table.shape[0]):
         raise ValueError(f"embed: token id out of range [0, {table.shape[0]})")
     if kind == F32:
         _embed_f32(tokens, table, out)

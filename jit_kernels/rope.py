@@ -6,6 +6,7 @@ for i < n_rot/2; dims past n_rot are left alone. cos/sin come from a table built
 import numpy as np
 from numba import njit, prange
 
+from ._bounds import in_range
 from ._config import JIT, JIT_PARALLEL, serial
 
 
@@ -22,7 +23,7 @@ def rope_neox(x, pos, cos, sin):
     half = cos.shape[1]
     if x.dtype not in (np.float32, np.float64) or pos.shape[0] != T or 2 * half > hd or sin.shape != cos.shape:
         raise ValueError(f"rope_neox: x {x.shape} {x.dtype}, pos {pos.shape}, table {cos.shape}")
-    if T and (pos[:T].min() < 0 or pos[:T].max() >= cos.shape[0]):
+    if not in_range(pos, T, cos.shape[0]):
         raise ValueError(f"rope_neox: position out of range [0, {cos.shape[0]})")
     if serial(x.size):
         _rope_neox_serial(x, pos, cos, sin)

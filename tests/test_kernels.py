@@ -486,6 +486,21 @@ def test_half_bits_round_like_numpy_and_widen_exactly():
     assert np.signbit(wide[0x8000])
 
 
+def test_index_range_checks():
+    from jit_kernels._bounds import in_range, min_max
+    a = np.array([3, -1, 7, 2], np.int32)
+    assert min_max(a, 4) == (-1, 7) and min_max(a, 1) == (3, 3)
+    assert not in_range(a, 4, 8)                  # -1
+    assert in_range(a, 1, 4) and not in_range(a, 1, 3)
+    assert in_range(a, 0, 0)                      # nothing to check
+    assert in_range(np.array([0, 7], np.int64), 2, 8) and not in_range(np.array([0, 8], np.int64), 2, 8)
+    with pytest.raises(ValueError, match="position out of range"):
+        rope.rope_neox(np.zeros((2, 1, 4)), np.array([0, 5], np.int32), *rope.rope_table(5, 4, 10000.0))
+    with pytest.raises(ValueError, match="token id out of range"):
+        embedding.embed(np.array([1, -1], np.int32), np.zeros((4, 8), np.float32), embedding.F32,
+                        np.zeros((2, 8), np.float32))
+
+
 def test_attention_rejects_position_beyond_table():
     kc, vc, tables = _paged(None, 1, 8, 4, 4, [4])
     with pytest.raises(ValueError):
