@@ -290,6 +290,8 @@ def _emit_block_asm(e, wp, wstride, xp, xstride, blk, acc16, R, C, prefetch):
     constraints = ["=x"] * n_acc + ["=&x"] * n_tmp + [str(i) for i in range(n_acc)] + ["x"] + ["r"] * (R + C)
     ptr = I8.as_pointer()
     fty = ir.FunctionType(ir.LiteralStructType([_V16I16] * n_out), [_V16I16] * (n_acc + 1) + [ptr] * (R + C))
+    # no side effects and no memory clobber: the statement only reads xq and packed, which nothing in a matmul
+    # writes, and its operands (addresses) differ for every block, so LLVM can neither merge nor hoist it
     asm = ir.InlineAsm(fty, "\n\t".join(lines), ",".join(constraints), side_effect=False)
     args = [acc16[r][c] for r in range(R) for c in range(C)] + [ir.Constant(_V16I16, [0x0303] * 16)]
     args += [b.inttoptr(e.addr(wp, wstride, r, wofs), ptr) for r in range(R)]
