@@ -5,15 +5,29 @@ of up to ``prefill_chunk`` rows), then decoded together for ``gen_tokens`` greed
 sequence per step, EOG ignored). Kernel compilation happens in a warm-up before anything is timed.
 ``repeat`` > 1 runs every batch size that many times and reports the run with the best total throughput
 (the others' figures are kept in ``runs``): on a shared machine the best run is the one least disturbed.
+
+``--baseline FILE`` compares the results with other engines' figures (or targets) from a JSON file::
+
+    {"source": "where the numbers come from",
+     "baselines": [{"name": "bitnet.cpp I2_S", "prefill_tok_s": 64.3,
+                    "decode_tok_s": {"1": 9.6, "8": 21.3, "32": 16.6}, "peak_rss_mb": {"32": 2000}}, ...]}
+
+and prints, per baseline and batch size, ours / theirs for prefill and decode throughput (> 1: faster) and
+theirs / ours for peak RSS (>= 1: at or below theirs). Every figure is optional; ``examples/bench-baselines.json``
+holds the reference engines' published numbers for the 2-core Zen3 machine kind and the performance targets.
 """
 from __future__ import annotations
 
+import json
+import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
 from .engine.engine import Engine, EngineConfig
+from .errors import ConfigError
 from .runner import peak_rss_mb, warm_up
 
 
@@ -102,3 +116,81 @@ def run_bench(model_ref, batch_sizes=(1, 8, 32), prompt_tokens=64, gen_tokens=64
             f"({r.step_ms:.0f} ms/step) | ttft {r.ttft_s:.3f}s | total {r.total_tok_s:8.1f} tok/s | "
             f"peak RSS {r.peak_rss_mb:.0f} MB{spread}")
     return out
+
+
+def _positive(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{where}: want a positive number, got {value!r}")
+    return float(value)
+
+
+def load_baselines(path) -> list[dict]:
+    """The baselines of a JSON file (format in the module docstring), checked: [{"name", "prefill_tok_s": float
+    | None, "decode_tok_s": {batch: float}, "peak_rss_mb": {batch: float}}]."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the baseline file: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+    items = doc.get("baselines") if isinstance(doc, dict) else None
+    if not isinstance(items, list) or not items:
+        raise ConfigError(f"{path}: want an object with a non-empty 'baselines' list")
+    out = []
+    for i, item in enumerate(items):
+        where = f"{path}: baselines[{i}]"
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"].strip():
+            raise ConfigError(f"{where}: want an object with a non-empty 'name'")
+        unknown = sorted(set(item) - {"name", "note", "prefill_tok_s", "decode_tok_s", "peak_rss_mb"})
+        if unknown:
+            raise ConfigError(f"{where}: unknown field {unknown[0]!r} (known: name, note, prefill_tok_s, "
+                              f"decode_tok_s, peak_rss_mb)")
+        b = {"name": item["name"], "prefill_tok_s": None, "decode_tok_s": {}, "peak_rss_mb": {}}
+        if item.get("prefill_tok_s") is not None:
+            b["prefill_tok_s"] = _positive(item["prefill_tok_s"], f"{where}.prefill_tok_s")
+        for key in ("decode_tok_s", "peak_rss_mb"):
+            per_batch = item.get(key, {})
+            if not isinstance(per_batch, dict):
+                raise ConfigError(f"{where}.{key}: want an object of batch size -> number, got {per_batch!r}")
+            for batch, value in per_batch.items():
+                if not str(batch).isdigit() or int(batch) < 1:
+                    raise ConfigError(f"{where}.{key}: batch size {batch!r} is not a positive integer")
+                b[key][int(batch)] = _positive(value, f"{where}.{key}[{batch!r}]")
+        out.append(b)
+    return out
+
+
+def compare(results: list[dict], baselines: list[dict]) -> list[dict]:
+    """One row per (baseline, batch size) that has something to compare: prefill_ratio and decode_ratio are
+    ours / theirs (> 1: faster), rss_ratio theirs / ours (>= 1: at or below theirs); None where a figure is
+    missing."""
+    rows = []
+    for base in baselines:
+        for r in results:
+            batch = r["batch"]
+            decode, rss = base["decode_tok_s"].get(batch), base["peak_rss_mb"].get(batch)
+            row = {"baseline": base["name"], "batch": batch,
+                   "prefill_ratio": _ratio(r["prefill_tok_s"], base["prefill_tok_s"]),
+                   "decode_ratio": _ratio(r["decode_tok_s"], decode),
+                   "rss_ratio": _ratio(rss, r["peak_rss_mb"])}
+            if any(row[k] is not None for k in ("prefill_ratio", "decode_ratio", "rss_ratio")):
+                rows.append(row)
+    return rows
+
+
+def _ratio(a, b):
+    return round(a / b, 3) if a is not None and b else None
+
+
+def format_comparison(rows: list[dict]) -> list[str]:
+    lines, name = [], None
+    for row in rows:
+        if row["baseline"] != name:
+            name = row["baseline"]
+            lines.append(f"vs {name} (ours / theirs; RSS: theirs / ours):")
+        parts = [f"{label} {row[key]:.2f}x" for label, key in
+                 (("prefill", "prefill_ratio"), ("decode", "decode_ratio"), ("peak RSS", "rss_ratio"))
+                 if row[key] is not None]
+        lines.append(f"  batch {row['batch']:3d}: " + ", ".join(parts))
+    return lines

@@ -352,19 +352,27 @@ def inspect(model, model_file, as_json):
 @click.option("--threads", type=int, default=0, help="Numba threads (0 = all cores).")
 @click.option("--repeat", type=int, default=1, show_default=True,
               help="Runs per batch size; the best (total tok/s) is reported, all are in the JSON.")
+@click.option("--baseline", default=None, type=click.Path(dir_okay=False),
+              help="JSON file of other engines' figures or targets (e.g. examples/bench-baselines.json): print "
+                   "ours / theirs ratios per batch size.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with a 'results' list.")
 def bench(model, model_file, batch_sizes, prompt_tokens, gen_tokens, prefill_chunk, kv_dtype, threads, repeat,
-          as_json):
+          baseline, as_json):
     """Measure prefill and batched decode throughput (random prompts, greedy decode)."""
-    from .bench import run_bench
+    from .bench import compare, format_comparison, load_baselines, run_bench
 
     try:
         sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
         if not sizes or min(sizes) < 1 or prompt_tokens < 1 or gen_tokens < 1 or repeat < 1:
             raise click.BadParameter("batch sizes, --prompt-tokens, --gen-tokens and --repeat must be >= 1")
+        baselines = load_baselines(baseline) if baseline else None      # a bad file fails before the model loads
+        log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
         out = run_bench(model, sizes, prompt_tokens, gen_tokens, threads, model_file=model_file,
-                        prefill_chunk=prefill_chunk, kv_dtype=kv_dtype, repeat=repeat,
-                        log=(lambda m: click.echo(m, err=True)) if as_json else click.echo)
+                        prefill_chunk=prefill_chunk, kv_dtype=kv_dtype, repeat=repeat, log=log)
+        if baselines:
+            out["comparisons"] = compare(out["results"], baselines)
+            for line in format_comparison(out["comparisons"]):
+                log(line)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     except (BitnetBatchError, OSError) as e:

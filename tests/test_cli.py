@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -86,6 +87,45 @@ def test_bench_json(small_model_path, kv_dtype):
     for key in ("prefill_tok_s", "decode_tok_s", "ttft_s", "total_tok_s", "peak_rss_mb"):
         assert out["results"][0][key] > 0
     assert out["compile_s"] >= 0 and out["load_s"] > 0
+
+
+def test_bench_compares_with_baselines(tmp_path, small_model_path):
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps({"baselines": [
+        {"name": "peer", "prefill_tok_s": 2.0, "decode_tok_s": {"1": 4.0, "8": 1.0}, "peak_rss_mb": {"1": 100000}},
+        {"name": "only-8", "decode_tok_s": {"8": 3.0}}]}))
+    args = ["bench", "-m", str(small_model_path), "--batch-sizes", "1", "--prompt-tokens", "8", "--gen-tokens", "4",
+            "--baseline", str(base)]
+    res = CliRunner().invoke(main, args + ["--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    (row,) = out["comparisons"]                       # "only-8" has nothing for batch 1
+    r = out["results"][0]
+    assert row["baseline"] == "peer" and row["batch"] == 1
+    assert row["prefill_ratio"] == round(r["prefill_tok_s"] / 2.0, 3)
+    assert row["decode_ratio"] == round(r["decode_tok_s"] / 4.0, 3)
+    assert row["rss_ratio"] == round(100000 / r["peak_rss_mb"], 3)
+    text = CliRunner().invoke(main, args)
+    assert text.exit_code == 0 and "vs peer (ours / theirs" in text.output and "decode" in text.output
+    # the shipped file parses
+    from bitnet_batch.bench import load_baselines
+    shipped = load_baselines(Path(__file__).parents[1] / "examples" / "bench-baselines.json")
+    assert [b["decode_tok_s"].get(32) for b in shipped] == [16.6, 24.5, 50.0]
+
+
+@pytest.mark.parametrize("doc, message", [
+    ("{", "not valid JSON"),
+    ('{"baselines": []}', "non-empty 'baselines' list"),
+    ('{"baselines": [{"name": "x", "decode_tok_s": {"8": -1}}]}', "baselines[0].decode_tok_s['8']: want a positive"),
+    ('{"baselines": [{"name": "x", "decode_tok_s": {"eight": 1}}]}', "batch size 'eight' is not a positive integer"),
+    ('{"baselines": [{"name": "x", "prefil_tok_s": 1}]}', "unknown field 'prefil_tok_s'"),
+])
+def test_bench_rejects_a_bad_baseline_file_before_loading_the_model(tmp_path, doc, message):
+    base = tmp_path / "base.json"
+    base.write_text(doc)
+    res = CliRunner().invoke(main, ["bench", "-m", str(tmp_path / "no-such-model.gguf"), "--baseline", str(base)])
+    assert res.exit_code != 0
+    assert str(base) in res.output and message in res.output
 
 
 def _cli(*args):
