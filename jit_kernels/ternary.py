@@ -48,7 +48,7 @@ from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
-from numba.core.extending import intrinsic, overload
+from numba.core.extending import intrinsic
 
 from ._config import JIT, JIT_EXACT, JIT_EXACT_PARALLEL, JIT_PARALLEL, serial
 from ._cpu import HAS_AVX2, KERNEL
@@ -105,30 +105,22 @@ def _quantize_any(x, w, eps, xq, xscale, xsum):
         _quantize_rows(x, w, np.float32(eps), xq, xscale, xsum)
 
 
+@njit(inline="always", **JIT)
 def _row_scale(x, w, eps, t):
-    """1 / rms of row t when the row is normed (w an array), unused otherwise. (The plain bodies of these
-    helpers run under ``NUMBA_DISABLE_JIT``; jitted code takes their overloads.)"""
-    return 1.0 if w is None else inv_rms(x, eps, t)
+    """1 / rms of row t when the row is normed (w an array), unused otherwise (w None: Numba prunes the branch
+    that does not type, so one body serves both drivers, compiled or under ``NUMBA_DISABLE_JIT``)."""
+    if w is None:
+        return 1.0
+    return inv_rms(x, eps, t)
 
 
-@overload(_row_scale, inline="always", jit_options=dict(JIT))
-def _row_scale_impl(x, w, eps, t):
-    if isinstance(w, types.NoneType):
-        return lambda x, w, eps, t: 1.0
-    return lambda x, w, eps, t: inv_rms(x, eps, t)
-
-
+@njit(inline="always", **JIT)
 def _quant_value(x, w, r, t, k):
     """The value the quantizer sees at (t, k) before its rounding to float32: x itself, or the normed
     ``w[k] * (x[t, k] * r)`` (float64)."""
-    return np.float64(x[t, k]) if w is None else np.float64(w[k]) * (np.float64(x[t, k]) * r)
-
-
-@overload(_quant_value, inline="always", jit_options=dict(JIT))
-def _quant_value_impl(x, w, r, t, k):
-    if isinstance(w, types.NoneType):
-        return lambda x, w, r, t, k: np.float64(x[t, k])
-    return lambda x, w, r, t, k: np.float64(w[k]) * (np.float64(x[t, k]) * r)
+    if w is None:
+        return np.float64(x[t, k])
+    return np.float64(w[k]) * (np.float64(x[t, k]) * r)
 
 
 @njit(inline="always", **JIT)
