@@ -226,17 +226,17 @@ class _Emit(Emit):
 
 
 def _emit_block(e, wp, wstride, xp, xstride, blk, acc16, R, C, prefetch):
-    """IR for block ``blk``: acc16[r][c] (<16 x i16> values) += codes(row r) . x(token c) over its 128 inputs."""
+    """IR for block ``blk``: acc16[r][c] (<16 x i16> values) += codes(row r) . x(token c) over its 128 inputs.
+    Used by the memory-bound one-token tiles (``prefetch`` -k or 0); the compute-bound ones take
+    ``_emit_block_asm``."""
     b = e.b
     mask = ir.Constant(_V16I16, [0x0303] * 16)
     wofs = b.mul(blk, ir.Constant(I64, BLOCK_BYTES))
     xofs = b.mul(blk, ir.Constant(I64, BLOCK))
-    if prefetch > 0:      # the hardware prefetcher alone leaves a one-token (decode) pass far below DRAM speed
-        for r in range(R):
-            e.prefetch_read(e.addr(wp, wstride, r, wofs, prefetch))
-    elif prefetch < 0:    # -k: the same block of the row k rows further on (tiles ahead, whatever the row length)
-        for r in range(R):
-            e.prefetch_read(e.addr(wp, wstride, r - prefetch, wofs))
+    # -k: the same block of the row k rows further on (tiles ahead, whatever the row length): the hardware
+    # prefetcher alone leaves a one-token (decode) pass far below DRAM speed
+    for r in range(R if prefetch < 0 else 0):
+        e.prefetch_read(e.addr(wp, wstride, r - prefetch, wofs))
     # the 32 code bytes of each row as 16-bit lanes: a 16-bit shift + mask 0x0303 extracts a 2-bit field per byte
     wv = [e.load(e.addr(wp, wstride, r, wofs), _V16I16) for r in range(R)]
     for j in range(4):                       # group j = inputs [32j, 32j + 32) of the block: bits 7-2j, 6-2j
@@ -254,6 +254,7 @@ def _emit_block_asm(e, wp, wstride, xp, xstride, blk, acc16, R, C, prefetch):
     version and spilled accumulators to the stack in the inner loop (~7 stores and reloads per block); here the
     accumulators stay in registers and each code vector is re-read from L1 instead of kept: ~6-10% more
     GMAC/s. Same instructions, same integer results."""
+    assert R * C + 2 * R + 2 <= 16, (R, C)      # accumulators, temporaries and the mask in 16 ymm registers
     b = e.b
     wofs = b.mul(blk, ir.Constant(I64, BLOCK_BYTES))
     xofs = b.mul(blk, ir.Constant(I64, BLOCK))
@@ -311,7 +312,7 @@ def _emit_dots(e, wp, wstride, xp, xstride, nblk, R, C, prefetch):
             builder.store(zero16, acc)
         with cgutils.for_range_slice(builder, b0, end, ir.Constant(I64, 1)) as (blk, _):
             vals = [[builder.load(a) for a in row] for row in acc16]
-            emit = _emit_block_asm if prefetch >= 0 and R * C + 2 * R + 2 <= 16 else _emit_block
+            emit = _emit_block if prefetch < 0 else _emit_block_asm       # rows ahead: the one-token tiles
             emit(e, wp, wstride, xp, xstride, blk, vals, R, C, prefetch)
             for r in range(R):
                 for c in range(C):
