@@ -100,13 +100,18 @@ def _store_row_impl(src, dst, buf):
 # ---- kernels ---------------------------------------------------------------------------------------------
 
 
-def _check_rows(row_seq, row_pos, block_tables, block_size, T):
+def _check_rows(row_seq, row_pos, block_tables, block_size, T) -> int:
+    """Checks the rows' sequences and positions; returns the number of positions the longest row attends to."""
     if row_seq.shape[0] < T or row_pos.shape[0] < T:
         raise ValueError("attention: row_seq/row_pos shorter than the number of rows")
     if not in_range(row_seq, T, block_tables.shape[0]):
         raise ValueError("attention: row_seq out of range of block_tables")
-    if not in_range(row_pos, T, block_tables.shape[1] * block_size):
+    if T == 0:
+        return 0
+    lo, hi = min_max(row_pos, T)
+    if lo < 0 or hi >= block_tables.shape[1] * block_size:
         raise ValueError("attention: position beyond the sequence's block table")
+    return int(hi) + 1
 
 
 def _check_cache(k_cache, v_cache, where):
@@ -177,9 +182,9 @@ def attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, out, scratch)
     _check_cache(k_cache, v_cache, "attention")
     if H % KVH or k_cache.shape[3] != hd or out.shape != q.shape or v_cache.shape != k_cache.shape:
         raise ValueError(f"attention: q {q.shape}, cache {k_cache.shape}, out {out.shape} do not match")
-    _check_rows(row_seq, row_pos, block_tables, k_cache.shape[2], T)
+    n_pos = _check_rows(row_seq, row_pos, block_tables, k_cache.shape[2], T)
     group = H // KVH
-    need = group * ((min_max(row_pos, T)[1] + 1 if T else 0) + hd) + hd
+    need = group * (n_pos + hd) + hd
     if scratch.dtype != np.float64 or scratch.shape[0] < numba.config.NUMBA_NUM_THREADS or scratch.shape[1] < need:
         raise ValueError(f"attention: scratch {scratch.shape} {scratch.dtype} must be float64 "
                          f"[>= {numba.config.NUMBA_NUM_THREADS}, >= {need}]")
