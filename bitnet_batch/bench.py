@@ -99,7 +99,8 @@ def run_bench(model_ref, batch_sizes=(1, 8, 32), prompt_tokens=64, gen_tokens=64
     import numba
 
     out = {"model": str(model.path), "arch": model.config.arch, "n_layer": model.config.n_layer,
-           "n_embd": model.config.n_embd, "threads": numba.get_num_threads(), "load_s": round(load_s, 3),
+           "n_embd": model.config.n_embd, "threads": numba.get_num_threads(),
+           "threading_layer": numba.threading_layer(), "load_s": round(load_s, 3),
            "rss_after_load_mb": round(rss_load, 1), "compile_s": round(compile_s, 3), "kv_dtype": kv_dtype,
            "prefill_chunk": prefill_chunk, "repeat": repeat, "results": []}
     log(f"model {model.path.name}: load {load_s:.2f}s (RSS {rss_load:.0f} MB), compile {compile_s:.2f}s, "

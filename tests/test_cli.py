@@ -87,6 +87,24 @@ def test_bench_json(small_model_path, kv_dtype):
     for key in ("prefill_tok_s", "decode_tok_s", "ttft_s", "total_tok_s", "peak_rss_mb"):
         assert out["results"][0][key] > 0
     assert out["compile_s"] >= 0 and out["load_s"] > 0
+    assert out["threading_layer"] in ("omp", "tbb", "workqueue")
+
+
+def test_thread_scaling_script(tmp_path, small_model_path):
+    """scripts/bench_threads.py: one bench process per thread count, each JSON saved, the speed-up table."""
+    script = Path(__file__).parents[1] / "scripts" / "bench_threads.py"
+    res = subprocess.run([sys.executable, str(script), "--model", str(small_model_path), "--threads", "2,1",
+                          "--batch-sizes", "1,2", "--prompt-tokens", "4", "--gen-tokens", "2", "--out-dir",
+                          str(tmp_path), "--json"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout.strip().splitlines()[-1])
+    assert sorted(doc["runs"]) == ["1", "2"] and {p.name for p in tmp_path.iterdir()} == {"threads-1.json",
+                                                                                          "threads-2.json"}
+    for n, run in doc["runs"].items():
+        assert run["threads"] == int(n) and [r["batch"] for r in run["results"]] == [1, 2]
+        assert run == json.loads((tmp_path / f"threads-{n}.json").read_text())
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| 1 |")]
+    assert len(rows) == 2 and all(row.count("1.00x") == 2 for row in rows)
 
 
 def test_bench_compares_with_baselines(tmp_path, small_model_path):
