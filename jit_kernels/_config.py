@@ -24,6 +24,9 @@ JIT_PARALLEL = dict(JIT, parallel=True)
 # error_model numpy (x / 0 gives inf).
 JIT_EXACT = dict(JIT, fastmath=False, error_model="numpy")
 JIT_EXACT_PARALLEL = dict(JIT_PARALLEL, fastmath=False, error_model="numpy")
+# Polynomial kernels whose range reduction must not be reassociated (Cody-Waite: x - n*ln2_hi - n*ln2_lo folded
+# into x - n*ln2 loses up to 4 ulp), but may fuse a multiply and an add into one FMA (no extra rounding).
+JIT_CONTRACT = dict(JIT, fastmath={"contract"})
 
 # Row-wise kernels (norms, RoPE, KV writes, activations, int8 quantization) run serially up to this many
 # elements: a decode step's few rows take microseconds, less than waking the thread pool (which costs far more

@@ -1,17 +1,24 @@
 """Sampling helpers that numpy does slowly on a 128k vocabulary.
 
 - ``top_n``: ids of the n best entries in the sampler's canonical order (value descending, ties by ascending
-  id), in one pass with a bounded heap (numpy needs ``partition`` + ``flatnonzero`` + a sort, about twice as
-  long). Above ``HEAP_MAX`` ids the heap's own sort would dominate, so the wrapper switches to numpy.
+  id). On a large vocabulary (at least 4n groups of ``TOP_GROUP`` ids) a floor comes from the groups' maxima
+  (one vectorised max, then a partition of V / 64 values): the entries at or above it, typically a few n, are
+  gathered and sorted. Small arrays go through a bounded heap in one pass, or numpy's partition above
+  ``HEAP_MAX`` ids (where the heap's churn would dominate).
+- ``exp_weights``: exp(x - top) for every entry and their float64 total, the softmax numerators of a draw: a
+  float32 exp (Cody-Waite range reduction and Cephes' degree-6 polynomial, <= 1 ulp from the float64 exp
+  rounded) that LLVM vectorises 8-wide, 4-7x faster than numpy's float32 exp on this machine kind.
 - ``mask_disallowed``: sets the logits of the tokens a constraint mask forbids to -inf, reading a bool mask or
   a packed 32-bit bitmask directly (numpy's masked stores cost 0.1-1 ms on a scattered mask).
 """
 import numpy as np
 from numba import njit
 
-from ._config import JIT
+from ._config import JIT, JIT_CONTRACT
+from .bits import f32_from_bits
 
 HEAP_MAX = 128         # largest n selected with the heap kernel (numpy wins above: heap churn)
+TOP_GROUP = 64         # ids per group of top_n's group-max floor
 _FLOATS = (np.float32, np.float64)
 
 
@@ -23,12 +30,34 @@ def top_n(x, n):
     n = int(n)
     if n <= 0 or x.size == 0:
         return np.empty(0, np.int64)
+    if n == 1:
+        best = int(np.argmax(x))                    # the first maximum: the lowest id among ties
+        return np.array([best] if x[best] > -np.inf else [], np.int64)
+    n_groups = x.size // TOP_GROUP
+    if n_groups >= 4 * n:
+        # Group j holds ids j, j + G, j + 2G, ... (G = n_groups: a column of x viewed as [TOP_GROUP, G], so one
+        # vectorised max over axis 0 gives every group's max). The n-th largest group max is <= the n-th largest
+        # entry (n groups reach it, so n entries do), so it is a floor that keeps all of the n best.
+        group_max = x[:n_groups * TOP_GROUP].reshape(TOP_GROUP, n_groups).max(axis=0)
+        return _top_n_from(x, n, np.partition(group_max, n_groups - n)[n_groups - n])
     if n > HEAP_MAX:
-        return _top_n_numpy(x, n)
+        return _top_n_from(x, n, np.partition(x, x.size - n)[x.size - n] if n < x.size else -np.inf)
     heap_v = np.empty(min(n, x.size), x.dtype)      # [n] kept values; a min-heap by rank (worst at the root)
     heap_i = np.empty(min(n, x.size), np.int64)     # [n] their ids
     count = _top_n(x, heap_v, heap_i)
     return heap_i[:count]
+
+
+def exp_weights(x, top, w):
+    """x float32 [V] contiguous, top: a float >= max(x) (normally max(x)), w float32 [V] (written) ->
+    w[i] = exp(x[i] - top) in float32 and their float64 total. Entries more than 87.3 below ``top`` (where the
+    float32 exp leaves the normal range), -inf among them, weigh 0."""
+    if x.ndim != 1 or x.dtype != np.float32 or not x.flags.c_contiguous:
+        raise TypeError(f"exp_weights: want contiguous 1-D float32 logits, got {x.dtype} {x.shape}")
+    if w.shape != x.shape or w.dtype != np.float32 or not w.flags.c_contiguous:
+        raise TypeError(f"exp_weights: want a contiguous float32 [{x.size}] output, got {w.dtype} {w.shape}")
+    _exp_shifted(x, np.float32(top), w)
+    return float(_sum_f64(w))
 
 
 def canonical_order(ids, values):
@@ -45,16 +74,10 @@ def canonical_order(ids, values):
     return (key & np.uint64(0xFFFFFFFF)).astype(np.int64)
 
 
-def _top_n_numpy(x, n):
-    """top_n for large n: the n-th largest value by partition, then a sort of the ids at or above it."""
-    size = x.size
-    if n <= 0:
-        return np.empty(0, np.int64)
-    if n >= size:
-        ids = np.flatnonzero(x > -np.inf)
-    else:
-        t = np.partition(x, size - n)[size - n]        # the n-th largest value
-        ids = np.flatnonzero(x > t) if t == -np.inf else np.flatnonzero(x >= t)
+def _top_n_from(x, n, floor):
+    """top_n given a floor <= the n-th largest entry: the entries at or above it (finite ones when the floor is
+    -inf) in canonical order, the first n of them."""
+    ids = np.flatnonzero(x > floor) if floor == -np.inf else np.flatnonzero(x >= floor)
     if x.dtype == np.float32:
         ids = canonical_order(ids, x[ids])
     else:
@@ -135,6 +158,47 @@ def _top_n(x, heap_v, heap_i):
         heap_v[0], heap_i[0] = v, i
         _sift_down(heap_v, heap_i, 0, end)
     return size
+
+
+# float32 exp: Cephes expf (range reduction by Cody-Waite, degree-6 polynomial on [-ln2/2, ln2/2])
+_LOG2E = np.float32(1.44269504088896341)
+_LN2_HI = np.float32(0.693359375)                 # ln 2 = _LN2_HI + _LN2_LO, _LN2_HI with 9 significant bits
+_LN2_LO = np.float32(-2.12194440e-4)
+_EXP_LO = np.float32(-87.33654475)                # ln(2^-126): below, exp is not a normal float32 (-> 0)
+_EXP_HI = np.float32(88.0)                        # keeps 2^n finite; callers pass t <= 0
+_P0 = np.float32(1.9875691500e-4)
+_P1 = np.float32(1.3981999507e-3)
+_P2 = np.float32(8.3334519073e-3)
+_P3 = np.float32(4.1665795894e-2)
+_P4 = np.float32(1.6666665459e-1)
+_P5 = np.float32(5.0000001201e-1)
+_HALF = np.float32(0.5)
+_ONE = np.float32(1.0)
+_ZERO = np.float32(0.0)
+
+
+@njit(inline="always", **JIT_CONTRACT)
+def _expf(t):
+    c = min(max(t, _EXP_LO), _EXP_HI)
+    n = np.floor(c * _LOG2E + _HALF)              # c = n ln2 + r, |r| <= ln2 / 2
+    r = c - n * _LN2_HI - n * _LN2_LO
+    p = (((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5) * (r * r) + r + _ONE
+    two_n = f32_from_bits(np.uint32(np.int32(n) + np.int32(127)) << np.uint32(23))
+    return p * two_n if t >= _EXP_LO else _ZERO
+
+
+@njit(**JIT_CONTRACT)
+def _exp_shifted(x, top, w):
+    for i in range(x.size):
+        w[i] = _expf(x[i] - top)
+
+
+@njit(**JIT)
+def _sum_f64(w):
+    total = np.float64(0.0)
+    for i in range(w.size):
+        total += np.float64(w[i])
+    return total
 
 
 @njit(**JIT)

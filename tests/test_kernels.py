@@ -289,17 +289,28 @@ for name, norm in (("plain", None), ("normed", w)):
     out = np.zeros((3, 6))
     ternary.ternary_matmul(xq, s, sm, packed, np.full(6, 0.5, np.float32), out, kernel="portable")
     res[name] = [xq.tolist(), s.tolist(), sm.tolist(), out.tolist()]
+from jit_kernels import sampling
+v = (rng.standard_normal(3000) * 20).astype(np.float32)
+v[::7] = -np.inf
+wts = np.zeros(3000, np.float32)
+total = sampling.exp_weights(v, v.max(), wts)
+res["exp"] = [wts.tolist(), total]
+res["top_n"] = [sampling.top_n(v, n).tolist() for n in (1, 5, 40, 200)]
 print(json.dumps(res))
 """
 
 
 def test_portable_path_runs_without_the_jit_and_gives_the_same_bits():
     """``NUMBA_DISABLE_JIT=1`` (debugging, CPUs Numba cannot compile for) runs the plain Python bodies of the
-    quantizer's helpers and the portable matmul: same int8 rows, scales and outputs as the compiled code."""
+    quantizer's helpers and the portable matmul: same int8 rows, scales and outputs as the compiled code; the
+    sampler's top-n ids and exp weights too (those within 1 ulp)."""
     jit = _child(NOJIT_CHILD, {})
     nojit = _child(NOJIT_CHILD, {"NUMBA_DISABLE_JIT": "1"})
     assert jit.returncode == 0 and nojit.returncode == 0, (jit.stderr[-2000:], nojit.stderr[-2000:])
     a, b = json.loads(jit.stdout), json.loads(nojit.stdout)
+    (wa, ta), (wb, tb) = a.pop("exp"), b.pop("exp")      # the compiled exp fuses multiply-adds: <= 1 ulp apart
+    np.testing.assert_array_max_ulp(np.float32(wa), np.float32(wb), maxulp=1)
+    assert ta == pytest.approx(tb, rel=1e-6) and np.count_nonzero(wa) > 2000
     assert a == b
     assert any(v != 0 for v in np.ravel(a["normed"][0]))
 

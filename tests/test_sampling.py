@@ -519,6 +519,41 @@ def test_top_n_kernel_matches_naive_twin():
         assert np.array_equal(ks.top_n(x, n), naive_top_n(x, n)), (size, n)
 
 
+def test_top_n_group_floor_path_matches_naive_twin():
+    """Large arrays take the group-max floor (>= 4n groups of TOP_GROUP ids): same ids as the naive twin, with
+    ties spread over groups, -inf entries, a tail past the last full group and n = 1."""
+    rng = np.random.default_rng(4)
+    for trial in range(60):
+        size = int(rng.integers(4 * ks.TOP_GROUP, 20000))
+        x = rng.integers(-30, 31, size).astype(np.float32 if trial % 2 else np.float64)
+        x[rng.random(size) < 0.3] = -np.inf
+        if trial % 5 == 0:
+            x[:] = -np.inf                                       # nothing finite: nothing comes back
+            x[rng.integers(0, size, 3)] = 1.0
+        for n in (1, 2, int(rng.integers(3, max(4, size // ks.TOP_GROUP // 4)))):
+            assert np.array_equal(ks.top_n(x, n), naive_top_n(x, n)), (size, n)
+
+
+def test_exp_weights_matches_float64_exp():
+    """The vectorised float32 exp of x - top: within 1 ulp of the float64 exp of the same float32 difference,
+    over the whole normal range; 0 below it and for -inf; the float64 total of the float32 weights."""
+    t = np.concatenate([np.linspace(-87.33, 0, 400_001), -np.geomspace(1e-8, 87.3, 2001), [0.0, -0.0]])
+    x = (t + 3.5).astype(np.float32)
+    w = np.full_like(x, np.nan)
+    total = ks.exp_weights(x, np.float32(3.5), w)
+    ref = np.exp((x - np.float32(3.5)).astype(np.float64))      # the float32 difference is the exp's input
+    ulp = np.abs(w - ref) / np.spacing(ref.astype(np.float32)).astype(np.float64)
+    assert ulp.max() <= 1.0
+    assert total == pytest.approx(float(w.astype(np.float64).sum()), rel=1e-12)
+    tiny = np.array([-87.4, -100.0, -1e30, -np.inf], np.float32)
+    out = np.full_like(tiny, np.nan)
+    assert ks.exp_weights(tiny, 0.0, out) == 0.0 and np.array_equal(out, np.zeros(4, np.float32))
+    with pytest.raises(TypeError):
+        ks.exp_weights(x.astype(np.float64), 0.0, w)
+    with pytest.raises(TypeError):
+        ks.exp_weights(x, 0.0, w[:-1])
+
+
 def test_canonical_order_matches_lexsort():
     rng = np.random.default_rng(2)
     vals = np.concatenate([rng.standard_normal(500), [0.0, -0.0, 0.0, np.inf, -np.inf, 1e-30, -1e-30]])

@@ -24,7 +24,7 @@ from typing import Iterable, Protocol, Sequence
 
 import numpy as np
 
-from jit_kernels.sampling import canonical_order, mask_disallowed, top_n
+from jit_kernels.sampling import canonical_order, exp_weights, mask_disallowed, top_n
 
 from ..errors import BitnetBatchError
 
@@ -120,10 +120,8 @@ class Candidates:
     def dense_weights(self) -> DenseMass:
         """exp(dense - max) into the scratch, with its float64 total and the max (see ``DenseMass``)."""
         top = self.dense_max()
-        w = self._weights
-        np.subtract(self.dense, np.float32(top), out=w)
-        np.exp(w, out=w)
-        return DenseMass(w, float(w.sum(dtype=np.float64)), top)
+        total = exp_weights(self.dense, top, self._weights)
+        return DenseMass(self._weights, total, top)
 
     def top(self, n: int) -> np.ndarray:
         """Ids of the ``n`` best candidates in canonical order (a prefix of ``ids`` when reduced)."""
