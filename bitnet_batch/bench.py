@@ -2,7 +2,9 @@
 
 For each batch size B: B sequences of ``prompt_tokens`` random token ids are prefilled (chunked steps
 of up to ``prefill_chunk`` rows), then decoded together for ``gen_tokens`` greedy steps (one row per
-sequence per step, EOG ignored). Kernel compilation happens in a warm-up before anything is timed.
+sequence per step, EOG ignored). Kernel compilation happens in a warm-up before anything is timed, and each
+batch size's engine writes its KV pool (sized to the run) once before the clock starts, as llama.cpp's benches
+clear the KV buffer at context creation (``kv_prefault_s``; see ``EngineConfig.prefault_kv``).
 ``repeat`` > 1 runs every batch size that many times and reports the run with the best total throughput
 (the others' figures are kept in ``runs``): on a shared machine the best run is the one least disturbed.
 
@@ -42,13 +44,15 @@ class BenchResult:
     total_tok_s: float       # (prompt + generated tokens) / total wall time
     step_ms: float           # mean wall time of one decode step
     peak_rss_mb: float
+    kv_prefault_s: float     # writing the KV pool once before the clock starts (EngineConfig.prefault_kv)
 
 
 def bench_batch(model, batch: int, prompt_tokens: int, gen_tokens: int, *, prefill_chunk: int = 128,
                 threads: int = 0, seed: int = 0, kv_dtype: str = "f32") -> BenchResult:
     cfg = model.config
-    eng = Engine(model, EngineConfig(max_batch=batch, max_seq_len=prompt_tokens + gen_tokens + 1,
-                                     prefill_chunk=max(prefill_chunk, batch), threads=threads, kv_dtype=kv_dtype))
+    eng = Engine(model, EngineConfig(max_batch=batch, max_seq_len=prompt_tokens + gen_tokens,
+                                     prefill_chunk=max(prefill_chunk, batch), threads=threads, kv_dtype=kv_dtype,
+                                     prefault_kv=True))
     rng = np.random.default_rng(seed)
     prompts = rng.integers(0, cfg.n_vocab, size=(batch, prompt_tokens)).astype(np.int32)
     slots = [eng.kv.allocate() for _ in range(batch)]
@@ -83,7 +87,8 @@ def bench_batch(model, batch: int, prompt_tokens: int, gen_tokens: int, *, prefi
                        decode_tok_s=round(batch * (gen_tokens - 1) / (t2 - t1), 2) if gen_tokens > 1 else 0.0,
                        ttft_s=round(t1 - t0, 4),
                        total_tok_s=round(batch * (prompt_tokens + gen_tokens) / (t2 - t0), 2),
-                       step_ms=round(1000 * (t2 - t1) / steps, 2), peak_rss_mb=round(peak_rss_mb(), 1))
+                       step_ms=round(1000 * (t2 - t1) / steps, 2), peak_rss_mb=round(peak_rss_mb(), 1),
+                       kv_prefault_s=round(eng.kv_prefault_s, 3))
 
 
 def run_bench(model_ref, batch_sizes=(1, 8, 32), prompt_tokens=64, gen_tokens=64, threads=0, model_file=None,
@@ -115,7 +120,7 @@ def run_bench(model_ref, batch_sizes=(1, 8, 32), prompt_tokens=64, gen_tokens=64
                                           f"{max(x.decode_tok_s for x in runs):.1f}")
         log(f"batch {r.batch:3d}: prefill {r.prefill_tok_s:8.1f} tok/s | decode {r.decode_tok_s:8.1f} tok/s "
             f"({r.step_ms:.0f} ms/step) | ttft {r.ttft_s:.3f}s | total {r.total_tok_s:8.1f} tok/s | "
-            f"peak RSS {r.peak_rss_mb:.0f} MB{spread}")
+            f"peak RSS {r.peak_rss_mb:.0f} MB | KV prefault {r.kv_prefault_s:.2f}s{spread}")
     return out
 
 

@@ -86,6 +86,7 @@ def test_bench_json(small_model_path, kv_dtype):
     assert [r["batch"] for r in out["results"]] == [1, 2]
     for key in ("prefill_tok_s", "decode_tok_s", "ttft_s", "total_tok_s", "peak_rss_mb"):
         assert out["results"][0][key] > 0
+    assert out["results"][0]["kv_prefault_s"] >= 0            # a tiny model's pool: well under a millisecond
     assert out["compile_s"] >= 0 and out["load_s"] > 0
     assert out["threading_layer"] in ("omp", "tbb", "workqueue")
 

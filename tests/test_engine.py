@@ -1,5 +1,6 @@
 """Engine logits vs the reference engines' spec logits; cached decode == uncached; batch invariance."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,30 @@ def test_cached_decode_equals_full_prefill(i2s_model):
         out = eng.step([(slot, ids[p:p + 1].astype(np.int32), p, True)])[0]
         assert np.abs(out - full[p]).max() <= 1e-3
         np.testing.assert_array_equal(out, full[p])      # same kernels per row: bit-identical
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads the resident set from /proc (Linux)")
+def test_prefault_kv_writes_the_pool_once_and_changes_no_logits(i2s_model):
+    """prefault_kv: the pool's pages are resident when the engine is built (an engine without it maps them
+    lazily), its time is reported, and the logits are the same."""
+    cfg = dict(max_batch=2, max_seq_len=64, prefill_chunk=16, block_size=8, kv_cache_mb=64)
+    before = _rss_mib()
+    lazy = Engine(i2s_model, EngineConfig(**cfg))
+    grew_lazy = _rss_mib() - before
+    before = _rss_mib()
+    eager = Engine(i2s_model, EngineConfig(**cfg, prefault_kv=True))
+    grew_eager = _rss_mib() - before
+    assert lazy.kv.nbytes == eager.kv.nbytes >= 63 * 2**20
+    assert grew_lazy < 16 and grew_eager >= 0.95 * eager.kv.nbytes / 2**20, (grew_lazy, grew_eager)
+    assert eager.kv_prefault_s > 0 and lazy.kv_prefault_s == 0
+    ids = np.arange(1, 21, dtype=np.int32)
+    outs = [e.all_logits(e.kv.allocate(), ids) for e in (lazy, eager)]
+    np.testing.assert_array_equal(outs[0], outs[1])
 
 
 def test_float16_kv_cache(i2s_model):

@@ -95,6 +95,11 @@ class KVCache:
         self._n_blocks_of[slot] = 0
         self._free_slots.append(slot)
 
+    def prefault(self) -> None:
+        """Write every page of K and V once (zeros, what they hold already), so no later write faults a page in."""
+        self.k.fill(0)
+        self.v.fill(0)
+
     def layer(self, i: int):
         """(k, v) views of layer i: [n_blocks, n_kv_heads, block_size, head_dim] (float32 or float16 bits)."""
         return self.k[i], self.v[i]

@@ -44,6 +44,9 @@ class Workspace:
         self.att_scratch = attention_scratch(numba.config.NUMBA_NUM_THREADS, max_seq_len, cfg.head_dim,
                                              cfg.n_head // cfg.n_head_kv)
         self.lm_scratch = lm_head_scratch(numba.config.NUMBA_NUM_THREADS, D)
+        for a in vars(self).values():     # fault the pages in now, not in the first full step (see Engine)
+            if isinstance(a, np.ndarray):
+                a.fill(0)
 
     @property
     def nbytes(self) -> int:
