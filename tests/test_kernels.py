@@ -396,7 +396,7 @@ def _paged(S, KVH, hd, bs, n_blocks, seqs_len, dtype=np.float32):
 
 
 @pytest.mark.parametrize("cache", [np.float32, np.uint16])
-@pytest.mark.parametrize("H,KVH,hd,bs", [(4, 2, 64, 16), (4, 4, 32, 8), (6, 1, 16, 4)])
+@pytest.mark.parametrize("H,KVH,hd,bs", [(4, 2, 64, 16), (4, 4, 32, 8), (6, 1, 16, 4), (8, 2, 32, 16), (4, 1, 16, 4)])
 def test_kv_write_and_attention_match_twin(H, KVH, hd, bs, cache):
     lens = [9, 1, 23]
     kc, vc, tables = _paged(None, KVH, hd, bs, 32, lens, cache)
