@@ -37,7 +37,8 @@ class Workspace:
         self.qkv = np.zeros((T, qkv), np.float64)         # fused q|k|v projection output
         self.att = np.zeros((T, cfg.n_head, cfg.head_dim), np.float64)   # attention output per head
         self.proj = np.zeros((T, D), np.float64)          # o_proj / down_proj output
-        self.gu = np.zeros((T, 2 * F), np.float64)        # fused gate|up output; act(gate) * up replaces gate
+        gu = np.zeros((2, T, F), np.float64)              # gate and up outputs, each C-contiguous [T, F]
+        self.gate, self.up = gu[0], gu[1]                 # act(gate) * up replaces gate
         self.xl = np.zeros((max_logit_rows, D), np.float64)          # final-normed rows that need logits
         self.xl32 = np.zeros((max_logit_rows, D), np.float32)        # the same rounded for the lm_head
         self.logits = np.zeros((max_logit_rows, cfg.n_vocab), np.float32)
