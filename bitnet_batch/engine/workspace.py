@@ -34,11 +34,12 @@ class Workspace:
         self.xq = np.zeros(T * _pad(max(D, F, cfg.q_dim)), np.int8)
         self.xscale = np.zeros(T, np.float32)             # per-token activation scale s_t
         self.xsum = np.zeros(T, np.int32)                 # per-token sum of int8 activations
-        self.qkv = np.zeros((T, qkv), np.float64)         # fused q|k|v projection output
+        # fused projections' outputs, flat: [T, q|k|v] for one row, else one C-contiguous [T, width] array per
+        # part (see ``bitnet._norm_project_parts``)
+        self.qkv = np.zeros(T * qkv, np.float64)
         self.att = np.zeros((T, cfg.n_head, cfg.head_dim), np.float64)   # attention output per head
         self.proj = np.zeros((T, D), np.float64)          # o_proj / down_proj output
-        gu = np.zeros((2, T, F), np.float64)              # gate and up outputs, each C-contiguous [T, F]
-        self.gate, self.up = gu[0], gu[1]                 # act(gate) * up replaces gate
+        self.gate_up = np.zeros(T * 2 * F, np.float64)    # the same for gate|up; act(gate) * up replaces gate
         self.xl = np.zeros((max_logit_rows, D), np.float64)          # final-normed rows that need logits
         self.xl32 = np.zeros((max_logit_rows, D), np.float32)        # the same rounded for the lm_head
         self.logits = np.zeros((max_logit_rows, cfg.n_vocab), np.float32)

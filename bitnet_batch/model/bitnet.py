@@ -62,18 +62,28 @@ def _norm_project(ws: Workspace, x: np.ndarray, norm_w: np.ndarray, eps: float, 
     ternary.ternary_matmul(xq, ws.xscale[:T], ws.xsum[:T], proj.packed, proj.scale, out)
 
 
-def _norm_project_halves(ws: Workspace, x: np.ndarray, norm_w: np.ndarray, eps: float, proj: Projection,
-                         out0: np.ndarray, out1: np.ndarray) -> None:
-    """``_norm_project`` of a fused projection whose two halves of rows go to two outputs (gate, up): one
-    quantization, a matmul per half, so each output is a contiguous array (a column half of one [T, 2F]
-    output is a strided view, on which the row kernels that follow do not vectorise: 4x slower)."""
+def _norm_project_parts(ws: Workspace, x: np.ndarray, norm_w: np.ndarray, eps: float, proj: Projection,
+                        flat: np.ndarray, bounds: tuple[int, ...]) -> list[np.ndarray]:
+    """``_norm_project`` of a fused projection (q|k|v, gate|up) whose row ranges [bounds[i], bounds[i + 1]) are
+    separate outputs, written into ``flat``; returns them as C-contiguous [T, width] arrays. One row: one
+    matmul, the outputs are column ranges of its [1, N] result (contiguous, as it is one row). More rows: one
+    quantization and a matmul per part, each into its own [T, width] block of ``flat``: column ranges of a
+    [T, N] result would be strided views, on which the row kernels that follow vectorise badly or not at all
+    (the gated activation and the ffn_sub_norm quantizer: 4x slower at 32 rows; RoPE ~15%)."""
     T = x.shape[0]
     kp = proj.packed.shape[1] * 4
-    half = proj.packed.shape[0] // 2
     xq = ws.xq[:T * kp].reshape(T, kp)
     ternary.norm_quantize_rows(x, norm_w, eps, xq, ws.xscale, ws.xsum)
-    for rows, out in ((slice(0, half), out0), (slice(half, 2 * half), out1)):
-        ternary.ternary_matmul(xq, ws.xscale[:T], ws.xsum[:T], proj.packed[rows], proj.scale[rows], out)
+    if T == 1:
+        out = flat[:bounds[-1]].reshape(1, -1)
+        ternary.ternary_matmul(xq, ws.xscale[:1], ws.xsum[:1], proj.packed, proj.scale, out)
+        return [out[:, lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+    outs = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        out = flat[T * lo:T * hi].reshape(T, hi - lo)
+        ternary.ternary_matmul(xq, ws.xscale[:T], ws.xsum[:T], proj.packed[lo:hi], proj.scale[lo:hi], out)
+        outs.append(out)
+    return outs
 
 
 def forward(w: Weights, cfg: ModelConfig, ws: Workspace, kv: KVCache, rt: RopeTable,
@@ -84,27 +94,24 @@ def forward(w: Weights, cfg: ModelConfig, ws: Workspace, kv: KVCache, rt: RopeTa
         raise ValueError(f"forward: {T} rows / {R} logit rows exceed the workspace ({ws.max_rows}, "
                          f"{ws.max_logit_rows})")
     H, KVH, hd = cfg.n_head, cfg.n_head_kv, cfg.head_dim
-    qd, kvd = cfg.q_dim, cfg.kv_dim
-    x, qkv, att = ws.x[:T], ws.qkv[:T], ws.att[:T]
-    proj, gate, up = ws.proj[:T], ws.gate[:T], ws.up[:T]
-    ff = gate                      # the gated activation overwrites the gate rows in place
+    qkv_bounds = (0, cfg.q_dim, cfg.q_dim + cfg.kv_dim, cfg.q_dim + 2 * cfg.kv_dim)
+    gate_up_bounds = (0, cfg.n_ff, 2 * cfg.n_ff)
+    x, att, proj = ws.x[:T], ws.att[:T], ws.proj[:T]
     eps = cfg.rms_eps
     emb_k.embed(batch.tokens, w.tok_embd, w.tok_kind, x)
     for li, lw in enumerate(w.layers):
         kc, vc = kv.layer(li)
-        _norm_project(ws, x, lw.attn_norm, eps, lw.qkv, qkv)
-        q = qkv[:, :qd].reshape(T, H, hd)
-        k = qkv[:, qd:qd + kvd].reshape(T, KVH, hd)
-        v = qkv[:, qd + kvd:].reshape(T, KVH, hd)
+        q, k, v = _norm_project_parts(ws, x, lw.attn_norm, eps, lw.qkv, ws.qkv, qkv_bounds)
+        q, k, v = q.reshape(T, H, hd), k.reshape(T, KVH, hd), v.reshape(T, KVH, hd)
         rope.rope_neox(q, batch.row_pos, rt.cos, rt.sin)
         rope.rope_neox(k, batch.row_pos, rt.cos, rt.sin)
         att_k.kv_write(k, v, kc, vc, kv.block_tables, batch.row_seq, batch.row_pos, ws.att_scratch)
         att_k.attention(q, kc, vc, kv.block_tables, batch.row_seq, batch.row_pos, att, ws.att_scratch)
-        _norm_project(ws, att.reshape(T, qd), lw.attn_sub_norm, eps, lw.wo, proj)
+        _norm_project(ws, att.reshape(T, cfg.q_dim), lw.attn_sub_norm, eps, lw.wo, proj)
         x += proj
-        _norm_project_halves(ws, x, lw.ffn_norm, eps, lw.gate_up, gate, up)
-        act_k.gated_activation(gate, up, _ACT[cfg.ffn_act], ff)
-        _norm_project(ws, ff, lw.ffn_sub_norm, eps, lw.down, proj)
+        gate, up = _norm_project_parts(ws, x, lw.ffn_norm, eps, lw.gate_up, ws.gate_up, gate_up_bounds)
+        act_k.gated_activation(gate, up, _ACT[cfg.ffn_act], gate)        # in place: gate becomes the FFN rows
+        _norm_project(ws, gate, lw.ffn_sub_norm, eps, lw.down, proj)
         x += proj
     xl = ws.xl[:R]
     np.take(x, batch.logit_rows, axis=0, out=xl)
