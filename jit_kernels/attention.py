@@ -199,6 +199,38 @@ def attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, out, scratch)
         _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, 1.0 / np.sqrt(hd), scratch, out)
 
 
+@njit(inline="always", **JIT)
+def _gather_queries(q, t, h0, G, qv):
+    """qv[j * hd:(j + 1) * hd] <- q[t, h0 + j] for the G query heads of one KV head (contiguous float64)."""
+    hd = q.shape[2]
+    for j in range(G):
+        for d in range(hd):
+            qv[j * hd + d] = q[t, h0 + j, d]
+
+
+@njit(inline="always", **JIT)
+def _softmax_numerators(sc, lo, hi):
+    """One head's scores sc[lo:hi] <- exp(score - max score); the 1 / sum is applied to its output at the end
+    (``_divide_by_mass``)."""
+    m = -np.inf
+    for p in range(lo, hi):
+        if sc[p] > m:
+            m = sc[p]
+    for p in range(lo, hi):
+        sc[p] = np.exp(sc[p] - m)
+
+
+@njit(inline="always", **JIT)
+def _divide_by_mass(sc, lo, hi, acc):
+    """acc (one head's weighted sum of V rows) /= the sum of its softmax numerators sc[lo:hi]."""
+    mass = 0.0
+    for p in range(lo, hi):
+        mass += sc[p]
+    inv = 1.0 / mass
+    for d in range(acc.shape[0]):
+        acc[d] *= inv
+
+
 @njit(**JIT_PARALLEL)
 def _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, scratch, out):
     T, H, hd = q.shape
@@ -215,9 +247,7 @@ def _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, scrat
         sc = buf[:G * n]                              # scores of head h0 + j at [j * n, j * n + n)
         qv = buf[G * n:G * (n + hd)]                  # contiguous copies of the G queries
         kvbuf = buf[G * (n + hd):G * (n + hd) + hd]   # a float16 cache row widened
-        for j in range(G):
-            for d in range(hd):
-                qv[j * hd + d] = q[t, h0 + j, d]
+        _gather_queries(q, t, h0, G, qv)
         for p in range(n):
             kr = _kv_row(k_cache, table[p // bs], kvh, p % bs, kvbuf)
             for j in range(G):
@@ -226,14 +256,8 @@ def _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, scrat
                 for d in range(hd):
                     s += qj[d] * np.float64(kr[d])
                 sc[j * n + p] = s * scale
-        for j in range(G):                            # softmax per head: exp(s - max), then 1 / sum at the end
-            scj = sc[j * n:(j + 1) * n]
-            m = -np.inf
-            for p in range(n):
-                if scj[p] > m:
-                    m = scj[p]
-            for p in range(n):
-                scj[p] = np.exp(scj[p] - m)
+        for j in range(G):
+            _softmax_numerators(sc, j * n, j * n + n)
             out[t, h0 + j, :] = 0.0
         for p in range(n):
             vr = _kv_row(v_cache, table[p // bs], kvh, p % bs, kvbuf)
@@ -243,14 +267,7 @@ def _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, scrat
                 for d in range(hd):
                     acc[d] += w * np.float64(vr[d])
         for j in range(G):
-            scj = sc[j * n:(j + 1) * n]
-            l = 0.0
-            for p in range(n):
-                l += scj[p]
-            inv = 1.0 / l
-            acc = out[t, h0 + j]
-            for d in range(hd):
-                acc[d] *= inv
+            _divide_by_mass(sc, j * n, j * n + n, out[t, h0 + j])
 
 
 @njit(**JIT_PARALLEL)
@@ -273,9 +290,7 @@ def _attention_g4(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, sc
         buf = scratch[numba.get_thread_id()]
         sc = buf[:4 * n]                              # scores of head h0 + j at [j * n, j * n + n)
         qv = buf[4 * n:4 * (n + hd)]                  # contiguous copies of the 4 queries
-        for j in range(4):
-            for d in range(hd):
-                qv[j * hd + d] = q[t, h0 + j, d]
+        _gather_queries(q, t, h0, 4, qv)
         q0, q1, q2, q3 = qv[:hd], qv[hd:2 * hd], qv[2 * hd:3 * hd], qv[3 * hd:]
         for p in range(n):
             if p + PREFETCH_ROWS < n:
@@ -289,13 +304,8 @@ def _attention_g4(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, sc
                 s2 += q2[d] * kd
                 s3 += q3[d] * kd
             sc[p], sc[n + p], sc[2 * n + p], sc[3 * n + p] = s0 * scale, s1 * scale, s2 * scale, s3 * scale
-        for j in range(4):                            # softmax per head: exp(s - max), then 1 / sum at the end
-            m = -np.inf
-            for p in range(j * n, j * n + n):
-                if sc[p] > m:
-                    m = sc[p]
-            for p in range(j * n, j * n + n):
-                sc[p] = np.exp(sc[p] - m)
+        for j in range(4):
+            _softmax_numerators(sc, j * n, j * n + n)
             out[t, h0 + j, :] = 0.0
         a0, a1, a2, a3 = out[t, h0], out[t, h0 + 1], out[t, h0 + 2], out[t, h0 + 3]
         p = 0
@@ -327,10 +337,4 @@ def _attention_g4(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, sc
                     a3[d] += w3 * x0
                 p += 1
         for j in range(4):
-            l = 0.0
-            for p in range(j * n, j * n + n):
-                l += sc[p]
-            inv = 1.0 / l
-            acc = out[t, h0 + j]
-            for d in range(hd):
-                acc[d] *= inv
+            _divide_by_mass(sc, j * n, j * n + n, out[t, h0 + j])
