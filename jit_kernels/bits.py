@@ -27,37 +27,20 @@ def f32_from_bits(b):
     return np.uint32(b).view(np.float32)
 
 
-@intrinsic
-def _bitcast_f64_u64(typingctx, v):
-    if v != types.float64:
-        return None
-    return types.uint64(types.float64), lambda context, builder, sig, args: builder.bitcast(args[0], ir.IntType(64))
+def _jit_bit_cast(py_func, src, dst, dst_ir, src_np):
+    """Give ``py_func`` (a plain bit cast of a ``src`` scalar) a jitted body: an intrinsic that reinterprets the
+    value's bits as ``dst`` (an LLVM bitcast), after converting the argument to ``src_np``."""
+    @intrinsic
+    def cast(typingctx, v):
+        if v != src:
+            return None
+        return dst(src), lambda context, builder, sig, args: builder.bitcast(args[0], dst_ir)
+
+    @overload(py_func, inline="always")
+    def _impl(v):
+        return lambda v: cast(src_np(v))
 
 
-@intrinsic
-def _bitcast_u64_f64(typingctx, b):
-    if b != types.uint64:
-        return None
-    return types.float64(types.uint64), lambda context, builder, sig, args: builder.bitcast(args[0], ir.DoubleType())
-
-
-@overload(f64_bits, inline="always")
-def _f64_bits_impl(v):
-    return lambda v: _bitcast_f64_u64(np.float64(v))
-
-
-@overload(f64_from_bits, inline="always")
-def _f64_from_bits_impl(b):
-    return lambda b: _bitcast_u64_f64(np.uint64(b))
-
-
-@intrinsic
-def _bitcast_u32_f32(typingctx, b):
-    if b != types.uint32:
-        return None
-    return types.float32(types.uint32), lambda context, builder, sig, args: builder.bitcast(args[0], ir.FloatType())
-
-
-@overload(f32_from_bits, inline="always")
-def _f32_from_bits_impl(b):
-    return lambda b: _bitcast_u32_f32(np.uint32(b))
+_jit_bit_cast(f64_bits, types.float64, types.uint64, ir.IntType(64), np.float64)
+_jit_bit_cast(f64_from_bits, types.uint64, types.float64, ir.DoubleType(), np.uint64)
+_jit_bit_cast(f32_from_bits, types.uint32, types.float32, ir.FloatType(), np.uint32)
