@@ -51,14 +51,22 @@ class RopeTable:
         self.cos, self.sin = rope.rope_table(max_pos, cfg.n_rot, cfg.rope_base)
 
 
-def _norm_project(ws: Workspace, x: np.ndarray, norm_w: np.ndarray, eps: float, proj: Projection,
-                  out: np.ndarray) -> None:
-    """out = ternary(int8(RMSNorm(x) * norm_w)): the norm and the per-token absmax quantization in one pass
-    (the normed rows are never stored), then the exact ternary matmul."""
+def _norm_quantize(ws: Workspace, x: np.ndarray, norm_w: np.ndarray, eps: float, proj: Projection) -> np.ndarray:
+    """int8(RMSNorm(x) * norm_w) at ``proj``'s padded input width: the norm and the per-token absmax quantization
+    in one pass (the normed rows are never stored); returns the int8 rows, their scales and sums are in
+    ``ws.xscale`` / ``ws.xsum``."""
     T = x.shape[0]
     kp = proj.packed.shape[1] * 4
     xq = ws.xq[:T * kp].reshape(T, kp)
     ternary.norm_quantize_rows(x, norm_w, eps, xq, ws.xscale, ws.xsum)
+    return xq
+
+
+def _norm_project(ws: Workspace, x: np.ndarray, norm_w: np.ndarray, eps: float, proj: Projection,
+                  out: np.ndarray) -> None:
+    """out = ternary(int8(RMSNorm(x) * norm_w)): ``_norm_quantize``, then the exact ternary matmul."""
+    T = x.shape[0]
+    xq = _norm_quantize(ws, x, norm_w, eps, proj)
     ternary.ternary_matmul(xq, ws.xscale[:T], ws.xsum[:T], proj.packed, proj.scale, out)
 
 
@@ -71,13 +79,11 @@ def _norm_project_parts(ws: Workspace, x: np.ndarray, norm_w: np.ndarray, eps: f
     [T, N] result would be strided views, on which the row kernels that follow vectorise badly or not at all
     (the gated activation and the ffn_sub_norm quantizer: 4x slower at 32 rows; RoPE ~15%)."""
     T = x.shape[0]
-    kp = proj.packed.shape[1] * 4
-    xq = ws.xq[:T * kp].reshape(T, kp)
-    ternary.norm_quantize_rows(x, norm_w, eps, xq, ws.xscale, ws.xsum)
     if T == 1:
         out = flat[:bounds[-1]].reshape(1, -1)
-        ternary.ternary_matmul(xq, ws.xscale[:1], ws.xsum[:1], proj.packed, proj.scale, out)
+        _norm_project(ws, x, norm_w, eps, proj, out)
         return [out[:, lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+    xq = _norm_quantize(ws, x, norm_w, eps, proj)
     outs = []
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         out = flat[T * lo:T * hi].reshape(T, hi - lo)
