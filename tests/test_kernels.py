@@ -1,4 +1,5 @@
 """Every kernel against its plain-numpy twin (tests/naive.py), on several shapes."""
+import contextlib
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 import naive
 from bitnet_batch.model import quants
 from bitnet_batch.model.layout import from_i2s_rows, pack_kernel, padded, unpack_kernel
-from jit_kernels import _cpu, activations, attention, embedding, norms, rope, ternary
+from jit_kernels import _config, _cpu, activations, attention, embedding, norms, rope, ternary
 
 RNG = np.random.default_rng(1234)
 KERNELS = _cpu.available_kernels()       # ("avx2", "portable") on an AVX2 machine
@@ -371,6 +372,30 @@ def test_rope_neox(hd, n_rot):
     np.testing.assert_allclose(y, naive.rope_neox(x, pos, n_rot, 500000.0), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError):
         rope.rope_neox(y, np.array([0, 1, 2, 3, 5000], np.int32), cos, sin)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_rope_neox_is_the_plain_ieee_rotation_of_its_table(dtype, parallel):
+    """Bit for bit the numpy rotation with the kernel's own cos/sin table (no FMA contraction), in the
+    serial and the parallel driver, whatever rows run together; dims past n_rot untouched."""
+    T, H, hd, n_rot = 9, 4, 128, 96
+    x = (RNG.standard_normal((T, H, hd)) * 3).astype(dtype)
+    pos = RNG.integers(0, 4096, T).astype(np.int32)
+    cos, sin = rope.rope_table(4096, n_rot, 500000.0)
+    half = n_rot // 2
+    c, s = cos[pos][:, None, :].astype(dtype), sin[pos][:, None, :].astype(dtype)
+    want = x.copy()
+    a, b = x[..., :half], x[..., half:n_rot]
+    want[..., :half] = a * c - b * s
+    want[..., half:n_rot] = a * s + b * c
+    y = x.copy()
+    with _config.parallel_drivers() if parallel else contextlib.nullcontext():
+        rope.rope_neox(y, pos, cos, sin)
+    np.testing.assert_array_equal(y, want)
+    one = x[4:5].copy()
+    rope.rope_neox(one, pos[4:5], cos, sin)
+    np.testing.assert_array_equal(one[0], y[4])
 
 
 @pytest.mark.parametrize("kind", ["relu2", "silu"])
