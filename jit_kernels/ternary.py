@@ -138,16 +138,14 @@ def _quantize_row(x, w, eps, t, xq, xscale, xsum):
     if amax < np.float32(1e-5):
         amax = np.float32(1e-5)
     s = np.float32(127.0) / amax
-    total = 0
+    total = np.int32(0)
     for k in range(K):
+        # float32 bounds: a float64 compare would widen every lane and keep the loop from vectorising well
         q = np.rint(np.float32(_quant_value(x, w, r, t, k)) * s)
-        if q > 127.0:
-            q = 127.0
-        elif q < -128.0:
-            q = -128.0
-        qi = np.int8(q)
-        xq[t, k] = qi
-        total += np.int32(qi)
+        q = min(max(q, np.float32(-128.0)), np.float32(127.0))
+        qi = np.int32(q)
+        xq[t, k] = np.int8(qi)
+        total += qi
     for k in range(K, xq.shape[1]):
         xq[t, k] = 0
     xscale[t] = s
