@@ -92,7 +92,7 @@ def test_metadata_tokenizer_and_shape(model, report):
         ("bitnet-b1.58", c["n_embd"], c["n_layer"], c["n_head"], c["n_head_kv"], c["n_ff"], c["n_vocab"], c["ctx"])
     assert cfg.ffn_act == "relu2" and cfg.tied_lm_head and cfg.rope_base == c["rope_base"]
     assert tok.add_bos and tok.vocab_size == cfg.n_vocab
-    assert [tok.spec.tokens[i] for i in (tok.bos_id, tok.eos_id, tok.eot_id)] == \
+    assert [tok.token_text(i) for i in (tok.bos_id, tok.eos_id, tok.eot_id)] == \
         ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
     assert tok.chat_template and model.metadata["tokenizer.ggml.pre"] == "llama-bpe"
     line = "Now is the winter of our discontent\nMade glorious summer by this sun of York;"

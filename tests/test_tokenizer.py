@@ -164,11 +164,15 @@ def test_special_text_is_plain_unless_parse_special(tok, reference):
     assert tok.decode(parsed, skip_special=True) == "User said  then !"
 
 
-def test_token_bytes(tok):
+def test_token_bytes(tok, reference):
     assert tok.token_bytes(1917) == b" world"
     assert tok.token_bytes(EOT) == b"<|eot_id|>"
     assert tok.is_control(EOT) and not tok.is_control(1917)
     assert tok.vocab_bytes()[9906] == b"Hello"
+    assert tok.token_text(EOT) == "<|eot_id|>" and tok.token_text(1917) == " world"
+    vocab = tok.vocab_bytes()          # every id, from the one blob the tokenizer keeps
+    assert len(vocab) == tok.vocab_size and all(tok.token_bytes(i) == b for i, b in enumerate(vocab))
+    assert vocab[:128000] == [reference.decode_single_token_bytes(i) for i in range(128000)]   # every normal token
     with pytest.raises(TokenizerError, match="out of range"):
         tok.token_bytes(128256)
     with pytest.raises(TokenizerError, match="out of range"):
@@ -183,12 +187,12 @@ def test_lone_surrogate_is_input_error(tok):
 def test_missing_pre_uses_llama3_regex(llama3_metadata, reference):
     md = {k: v for k, v in llama3_metadata.items() if k != KEY_PRE}
     no_pre = tokenizer_from_metadata(md, source="no-pre")
-    assert no_pre.spec.pattern == "llama3"
+    assert no_pre.pattern == "llama3"
     # These split differently under GPT-2's regex (digit runs, uppercase contractions, newlines).
     probes = ["12345678", "I'LL GO", "hello\n\n  world", "x = 1000000;", "WE'VE 2024"]
     assert [no_pre.encode(s) for s in probes] == [reference.encode_ordinary(s) for s in probes]
     gpt2 = tokenizer_from_metadata({**md, KEY_PRE: "gpt2"}, source="gpt2-pre")
-    assert gpt2.spec.pattern == "gpt2"
+    assert gpt2.pattern == "gpt2"
     assert [gpt2.encode(s) for s in probes] != [reference.encode_ordinary(s) for s in probes]
     sample = CASES[::7]
     assert [no_pre.encode(s) for s in sample] == [reference.encode_ordinary(s) for s in sample]
@@ -292,7 +296,7 @@ def test_tiny_reference_vocab_loads_and_round_trips():
     assert {497, 505} <= tiny.eog_ids
     for s in CASES[::3]:
         assert tiny.decode(tiny.encode(s)) == s
-    assert tiny.encode(" the") == [tiny.spec.tokens.index("Ġthe")]
+    assert tiny.encode(" the") == [tiny.hf.token_to_id("Ġthe")]
     chat = tiny.apply_chat_template([{"role": "user", "content": "hi"}])
     assert chat[0] == 496 and chat.count(505) == 1
     assert tiny.decode(chat) == "<|begin_of_text|>User: hi<|eot_id|>Assistant: "
@@ -334,13 +338,13 @@ def test_synthetic_vocab_exact_ids_and_pretokenizer():
     assert t.eot_id is None and t.eog_ids == {eos}
     chat = t.apply_chat_template([{"role": "user", "content": " ab "}])
     assert chat == [0] + t.encode("User: ") + [ab, eos] + t.encode("Assistant: ")  # no eot: eos ends turns
-    assert t.spec.pattern == "gpt2"
+    assert t.pattern == "gpt2"
     # GPT-2 regex keeps digit runs whole; the LLaMA-3 regex splits them in threes.
     assert [p for p, _ in t.hf.pre_tokenizer.pre_tokenize_str("12345 x")] == ["12345", "Ġx"]
     l3 = tokenizer_from_metadata(_synthetic_metadata(**{KEY_PRE: "llama-bpe"}))
     assert [p for p, _ in l3.hf.pre_tokenizer.pre_tokenize_str("12345 x")] == ["123", "45", "Ġx"]
     no_pre = tokenizer_from_metadata(_synthetic_metadata(**{KEY_PRE: None}))
-    assert no_pre.spec.pattern == "gpt2"  # not a LLaMA-3 vocabulary
+    assert no_pre.pattern == "gpt2"  # not a LLaMA-3 vocabulary
 
 
 @pytest.mark.parametrize("overrides, pattern", [

@@ -37,7 +37,8 @@ class Model:
 
     @property
     def metadata(self) -> dict:
-        """The GGUF metadata, less ``tokenizer.ggml.merges`` once the tokenizer is built (it holds them)."""
+        """The GGUF metadata, less ``tokenizer.ggml.merges`` and ``tokenizer.ggml.tokens`` once the tokenizer is built
+        (it holds them; ``tokenizer.token_bytes`` / ``token_text`` give a token)."""
         return self.gguf.metadata
 
     def sha256(self) -> str:
@@ -109,6 +110,7 @@ def load_model(path_or_repo_id, *, filename: str | None = None, ffn_act: str | N
     tok = None
     if md.get("tokenizer.ggml.model") is not None:
         tok = tokenizer_from_metadata(md, source=str(path))
-        md.pop("tokenizer.ggml.merges", None)     # 280k strings for LLaMA-3: not kept twice
+        for key in ("tokenizer.ggml.merges", "tokenizer.ggml.tokens"):    # the tokenizer holds them now:
+            md.pop(key, None)                                                # 280k + 128k strings for LLaMA-3
         release_free_heap()                        # the tokenizer build's temporaries (~25 MB for LLaMA-3)
     return Model(path, gf, cfg, weights, tok, time.perf_counter() - t0)
