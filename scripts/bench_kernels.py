@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numba  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
-from bitnet_batch.model.layout import pack_kernel, padded  # noqa: E402
+from bitnet_batch.model.layout import deinterleave_rows, pack_kernel, padded  # noqa: E402
 from jit_kernels import ternary  # noqa: E402
 
 # 2B4T fused projections: rows N (outputs) x inputs K
@@ -32,7 +32,8 @@ SHAPES = {"qkv": (3840, 2560), "o": (2560, 2560), "gate_up": (13824, 2560), "dow
 
 @njit(nogil=True, parallel=True, boundscheck=False, fastmath={"reassoc", "contract", "nsz"})
 def _baseline(xq, xscale, xsum, packed, wscale, out):
-    """The previous kernel: one weight row at a time, scalar code that LLVM vectorised (int64 lanes)."""
+    """The previous kernel: one weight row at a time, scalar code that LLVM vectorised (int64 lanes); it reads
+    the rows ungrouped (``deinterleave_rows`` of the kernel layout)."""
     T, Kp = xq.shape
     N = packed.shape[0]
     nblk = Kp // 128
@@ -117,6 +118,7 @@ def main(argv=None):
         N, K = SHAPES[name]
         packed = pack_kernel(rng.integers(-1, 2, size=(N, K)).astype(np.int8))
         copies = [packed] + [packed.copy() for _ in range(128_000_000 // packed.nbytes if args.cold else 0)]
+        rows = [deinterleave_rows(c) for c in copies] if "baseline" in kernels else None
         wscale = np.ones(N, np.float32)
         for T in Ts:
             x = rng.standard_normal((T, K)).astype(np.float32)
@@ -125,8 +127,8 @@ def main(argv=None):
             tq = _best(lambda: ternary.quantize_rows(x, xq, s, sm), args.repeat, args.budget / 4, clock)
             out = np.zeros((T, N), np.float64)
             for k in kernels:
-                fn, turn = _call(k), iter(range(10 ** 9))
-                dt = _best(lambda: fn(xq, s, sm, copies[next(turn) % len(copies)], wscale, out), args.repeat,
+                fn, turn, mats = _call(k), iter(range(10 ** 9)), rows if k == "baseline" else copies
+                dt = _best(lambda: fn(xq, s, sm, mats[next(turn) % len(mats)], wscale, out), args.repeat,
                            args.budget, clock)
                 print(f"{k:9s} {name:8s} {N:6d} {K:5d} {T:4d} {dt * 1e3:9.3f} {T * N * K / dt / 1e9:8.1f} "
                       f"{N * K / 4 / dt / 1e9:7.2f} {tq * 1e3:9.3f}", flush=True)
@@ -137,9 +139,9 @@ def _warm(kernels):
     for T in (1, 5, 1024):          # quantize_rows: serial up to _config.SERIAL_MAX elements, parallel above
         xq, s, sm = np.zeros((T, 128), np.int8), np.ones(T, np.float32), np.zeros(T, np.int32)
         ternary.quantize_rows(np.zeros((T, 128), np.float32), xq, s, sm)
-        p, ws, out = np.zeros((3, 32), np.uint8), np.ones(3, np.float32), np.zeros((T, 3), np.float64)
-        for k in kernels:
-            _call(k)(xq, s, sm, p, ws, out)
+        p, ws, out = np.zeros((4, 32), np.uint8), np.ones(3, np.float32), np.zeros((T, 3), np.float64)
+        for k in kernels:        # 3 weight rows: one row group for the kernels, 3 plain rows for the baseline
+            _call(k)(xq, s, sm, p[:3] if k == "baseline" else p, ws, out)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ import pytest
 
 import naive
 from bitnet_batch.model import quants
-from bitnet_batch.model.layout import from_i2s_rows, pack_kernel, padded, unpack_kernel
+from bitnet_batch.model.layout import (deinterleave_rows, from_i2s_rows, interleave_rows, pack_kernel, padded,
+                                       padded_rows, unpack_kernel)
 from jit_kernels import _config, _cpu, activations, attention, embedding, norms, rope, ternary
 
 RNG = np.random.default_rng(1234)
@@ -40,7 +41,7 @@ def _quantized(T, K, spread=1.0):
 
 
 def _matmul(xq, s, sm, packed, wscale, kernel, dtype=np.float64):
-    out = _view(np.full((xq.shape[0], packed.shape[0]), np.nan, dtype))
+    out = _view(np.full((xq.shape[0], wscale.shape[0]), np.nan, dtype))
     ternary.ternary_matmul(xq, s, sm, packed, wscale, out, kernel=kernel)
     return out
 
@@ -135,16 +136,17 @@ def test_extreme_activations_and_code_3_do_not_overflow(kernel):
     """Worst case for the int16 partial sums: every code 3 (bytes 0xFF, possible in a raw I2_S payload;
     multiplied as 3 like bitnet.cpp's dot) against -128 everywhere, and random bytes against +-128."""
     N, K, T = 6, 6912, 3
-    packed = RNG.integers(0, 256, size=(N, K // 4)).astype(np.uint8)
-    packed[0] = 0xFF
-    packed[1] = 0xAA                                               # all code 2 (+1)
+    rows = RNG.integers(0, 256, size=(N, K // 4)).astype(np.uint8)
+    rows[0] = 0xFF
+    rows[1] = 0xAA                                                 # all code 2 (+1)
+    packed = interleave_rows(rows)
     xq = RNG.choice(np.array([-128, 127], np.int8), size=(T, K))
     xq[0] = -128
     xq = _view(xq)
     s = np.array([1.0, 0.5, 3.0], np.float32)
     sm = xq.astype(np.int32).sum(axis=1).astype(np.int32)
     wscale = np.ones(N, np.float32)
-    codes = np.concatenate([(packed.reshape(N, -1, 1, 32) >> sh) & 3 for sh in (6, 4, 2, 0)], axis=2)
+    codes = np.concatenate([(rows.reshape(N, -1, 1, 32) >> sh) & 3 for sh in (6, 4, 2, 0)], axis=2)
     dot = xq.astype(np.int64) @ codes.reshape(N, K).astype(np.int64).T - sm[:, None]
     out = _matmul(xq, s, sm, packed, wscale, kernel)
     np.testing.assert_array_equal(out, dot / s.astype(np.float64)[:, None])
@@ -176,14 +178,15 @@ def test_rows_are_bit_identical_whatever_the_batch_kernel_or_threads():
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_ternary_matmul_writes_only_its_view(kernel):
     """Fused projections are column slices of one output (qkv): the kernel writes exactly its columns, with
-    any row strides, and reads weight rows from a row slice of a larger matrix."""
+    any row strides, and reads weight rows from a slice of whole row groups of a larger matrix (the last
+    group partly used: N = 21 of its 22 rows)."""
     N, K, T = 21, 256, 6
-    t, wscale = _ternary(N + 4, K), RNG.uniform(0.5, 2.0, N + 4).astype(np.float32)
+    t, wscale = _ternary(N + 8, K), RNG.uniform(0.5, 2.0, N + 8).astype(np.float32)
     _, xq, s, sm = _quantized(T, K)
     big_out = np.zeros((T, N + 30), np.float64)
     packed = pack_kernel(t)
-    ternary.ternary_matmul(xq, s, sm, packed[2:2 + N], wscale[2:2 + N], big_out[:, 10:10 + N], kernel=kernel)
-    np.testing.assert_array_equal(big_out[:, 10:10 + N], naive.ternary_matmul(xq, s, t[2:2 + N], wscale[2:2 + N]))
+    ternary.ternary_matmul(xq, s, sm, packed[4:4 + 22], wscale[4:4 + N], big_out[:, 10:10 + N], kernel=kernel)
+    np.testing.assert_array_equal(big_out[:, 10:10 + N], naive.ternary_matmul(xq, s, t[4:4 + N], wscale[4:4 + N]))
     assert (big_out[:, :10] == 0).all() and (big_out[:, 10 + N:] == 0).all()
 
 
@@ -198,6 +201,11 @@ def test_ternary_matmul_rejects_bad_arguments():
         ternary.ternary_matmul(np.zeros((1, 384), np.int8), *args, kernel="sse9")
     with pytest.raises(ValueError, match="contiguous"):
         ternary.ternary_matmul(np.zeros((1, 768), np.int8)[:, ::2], *args)
+    with pytest.raises(ValueError, match="C-contiguous"):          # rows of a wider matrix: not whole groups
+        ternary.ternary_matmul(np.zeros((1, 384), np.int8), args[0], args[1],
+                               np.zeros((6, 192), np.uint8)[:, :96], *args[3:])
+    with pytest.raises(ValueError, match="groups of 2"):
+        ternary.ternary_matmul(np.zeros((1, 384), np.int8), args[0], args[1], p[:4], *args[3:])
     with pytest.raises(ValueError, match="do not match"):
         ternary.ternary_matmul(np.zeros((2, 384), np.int8), *args)
 
@@ -223,7 +231,7 @@ from jit_kernels import ternary
 xq = np.ones((5, 384), np.int8)[:, :256]              # views, as in the engine (and the tests above)
 s, sm = np.ones(5, np.float32), np.full(5, 256, np.int32)
 out = np.zeros((5, 8), np.float32)[:, :3]
-ternary.ternary_matmul(xq, s, sm, np.full((3, 64), 0xAA, np.uint8), np.ones(3, np.float32), out)
+ternary.ternary_matmul(xq, s, sm, np.full((4, 64), 0xAA, np.uint8), np.ones(3, np.float32), out)
 fn = ternary._matmul_avx2 if ternary.KERNEL == "avx2" else ternary._matmul_portable
 print(json.dumps({"kernel": ternary.KERNEL, "out": out.tolist(),
                   "hits": sum(fn.stats.cache_hits.values()), "misses": sum(fn.stats.cache_misses.values())}))
@@ -240,7 +248,7 @@ def test_env_var_forces_the_kernel_and_a_second_process_loads_it_from_cache():
         # this process compiles the child's call (or finds it in the cache): the child must only load it
         xq, s, sm = np.ones((5, 384), np.int8)[:, :256], np.ones(5, np.float32), np.full(5, 256, np.int32)
         out = np.zeros((5, 8), np.float32)[:, :3]
-        ternary.ternary_matmul(xq, s, sm, np.full((3, 64), 0xAA, np.uint8), np.ones(3, np.float32), out,
+        ternary.ternary_matmul(xq, s, sm, np.full((4, 64), 0xAA, np.uint8), np.ones(3, np.float32), out,
                                kernel=kernel)
         res = _child(CACHE_CHILD, {_cpu.KERNEL_ENV: kernel})
         assert res.returncode == 0, res.stderr
@@ -324,6 +332,22 @@ def test_pack_kernel_roundtrip():
     assert p.shape == (6, padded(300) // 4) and p.dtype == np.uint8
     np.testing.assert_array_equal(unpack_kernel(p, 300), t)
     assert (unpack_kernel(p, padded(300))[:, 300:] == 0).all()     # padding codes are weight 0
+    odd = pack_kernel(t[:5])                                       # a padding row completes the last pair
+    assert odd.shape == (6, padded(300) // 4) and padded_rows(5) == 6 and padded_rows(6) == 6
+    np.testing.assert_array_equal(unpack_kernel(odd, 300, 5), t[:5])
+    assert (unpack_kernel(odd, 300)[5] == 0).all()
+    # row pairs: block b of row 2g + r is the 32 bytes at 64 b + 32 r of group g's run of bytes
+    rows = deinterleave_rows(p)
+    flat = p.reshape(3, -1)
+    for n, b in [(0, 0), (3, 2), (5, 1)]:
+        g, r = divmod(n, 2)
+        np.testing.assert_array_equal(flat[g, 64 * b + 32 * r:64 * b + 32 * r + 32], rows[n, 32 * b:32 * b + 32])
+    np.testing.assert_array_equal(interleave_rows(rows), p)
+    into = np.zeros((6, p.shape[1]), np.uint8)                     # in place, as the loader fills a fused matrix
+    assert interleave_rows(rows[:5], out=into) is into
+    np.testing.assert_array_equal(into, odd)
+    with pytest.raises(ValueError, match="out must be"):
+        interleave_rows(rows[:5], out=np.zeros((5, p.shape[1]), np.uint8))
     assert padded(1) == 128 and padded(128) == 128 and padded(6912) == 6912
     with pytest.raises(ValueError, match="2-D"):
         pack_kernel(t[0])
@@ -336,8 +360,8 @@ def test_from_i2s_rows_is_the_kernel_layout():
     rows = raw[: N * K // 4].reshape(N, K // 4)
     packed = from_i2s_rows(rows)
     np.testing.assert_array_equal(packed, pack_kernel(t))
-    assert np.shares_memory(packed, raw)                           # no copy at load
-    np.testing.assert_array_equal(unpack_kernel(packed, K), t)
+    np.testing.assert_array_equal(deinterleave_rows(packed, N), rows)   # the payload's rows, grouped
+    np.testing.assert_array_equal(unpack_kernel(packed, K, N), t)
     _, xq, s, sm = _quantized(3, K)
     wscale = np.full(N, 0.25, np.float32)
     np.testing.assert_array_equal(_matmul(xq, s, sm, packed, wscale, ternary.KERNEL),

@@ -7,7 +7,7 @@ quantization, one parallel matmul) and ``gate_up`` = rows of gate, up. Every pro
 
 Sources and how they become ternary codes + scale:
 - I2_S (36): codes and the per-tensor fp32 scale from the tensor tail; when the input width is a multiple of
-  128 the payload is already in kernel layout and is read straight into place (no decode).
+  128 the payload's rows are the kernel's rows already and are copied into their row pairs (no decode).
 - TQ2_0 (35) / TQ1_0 (34): decoded; the fp16 block scales must be constant along each row (they are for a
   b1.58 checkpoint, where every block holds the tensor's absmean); the row's scale is used.
 - F32 / F16 / BF16: if the values are already ternary (one magnitude per tensor, times an optional
@@ -24,13 +24,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from jit_kernels import embedding as emb_k
-from jit_kernels.ternary import BLOCK
+from jit_kernels.ternary import BLOCK, ROW_GROUP
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError
 from .gguf import GGMLType, GGUFFile
 from . import quants
-from .layout import from_i2s_rows, pack_kernel
+from .layout import interleave_rows, pack_kernel, padded, padded_rows
 
 LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_sub_norm", "attn_output",
                  "ffn_norm", "ffn_gate", "ffn_up", "ffn_sub_norm", "ffn_down")
@@ -41,13 +41,13 @@ FLOAT_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
 @dataclass
 class Projection:
     """A ternary matrix in kernel layout."""
-    packed: np.ndarray   # uint8 [N, Kp // 4], I2-block order, Kp = n_in rounded up to 128
+    packed: np.ndarray   # uint8 [N rounded up to 4, Kp // 4], I2 blocks in row groups, Kp = n_in rounded up to 128
     scale: np.ndarray    # float32 [N], weight scale per output row
     n_in: int            # K (unpadded input width)
 
     @property
     def n_out(self) -> int:
-        return self.packed.shape[0]
+        return self.scale.shape[0]
 
     @property
     def nbytes(self) -> int:
@@ -117,7 +117,7 @@ class _Loader:
             scale = _i2s_scale(raw, n_in * n_out, self.path, name)
             rows = np.full(n_out, scale, np.float32)
             if n_in % BLOCK == 0:
-                return None, rows, from_i2s_rows(raw[: n_in * n_out // 4].reshape(n_out, n_in // 4))
+                return None, rows, raw[: n_in * n_out // 4].reshape(n_out, n_in // 4)     # I2 rows as they are
             t, _ = quants.unpack_i2s(raw, n_in, n_out)
             return t, rows, None
         if typ in (GGMLType.TQ1_0, GGMLType.TQ2_0):
@@ -144,13 +144,25 @@ class _Loader:
         return np.float32(val[0])
 
     def fused(self, names_out, n_in):
-        """Fuse projections sharing an input into one Projection (rows concatenated in order)."""
+        """Fuse projections sharing an input into one Projection (rows concatenated in order). Each part but the
+        last must have whole row groups, so that every part is a slice of whole groups of the fused matrix."""
+        for name, n_out in names_out[:-1]:
+            if n_out % ROW_GROUP:
+                raise ModelFormatError(self.path, f"{n_out} output rows: a fused projection's parts must have a "
+                                       f"multiple of {ROW_GROUP} rows (the kernel layout's row groups)", tensor=name)
         parts = [self.ternary(name, n_in, n_out) for name, n_out in names_out]
         scale = np.concatenate([p[1] for p in parts])
-        packed = np.concatenate([payload if payload is not None else pack_kernel(t) for t, _, payload in parts])
-        for name, _ in names_out:              # copied out of the memory map: stop counting those pages
-            self.gf.release(name)
-        return Projection(packed=np.ascontiguousarray(packed), scale=scale, n_in=n_in)
+        packed = np.empty((sum(padded_rows(n_out) for _, n_out in names_out), padded(n_in) // 4), np.uint8)
+        row = 0
+        for (name, n_out), (t, _, payload) in zip(names_out, parts):    # each part's row pairs, in place
+            dst = packed[row:row + padded_rows(n_out)]
+            if payload is not None:
+                interleave_rows(payload, out=dst)
+            else:
+                dst[:] = pack_kernel(t)
+            row += dst.shape[0]
+            self.gf.release(name)          # copied out of the memory map: stop counting those pages
+        return Projection(packed=packed, scale=scale, n_in=n_in)
 
     def matrix(self, name, v, d):
         """A float [V, D] matrix kept in its file type for the embedding kernels."""
