@@ -7,6 +7,11 @@ batch size's engine writes its KV pool (sized to the run) once before the clock 
 clear the KV buffer at context creation (``kv_prefault_s``; see ``EngineConfig.prefault_kv``).
 ``repeat`` > 1 runs every batch size that many times and reports the run with the best total throughput
 (the others' figures are kept in ``runs``): on a shared machine the best run is the one least disturbed.
+Before each run the previous engines' garbage and freed C heap go back to the OS and the process's peak RSS
+count restarts (Linux ``/proc/self/clear_refs``), so a run's ``peak_rss_mb`` is what that batch size needs on
+top of the loaded model and compiled kernels, as in a job that runs it alone, not the high-water mark of the
+runs before it (up to ~45 MB of heap they left behind); ``peak_rss_scope`` says "run", or "process" where the
+count cannot be restarted.
 
 ``--baseline FILE`` compares the results with other engines' figures (or targets) from a JSON file::
 
@@ -20,6 +25,7 @@ holds the reference engines' published numbers for the 2-core Zen3 machine kind 
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import time
@@ -30,6 +36,7 @@ import numpy as np
 
 from .engine.engine import Engine, EngineConfig
 from .errors import ConfigError
+from .model.model import release_free_heap
 from .runner import peak_rss_mb, warm_up
 
 
@@ -91,6 +98,19 @@ def bench_batch(model, batch: int, prompt_tokens: int, gen_tokens: int, *, prefi
                        kv_prefault_s=round(eng.kv_prefault_s, 3))
 
 
+def fresh_peak_rss() -> bool:
+    """Give the garbage and freed C heap of earlier runs back to the OS and restart the process's peak RSS count
+    (``ru_maxrss`` / VmHWM; Linux >= 4.0). False where it cannot be restarted."""
+    gc.collect()
+    release_free_heap()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
 def run_bench(model_ref, batch_sizes=(1, 8, 32), prompt_tokens=64, gen_tokens=64, threads=0, model_file=None,
               prefill_chunk=128, kv_dtype="f32", repeat=1, log=print) -> dict:
     from .model.model import load_model
@@ -107,12 +127,16 @@ def run_bench(model_ref, batch_sizes=(1, 8, 32), prompt_tokens=64, gen_tokens=64
            "n_embd": model.config.n_embd, "threads": numba.get_num_threads(),
            "threading_layer": numba.threading_layer(), "load_s": round(load_s, 3),
            "rss_after_load_mb": round(rss_load, 1), "compile_s": round(compile_s, 3), "kv_dtype": kv_dtype,
-           "prefill_chunk": prefill_chunk, "repeat": repeat, "results": []}
+           "prefill_chunk": prefill_chunk, "repeat": repeat, "peak_rss_scope": "run", "results": []}
     log(f"model {model.path.name}: load {load_s:.2f}s (RSS {rss_load:.0f} MB), compile {compile_s:.2f}s, "
         f"{out['threads']} threads, KV {kv_dtype}")
     for b in batch_sizes:
-        runs = [bench_batch(model, b, prompt_tokens, gen_tokens, prefill_chunk=prefill_chunk, threads=threads,
-                            kv_dtype=kv_dtype) for _ in range(repeat)]
+        runs = []
+        for _ in range(repeat):
+            if not fresh_peak_rss():
+                out["peak_rss_scope"] = "process"
+            runs.append(bench_batch(model, b, prompt_tokens, gen_tokens, prefill_chunk=prefill_chunk,
+                                    threads=threads, kv_dtype=kv_dtype))
         r = max(runs, key=lambda run: run.total_tok_s)
         out["results"].append(dict(asdict(r), runs=[{"prefill_tok_s": x.prefill_tok_s, "decode_tok_s": x.decode_tok_s,
                                                       "total_tok_s": x.total_tok_s} for x in runs]))

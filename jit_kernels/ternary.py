@@ -15,10 +15,10 @@ pack / unpack live in ``bitnet_batch.model.layout``)::
     wscale  float32 [N]              # per output row (a per-tensor scale repeated)
 
 With rows in pairs, a one-token (decode, memory bound) tile reads one sequential stream (a row group) instead
-of rows that each restart a stream: 10-25% less time per one-token matmul from DRAM than ungrouped rows, the
-same for more tokens (each two-row tile reads one whole cache line per block). Measured in one process
-against the ungrouped layout; groups of 4 rows read by 4-row decode tiles gave 25-35% but cost the batched
-tiles 3-6%.
+of rows that each restart a stream: ~17% less time per one-token matmul from DRAM than ungrouped rows (8-28%
+over shapes and runs), the same for more tokens (each two-row tile reads one whole cache line per block).
+Measured in one process against the ungrouped layout; groups of 4 rows read by 4-row decode tiles gave 25-35%
+but cost the batched tiles 3-6%.
 
 Math (BitNet b1.58, as bitnet.cpp computes it)::
 
@@ -38,8 +38,8 @@ Kernels (``KERNEL`` is chosen once at import by ``_cpu``; ``BITNET_BATCH_KERNEL=
   R = 2 weight rows (one row group) x C <= 4 token rows over the whole K (each weight vector is unpacked
   once, by a shift and a mask, and applied to C token rows), prefetches the group's stream ``PREFETCH`` bytes
   ahead and ends with the float epilogue. One token row (decode) uses a row group x 1 tile written in IR that
-  prefetches the group's stream ``PREFETCH_T1`` bytes ahead. Chosen only when the CPU Numba compiles for has AVX2 (with FMA and F16C, which the lm_head needs)
-  and the JIT is on.
+  prefetches the group's stream ``PREFETCH_T1`` bytes ahead. Chosen only when the CPU Numba compiles for has
+  AVX2 (with FMA and F16C, which the lm_head needs) and the JIT is on.
 - ``portable``: plain Numba (any CPU; also runs under ``NUMBA_DISABLE_JIT``): tiles of 2 weight rows x 2
   token rows, integer arithmetic vectorised by LLVM. About 8x slower than ``avx2`` (1.5x faster than the
   scalar kernel they replaced).

@@ -1,12 +1,14 @@
 """The CLI through click's CliRunner and as real subprocesses (incl. a SIGKILL crash and resume)."""
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -89,6 +91,21 @@ def test_bench_json(small_model_path, kv_dtype):
     assert out["results"][0]["kv_prefault_s"] >= 0            # a tiny model's pool: well under a millisecond
     assert out["compile_s"] >= 0 and out["load_s"] > 0
     assert out["threading_layer"] in ("omp", "tbb", "workqueue")
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the peak RSS count restarts on Linux only")
+def test_bench_peak_rss_is_each_runs_own(small_model_path):
+    """A high-water mark left by earlier work in the process (300 MB here) is not charged to the runs."""
+    big = np.ones(300 << 20, np.uint8)
+    del big
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    res = CliRunner().invoke(main, ["bench", "-m", str(small_model_path), "--batch-sizes", "2,1",
+                                    "--prompt-tokens", "4", "--gen-tokens", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["peak_rss_scope"] == "run"
+    for r in out["results"]:
+        assert 0 < r["peak_rss_mb"] < before - 200, (r["peak_rss_mb"], before)
 
 
 def test_thread_scaling_script(tmp_path, small_model_path):
