@@ -182,3 +182,38 @@ def test_warm_up_compiles_the_serial_and_the_parallel_drivers(i2s_model):
     with _config.parallel_drivers():
         assert not _config.serial(0)
     assert _config.serial(_config.SERIAL_MAX) and not _config.serial(_config.SERIAL_MAX + 1)
+
+
+def test_fused_parts_of_odd_size_keep_their_own_rows(tmp_path):
+    """A float GGUF may have any FFN width: gate (255 rows) is padded to a row pair inside gate|up, so up starts
+    at row 256. Full prefill matches the float64 reference on the loaded ternary weights, and one-row decode
+    steps (one matmul over the fused matrix, padding row included) give the same bits as the prefill."""
+    import naive
+    from bitnet_batch.model.layout import padded_rows, unpack_kernel
+    from bitnet_batch.testing.models import write_test_model
+
+    model = bitnet_batch.load_model(write_test_model(tmp_path / "odd.gguf", n_embd=256, n_layer=2, n_head=4,
+                                                     n_head_kv=2, n_ff=255, n_vocab=300, weight_type="f32", seed=5))
+    cfg, w = model.config, model.weights
+    gu = w.layers[0].gate_up
+    assert (gu.starts, gu.sizes, gu.packed.shape[0], gu.scale[255]) == ((0, 256), (255, 255), 512, 0.0)
+
+    def parts(proj):
+        return [(unpack_kernel(proj.packed[lo:lo + padded_rows(n)], proj.n_in, n), proj.scale[lo:lo + n])
+                for lo, n in zip(proj.starts, proj.sizes)]
+
+    layers = []
+    for lw in w.layers:
+        (q, k, v), (o,), (gate, up), (down,) = parts(lw.qkv), parts(lw.wo), parts(lw.gate_up), parts(lw.down)
+        layers.append(dict(attn_norm=lw.attn_norm, q=q, k=k, v=v, o=o, attn_sub_norm=lw.attn_sub_norm,
+                           ffn_norm=lw.ffn_norm, gate=gate, up=up, down=down, ffn_sub_norm=lw.ffn_sub_norm))
+    ids = np.random.default_rng(1).integers(0, 300, 12).astype(np.int32)
+    embd = naive.f16_bits_to_f32(w.tok_embd)
+    full = model.logits(ids)
+    want = naive.forward(cfg, layers, embd, embd, w.output_norm, ids)
+    np.testing.assert_allclose(full, want, rtol=0, atol=1e-3 * np.abs(want).max())
+    eng = Engine(model, EngineConfig(max_batch=1, max_seq_len=16, prefill_chunk=16))
+    s = eng.kv.allocate()
+    eng.step([(s, ids[:6], 0, False)])
+    for p in range(6, 12):
+        np.testing.assert_array_equal(eng.step([(s, ids[p:p + 1], p, True)])[0], full[p])

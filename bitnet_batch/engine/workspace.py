@@ -16,6 +16,7 @@ from jit_kernels.embedding import lm_head_scratch
 from jit_kernels.ternary import BLOCK
 
 from ..config import ModelConfig
+from ..model.layout import padded_rows
 
 
 def _pad(k: int) -> int:
@@ -25,7 +26,8 @@ def _pad(k: int) -> int:
 class Workspace:
     def __init__(self, cfg: ModelConfig, max_rows: int, max_logit_rows: int, max_seq_len: int):
         T, D, F = max_rows, cfg.n_embd, cfg.n_ff
-        qkv = cfg.q_dim + 2 * cfg.kv_dim
+        qkv = padded_rows(cfg.q_dim) + 2 * padded_rows(cfg.kv_dim)      # the fused projections' rows, parts
+        gate_up = 2 * padded_rows(F)                                     # starting row pairs (Projection)
         self.max_rows = T
         self.max_logit_rows = max_logit_rows
         self.x = np.zeros((T, D), np.float64)            # residual stream
@@ -39,7 +41,7 @@ class Workspace:
         self.qkv = np.zeros(T * qkv, np.float64)
         self.att = np.zeros((T, cfg.n_head, cfg.head_dim), np.float64)   # attention output per head
         self.proj = np.zeros((T, D), np.float64)          # o_proj / down_proj output
-        self.gate_up = np.zeros(T * 2 * F, np.float64)    # the same for gate|up; act(gate) * up replaces gate
+        self.gate_up = np.zeros(T * gate_up, np.float64)  # the same for gate|up; act(gate) * up replaces gate
         self.xl = np.zeros((max_logit_rows, D), np.float64)          # final-normed rows that need logits
         self.xl32 = np.zeros((max_logit_rows, D), np.float32)        # the same rounded for the lm_head
         self.logits = np.zeros((max_logit_rows, cfg.n_vocab), np.float32)

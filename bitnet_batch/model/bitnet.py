@@ -28,6 +28,7 @@ from jit_kernels import norms, rope, ternary
 from ..config import ModelConfig
 from ..engine.kv_cache import KVCache
 from ..engine.workspace import Workspace
+from .layout import padded_rows
 from .weights import Projection, Weights
 
 _ACT = {"relu2": act_k.RELU2, "silu": act_k.SILU}
@@ -64,30 +65,32 @@ def _norm_quantize(ws: Workspace, x: np.ndarray, norm_w: np.ndarray, eps: float,
 
 def _norm_project(ws: Workspace, x: np.ndarray, norm_w: np.ndarray, eps: float, proj: Projection,
                   out: np.ndarray) -> None:
-    """out = ternary(int8(RMSNorm(x) * norm_w)): ``_norm_quantize``, then the exact ternary matmul."""
+    """out = ternary(int8(RMSNorm(x) * norm_w)): ``_norm_quantize``, then the exact ternary matmul of the first
+    out.shape[1] rows of ``proj`` (all of them, padding rows included, for a fused projection's one-row step)."""
     T = x.shape[0]
     xq = _norm_quantize(ws, x, norm_w, eps, proj)
-    ternary.ternary_matmul(xq, ws.xscale[:T], ws.xsum[:T], proj.packed, proj.scale, out)
+    ternary.ternary_matmul(xq, ws.xscale[:T], ws.xsum[:T], proj.packed, proj.scale[:out.shape[1]], out)
 
 
 def _norm_project_parts(ws: Workspace, x: np.ndarray, norm_w: np.ndarray, eps: float, proj: Projection,
-                        flat: np.ndarray, bounds: tuple[int, ...]) -> list[np.ndarray]:
-    """``_norm_project`` of a fused projection (q|k|v, gate|up) whose row ranges [bounds[i], bounds[i + 1]) are
-    separate outputs, written into ``flat``; returns them as C-contiguous [T, width] arrays. One row: one
-    matmul, the outputs are column ranges of its [1, N] result (contiguous, as it is one row). More rows: one
-    quantization and a matmul per part, each into its own [T, width] block of ``flat``: column ranges of a
+                        flat: np.ndarray) -> list[np.ndarray]:
+    """``_norm_project`` of a fused projection (q|k|v, gate|up) whose parts (``proj.starts`` / ``sizes``) are
+    separate outputs, written into ``flat``; returns them as C-contiguous [T, size] arrays. One row: one matmul
+    over all rows, the outputs are column ranges of its [1, N] result (contiguous, as it is one row). More rows:
+    one quantization and a matmul per part, each into its own [T, size] block of ``flat``: column ranges of a
     [T, N] result would be strided views, on which the row kernels that follow vectorise badly or not at all
     (the gated activation and the ffn_sub_norm quantizer: 4x slower at 32 rows; RoPE ~15%)."""
     T = x.shape[0]
     if T == 1:
-        out = flat[:bounds[-1]].reshape(1, -1)
+        out = flat[:proj.n_out].reshape(1, -1)
         _norm_project(ws, x, norm_w, eps, proj, out)
-        return [out[:, lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
+        return [out[:, lo:lo + n] for lo, n in zip(proj.starts, proj.sizes)]
     xq = _norm_quantize(ws, x, norm_w, eps, proj)
     outs = []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        out = flat[T * lo:T * hi].reshape(T, hi - lo)
-        ternary.ternary_matmul(xq, ws.xscale[:T], ws.xsum[:T], proj.packed[lo:hi], proj.scale[lo:hi], out)
+    for lo, n in zip(proj.starts, proj.sizes):
+        out = flat[T * lo:T * (lo + n)].reshape(T, n)
+        ternary.ternary_matmul(xq, ws.xscale[:T], ws.xsum[:T], proj.packed[lo:lo + padded_rows(n)],
+                               proj.scale[lo:lo + n], out)
         outs.append(out)
     return outs
 
@@ -100,14 +103,12 @@ def forward(w: Weights, cfg: ModelConfig, ws: Workspace, kv: KVCache, rt: RopeTa
         raise ValueError(f"forward: {T} rows / {R} logit rows exceed the workspace ({ws.max_rows}, "
                          f"{ws.max_logit_rows})")
     H, KVH, hd = cfg.n_head, cfg.n_head_kv, cfg.head_dim
-    qkv_bounds = (0, cfg.q_dim, cfg.q_dim + cfg.kv_dim, cfg.q_dim + 2 * cfg.kv_dim)
-    gate_up_bounds = (0, cfg.n_ff, 2 * cfg.n_ff)
     x, att, proj = ws.x[:T], ws.att[:T], ws.proj[:T]
     eps = cfg.rms_eps
     emb_k.embed(batch.tokens, w.tok_embd, w.tok_kind, x)
     for li, lw in enumerate(w.layers):
         kc, vc = kv.layer(li)
-        q, k, v = _norm_project_parts(ws, x, lw.attn_norm, eps, lw.qkv, ws.qkv, qkv_bounds)
+        q, k, v = _norm_project_parts(ws, x, lw.attn_norm, eps, lw.qkv, ws.qkv)
         q, k, v = q.reshape(T, H, hd), k.reshape(T, KVH, hd), v.reshape(T, KVH, hd)
         rope.rope_neox(q, batch.row_pos, rt.cos, rt.sin)
         rope.rope_neox(k, batch.row_pos, rt.cos, rt.sin)
@@ -115,7 +116,7 @@ def forward(w: Weights, cfg: ModelConfig, ws: Workspace, kv: KVCache, rt: RopeTa
         att_k.attention(q, kc, vc, kv.block_tables, batch.row_seq, batch.row_pos, att, ws.att_scratch)
         _norm_project(ws, att.reshape(T, cfg.q_dim), lw.attn_sub_norm, eps, lw.wo, proj)
         x += proj
-        gate, up = _norm_project_parts(ws, x, lw.ffn_norm, eps, lw.gate_up, ws.gate_up, gate_up_bounds)
+        gate, up = _norm_project_parts(ws, x, lw.ffn_norm, eps, lw.gate_up, ws.gate_up)
         act_k.gated_activation(gate, up, _ACT[cfg.ffn_act], gate)        # in place: gate becomes the FFN rows
         _norm_project(ws, gate, lw.ffn_sub_norm, eps, lw.down, proj)
         x += proj

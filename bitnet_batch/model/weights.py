@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from jit_kernels import embedding as emb_k
-from jit_kernels.ternary import BLOCK, ROW_GROUP
+from jit_kernels.ternary import BLOCK
 
 from ..config import ModelConfig
 from ..errors import ModelFormatError
@@ -40,10 +40,14 @@ FLOAT_TYPES = (GGMLType.F32, GGMLType.F16, GGMLType.BF16)
 
 @dataclass
 class Projection:
-    """A ternary matrix in kernel layout."""
-    packed: np.ndarray   # uint8 [N rounded up to 4, Kp // 4], I2 blocks in row groups, Kp = n_in rounded up to 128
-    scale: np.ndarray    # float32 [N], weight scale per output row
+    """A ternary matrix in kernel layout, of one or more parts (fused projections): part i is rows
+    [starts[i], starts[i] + sizes[i]) of ``packed`` and ``scale``; every part starts a row group, so an odd-sized
+    part is followed by a padding row (scale 0) before the next one."""
+    packed: np.ndarray   # uint8 [N, Kp // 4], I2 blocks in row pairs, Kp = n_in rounded up to 128, N even
+    scale: np.ndarray    # float32 [N], weight scale per output row (0 for padding rows)
     n_in: int            # K (unpadded input width)
+    starts: tuple[int, ...] = (0,)
+    sizes: tuple[int, ...] = ()
 
     @property
     def n_out(self) -> int:
@@ -144,25 +148,21 @@ class _Loader:
         return np.float32(val[0])
 
     def fused(self, names_out, n_in):
-        """Fuse projections sharing an input into one Projection (rows concatenated in order). Each part but the
-        last must have whole row groups, so that every part is a slice of whole groups of the fused matrix."""
-        for name, n_out in names_out[:-1]:
-            if n_out % ROW_GROUP:
-                raise ModelFormatError(self.path, f"{n_out} output rows: a fused projection's parts must have a "
-                                       f"multiple of {ROW_GROUP} rows (the kernel layout's row groups)", tensor=name)
-        parts = [self.ternary(name, n_in, n_out) for name, n_out in names_out]
-        scale = np.concatenate([p[1] for p in parts])
-        packed = np.empty((sum(padded_rows(n_out) for _, n_out in names_out), padded(n_in) // 4), np.uint8)
-        row = 0
-        for (name, n_out), (t, _, payload) in zip(names_out, parts):    # each part's row pairs, in place
-            dst = packed[row:row + padded_rows(n_out)]
+        """Fuse projections sharing an input into one Projection (rows concatenated in order, each part starting
+        a row group: a part of odd size gets a padding row)."""
+        sizes = tuple(n_out for _, n_out in names_out)
+        starts = tuple(int(v) for v in np.cumsum([0] + [padded_rows(n) for n in sizes[:-1]]))
+        packed = np.empty((starts[-1] + padded_rows(sizes[-1]), padded(n_in) // 4), np.uint8)
+        scale = np.zeros(packed.shape[0], np.float32)
+        for (name, n_out), lo in zip(names_out, starts):      # each part's row pairs, in place
+            t, scale[lo:lo + n_out], payload = self.ternary(name, n_in, n_out)
+            dst = packed[lo:lo + padded_rows(n_out)]
             if payload is not None:
                 interleave_rows(payload, out=dst)
             else:
                 dst[:] = pack_kernel(t)
-            row += dst.shape[0]
             self.gf.release(name)          # copied out of the memory map: stop counting those pages
-        return Projection(packed=packed, scale=scale, n_in=n_in)
+        return Projection(packed=packed, scale=scale, n_in=n_in, starts=starts, sizes=sizes)
 
     def matrix(self, name, v, d):
         """A float [V, D] matrix kept in its file type for the embedding kernels."""
