@@ -46,8 +46,8 @@ class Projection:
     packed: np.ndarray   # uint8 [N, Kp // 4], I2 blocks in row pairs, Kp = n_in rounded up to 128, N even
     scale: np.ndarray    # float32 [N], weight scale per output row (0 for padding rows)
     n_in: int            # K (unpadded input width)
-    starts: tuple[int, ...] = (0,)
-    sizes: tuple[int, ...] = ()
+    starts: tuple[int, ...]   # first row of each part (even)
+    sizes: tuple[int, ...]    # rows of each part
 
     @property
     def n_out(self) -> int:
