@@ -36,7 +36,7 @@ import numpy as np
 
 from .engine.engine import Engine, EngineConfig
 from .errors import ConfigError
-from .model.model import release_free_heap
+from .model.model import load_model, release_free_heap
 from .runner import peak_rss_mb, warm_up
 
 
@@ -113,8 +113,6 @@ def fresh_peak_rss() -> bool:
 
 def run_bench(model_ref, batch_sizes=(1, 8, 32), prompt_tokens=64, gen_tokens=64, threads=0, model_file=None,
               prefill_chunk=128, kv_dtype="f32", repeat=1, log=print) -> dict:
-    from .model.model import load_model
-
     t0 = time.perf_counter()
     model = load_model(model_ref, filename=model_file)
     load_s = time.perf_counter() - t0

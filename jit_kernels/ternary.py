@@ -76,6 +76,11 @@ PREFETCH = 2048      # bytes ahead in a row group's stream that the compute-boun
 PREFETCH_T1 = 4096   # bytes ahead in each row group's stream that the one-token tiles prefetch
 I16_BLOCKS = 10      # blocks summed in int16 before widening: 10 blocks * 4 groups * |3*128 + 3*128| < 2**15
 
+
+def padded_rows(n: int) -> int:
+    """Output rows rounded up to whole row groups: the first dimension of a packed matrix of n rows."""
+    return -(-n // ROW_GROUP) * ROW_GROUP
+
 # ---- activation quantization -----------------------------------------------------------------------------
 
 def quantize_rows(x, xq, xscale, xsum):
@@ -191,7 +196,7 @@ def ternary_matmul(xq, xscale, xsum, packed, wscale, out, kernel=None):
         raise TypeError(f"ternary_matmul: want int8 xq / uint8 packed, got {xq.dtype} / {packed.dtype}")
     if Kp % BLOCK or KB * 4 != Kp:
         raise ValueError(f"ternary_matmul: xq width {Kp} must equal 4 * packed width {KB}, a multiple of {BLOCK}")
-    if out.shape[0] != T or out.shape[1] != N or Np != -(-N // ROW_GROUP) * ROW_GROUP:
+    if out.shape[0] != T or out.shape[1] != N or Np != padded_rows(N):
         raise ValueError(f"ternary_matmul: out {out.shape} / packed {packed.shape} do not match T={T} and "
                          f"N={N} (wscale) in groups of {ROW_GROUP} rows")
     if xscale.shape[0] < T or xsum.shape[0] < T:

@@ -13,27 +13,22 @@ import numpy as np
 
 from jit_kernels.attention import attention_scratch
 from jit_kernels.embedding import lm_head_scratch
-from jit_kernels.ternary import BLOCK
 
 from ..config import ModelConfig
-from ..model.layout import padded_rows
-
-
-def _pad(k: int) -> int:
-    return -(-k // BLOCK) * BLOCK
+from ..model.layout import padded, part_starts
 
 
 class Workspace:
     def __init__(self, cfg: ModelConfig, max_rows: int, max_logit_rows: int, max_seq_len: int):
         T, D, F = max_rows, cfg.n_embd, cfg.n_ff
-        qkv = padded_rows(cfg.q_dim) + 2 * padded_rows(cfg.kv_dim)      # the fused projections' rows, parts
-        gate_up = 2 * padded_rows(F)                                     # starting row pairs (Projection)
+        qkv = part_starts((cfg.q_dim, cfg.kv_dim, cfg.kv_dim))[1]       # the fused projections' rows, parts
+        gate_up = part_starts((F, F))[1]                                 # starting row pairs (Projection)
         self.max_rows = T
         self.max_logit_rows = max_logit_rows
         self.x = np.zeros((T, D), np.float64)            # residual stream
         # int8 activations, flat: each projection views it as a contiguous [T, Kp] (a row stride wider than Kp
         # made the ternary matmul ~30% slower at K = 2560)
-        self.xq = np.zeros(T * _pad(max(D, F, cfg.q_dim)), np.int8)
+        self.xq = np.zeros(T * padded(max(D, F, cfg.q_dim)), np.int8)
         self.xscale = np.zeros(T, np.float32)             # per-token activation scale s_t
         self.xsum = np.zeros(T, np.int32)                 # per-token sum of int8 activations
         # fused projections' outputs, flat: [T, q|k|v] for one row, else one C-contiguous [T, width] array per

@@ -15,7 +15,7 @@ one sequential stream per row pair (see ``jit_kernels.ternary`` for what that ga
 """
 import numpy as np
 
-from jit_kernels.ternary import BLOCK, BLOCK_BYTES, ROW_GROUP
+from jit_kernels.ternary import BLOCK, BLOCK_BYTES, ROW_GROUP, padded_rows
 
 PAD_BYTE = 0x55          # four codes 1 (weight 0)
 
@@ -25,9 +25,14 @@ def padded(k: int) -> int:
     return -(-k // BLOCK) * BLOCK
 
 
-def padded_rows(n: int) -> int:
-    """Output rows rounded up to whole row groups (the packed matrix's first dimension)."""
-    return -(-n // ROW_GROUP) * ROW_GROUP
+def part_starts(sizes) -> tuple[tuple[int, ...], int]:
+    """Parts of ``sizes`` rows stacked in one packed matrix, each starting a row group: (their first rows, the
+    matrix's rows). The loader's fused projections and the workspace blocks that hold their outputs."""
+    starts, row = [], 0
+    for n in sizes:
+        starts.append(row)
+        row += padded_rows(n)
+    return tuple(starts), row
 
 
 def interleave_rows(rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -60,8 +65,8 @@ def deinterleave_rows(packed: np.ndarray, n: int | None = None) -> np.ndarray:
     return np.ascontiguousarray(g.transpose(0, 2, 1, 3)).reshape(np_, kb)[:np_ if n is None else n]
 
 
-def pack_kernel(t: np.ndarray) -> np.ndarray:
-    """int8 ternary [N, K] -> uint8 [padded_rows(N), Kp // 4] in the kernel layout (padding codes = 1, i.e.
+def pack_rows(t: np.ndarray) -> np.ndarray:
+    """int8 ternary [N, K] -> its I2-block rows uint8 [N, Kp // 4], not yet grouped (padding codes = 1, i.e.
     weight 0)."""
     if t.ndim != 2:
         raise ValueError(f"pack_kernel: want a 2-D ternary matrix [N, K], got shape {t.shape}")
@@ -71,7 +76,13 @@ def pack_kernel(t: np.ndarray) -> np.ndarray:
     codes[:, :k] = (t + 1).astype(np.uint8)
     c = codes.reshape(n, kp // BLOCK, 4, 32)          # [row, block, group j (bits 7-6 .. 1-0), byte m]
     out = (c[:, :, 0] << 6) | (c[:, :, 1] << 4) | (c[:, :, 2] << 2) | c[:, :, 3]
-    return interleave_rows(out.reshape(n, kp // 4).astype(np.uint8))
+    return out.reshape(n, kp // 4).astype(np.uint8)
+
+
+def pack_kernel(t: np.ndarray) -> np.ndarray:
+    """int8 ternary [N, K] -> uint8 [padded_rows(N), Kp // 4] in the kernel layout (padding codes = 1, i.e.
+    weight 0)."""
+    return interleave_rows(pack_rows(t))
 
 
 def unpack_kernel(packed: np.ndarray, k: int, n: int | None = None) -> np.ndarray:
@@ -88,13 +99,14 @@ def unpack_kernel(packed: np.ndarray, k: int, n: int | None = None) -> np.ndarra
     return t[:, :k]
 
 
-def from_i2s_rows(payload: np.ndarray) -> np.ndarray:
+def from_i2s_rows(payload: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """I2_S x86 payload rows uint8 [N, K/4] (``raw[:ne // 4].reshape(N, K // 4)``, K a multiple of 128) ->
-    kernel layout uint8 [padded_rows(N), K/4]: the rows are I2 blocks already, only grouped (one copy)."""
+    kernel layout uint8 [padded_rows(N), K/4] (into ``out`` when given, as ``interleave_rows``): the rows are
+    I2 blocks already, only grouped (one copy)."""
     if not isinstance(payload, np.ndarray) or payload.dtype != np.uint8 or payload.ndim != 2:
         what = f"{payload.dtype} {payload.shape}" if isinstance(payload, np.ndarray) else type(payload).__name__
         raise ValueError(f"from_i2s_rows: want uint8 rows [N, K/4], got {what}")
     if payload.shape[1] % BLOCK_BYTES:
         raise ValueError(f"from_i2s_rows: row width {payload.shape[1]} bytes is not a whole number of "
                          f"{BLOCK_BYTES}-byte blocks (K = {payload.shape[1] * 4} is not a multiple of {BLOCK})")
-    return interleave_rows(payload)
+    return interleave_rows(payload, out)

@@ -30,7 +30,7 @@ from ..config import ModelConfig
 from ..errors import ModelFormatError
 from .gguf import GGMLType, GGUFFile
 from . import quants
-from .layout import interleave_rows, pack_kernel, padded, padded_rows
+from .layout import from_i2s_rows, interleave_rows, pack_rows, padded, padded_rows, part_starts
 
 LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_sub_norm", "attn_output",
                  "ffn_norm", "ffn_gate", "ffn_up", "ffn_sub_norm", "ffn_down")
@@ -151,16 +151,16 @@ class _Loader:
         """Fuse projections sharing an input into one Projection (rows concatenated in order, each part starting
         a row group: a part of odd size gets a padding row)."""
         sizes = tuple(n_out for _, n_out in names_out)
-        starts = tuple(int(v) for v in np.cumsum([0] + [padded_rows(n) for n in sizes[:-1]]))
-        packed = np.empty((starts[-1] + padded_rows(sizes[-1]), padded(n_in) // 4), np.uint8)
-        scale = np.zeros(packed.shape[0], np.float32)
+        starts, n_rows = part_starts(sizes)
+        packed = np.empty((n_rows, padded(n_in) // 4), np.uint8)
+        scale = np.zeros(n_rows, np.float32)
         for (name, n_out), lo in zip(names_out, starts):      # each part's row pairs, in place
             t, scale[lo:lo + n_out], payload = self.ternary(name, n_in, n_out)
             dst = packed[lo:lo + padded_rows(n_out)]
             if payload is not None:
-                interleave_rows(payload, out=dst)
+                from_i2s_rows(payload, out=dst)
             else:
-                dst[:] = pack_kernel(t)
+                interleave_rows(pack_rows(t), out=dst)
             self.gf.release(name)          # copied out of the memory map: stop counting those pages
         return Projection(packed=packed, scale=scale, n_in=n_in, starts=starts, sizes=sizes)
 
