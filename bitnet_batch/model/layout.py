@@ -69,14 +69,14 @@ def pack_rows(t: np.ndarray) -> np.ndarray:
     """int8 ternary [N, K] -> its I2-block rows uint8 [N, Kp // 4], not yet grouped (padding codes = 1, i.e.
     weight 0)."""
     if t.ndim != 2:
-        raise ValueError(f"pack_kernel: want a 2-D ternary matrix [N, K], got shape {t.shape}")
+        raise ValueError(f"pack_rows: want a 2-D ternary matrix [N, K], got shape {t.shape}")
     n, k = t.shape
     kp = padded(k)
     codes = np.ones((n, kp), dtype=np.uint8)
     codes[:, :k] = (t + 1).astype(np.uint8)
     c = codes.reshape(n, kp // BLOCK, 4, 32)          # [row, block, group j (bits 7-6 .. 1-0), byte m]
     out = (c[:, :, 0] << 6) | (c[:, :, 1] << 4) | (c[:, :, 2] << 2) | c[:, :, 3]
-    return out.reshape(n, kp // 4).astype(np.uint8)
+    return out.reshape(n, kp // 4).astype(np.uint8, copy=False)     # uint8 already: no second copy
 
 
 def pack_kernel(t: np.ndarray) -> np.ndarray:
