@@ -25,8 +25,9 @@ JIT_PARALLEL = dict(JIT, parallel=True)
 JIT_EXACT = dict(JIT, fastmath=False, error_model="numpy")
 JIT_EXACT_PARALLEL = dict(JIT_PARALLEL, fastmath=False, error_model="numpy")
 # Polynomial kernels whose range reduction must not be reassociated (Cody-Waite: x - n*ln2_hi - n*ln2_lo folded
-# into x - n*ln2 loses up to 4 ulp), but may fuse a multiply and an add into one FMA (no extra rounding).
-JIT_CONTRACT = dict(JIT, fastmath={"contract"})
+# into x - n*ln2 loses up to 4 ulp), but may fuse a multiply and an add into one FMA (no extra rounding); error
+# model numpy, so a division has no zero check (which would keep the loop from vectorising).
+JIT_CONTRACT = dict(JIT, fastmath={"contract"}, error_model="numpy")
 
 # Row-wise kernels (norms, RoPE, KV writes, activations, int8 quantization) run serially up to this many
 # elements: a decode step's few rows take microseconds, less than waking the thread pool (which costs far more

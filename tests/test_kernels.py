@@ -517,6 +517,23 @@ def test_row_kernels_give_the_same_row_serial_or_parallel():
         np.testing.assert_array_equal(kc[7], kc1[7])
 
 
+def test_softmax_numerators_match_numpy_exp_within_2_ulp():
+    # the attention's vectorised float64 exp (Cephes) against numpy's: the scores minus their max, so the largest
+    # weight is exactly 1; below ln(2^-1022) the weight is 0 (numpy gives a subnormal)
+    x = np.concatenate([-RNG.random(20000) * 40, -RNG.random(2000) * 700, -np.logspace(-18, 2, 500),
+                        [3.5, 3.5 - 1e-12, 3.5 - 708.3, 3.5 - 708.5, 3.5 - 745.2, -np.inf]])
+    got = x.copy()
+    attention._softmax_numerators(got)
+    want = np.exp(x - x.max())
+    normal = want >= np.finfo(np.float64).tiny
+    assert np.all(np.abs(got[normal] - want[normal]) <= 2 * np.spacing(want[normal]))
+    assert np.all(got[~normal] == 0.0) and (~normal).sum() == 3
+    assert got[x == x.max()][0] == 1.0
+    nan = np.array([0.0, np.nan, -1.0])
+    attention._softmax_numerators(nan)
+    assert np.isnan(nan[1]) and nan[0] == 1.0 and abs(nan[2] - np.exp(-1.0)) <= 2 * np.spacing(np.exp(-1.0))
+
+
 def test_half_bits_round_like_numpy_and_widen_exactly():
     x = np.concatenate([RNG.standard_normal(20000) * 10.0 ** RNG.integers(-9, 6, 20000),
                         np.arange(-70000.0, 70000.0, 0.25),                     # ties at every magnitude
