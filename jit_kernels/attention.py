@@ -8,8 +8,8 @@ Cache layout of one layer (owned and allocated by ``bitnet_batch.engine.kv_cache
 A float32 cache holds K/V rounded to float32 (the BitNet spec's numerics). A uint16 cache holds IEEE
 float16 bits (as llama.cpp / bitnet.cpp by default; half the memory): values are rounded to float32, then to
 float16 (round half to even), values beyond +-65504 (infinities too) saturate to +-65504 and NaN is stored as a NaN
-pattern that reads back as a large finite value. Reads widen the bits exactly (shift into float64's layout,
-times 2^1008), so every stored value reads back exactly.
+pattern. Reads widen the bits exactly (F16C conversions, or integer operations for the portable kernels), so
+every stored value reads back exactly.
 
 A step holds T rows (tokens) from any number of sequences: row t belongs to sequence ``row_seq[t]`` at
 position ``row_pos[t]``. Its K/V are written first (``kv_write``), then every row attends to positions
@@ -19,16 +19,20 @@ exp within 2 ulp of numpy's) and the weighted sum are computed in float64 from t
 head h // (H / KVH), and the query heads of one KV head are computed together so each K / V row is read once per
 step (at 32 streams of the 2B4T shapes: 55 -> 45 ms per step; the vectorised exp then took ~8 ms more off, and
 what is left, ~40 ms, is mostly the ~30 ms that reading ~0.5 GB of float32 K/V from memory takes).
-Four query heads per KV head over a float32 cache (the 2B4T shapes) take ``_attention_g4``, which shares each
-K/V element's widening among the 4 heads, sums 4 positions per pass and prefetches rows across blocks.
+Four query heads per KV head (the 2B4T shapes) take ``_attention_g4``, which shares each K/V element's widening
+among the 4 heads, sums 4 positions per pass and prefetches rows across blocks; with a float16 cache it reads half
+the bytes and widens each element with F16C (32 streams of the 2B4T shapes, 30 layers: ~34 ms against ~41 for
+float32, and ~95 before it took float16 caches).
 """
 import numba
 import numpy as np
 from numba import njit, prange, types
-from numba.extending import overload
+from llvmlite import ir
+from numba.extending import intrinsic, overload
 
 from ._bounds import in_range, min_max
 from ._config import JIT, JIT_CONTRACT, JIT_PARALLEL, serial
+from ._cpu import KERNEL
 from ._ir import prefetch_row
 from .bits import f64_bits, f64_from_bits
 
@@ -62,15 +66,41 @@ def half_bits_row(src, dst, tmp):
         dst[d] = np.uint16(((b >> np.uint32(16)) & np.uint32(0x8000)) | h)
 
 
-@njit(**JIT)
-def _widen_half_row(src, dst):
-    """dst float64 [n] <- float16 bits src uint16 [n], exactly (normal and subnormal halves)."""
-    bits = dst.view(np.uint64)
-    for d in range(src.shape[0]):
-        h = np.uint64(src[d])
-        bits[d] = ((h & np.uint64(0x8000)) << np.uint64(48)) | ((h & np.uint64(0x7FFF)) << np.uint64(42))
-    for d in range(src.shape[0]):
-        dst[d] *= _F16_TO_F64
+@njit(inline="always", **JIT)
+def _half_bits_to_f64_portable(x):
+    """float16 bits (uint16) -> float64 with integer operations: the sign and the exponent|mantissa bits shifted
+    into float64's layout, times 2^1008 (exact for normal and subnormal halves); inf and NaN patterns (exponent
+    all ones) give inf and NaN."""
+    h = np.uint64(x)
+    v = f64_from_bits(((h & np.uint64(0x8000)) << np.uint64(48)) | ((h & np.uint64(0x7FFF)) << np.uint64(42)))
+    special = f64_from_bits(((h & np.uint64(0x8000)) << np.uint64(48)) | np.uint64(0x7FF0000000000000)
+                            | ((h & np.uint64(0x3FF)) << np.uint64(42)))
+    return special if (h & np.uint64(0x7C00)) == np.uint64(0x7C00) else v * _F16_TO_F64
+
+
+@intrinsic
+def _half_bits_to_f64_f16c(typingctx, x):
+    """float16 bits (uint16) -> float64, exactly: LLVM's fpext (vcvtph2ps, vcvtps2pd: needs F16C)."""
+    if x != types.uint16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.DoubleType())
+    return types.float64(types.uint16), codegen
+
+
+def _to_f64(x):
+    """A cache element as float64: a float32 value, or float16 bits (uint16) widened exactly (F16C conversions
+    with the ``avx2`` kernels, integer operations with the ``portable`` ones)."""
+
+
+@overload(_to_f64, jit_options=dict(JIT))
+def _to_f64_impl(x):
+    if x == types.uint16:
+        if KERNEL == "avx2":
+            return lambda x: _half_bits_to_f64_f16c(x)
+        return lambda x: _half_bits_to_f64_portable(x)
+    return lambda x: np.float64(x)
 
 
 def _kv_row(cache, blk, h, off, buf):
@@ -81,7 +111,9 @@ def _kv_row(cache, blk, h, off, buf):
 def _kv_row_impl(cache, blk, h, off, buf):
     if cache.dtype == types.uint16:
         def widen(cache, blk, h, off, buf):
-            _widen_half_row(cache[blk, h, off], buf)
+            row = cache[blk, h, off]
+            for d in range(row.shape[0]):
+                buf[d] = _to_f64(row[d])
             return buf
         return widen
     return lambda cache, blk, h, off, buf: cache[blk, h, off]
@@ -196,7 +228,7 @@ def attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, out, scratch)
     if scratch.dtype != np.float64 or scratch.shape[0] < numba.config.NUMBA_NUM_THREADS or scratch.shape[1] < need:
         raise ValueError(f"attention: scratch {scratch.shape} {scratch.dtype} must be float64 "
                          f"[>= {numba.config.NUMBA_NUM_THREADS}, >= {need}]")
-    if group == 4 and k_cache.dtype == np.float32 and k_cache.shape[2] % 4 == 0:
+    if group == 4 and k_cache.shape[2] % 4 == 0:
         _attention_g4(q, k_cache, v_cache, block_tables, row_seq, row_pos, 1.0 / np.sqrt(hd), scratch, out)
     else:
         _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, 1.0 / np.sqrt(hd), scratch, out)
@@ -301,8 +333,8 @@ def _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, scrat
 
 @njit(**JIT_PARALLEL)
 def _attention_g4(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, scratch, out):
-    """``_attention`` for 4 query heads per KV head (the 2B4T shapes) over a float32 cache with blocks of a
-    multiple of 4 positions: each K element is widened once for the 4 heads' dots, and the weighted sum takes
+    """``_attention`` for 4 query heads per KV head (the 2B4T shapes) over a float32 or float16 cache with blocks
+    of a multiple of 4 positions: each K element is widened once for the 4 heads' dots, and the weighted sum takes
     4 positions per pass over the 4 heads' output rows (a quarter of the loads and stores of the accumulators,
     the loop's limit), adding them in position order as the one-position loop does; K and V rows are
     prefetched ``PREFETCH_ROWS`` ahead. 32 streams at position ~96, 30 layers, K/V streaming from memory:
@@ -327,7 +359,7 @@ def _attention_g4(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, sc
             kr = k_cache[table[p // bs], kvh, p % bs]
             s0 = s1 = s2 = s3 = 0.0
             for d in range(hd):
-                kd = np.float64(kr[d])
+                kd = _to_f64(kr[d])
                 s0 += q0[d] * kd
                 s1 += q1[d] * kd
                 s2 += q2[d] * kd
@@ -349,8 +381,8 @@ def _attention_g4(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, sc
                 w20, w21, w22, w23 = sc[2 * n + p], sc[2 * n + p + 1], sc[2 * n + p + 2], sc[2 * n + p + 3]
                 w30, w31, w32, w33 = sc[3 * n + p], sc[3 * n + p + 1], sc[3 * n + p + 2], sc[3 * n + p + 3]
                 for d in range(hd):
-                    x0, x1 = np.float64(vb[off, d]), np.float64(vb[off + 1, d])
-                    x2, x3 = np.float64(vb[off + 2, d]), np.float64(vb[off + 3, d])
+                    x0, x1 = _to_f64(vb[off, d]), _to_f64(vb[off + 1, d])
+                    x2, x3 = _to_f64(vb[off + 2, d]), _to_f64(vb[off + 3, d])
                     a0[d] = (((a0[d] + w00 * x0) + w01 * x1) + w02 * x2) + w03 * x3
                     a1[d] = (((a1[d] + w10 * x0) + w11 * x1) + w12 * x2) + w13 * x3
                     a2[d] = (((a2[d] + w20 * x0) + w21 * x1) + w22 * x2) + w23 * x3
@@ -359,7 +391,7 @@ def _attention_g4(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, sc
             else:
                 w0, w1, w2, w3 = sc[p], sc[n + p], sc[2 * n + p], sc[3 * n + p]
                 for d in range(hd):
-                    x0 = np.float64(vb[off, d])
+                    x0 = _to_f64(vb[off, d])
                     a0[d] += w0 * x0
                     a1[d] += w1 * x0
                     a2[d] += w2 * x0

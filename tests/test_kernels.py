@@ -534,6 +534,16 @@ def test_softmax_numerators_match_numpy_exp_within_2_ulp():
     assert np.isnan(nan[1]) and nan[0] == 1.0 and abs(nan[2] - np.exp(-1.0)) <= 2 * np.spacing(np.exp(-1.0))
 
 
+def _map_u16(f, a):
+    @numba.njit
+    def run(a, out):
+        for i in range(a.size):
+            out[i] = f(a[i])
+    out = np.zeros(a.size)
+    run(a, out)
+    return out
+
+
 def test_half_bits_round_like_numpy_and_widen_exactly():
     x = np.concatenate([RNG.standard_normal(20000) * 10.0 ** RNG.integers(-9, 6, 20000),
                         np.arange(-70000.0, 70000.0, 0.25),                     # ties at every magnitude
@@ -554,13 +564,14 @@ def test_half_bits_round_like_numpy_and_widen_exactly():
     # saturate instead of inf (also float32 overflow), signed zero, NaN
     assert half([1e6, -65520.0, 1e300, -np.inf, -0.0, np.nan]).tolist() == [0x7BFF, 0xFBFF, 0x7BFF, 0xFBFF, 0x8000,
                                                                              0x7E00]
+    # reads: every float16 bit pattern widens exactly, by F16C (the avx2 kernels) and by integer operations
     every = np.arange(65536, dtype=np.uint16)
-    wide = np.zeros(65536)
-    attention._widen_half_row(every, wide)
     halves = every.view(np.float16).astype(np.float64)
-    ok = np.isfinite(halves)
-    np.testing.assert_array_equal(wide[ok], halves[ok])
-    assert np.signbit(wide[0x8000])
+    for widen in (attention._half_bits_to_f64_portable, attention._to_f64) + \
+            ((attention._half_bits_to_f64_f16c,) if _cpu.HAS_AVX2 else ()):
+        wide = _map_u16(widen, every)
+        np.testing.assert_array_equal(wide, halves)             # nan == nan here; +-inf and +-0 keep their sign
+        assert np.signbit(wide[0x8000]) and np.isnan(wide[0x7E00]) and wide[0xFC00] == -np.inf
 
 
 def test_index_range_checks():
