@@ -244,9 +244,10 @@ def _gather_queries(q, t, h0, G, qv):
             qv[j * hd + d] = q[t, h0 + j, d]
 
 
-# float64 exp of t <= 0: Cephes exp (Cody-Waite range reduction t = n ln2 + r, |r| <= ln2 / 2, and a (3, 3) Pade
-# form of e^r), 2^n built from its exponent bits. Within 2 ulp of the correctly rounded exp (exactly 1 at 0); below
-# ln(2^-1022) the result is 0 (no subnormals: a softmax weight under 1e-308 of the largest one adds nothing).
+# float64 exp of t <= 0: Cephes exp (Cody-Waite range reduction t = n ln2 + r, |r| <= ln2 / 2, and Cephes' rational
+# form e^r = 1 + 2 r P(r^2) / (Q(r^2) - r P(r^2))), 2^n built from its exponent bits. Within 2 ulp of numpy's exp
+# (measured over 2.2 million arguments) and exactly 1 at 0; below ln(2^-1022) the result is 0 (no subnormals: a softmax
+# weight under 1e-308 of the largest one adds nothing).
 # Vectorises 4-wide, where numpy's exp is a call per element (the softmax was a quarter of the attention's time).
 _LOG2E = 1.4426950408889634074
 _LN2_HI = 6.93145751953125e-1                     # ln 2 = _LN2_HI + _LN2_LO; n * _LN2_HI is exact
