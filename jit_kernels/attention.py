@@ -284,11 +284,12 @@ def _softmax_numerators(seg):
 
 
 @njit(inline="always", **JIT)
-def _divide_by_mass(sc, lo, hi, acc):
-    """acc (one head's weighted sum of V rows) /= the sum of its softmax numerators sc[lo:hi]."""
+def _divide_by_mass(seg, acc):
+    """acc (one head's weighted sum of V rows) /= the sum of its softmax numerators seg (a slice: the sum
+    vectorises)."""
     mass = 0.0
-    for p in range(lo, hi):
-        mass += sc[p]
+    for p in range(seg.size):
+        mass += seg[p]
     inv = 1.0 / mass
     for d in range(acc.shape[0]):
         acc[d] *= inv
@@ -330,7 +331,7 @@ def _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, scrat
                 for d in range(hd):
                     acc[d] += w * np.float64(vr[d])
         for j in range(G):
-            _divide_by_mass(sc, j * n, j * n + n, out[t, h0 + j])
+            _divide_by_mass(sc[j * n:j * n + n], out[t, h0 + j])
 
 
 @njit(**JIT_PARALLEL)
@@ -400,4 +401,4 @@ def _attention_g4(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, sc
                     a3[d] += w3 * x0
                 p += 1
         for j in range(4):
-            _divide_by_mass(sc, j * n, j * n + n, out[t, h0 + j])
+            _divide_by_mass(sc[j * n:j * n + n], out[t, h0 + j])
