@@ -37,6 +37,11 @@ SERIAL_MAX = 1 << 17
 _serial_limit = [SERIAL_MAX]
 
 
+def serial_max() -> int:
+    """The current serial limit (``SERIAL_MAX``, or -1 inside ``parallel_drivers``), for compiled callers."""
+    return _serial_limit[0]
+
+
 def serial(n_elements: int) -> bool:
     """True when a row-wise kernel over ``n_elements`` should take its serial driver."""
     return n_elements <= _serial_limit[0]

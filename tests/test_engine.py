@@ -166,17 +166,13 @@ def test_step_can_return_every_rows_logits(i2s_model):
 
 def test_warm_up_compiles_the_serial_and_the_parallel_drivers(i2s_model):
     """Large steps take the parallel drivers of the row kernels: warm-up compiles them too, so no compilation
-    lands inside a timed step."""
-    from numba import types
-
-    from jit_kernels import _config, activations, attention, rope, ternary
+    lands inside a timed step. The layers' row kernels are compiled (or loaded) with the layer, both drivers
+    in one function; the head's final norm has its own two."""
+    from jit_kernels import _config, layer, norms
     from bitnet_batch.runner import warm_up
 
     warm_up(Engine(i2s_model, EngineConfig(max_batch=1, max_seq_len=8)))
-    for fn in (ternary._quantize_rows, ternary._quantize_rows_serial):      # the fused norm + quantizer (w given)
-        assert any(isinstance(sig[1], types.Array) for sig in fn.signatures), fn
-    for fn in (rope._rope_neox, rope._rope_neox_serial, attention._kv_write, attention._kv_write_serial,
-               activations._gated, activations._gated_serial):
+    for fn in (layer.bitnet_layer, norms._rmsnorm, norms._rmsnorm_serial):
         assert fn.signatures, fn
     assert _config.serial(10)
     with _config.parallel_drivers():
@@ -217,3 +213,100 @@ def test_fused_parts_of_odd_size_keep_their_own_rows(tmp_path):
     eng.step([(s, ids[:6], 0, False)])
     for p in range(6, 12):
         np.testing.assert_array_equal(eng.step([(s, ids[p:p + 1], p, True)])[0], full[p])
+
+
+def _wrapper_layer(cfg, ws, lw, kc, vc, kv, batch, rt, x):
+    """Twin of ``jit_kernels.layer.bitnet_layer``: the layer as the public kernel wrappers compute it, one call
+    per kernel from Python (how ``bitnet.forward`` ran before the layer was compiled)."""
+    from jit_kernels import activations, attention, rope, ternary
+    from bitnet_batch.model import bitnet
+    from bitnet_batch.model.layout import padded_rows
+
+    T, H, KVH, hd = x.shape[0], cfg.n_head, cfg.n_head_kv, cfg.head_dim
+
+    def norm_quantize(h, w, proj):
+        kp = proj.packed.shape[1] * 4
+        xq = ws.xq[:T * kp].reshape(T, kp)
+        ternary.norm_quantize_rows(h, w, cfg.rms_eps, xq, ws.xscale, ws.xsum)
+        return xq
+
+    def project(h, w, proj, out):
+        ternary.ternary_matmul(norm_quantize(h, w, proj), ws.xscale[:T], ws.xsum[:T], proj.packed,
+                               proj.scale[:out.shape[1]], out)
+
+    def project_parts(h, w, proj, flat):
+        if T == 1:
+            out = flat[:proj.n_out].reshape(1, -1)
+            project(h, w, proj, out)
+            return [out[:, lo:lo + n] for lo, n in zip(proj.starts, proj.sizes)]
+        xq = norm_quantize(h, w, proj)
+        outs = []
+        for lo, n in zip(proj.starts, proj.sizes):
+            outs.append(flat[T * lo:T * (lo + n)].reshape(T, n))
+            ternary.ternary_matmul(xq, ws.xscale[:T], ws.xsum[:T], proj.packed[lo:lo + padded_rows(n)],
+                                   proj.scale[lo:lo + n], outs[-1])
+        return outs
+
+    att, proj = ws.att[:T], ws.proj[:T]
+    q, k, v = project_parts(x, lw.attn_norm, lw.qkv, ws.qkv)
+    q, k, v = q.reshape(T, H, hd), k.reshape(T, KVH, hd), v.reshape(T, KVH, hd)
+    rope.rope_neox(q, batch.row_pos, rt.cos, rt.sin)
+    rope.rope_neox(k, batch.row_pos, rt.cos, rt.sin)
+    attention.kv_write(k, v, kc, vc, kv.block_tables, batch.row_seq, batch.row_pos, ws.att_scratch)
+    attention.attention(q, kc, vc, kv.block_tables, batch.row_seq, batch.row_pos, att, ws.att_scratch)
+    project(att.reshape(T, cfg.q_dim), lw.attn_sub_norm, lw.wo, proj)
+    x += proj
+    gate, up = project_parts(x, lw.ffn_norm, lw.gate_up, ws.gate_up)
+    activations.gated_activation(gate, up, bitnet._ACT[cfg.ffn_act], gate)
+    project(gate, lw.ffn_sub_norm, lw.down, proj)
+    x += proj
+
+
+@pytest.mark.parametrize("kernel", ["avx2", "portable"])
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
+@pytest.mark.parametrize("heads", [(4, 2), (8, 2)])
+def test_compiled_layer_gives_the_wrapper_sequence_bits(tmp_path, monkeypatch, kernel, kv_dtype, heads):
+    """``bitnet.forward`` runs each layer as one compiled call (``jit_kernels.layer``): its logits are bit for bit
+    those of the kernel wrappers called one by one, for prefill chunks of several sequences and one-row decode
+    steps, both kernel families, both cache types, the general attention (2 query heads per KV head) and the
+    4-head kernel (the 2B4T grouping)."""
+    from jit_kernels import _cpu, ternary
+    from bitnet_batch.model import bitnet
+    from bitnet_batch.testing.models import write_test_model
+
+    if kernel == "avx2" and not _cpu.HAS_AVX2:
+        pytest.skip("no AVX2 on this CPU")
+    monkeypatch.setattr(bitnet, "KERNEL", kernel)
+    monkeypatch.setattr(ternary, "KERNEL", kernel)
+    model = bitnet_batch.load_model(write_test_model(tmp_path / "m.gguf", n_embd=256, n_layer=2, n_head=heads[0],
+                                                     n_head_kv=heads[1], n_ff=384, n_vocab=300, seed=7))
+    engines = [Engine(model, EngineConfig(max_batch=3, max_seq_len=48, prefill_chunk=40, block_size=8,
+                                          kv_dtype=kv_dtype)) for _ in range(2)]
+    compiled = bitnet.forward
+
+    def wrapper_forward(w, cfg, ws, kv, rt, batch):
+        T = batch.n_rows
+        x = ws.x[:T]
+        bitnet.emb_k.embed(batch.tokens, w.tok_embd, w.tok_kind, x)
+        for li, lw in enumerate(w.layers):
+            _wrapper_layer(cfg, ws, lw, *kv.layer(li), kv, batch, rt, x)
+        R = batch.logit_rows.shape[0]
+        xl = np.take(x, batch.logit_rows, axis=0)
+        bitnet.norms.rmsnorm(xl, w.output_norm, cfg.rms_eps, xl)
+        out = ws.logits[:R]
+        bitnet.emb_k.lm_head(xl.astype(np.float32), w.output, w.output_kind, ws.lm_scratch, out)
+        return out
+
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 300, n).astype(np.int32) for n in (13, 5, 20)]
+    outs = []
+    for eng, fwd in zip(engines, (compiled, wrapper_forward)):
+        monkeypatch.setattr("bitnet_batch.engine.engine.forward", fwd)
+        slots = [eng.kv.allocate() for _ in prompts]
+        got = [eng.step([(s, p, 0, True) for s, p in zip(slots, prompts)])]
+        for i in range(4):
+            got.append(eng.step([(s, np.array([i + 1], np.int32), len(p) + i, True) for s, p in zip(slots, prompts)]))
+            got.append(eng.step([(slots[1], np.array([7], np.int32), len(prompts[1]) + 4 + i, True)]))
+        outs.append([np.array(g) for g in got])
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a, b)

@@ -32,7 +32,7 @@ class Workspace:
         self.xscale = np.zeros(T, np.float32)             # per-token activation scale s_t
         self.xsum = np.zeros(T, np.int32)                 # per-token sum of int8 activations
         # fused projections' outputs, flat: [T, q|k|v] for one row, else one C-contiguous [T, width] array per
-        # part (see ``bitnet._norm_project_parts``)
+        # part (see ``jit_kernels.layer._project_parts``)
         self.qkv = np.zeros(T * qkv, np.float64)
         self.att = np.zeros((T, cfg.n_head, cfg.head_dim), np.float64)   # attention output per head
         self.proj = np.zeros((T, D), np.float64)          # o_proj / down_proj output

@@ -11,27 +11,32 @@ Per layer (``/work/shared/spec/model_spec.md`` section 2)::
     logits = (RMSNorm(x) * output_norm) @ token_embd^T                (float, no activation quant)
 
 Each RMSNorm that feeds a projection is fused with the int8 quantizer (``ternary.norm_quantize_rows``): the
-normed rows h are never stored. ``forward`` returns logits only; it never samples. Prefill chunks and decode
-steps are the same call.
+normed rows h are never stored. Each layer is one compiled call (``jit_kernels.layer.bitnet_layer``: the kernel
+sequence without a Python round trip per kernel, bit for bit what the kernel wrappers give one by one; its
+arguments are checked once per workspace). ``forward`` returns logits only; it never samples. Prefill chunks and
+decode steps are the same call.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 
 from jit_kernels import activations as act_k
-from jit_kernels import attention as att_k
 from jit_kernels import embedding as emb_k
-from jit_kernels import norms, rope, ternary
+from jit_kernels import layer as layer_k
+from jit_kernels import norms, rope
+from jit_kernels._config import serial_max
+from jit_kernels._cpu import KERNEL
 
 from ..config import ModelConfig
 from ..engine.kv_cache import KVCache
 from ..engine.workspace import Workspace
-from .layout import padded_rows
-from .weights import Projection, Weights
+from .weights import Weights
 
 _ACT = {"relu2": act_k.RELU2, "silu": act_k.SILU}
+_CHECKED = weakref.WeakKeyDictionary()     # workspace -> (weights, KV cache, RoPE table) ids it was checked with
 
 
 @dataclass
@@ -52,47 +57,18 @@ class RopeTable:
         self.cos, self.sin = rope.rope_table(max_pos, cfg.n_rot, cfg.rope_base)
 
 
-def _norm_quantize(ws: Workspace, x: np.ndarray, norm_w: np.ndarray, eps: float, proj: Projection) -> np.ndarray:
-    """int8(RMSNorm(x) * norm_w) at ``proj``'s padded input width: the norm and the per-token absmax quantization
-    in one pass (the normed rows are never stored); returns the int8 rows, their scales and sums are in
-    ``ws.xscale`` / ``ws.xsum``."""
-    T = x.shape[0]
-    kp = proj.packed.shape[1] * 4
-    xq = ws.xq[:T * kp].reshape(T, kp)
-    ternary.norm_quantize_rows(x, norm_w, eps, xq, ws.xscale, ws.xsum)
-    return xq
-
-
-def _norm_project(ws: Workspace, x: np.ndarray, norm_w: np.ndarray, eps: float, proj: Projection,
-                  out: np.ndarray) -> None:
-    """out = ternary(int8(RMSNorm(x) * norm_w)): ``_norm_quantize``, then the exact ternary matmul of the first
-    out.shape[1] rows of ``proj`` (all of them, padding rows included, for a fused projection's one-row step)."""
-    T = x.shape[0]
-    xq = _norm_quantize(ws, x, norm_w, eps, proj)
-    ternary.ternary_matmul(xq, ws.xscale[:T], ws.xsum[:T], proj.packed, proj.scale[:out.shape[1]], out)
-
-
-def _norm_project_parts(ws: Workspace, x: np.ndarray, norm_w: np.ndarray, eps: float, proj: Projection,
-                        flat: np.ndarray) -> list[np.ndarray]:
-    """``_norm_project`` of a fused projection (q|k|v, gate|up) whose parts (``proj.starts`` / ``sizes``) are
-    separate outputs, written into ``flat``; returns them as C-contiguous [T, size] arrays. One row: one matmul
-    over all rows, the outputs are column ranges of its [1, N] result (contiguous, as it is one row). More rows:
-    one quantization and a matmul per part, each into its own [T, size] block of ``flat``: column ranges of a
-    [T, N] result would be strided views, on which the row kernels that follow vectorise badly or not at all
-    (the gated activation and the ffn_sub_norm quantizer: 4x slower at 32 rows; RoPE ~15%)."""
-    T = x.shape[0]
-    if T == 1:
-        out = flat[:proj.n_out].reshape(1, -1)
-        _norm_project(ws, x, norm_w, eps, proj, out)
-        return [out[:, lo:lo + n] for lo, n in zip(proj.starts, proj.sizes)]
-    xq = _norm_quantize(ws, x, norm_w, eps, proj)
-    outs = []
-    for lo, n in zip(proj.starts, proj.sizes):
-        out = flat[T * lo:T * (lo + n)].reshape(T, n)
-        ternary.ternary_matmul(xq, ws.xscale[:T], ws.xsum[:T], proj.packed[lo:lo + padded_rows(n)],
-                               proj.scale[lo:lo + n], out)
-        outs.append(out)
-    return outs
+def _check_layers(w: Weights, ws: Workspace, kv: KVCache, rt: RopeTable) -> None:
+    """What the compiled layer takes for granted, checked once per (workspace, weights, cache, RoPE table)."""
+    key = (id(w), id(kv), id(rt))
+    if _CHECKED.get(ws) == key:
+        return
+    for li, lw in enumerate(w.layers):
+        try:
+            layer_k.check_layer(ws.max_rows, ws.x, ws.xq, ws.xscale, ws.xsum, ws.qkv, ws.att, ws.proj, ws.gate_up,
+                                ws.att_scratch, *lw.kernel_args, *kv.layer(li), kv.block_tables, rt.cos, rt.sin)
+        except ValueError as e:
+            raise ValueError(f"layer {li}: {e}") from None
+    _CHECKED[ws] = key
 
 
 def forward(w: Weights, cfg: ModelConfig, ws: Workspace, kv: KVCache, rt: RopeTable,
@@ -102,24 +78,16 @@ def forward(w: Weights, cfg: ModelConfig, ws: Workspace, kv: KVCache, rt: RopeTa
     if T == 0 or T > ws.max_rows or R > ws.max_logit_rows:
         raise ValueError(f"forward: {T} rows / {R} logit rows exceed the workspace ({ws.max_rows}, "
                          f"{ws.max_logit_rows})")
-    H, KVH, hd = cfg.n_head, cfg.n_head_kv, cfg.head_dim
-    x, att, proj = ws.x[:T], ws.att[:T], ws.proj[:T]
-    eps = cfg.rms_eps
+    _check_layers(w, ws, kv, rt)
+    layer_k.check_rows(T, batch.row_seq, batch.row_pos, kv.block_tables, kv.block_size, rt.cos, ws.att_scratch,
+                       cfg.n_head // cfg.n_head_kv, cfg.head_dim)
+    x = ws.x[:T]
     emb_k.embed(batch.tokens, w.tok_embd, w.tok_kind, x)
+    step = (np.float32(cfg.rms_eps), _ACT[cfg.ffn_act], serial_max(), KERNEL == "avx2")
     for li, lw in enumerate(w.layers):
-        kc, vc = kv.layer(li)
-        q, k, v = _norm_project_parts(ws, x, lw.attn_norm, eps, lw.qkv, ws.qkv)
-        q, k, v = q.reshape(T, H, hd), k.reshape(T, KVH, hd), v.reshape(T, KVH, hd)
-        rope.rope_neox(q, batch.row_pos, rt.cos, rt.sin)
-        rope.rope_neox(k, batch.row_pos, rt.cos, rt.sin)
-        att_k.kv_write(k, v, kc, vc, kv.block_tables, batch.row_seq, batch.row_pos, ws.att_scratch)
-        att_k.attention(q, kc, vc, kv.block_tables, batch.row_seq, batch.row_pos, att, ws.att_scratch)
-        _norm_project(ws, att.reshape(T, cfg.q_dim), lw.attn_sub_norm, eps, lw.wo, proj)
-        x += proj
-        gate, up = _norm_project_parts(ws, x, lw.ffn_norm, eps, lw.gate_up, ws.gate_up)
-        act_k.gated_activation(gate, up, _ACT[cfg.ffn_act], gate)        # in place: gate becomes the FFN rows
-        _norm_project(ws, gate, lw.ffn_sub_norm, eps, lw.down, proj)
-        x += proj
+        layer_k.bitnet_layer(x, ws.xq, ws.xscale, ws.xsum, ws.qkv, ws.att, ws.proj, ws.gate_up, ws.att_scratch,
+                             *lw.kernel_args, *kv.layer(li), kv.block_tables, batch.row_seq, batch.row_pos, rt.cos,
+                             rt.sin, *step)
     xl = ws.xl[:R]
     np.take(x, batch.logit_rows, axis=0, out=xl)
     norms.rmsnorm(xl, w.output_norm, cfg.rms_eps, xl)

@@ -19,6 +19,7 @@ viewed as uint16 bits and widened in the kernels, F32 is used as is.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,6 +69,15 @@ class LayerWeights:
     gate_up: Projection        # [2F] x D
     ffn_sub_norm: np.ndarray   # float32 [F]
     down: Projection           # D x F
+
+    @functools.cached_property
+    def kernel_args(self) -> tuple:
+        """The layer's weights in ``jit_kernels.layer.bitnet_layer``'s argument order (fused parts' first rows
+        and sizes as int64 arrays), built once."""
+        parts = lambda p: (np.array(p.starts, np.int64), np.array(p.sizes, np.int64))  # noqa: E731
+        return (self.attn_norm, self.qkv.packed, self.qkv.scale, *parts(self.qkv), self.attn_sub_norm,
+                self.wo.packed, self.wo.scale, self.ffn_norm, self.gate_up.packed, self.gate_up.scale,
+                *parts(self.gate_up), self.ffn_sub_norm, self.down.packed, self.down.scale)
 
 
 @dataclass
