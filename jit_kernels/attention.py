@@ -28,7 +28,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic, overload, register_jitable
 
 from ._bounds import in_range, min_max
 from ._config import JIT, JIT_CONTRACT, JIT_PARALLEL, serial
@@ -205,6 +205,13 @@ def _kv_write_serial(k, v, k_cache, v_cache, block_tables, row_seq, row_pos, scr
         _kv_write_row(k, v, k_cache, v_cache, block_tables, row_seq, row_pos, scratch[0], t)
 
 
+@register_jitable
+def uses_g4(group, block_size):
+    """Whether ``attention`` takes ``_attention_g4`` for ``group`` query heads per KV head and cache blocks of
+    ``block_size`` positions (plain Python, and callable from jitted code: ``jit_kernels.layer`` asks it too)."""
+    return group == 4 and block_size % 4 == 0
+
+
 def attention_scratch(n_threads, max_pos, head_dim, group=1):
     """The per-thread scratch ``attention`` needs for ``group`` query heads per KV head: float64
     [n_threads, group * (max_pos + head_dim) + head_dim]."""
@@ -229,7 +236,7 @@ def attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, out, scratch)
     if scratch.dtype != np.float64 or scratch.shape[0] < numba.config.NUMBA_NUM_THREADS or scratch.shape[1] < need:
         raise ValueError(f"attention: scratch {scratch.shape} {scratch.dtype} must be float64 "
                          f"[>= {numba.config.NUMBA_NUM_THREADS}, >= {need}]")
-    if group == 4 and k_cache.shape[2] % 4 == 0:
+    if uses_g4(group, k_cache.shape[2]):
         _attention_g4(q, k_cache, v_cache, block_tables, row_seq, row_pos, 1.0 / np.sqrt(hd), scratch, out)
     else:
         _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, 1.0 / np.sqrt(hd), scratch, out)

@@ -81,8 +81,8 @@ def _project_parts(avx2, xq, xscale, xsum, packed, scale, starts, sizes, flat):
         return
     for i in range(len(starts)):
         lo, n = starts[i], sizes[i]
-        rows = -(-n // ternary.ROW_GROUP) * ternary.ROW_GROUP          # ternary.padded_rows(n)
-        _matmul(avx2, xq, xscale[:T], xsum[:T], packed[lo:lo + rows], scale[lo:lo + n], _part(flat, T, lo, n))
+        _matmul(avx2, xq, xscale[:T], xsum[:T], packed[lo:lo + ternary.padded_rows(n)], scale[lo:lo + n],
+                _part(flat, T, lo, n))
 
 
 @njit(inline="always", **JIT_PARALLEL)
@@ -126,7 +126,7 @@ def bitnet_layer(x, xq_flat, xscale, xsum, qkv_flat, att, proj, gu_flat, att_scr
         attention._kv_write(k, v, k_cache, v_cache, block_tables, row_seq, row_pos, att_scratch)
     a = att[:T]
     scale = 1.0 / np.sqrt(hd)
-    if H // KVH == 4 and k_cache.shape[2] % 4 == 0:
+    if attention.uses_g4(H // KVH, k_cache.shape[2]):
         attention._attention_g4(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, att_scratch, a)
     else:
         attention._attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, att_scratch, a)
@@ -173,9 +173,9 @@ def check_layer(max_rows, x, xq_flat, xscale, xsum, qkv_flat, att, proj, gu_flat
     H, hd = att.shape[1], att.shape[2]
     _need(xscale.dtype == np.float32 and xsum.dtype == np.int32 and xscale.shape[0] >= max_rows
           and xsum.shape[0] >= max_rows, "xscale / xsum")
-    _need(k_cache.dtype in (np.float32, np.uint16) and v_cache.dtype == k_cache.dtype and k_cache.ndim == 4
-          and v_cache.shape == k_cache.shape and k_cache.flags.c_contiguous and v_cache.flags.c_contiguous
-          and k_cache.shape[3] == hd and H % k_cache.shape[1] == 0, f"caches {k_cache.shape} {k_cache.dtype}")
+    attention._check_cache(k_cache, v_cache, "bitnet_layer")
+    _need(k_cache.ndim == 4 and k_cache.flags.c_contiguous and v_cache.flags.c_contiguous and k_cache.shape[3] == hd
+          and H % k_cache.shape[1] == 0, f"caches {k_cache.shape} for {H} heads of {hd}")
     KVH = k_cache.shape[1]
     _need(_c(block_tables, np.int32, 2), "block_tables")
     _need(cos.dtype == np.float32 and cos.ndim == 2 and sin.shape == cos.shape and 2 * cos.shape[1] <= hd,

@@ -57,7 +57,7 @@ from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
-from numba.core.extending import intrinsic
+from numba.core.extending import intrinsic, register_jitable
 
 from ._config import JIT, JIT_EXACT, JIT_EXACT_PARALLEL, JIT_PARALLEL, serial
 from ._cpu import HAS_AVX2, KERNEL
@@ -77,8 +77,10 @@ PREFETCH_T1 = 4096   # bytes ahead in each row group's stream that the one-token
 I16_BLOCKS = 10      # blocks summed in int16 before widening: 10 blocks * 4 groups * |3*128 + 3*128| < 2**15
 
 
+@register_jitable
 def padded_rows(n: int) -> int:
-    """Output rows rounded up to whole row groups: the first dimension of a packed matrix of n rows."""
+    """Output rows rounded up to whole row groups: the first dimension of a packed matrix of n rows (plain
+    Python, and callable from jitted code)."""
     return -(-n // ROW_GROUP) * ROW_GROUP
 
 # ---- activation quantization -----------------------------------------------------------------------------
