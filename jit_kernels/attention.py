@@ -31,6 +31,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload, register_jitable
 
 from ._bounds import in_range, min_max
+from .buffers import aligned_zeros
 from ._config import JIT, JIT_CONTRACT, JIT_PARALLEL, serial
 from ._cpu import KERNEL
 from ._ir import prefetch_row
@@ -215,7 +216,7 @@ def uses_g4(group, block_size):
 def attention_scratch(n_threads, max_pos, head_dim, group=1):
     """The per-thread scratch ``attention`` needs for ``group`` query heads per KV head: float64
     [n_threads, group * (max_pos + head_dim) + head_dim]."""
-    return np.zeros((n_threads, group * (max_pos + head_dim) + head_dim), np.float64)
+    return aligned_zeros((n_threads, group * (max_pos + head_dim) + head_dim), np.float64)
 
 
 def attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, out, scratch):

@@ -13,6 +13,7 @@ from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 from ._bounds import in_range
+from .buffers import aligned_zeros
 from ._config import JIT, JIT_EXACT_PARALLEL, JIT_PARALLEL
 from ._cpu import HAS_AVX2, KERNEL
 from ._ir import I16, I32, Emit, const64
@@ -77,7 +78,7 @@ LM_PREFETCH = 512   # bytes ahead in each vocabulary row that the one-token AVX2
 
 def lm_head_scratch(n_threads, D):
     """The lm_head's per-thread scratch: float32 [n_threads, 2 * D] (two widened rows per worker thread)."""
-    return np.zeros((n_threads, 2 * D), np.float32)
+    return aligned_zeros((n_threads, 2 * D), np.float32)
 
 
 def lm_head(x, table, kind, scratch, out, kernel=None):

@@ -55,6 +55,18 @@ def test_cached_decode_equals_full_prefill(i2s_model):
         np.testing.assert_array_equal(out, full[p])      # same kernels per row: bit-identical
 
 
+def test_kernel_operands_start_cache_lines(i2s_model):
+    """The packed weights, the workspace and the KV cache are cache-line aligned (``jit_kernels.buffers``): the
+    AVX2 ternary tile's activation operands and its weight loads then never straddle two lines."""
+    eng = Engine(i2s_model, EngineConfig(max_batch=2, max_seq_len=32))
+    arrays = {f"ws.{k}": a for k, a in vars(eng.ws).items() if isinstance(a, np.ndarray) and a.size}
+    arrays.update({"kv.k": eng.kv.k, "kv.v": eng.kv.v})
+    for li, lw in enumerate(i2s_model.weights.layers):
+        arrays.update({f"layer {li} {p}": getattr(lw, p).packed for p in ("qkv", "wo", "gate_up", "down")})
+    misaligned = [k for k, a in arrays.items() if a.ctypes.data % 64]
+    assert not misaligned
+
+
 def _rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20

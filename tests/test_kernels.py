@@ -13,7 +13,7 @@ import naive
 from bitnet_batch.model import quants
 from bitnet_batch.model.layout import (deinterleave_rows, from_i2s_rows, interleave_rows, pack_kernel, padded,
                                        padded_rows, unpack_kernel)
-from jit_kernels import _config, _cpu, activations, attention, embedding, norms, rope, ternary
+from jit_kernels import _config, _cpu, activations, attention, buffers, embedding, norms, rope, ternary
 
 RNG = np.random.default_rng(1234)
 KERNELS = _cpu.available_kernels()       # ("avx2", "portable") on an AVX2 machine
@@ -119,6 +119,39 @@ def test_ternary_matmul_matches_twin_exactly(kernel, T, N, K):
     # integer dot exact, the same float64 epilogue acc / s * wscale: equal bits
     np.testing.assert_array_equal(out, naive.ternary_matmul(xq[:, :K], s, t, wscale))
     np.testing.assert_allclose(out, naive.bitlinear(x, t, wscale), rtol=1e-5, atol=1e-5)
+
+
+def _at(a, offset):
+    """A copy of ``a`` whose first byte sits ``offset`` bytes past a cache line."""
+    raw = np.empty(a.nbytes + 128, np.uint8)
+    start = -raw.ctypes.data % buffers.CACHE_LINE + offset
+    b = raw[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    b[...] = a
+    return b
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_ternary_matmul_gives_the_same_bits_at_any_alignment(kernel):
+    """The AVX2 tiles read activations as memory operands at offsets 32j of each block: whatever the buffers'
+    alignment (the engine's are cache-line aligned, a caller's need not be), the products are the twin's."""
+    N, K, T = 10, 640, 9
+    t, wscale = _ternary(N, K), RNG.uniform(0.1, 2.0, N).astype(np.float32)
+    _, xq, s, sm = _quantized(T, K)
+    want = naive.ternary_matmul(xq, s, t, wscale)
+    packed = pack_kernel(t)
+    for xo, po in ((0, 0), (16, 16), (32, 0), (48, 32), (1, 7), (63, 48)):
+        np.testing.assert_array_equal(_matmul(_at(np.ascontiguousarray(xq), xo), s, sm, _at(packed, po), wscale,
+                                              kernel), want, err_msg=f"xq +{xo}, packed +{po}")
+
+
+@pytest.mark.parametrize("shape,dtype", [((3, 5), np.float64), (1000, np.int8), ((2, 3, 4), np.float32),
+                                               (300_003, np.uint16)])
+def test_aligned_buffers(shape, dtype):
+    for make in (buffers.aligned_empty, buffers.aligned_zeros):
+        a = make(shape, dtype)
+        assert a.shape == (shape if isinstance(shape, tuple) else (shape,)) and a.dtype == dtype
+        assert a.flags.c_contiguous and a.ctypes.data % buffers.CACHE_LINE == 0
+    assert not buffers.aligned_zeros(shape, dtype).any()
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

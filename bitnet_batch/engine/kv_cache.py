@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jit_kernels.buffers import aligned_zeros
+
 from ..errors import ConfigError, ContextOverflowError
 
 KV_DTYPES = {"f32": np.float32, "f16": np.uint16}      # "f16": float16 bits
@@ -43,8 +45,8 @@ class KVCache:
         self.max_blocks_per_seq = -(-max_seq_len // block_size)
         self.n_blocks = max(-(-n_tokens // block_size), self.max_blocks_per_seq)
         shape = (n_layer, self.n_blocks, n_kv_heads, block_size, head_dim)
-        self.k = np.zeros(shape, KV_DTYPES[dtype])
-        self.v = np.zeros(shape, KV_DTYPES[dtype])
+        self.k = aligned_zeros(shape, KV_DTYPES[dtype])
+        self.v = aligned_zeros(shape, KV_DTYPES[dtype])
         self.block_tables = np.full((max_seqs, self.max_blocks_per_seq), -1, np.int32)
         self._free_blocks = list(range(self.n_blocks - 1, -1, -1))     # pop() hands out low ids first
         self._free_slots = list(range(max_seqs - 1, -1, -1))

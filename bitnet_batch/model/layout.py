@@ -15,6 +15,7 @@ one sequential stream per row pair (see ``jit_kernels.ternary`` for what that ga
 """
 import numpy as np
 
+from jit_kernels.buffers import aligned_empty
 from jit_kernels.ternary import BLOCK, BLOCK_BYTES, ROW_GROUP, padded_rows
 
 PAD_BYTE = 0x55          # four codes 1 (weight 0)
@@ -43,7 +44,7 @@ def interleave_rows(rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarr
         raise ValueError(f"interleave_rows: row width {kb} bytes is not a whole number of {BLOCK_BYTES}-byte blocks")
     np_ = padded_rows(n)
     if out is None:
-        out = np.empty((np_, kb), np.uint8)
+        out = aligned_empty((np_, kb), np.uint8)
     elif out.shape != (np_, kb) or out.dtype != np.uint8 or not out.flags.c_contiguous:
         raise ValueError(f"interleave_rows: out must be C-contiguous uint8 {(np_, kb)}, got {out.dtype} {out.shape}")
     dst = out.reshape(np_ // ROW_GROUP, kb // BLOCK_BYTES, ROW_GROUP, BLOCK_BYTES)     # [group, block, row, byte]

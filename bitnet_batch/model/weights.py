@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from jit_kernels import embedding as emb_k
+from jit_kernels.buffers import aligned_empty
 from jit_kernels.ternary import BLOCK
 
 from ..config import ModelConfig
@@ -162,7 +163,7 @@ class _Loader:
         a row group: a part of odd size gets a padding row)."""
         sizes = tuple(n_out for _, n_out in names_out)
         starts, n_rows = part_starts(sizes)
-        packed = np.empty((n_rows, padded(n_in) // 4), np.uint8)
+        packed = aligned_empty((n_rows, padded(n_in) // 4), np.uint8)     # cache-line aligned: see buffers
         scale = np.zeros(n_rows, np.float32)
         for (name, n_out), lo in zip(names_out, starts):      # each part's row pairs, in place
             t, scale[lo:lo + n_out], payload = self.ternary(name, n_in, n_out)
