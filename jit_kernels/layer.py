@@ -193,7 +193,8 @@ def check_layer(max_rows, x, xq_flat, xscale, xsum, qkv_flat, att, proj, gu_flat
         kp = packed.shape[1] * 4 if packed.ndim == 2 else -1
         _need(_c(packed, np.uint8, 2) and scale.dtype == np.float32 and scale.ndim == 1
               and packed.shape[0] == ternary.padded_rows(scale.shape[0]) and kp % ternary.BLOCK == 0
-              and k_in <= kp, f"{name} packed {packed.shape} / scale {scale.shape} for inputs of {k_in}")
+              and k_in <= kp <= ternary.MAX_K,
+              f"{name} packed {packed.shape} / scale {scale.shape} for inputs of {k_in}")
         widest = max(widest, kp)
         if parts is None:
             _need(scale.shape[0] >= D, f"{name} has {scale.shape[0]} rows, want {D}")

@@ -18,7 +18,8 @@ def rope_table(max_pos, n_rot, base):
 
 
 def rope_neox(x, pos, cos, sin):
-    """x float32/float64 [T, H, hd] rotated in place (arithmetic in x's type); pos int32 [T]; cos/sin float32 [max_pos, n_rot // 2]."""
+    """x float32/float64 [T, H, hd] rotated in place (arithmetic in x's type); pos int32 [T]; cos/sin float32
+    [max_pos, n_rot // 2]."""
     T, H, hd = x.shape
     half = cos.shape[1]
     if x.dtype not in (np.float32, np.float64) or pos.shape[0] != T or 2 * half > hd or sin.shape != cos.shape:
