@@ -1,4 +1,6 @@
 """load_model on malformed models: each problem gives a typed error naming the file, tensor and problem."""
+import os
+
 import numpy as np
 import pytest
 
@@ -46,6 +48,34 @@ def expect_error(path, *, tensor=None, match):
 
 def test_base_loads(base):
     assert bitnet_batch.load_model(base).config.n_layer == 2
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc")
+def test_copied_tensors_leave_the_memory_map(base):
+    """A ternary tensor copied into the kernel layout is dropped from the file's memory map and its range is
+    marked as not for huge pages (VmFlags ``nh``): otherwise the kernel maps large page-cache folios back in
+    whole and RSS counts the file's copy again. The embedding (read in place) keeps its mapping."""
+    model = bitnet_batch.load_model(base)
+    gf = model.gguf
+    base_addr = np.asarray(gf._data).ctypes.data
+    info = gf.tensors["blk.0.ffn_gate.weight"]
+    lo = -(-(base_addr + info.offset) // 4096) * 4096
+    hi = (base_addr + info.offset + info.nbytes) // 4096 * 4096
+    assert hi - lo >= 4096
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(lo // 4096 * 8)
+        entries = np.frombuffer(f.read((hi - lo) // 4096 * 8), np.uint64)
+    assert not ((entries >> np.uint64(63)) & np.uint64(1)).any()          # no page of it present
+    flags = {}
+    start = None
+    for line in open("/proc/self/smaps"):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            a, b = (int(v, 16) for v in head.split("-"))
+            start = (a, b)
+        elif head == "VmFlags:" and start and start[0] <= lo < start[1]:
+            flags = set(line.split()[1:])
+    assert "nh" in flags
 
 
 def test_missing_tensor(base, tmp_path):
