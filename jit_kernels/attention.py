@@ -31,11 +31,11 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload, register_jitable
 
 from ._bounds import in_range, min_max
-from .buffers import aligned_zeros
 from ._config import JIT, JIT_CONTRACT, JIT_PARALLEL, serial
 from ._cpu import KERNEL
 from ._ir import prefetch_row
 from .bits import f64_bits, f64_from_bits
+from .buffers import aligned_zeros
 
 _CACHE_DTYPES = (np.float32, np.uint16)
 PREFETCH_ROWS = 8      # K/V rows ahead that _attention_g4 asks for (its reads cross blocks, which the hardware

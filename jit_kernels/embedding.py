@@ -13,10 +13,10 @@ from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 from ._bounds import in_range
-from .buffers import aligned_zeros
 from ._config import JIT, JIT_EXACT_PARALLEL, JIT_PARALLEL
 from ._cpu import HAS_AVX2, KERNEL
 from ._ir import I16, I32, Emit, const64
+from .buffers import aligned_zeros
 
 F32 = 0
 F16 = 1

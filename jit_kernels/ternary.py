@@ -79,7 +79,7 @@ ROW_GROUP = 2        # weight rows per interleaved group (see the layout above)
 GROUP_BYTES = ROW_GROUP * BLOCK_BYTES   # one block of every row of a group: the stride from block to block
 PREFETCH = 2048      # bytes ahead in a row group's stream that the compute-bound tiles prefetch
 PREFETCH_T1 = 4096   # bytes ahead in each row group's stream that the one-token tiles prefetch
-MAX_K = 1 << 21       # widest input: |dot - xsum| <= 512 K stays an exact int32 (the 2 x 4 tiles' epilogue)
+MAX_K = 1 << 21      # widest input: |dot - xsum| <= 512 K stays an exact int32 (the 2 x 4 tiles' epilogue)
 I16_BLOCKS = 10      # blocks summed in int16 before widening: 10 blocks * 4 groups * |3*128 + 3*128| < 2**15
 
 
@@ -382,7 +382,8 @@ def _emit_epilogue_2x4(context, builder, sig, args, lanes, n0, t0):
     """``_emit_epilogue`` of a 2 x 4 tile in vector form, from the dots' int32 lane vectors: the 8 lane sums by
     a ``vphaddd`` tree (integer sums: any order gives the same values), then (dot - xsum) / xscale * wscale as
     two <4 x double> operations (IEEE division and product are correctly rounded in any lane: the scalar
-    epilogue's bits). 8 scalar reductions and divisions were ~15% of a tile at K = 2560."""
+    epilogue's bits). The scalar epilogue's 8 divisions alone took ~7 ns of a 166 ns tile at K = 2560 (one
+    thread); this one takes the tile to ~162 ns."""
     b = builder
     f64, f32 = ir.DoubleType(), ir.FloatType()
     v4f64 = ir.VectorType(f64, 4)
