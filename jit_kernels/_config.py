@@ -3,7 +3,8 @@
 ``JIT`` is for serial kernels, ``JIT_PARALLEL`` for kernels that use ``prange``.
 
 - ``cache=True`` stores the compiled machine code in ``__pycache__`` so a second process starts in seconds
-  (a fresh-process test proves it). ``BITNET_BATCH_JIT_CACHE=0`` turns it off.
+  (a fresh-process test proves it). ``BITNET_BATCH_JIT_CACHE=0`` turns it off. With a cold cache the runner
+  compiles in a child process and loads the result (``bitnet_batch.runner.warm_up``).
 - ``fastmath`` allows reassociation and FMA contraction only (no ``nnan``/``ninf``: masks use -inf). That
   lets LLVM vectorise float reductions. It stays deterministic: the reduction order is fixed when the kernel
   is compiled, and every kernel reduces along an inner axis whose length does not depend on the batch, so a
@@ -13,10 +14,10 @@
 import contextlib
 import os
 
-_CACHE = os.environ.get("BITNET_BATCH_JIT_CACHE", "1") != "0"
+CACHE = os.environ.get("BITNET_BATCH_JIT_CACHE", "1") != "0"
 FASTMATH = {"reassoc", "contract", "nsz"}
 
-JIT = dict(nogil=True, cache=_CACHE, fastmath=FASTMATH, boundscheck=False)
+JIT = dict(nogil=True, cache=CACHE, fastmath=FASTMATH, boundscheck=False)
 JIT_PARALLEL = dict(JIT, parallel=True)
 
 # Kernels that must keep their written order of float operations wherever they are inlined (the intrinsic

@@ -1,5 +1,6 @@
 """Compiled kernels are cached on disk: a second process loads every kernel it uses from the cache."""
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -25,8 +26,9 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def _child(model):
-    res = subprocess.run([sys.executable, "-c", CHILD, str(model)], capture_output=True, text=True, timeout=600)
+def _child(model, env=None):
+    res = subprocess.run([sys.executable, "-c", CHILD, str(model)], capture_output=True, text=True, timeout=600,
+                         env=env)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -36,3 +38,12 @@ def test_second_process_loads_kernels_from_cache(small_model_path):
     second = _child(small_model_path)
     assert second["misses"] == 0, second     # every kernel the step uses came from the cache, the compiled layer
     assert second["hits"].get("bitnet_layer", 0) >= 1 and sum(second["hits"].values()) >= 5, second   # among them
+
+
+def test_a_cold_cache_is_filled_by_a_child_process(small_model_path, tmp_path):
+    """With an empty kernel cache, ``warm_up`` compiles in a child process (which writes the cache) and the
+    process itself loads every kernel from the cache: it never holds the compiler's state (~200 MB for 2B4T)."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    cold = _child(small_model_path, env)
+    assert cold["misses"] == 0 and cold["hits"].get("bitnet_layer", 0) >= 1, cold
+    assert any((tmp_path / "numba-cache").rglob("*.nbi"))
