@@ -1,4 +1,5 @@
 """load_model on malformed models: each problem gives a typed error naming the file, tensor and problem."""
+import mmap
 import os
 
 import numpy as np
@@ -54,17 +55,18 @@ def test_base_loads(base):
 def test_copied_tensors_leave_the_memory_map(base):
     """A ternary tensor copied into the kernel layout is dropped from the file's memory map and its range is
     marked as not for huge pages (VmFlags ``nh``): otherwise the kernel maps large page-cache folios back in
-    whole and RSS counts the file's copy again. The embedding (read in place) keeps its mapping."""
+    whole and RSS counts the file's copy again."""
     model = bitnet_batch.load_model(base)
     gf = model.gguf
     base_addr = np.asarray(gf._data).ctypes.data
     info = gf.tensors["blk.0.ffn_gate.weight"]
-    lo = -(-(base_addr + info.offset) // 4096) * 4096
-    hi = (base_addr + info.offset + info.nbytes) // 4096 * 4096
-    assert hi - lo >= 4096
+    page = mmap.PAGESIZE
+    lo = -(-(base_addr + info.offset) // page) * page
+    hi = (base_addr + info.offset + info.nbytes) // page * page
+    assert hi - lo >= page
     with open("/proc/self/pagemap", "rb") as f:
-        f.seek(lo // 4096 * 8)
-        entries = np.frombuffer(f.read((hi - lo) // 4096 * 8), np.uint64)
+        f.seek(lo // page * 8)
+        entries = np.frombuffer(f.read((hi - lo) // page * 8), np.uint64)
     assert not ((entries >> np.uint64(63)) & np.uint64(1)).any()          # no page of it present
     flags = {}
     start = None
