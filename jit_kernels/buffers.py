@@ -12,17 +12,18 @@ CACHE_LINE = 64
 
 def aligned_empty(shape, dtype) -> np.ndarray:
     """An uninitialised C-contiguous array whose first element starts a cache line."""
-    dtype = np.dtype(dtype)
-    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(n + CACHE_LINE, np.uint8)
-    start = -raw.ctypes.data % CACHE_LINE
-    return raw[start:start + n].view(dtype).reshape(shape)
+    return _aligned(np.empty, shape, dtype)
 
 
 def aligned_zeros(shape, dtype) -> np.ndarray:
     """``aligned_empty`` filled with zeros (from calloc'ed pages: untouched pages stay unmapped, as np.zeros)."""
+    return _aligned(np.zeros, shape, dtype)
+
+
+def _aligned(alloc, shape, dtype) -> np.ndarray:
+    """A [shape] dtype view, starting a cache line, of a byte buffer from ``alloc`` one cache line longer."""
     dtype = np.dtype(dtype)
     n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.zeros(n + CACHE_LINE, np.uint8)
+    raw = alloc(n + CACHE_LINE, np.uint8)
     start = -raw.ctypes.data % CACHE_LINE
     return raw[start:start + n].view(dtype).reshape(shape)

@@ -251,6 +251,7 @@ class _Emit(Emit):
         self.pmaddubsw = self.declare("llvm.x86.avx2.pmadd.ub.sw", _V16I16, [_V32I8, _V32I8])
         self.pmaddwd = self.declare("llvm.x86.avx2.pmadd.wd", _V8I32, [_V16I16, _V16I16])
         self.hsum = self.declare("llvm.vector.reduce.add.v8i32", I32, [_V8I32])
+        self.phadd = self.declare("llvm.x86.avx2.phadd.d", _V8I32, [_V8I32, _V8I32])
 
 
 def _emit_block(e, rows, xp, xstride, blk, acc16, R, C, prefetch):
@@ -353,10 +354,8 @@ def _emit_dots(e, rows, xp, xstride, nblk, R, C, prefetch, asm, lanes=False):
     return [[builder.call(e.hsum, [builder.load(a)]) for a in row] for row in acc32]
 
 
-def _emit_epilogue(context, builder, sig, args, dots, R, C, n0, t0):
-    """IR: out[t0 + c, n0 + r] = float64(dot - xsum[t]) / float64(xscale[t]) * float64(wscale[n]), rounded
-    once to out's type. Plain IEEE instructions (no fast-math flags): the same bits as ``_epilogue``."""
-    f64 = ir.DoubleType()
+def _epilogue_operands(context, builder, sig, args):
+    """``ptr(name, *idx)``: the IR address of xscale / xsum / wscale / out[idx] (a tile's arguments 4-7)."""
     arrays = {}
     for name, i in (("xscale", 4), ("xsum", 5), ("wscale", 6), ("out", 7)):
         arrays[name] = (sig.args[i], context.make_array(sig.args[i])(context, builder, args[i]))
@@ -364,7 +363,14 @@ def _emit_epilogue(context, builder, sig, args, dots, R, C, n0, t0):
     def ptr(name, *idx):
         aryty, ary = arrays[name]
         return cgutils.get_item_pointer(context, builder, aryty, ary, list(idx), wraparound=False)
+    return ptr
 
+
+def _emit_epilogue(context, builder, sig, args, dots, R, C, n0, t0):
+    """IR: out[t0 + c, n0 + r] = float64(dot - xsum[t]) / float64(xscale[t]) * float64(wscale[n]), rounded
+    once to out's type. Plain IEEE instructions (no fast-math flags): the same bits as ``_epilogue``."""
+    f64 = ir.DoubleType()
+    ptr = _epilogue_operands(context, builder, sig, args)
     t = [builder.add(t0, ir.Constant(I64, c)) for c in range(C)]
     scale = [builder.fpext(builder.load(ptr("xscale", tc)), f64) for tc in t]
     xsum = [builder.sext(builder.load(ptr("xsum", tc)), I64) for tc in t]
@@ -378,32 +384,24 @@ def _emit_epilogue(context, builder, sig, args, dots, R, C, n0, t0):
             builder.store(builder.fptrunc(v, ir.FloatType()) if out_f32 else v, ptr("out", t[c], n))
 
 
-def _emit_epilogue_2x4(context, builder, sig, args, lanes, n0, t0):
+def _emit_epilogue_2x4(e, context, sig, args, lanes, n0, t0):
     """``_emit_epilogue`` of a 2 x 4 tile in vector form, from the dots' int32 lane vectors: the 8 lane sums by
     a ``vphaddd`` tree (integer sums: any order gives the same values), then (dot - xsum) / xscale * wscale as
     two <4 x double> operations (IEEE division and product are correctly rounded in any lane: the scalar
     epilogue's bits). The scalar epilogue's 8 divisions alone took ~7 ns of a 166 ns tile at K = 2560 (one
     thread); this one takes the tile to ~162 ns."""
-    b = builder
+    b = e.b
     f64, f32 = ir.DoubleType(), ir.FloatType()
     v4f64 = ir.VectorType(f64, 4)
-    phadd = cgutils.get_or_insert_function(b.module, ir.FunctionType(_V8I32, [_V8I32, _V8I32]),
-                                           "llvm.x86.avx2.phadd.d")
-    arrays = {}
-    for name, i in (("xscale", 4), ("xsum", 5), ("wscale", 6), ("out", 7)):
-        arrays[name] = (sig.args[i], context.make_array(sig.args[i])(context, b, args[i]))
-
-    def ptr(name, *idx):
-        aryty, ary = arrays[name]
-        return cgutils.get_item_pointer(context, b, aryty, ary, list(idx), wraparound=False)
+    ptr = _epilogue_operands(context, b, sig, args)
 
     def shuffle(a, c, idx):
         return b.shuffle_vector(a, c, ir.Constant(ir.VectorType(I32, len(idx)), idx))
 
     # lane k = 2c + r of the sums <- dots of (row r, token c)
     a = [lanes[k % 2][k // 2] for k in range(8)]
-    h = [b.call(phadd, [a[2 * i], a[2 * i + 1]]) for i in range(4)]
-    g = [b.call(phadd, [h[0], h[1]]), b.call(phadd, [h[2], h[3]])]      # per 128-bit half: 4 partial sums
+    h = [b.call(e.phadd, [a[2 * i], a[2 * i + 1]]) for i in range(4)]
+    g = [b.call(e.phadd, [h[0], h[1]]), b.call(e.phadd, [h[2], h[3]])]      # per 128-bit half: 4 partial sums
     sums = b.add(shuffle(g[0], g[1], [0, 1, 2, 3, 8, 9, 10, 11]), shuffle(g[0], g[1], [4, 5, 6, 7, 12, 13, 14, 15]))
     t = [b.add(t0, ir.Constant(I64, c)) for c in range(4)]
     xsum = ir.Constant(ir.VectorType(I32, 8), None)
@@ -448,7 +446,7 @@ def _tile_codegen(R, C, prefetch, asm):
         xp = builder.add(builder.ptrtoint(xa.data, I64), builder.mul(t0, xstride))
         if (R, C) == (2, 4):
             lanes = _emit_dots(e, rows, xp, xstride, nblk, R, C, prefetch, asm, lanes=True)
-            _emit_epilogue_2x4(context, builder, sig, args, lanes, n0, t0)
+            _emit_epilogue_2x4(e, context, sig, args, lanes, n0, t0)
         else:
             dots = _emit_dots(e, rows, xp, xstride, nblk, R, C, prefetch, asm)
             _emit_epilogue(context, builder, sig, args, dots, R, C, n0, t0)
