@@ -198,6 +198,7 @@ def job_summary(job: JobConfig, stats: JobStats, *, output, fmt: str, model: dic
         "structured": {"records": stats.constrained, "incomplete": stats.incomplete},
         "samples": {"n": job.n, "dedupe": job.dedupe, "dropped_duplicates": stats.dropped},
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        "kernel": __import__("jit_kernels._cpu", fromlist=["KERNEL"]).KERNEL,     # this process's kernel family
     }
 
 
