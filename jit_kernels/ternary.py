@@ -197,8 +197,8 @@ def ternary_matmul(xq, xscale, xsum, packed, wscale, out, kernel=None):
 
     xq int8 [T, Kp] (rows may be strided, elements contiguous); xscale float32 [T]; xsum int32 [T];
     packed uint8 [Np, Kp // 4], C-contiguous, Np = N rounded up to whole row groups (a slice of whole groups
-    of a larger matrix is fine); wscale float32 [N]; out float32 or float64 [T, N] (may be a view with row
-    stride). ``kernel``: ``"avx512"`` / ``"avx2"`` / ``"portable"``, default ``KERNEL``."""
+    of a larger matrix is fine); wscale float32 [N]; out float32 or float64 [T, N] (rows may be strided,
+    elements contiguous: the avx512 tiles store 8 consecutive outputs at once). ``kernel``: ``"avx512"`` / ``"avx2"`` / ``"portable"``, default ``KERNEL``."""
     T, Kp = xq.shape
     Np, KB = packed.shape
     N = wscale.shape[0]
@@ -217,8 +217,8 @@ def ternary_matmul(xq, xscale, xsum, packed, wscale, out, kernel=None):
         raise TypeError("ternary_matmul: out must be float32/float64 and wscale float32")
     if xscale.dtype != np.float32 or xsum.dtype != np.int32:
         raise TypeError("ternary_matmul: xscale must be float32 and xsum int32")
-    if xq.strides[1] != 1:
-        raise ValueError("ternary_matmul: the rows of xq must be contiguous (unit element stride)")
+    if xq.strides[1] != 1 or out.strides[1] != out.itemsize:
+        raise ValueError("ternary_matmul: the rows of xq and out must be contiguous (unit element stride)")
     if not packed.flags.c_contiguous:
         raise ValueError("ternary_matmul: packed must be C-contiguous (its row groups are runs of bytes)")
     kernel = KERNEL if kernel is None else kernel

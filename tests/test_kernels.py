@@ -238,6 +238,8 @@ def test_ternary_matmul_rejects_bad_arguments():
         ternary.ternary_matmul(np.zeros((1, 384), np.int8), *args, kernel="sse9")
     with pytest.raises(ValueError, match="contiguous"):
         ternary.ternary_matmul(np.zeros((1, 768), np.int8)[:, ::2], *args)
+    with pytest.raises(ValueError, match="rows of xq and out must be contiguous"):    # avx512 stores 8 at once
+        ternary.ternary_matmul(np.zeros((1, 384), np.int8), *args[:4], np.zeros((1, 12), np.float32)[:, ::2])
     with pytest.raises(ValueError, match="C-contiguous"):          # rows of a wider matrix: not whole groups
         ternary.ternary_matmul(np.zeros((1, 384), np.int8), args[0], args[1],
                                np.zeros((6, 192), np.uint8)[:, :96], *args[3:])
