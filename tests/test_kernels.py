@@ -407,7 +407,7 @@ def test_portable_path_runs_without_the_jit_and_gives_the_same_bits():
     quantizer's helpers and the portable matmul: same int8 rows, scales and outputs as the compiled code; the
     sampler's top-n ids and exp weights too (those within 1 ulp)."""
     jit = _child(NOJIT_CHILD, {})
-    nojit = _child(NOJIT_CHILD, {"NUMBA_DISABLE_JIT": "1"})
+    nojit = _child(NOJIT_CHILD, {"NUMBA_DISABLE_JIT": "1", _cpu.KERNEL_ENV: "auto"})    # even if a run forces one
     assert jit.returncode == 0 and nojit.returncode == 0, (jit.stderr[-2000:], nojit.stderr[-2000:])
     a, b = json.loads(jit.stdout), json.loads(nojit.stdout)
     (wa, ta), (wb, tb) = a.pop("exp"), b.pop("exp")      # the compiled exp fuses multiply-adds: <= 1 ulp apart
