@@ -12,9 +12,9 @@ the block) for both rows, and the 32 activations of group j, broadcast to both 2
 
 Tiles: ``GROUPS`` = 4 row groups (8 weight rows) x C <= 4 token rows, 16 zmm accumulators, the block loop in
 one inline-assembly statement (``_emit_dots_asm``), prefetching each group's stream ``PREFETCH_GROUPS`` bytes
-ahead; one row group x C for the last groups of a task. One token row (decode) takes a one-group tile in IR with one
-accumulator per input group (a single accumulator would chain its 4 ``vpdpbusd`` per block on their latency)
-that prefetches ``PREFETCH_T1`` bytes ahead, like the AVX2 one-token tile.
+ahead; one row group x C for the last groups of a task. One token row (decode) takes a one-group tile in IR on
+256-bit halves (``_emit_dots_one_token``) that prefetches ``PREFETCH_T1`` bytes ahead, like the AVX2 one-token
+tile.
 
 On Zen 4, ``vpdpbusd`` on zmm issues once per cycle (64 MACs) and ``vpmaddubsw`` on ymm twice (also 64), so the
 gain there is the instructions saved around the multiplies: one thread, T = 32, 2B4T shapes, 195-225 against
@@ -27,7 +27,7 @@ from numba.core import cgutils
 
 from ._config import JIT_EXACT, JIT_EXACT_PARALLEL
 from ._ir import I8, I16, I32, I64, const64
-from .ternary import (BLOCK, GROUP_BYTES, PREFETCH_T1, ROW_GROUP, TASK_ROWS, _emit_epilogue,
+from .ternary import (BLOCK, BLOCK_BYTES, GROUP_BYTES, PREFETCH_T1, ROW_GROUP, TASK_ROWS, _emit_epilogue,
                       _emit_epilogue_2x4, _Emit, _epilogue_operands, _tile_operands, odd_row, tile_intrinsic)
 
 GROUPS = 4           # row groups per tile of the batched kernel
@@ -36,42 +36,53 @@ GROUPS = 4           # row groups per tile of the batched kernel
 # 25-35% less time than at 2048, T = 8 ~15%, T = 32 ~5%; 8192 measured the same as 4096
 PREFETCH_GROUPS = 4096
 
-_V16I32, _V32I16, _V32I8 = ir.VectorType(I32, 16), ir.VectorType(I16, 32), ir.VectorType(I8, 32)
+_V16I32, _V8I32, _V16I16, _V32I8 = (ir.VectorType(I32, 16), ir.VectorType(I32, 8), ir.VectorType(I16, 16),
+                                    ir.VectorType(I8, 32))
 
 
 class _Emit512(_Emit):
-    """``ternary._Emit`` plus ``vpdpbusd`` on zmm."""
+    """``ternary._Emit`` plus ``vpdpbusd`` on ymm (AVX-512VL; the zmm form is in ``_emit_dots_asm``)."""
 
     def __init__(self, builder):
         super().__init__(builder)
-        self.dpbusd = self.declare("llvm.x86.avx512.vpdpbusd.512", _V16I32, [_V16I32] * 3)
+        self.dpbusd256 = self.declare("llvm.x86.avx512.vpdpbusd.256", _V8I32, [_V8I32] * 3)
 
 
 def _emit_dots_one_token(e, groups, xp, xstride, nblk, prefetch):
-    """IR: the dots of P row groups with one token row over nblk blocks -> acc[p][0] (<16 x i32>). Each group
-    sums its 4 input groups in 4 accumulators (one would chain its 4 ``vpdpbusd`` per block on their latency),
-    added at the end (integer adds: any order gives the same value)."""
+    """IR: the dots of P row groups with one token row over nblk blocks -> acc[p][0] (<16 x i32>: row 2p's lanes
+    0-7, row 2p + 1's 8-15, as the batched tiles leave them). Memory bound (decode), so in 256-bit halves: each
+    row's 32 code bytes and each input group's 32 activations are one ymm load, and ``vpdpbusd`` on ymm. The same
+    loop on zmm (one 64-byte load per block, activations broadcast) was 3-15% slower than the AVX2 one-token tile
+    with the weights streamed from DRAM by 2 threads; this one is 3-15% faster. Each row sums its 4 input groups
+    in 4 accumulators (one would chain its 4 ``vpdpbusd`` per block on their latency), added at the end (integer
+    adds: any order gives the same value)."""
     b = e.b
-    zero = ir.Constant(_V16I32, None)
-    # accumulators: allocas in the entry block, which SROA turns into registers
-    slots = [[cgutils.alloca_once_value(b, zero) for _ in range(4)] for _ in groups]
-    mask = ir.Constant(_V32I16, [0x0303] * 32)
-    twice = ir.Constant(ir.VectorType(I32, 64), list(range(32)) * 2)
+    zero = ir.Constant(_V8I32, None)
+    # accumulators [p][r][j]: allocas in the entry block, which SROA turns into registers
+    slots = [[[cgutils.alloca_once_value(b, zero) for _ in range(4)] for _ in range(ROW_GROUP)] for _ in groups]
+    mask = ir.Constant(_V16I16, [0x0303] * 16)
     with cgutils.for_range_slice(b, const64(0), nblk, const64(1)) as (blk, _):
         wofs = b.mul(blk, const64(GROUP_BYTES))
         xofs = b.mul(blk, const64(BLOCK))
         for g in groups:
             e.prefetch_read(b.add(b.add(g, wofs), const64(prefetch)))
-        wv = [e.load(b.add(g, wofs), _V32I16) for g in groups]      # block b of both rows: bytes 0-31 | 32-63
+        # block b of row r of group g: the 32 bytes at g + GROUP_BYTES * b + BLOCK_BYTES * r
+        wv = [[e.load(b.add(b.add(g, wofs), const64(BLOCK_BYTES * r)), _V16I16) for r in range(ROW_GROUP)]
+              for g in groups]
         for j in range(4):                   # group j = inputs [32j, 32j + 32) of the block: bits 7-2j, 6-2j
-            shift = ir.Constant(_V32I16, [6 - 2 * j] * 32)
-            x = e.load(e.addr(xp, xstride, 0, xofs, 32 * j), _V32I8)
-            xv = b.bitcast(b.shuffle_vector(x, x, twice), _V16I32)     # the same 32 bytes for both rows
-            for w, row in zip(wv, slots):
-                codes = b.bitcast(b.and_(b.lshr(w, shift) if j < 3 else w, mask), _V16I32)
-                b.store(b.call(e.dpbusd, [b.load(row[j]), codes, xv]), row[j])
-    acc = [[b.load(a) for a in row] for row in slots]
-    return [[b.add(b.add(a[0], a[1]), b.add(a[2], a[3]))] for a in acc]
+            shift = ir.Constant(_V16I16, [6 - 2 * j] * 16)
+            xv = b.bitcast(e.load(e.addr(xp, xstride, 0, xofs, 32 * j), _V32I8), _V8I32)
+            for rows, accs in zip(wv, slots):
+                for w, acc in zip(rows, accs):
+                    codes = b.bitcast(b.and_(b.lshr(w, shift) if j < 3 else w, mask), _V8I32)
+                    b.store(b.call(e.dpbusd256, [b.load(acc[j]), codes, xv]), acc[j])
+    both = ir.Constant(ir.VectorType(I32, 16), list(range(16)))
+    out = []
+    for accs in slots:
+        rows = [[b.load(a) for a in acc] for acc in accs]
+        sums = [b.add(b.add(a[0], a[1]), b.add(a[2], a[3])) for a in rows]
+        out.append([b.shuffle_vector(sums[0], sums[1], both)])
+    return out
 
 
 def _emit_dots_asm(e, groups, xp, xstride, nblk, C, prefetch):
