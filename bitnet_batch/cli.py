@@ -50,24 +50,27 @@ _kv_dtype_option = click.option(
 
 
 def _engine_options(batch_help: str, seq_len_help: str):
-    """--max-batch, --prefill-chunk, --kv-cache-mb, --kv-dtype, --max-seq-len (``_engine_config`` reads them)."""
+    """--max-batch, --prefill-chunk, --kv-cache-mb, --kv-dtype, --max-seq-len, --[no-]prefix-cache
+    (``_engine_config`` reads them)."""
     def decorate(f):
         for opt in reversed([
                 click.option("--max-batch", type=int, default=16, show_default=True, help=batch_help),
                 click.option("--prefill-chunk", type=int, default=128, show_default=True, help="Most tokens per step."),
                 click.option("--kv-cache-mb", type=float, default=0.0, help="KV cache budget in MiB (0 = derived)."),
                 _kv_dtype_option,
-                click.option("--max-seq-len", type=int, default=0, help=seq_len_help)]):
+                click.option("--max-seq-len", type=int, default=0, help=seq_len_help),
+                click.option("--prefix-cache/--no-prefix-cache", default=True, show_default=True,
+                             help="Compute each shared prompt prefix once and reuse its KV blocks.")]):
             f = opt(f)
         return f
     return decorate
 
 
-def _engine_config(max_batch, prefill_chunk, kv_cache_mb, kv_dtype, max_seq_len, threads):
+def _engine_config(max_batch, prefill_chunk, kv_cache_mb, kv_dtype, max_seq_len, prefix_cache, threads):
     from .engine.engine import EngineConfig
 
     return EngineConfig(max_batch=max_batch, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,
-                        kv_cache_mb=kv_cache_mb, kv_dtype=kv_dtype, threads=threads)
+                        kv_cache_mb=kv_cache_mb, kv_dtype=kv_dtype, prefix_cache=prefix_cache, threads=threads)
 
 
 def _sampling_params(kw):
@@ -130,7 +133,7 @@ def main():
 @_model_options
 @_sampling_options
 def run(inputs, output, pipeline_file, output_format, input_format, prompt_field, id_field, system, chat, max_batch,
-        prefill_chunk, kv_cache_mb, kv_dtype, max_seq_len, truncate, unordered, overwrite, strict, quiet,
+        prefill_chunk, kv_cache_mb, kv_dtype, max_seq_len, prefix_cache, truncate, unordered, overwrite, strict, quiet,
         response_format, json_schema, regex, choice, n, dedupe, engine, ray_address, actors, threads_per_actor, model,
         model_file, ffn_act, threads, **kw):
     """Generate a completion for every record of INPUTS (JSONL / Parquet / OpenAI batch lines), or run a
@@ -157,7 +160,7 @@ def run(inputs, output, pipeline_file, output_format, input_format, prompt_field
                             seed=kw["seed"], truncate=truncate, ordered=not unordered, overwrite=overwrite,
                             ffn_act=ffn_act, constraint=constraint, n=n, dedupe=dedupe,
                             engine=_engine_config(max_batch, prefill_chunk, kv_cache_mb, kv_dtype, max_seq_len,
-                                                  threads))
+                                                  prefix_cache, threads))
         summary = _run_on(engine, job, quiet, ray_address, actors, threads_per_actor)
     except (BitnetBatchError, OSError) as e:
         _fail(e)
@@ -237,8 +240,8 @@ def _explicit_overrides(ctx: click.Context, inputs, constraint) -> dict:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or log.")
 @_model_options
 def score(inputs, output, output_format, input_format, text_field, prompt_field, completion_field, id_field,
-          token_logprobs, max_batch, prefill_chunk, kv_cache_mb, kv_dtype, max_seq_len, unordered, overwrite, strict,
-          quiet, model, model_file, ffn_act, threads):
+          token_logprobs, max_batch, prefill_chunk, kv_cache_mb, kv_dtype, max_seq_len, prefix_cache, unordered,
+          overwrite, strict, quiet, model, model_file, ffn_act, threads):
     """Log-likelihood, mean NLL and perplexity of every record's `text` (or of its `completion` given its
     `prompt`), plus the corpus perplexity in <output>.meta.json."""
     from .score import ScoreFields, ScoreJobConfig, score_job
@@ -250,7 +253,7 @@ def score(inputs, output, output_format, input_format, text_field, prompt_field,
                                                 id=id_field),
                              token_logprobs=token_logprobs, ordered=not unordered, overwrite=overwrite,
                              ffn_act=ffn_act, engine=_engine_config(max_batch, prefill_chunk, kv_cache_mb, kv_dtype,
-                                                                    max_seq_len, threads))
+                                                                    max_seq_len, prefix_cache, threads))
         summary = score_job(job, quiet=quiet)
     except (BitnetBatchError, OSError) as e:
         _fail(e)

@@ -39,7 +39,8 @@ is validated on load: unknown sections or keys and bad values are errors naming 
     format = "jsonl"                    # optional: jsonl | parquet | openai
     ordered = true
 
-    [engine]                            # max_batch, prefill_chunk, kv_cache_mb, kv_dtype, max_seq_len, threads
+    [engine]                            # max_batch, prefill_chunk, kv_cache_mb, kv_dtype, max_seq_len, threads,
+                                        # prefix_cache (default true)
 
 A record missing a placeholder's field becomes an error record naming ``file:line`` and the field; the job
 goes on. Records may still carry per-item parameters (``max_tokens``, ``n``, ``regex``, ...).
@@ -79,7 +80,7 @@ KEYS = {
     "sampling": tuple(sorted((SamplingParams.field_names() - {"seed"}) | {"seed", "n", "dedupe"})),
     "constraint": ("choice", "regex", "json_schema", "json_schema_file", "response_format"),
     "output": ("path", "format", "ordered"),
-    "engine": ("max_batch", "prefill_chunk", "kv_cache_mb", "kv_dtype", "max_seq_len", "threads"),
+    "engine": ("max_batch", "prefill_chunk", "kv_cache_mb", "kv_dtype", "max_seq_len", "prefix_cache", "threads"),
 }
 INPUT_FORMATS = ("jsonl", "parquet")
 OUTPUT_FORMATS = ("jsonl", "parquet", "openai")
@@ -412,7 +413,7 @@ class _Loader:
             raise ConfigError(f"json_schema_file {rel!r} is not valid JSON ({e.msg} at line {e.lineno})") from None
 
     def engine(self) -> EngineConfig:
-        kinds = {"kv_cache_mb": float, "kv_dtype": str}
+        kinds = {"kv_cache_mb": float, "kv_dtype": str, "prefix_cache": bool}
         values = {k: self.get("engine", k, kinds.get(k, int)) for k in KEYS["engine"] if k in self.section("engine")}
         try:
             return EngineConfig(**values)

@@ -152,6 +152,7 @@ class JobStats:
     errors: int = 0
     skipped: int = 0          # finished by an earlier run (resume)
     prompt_tokens: int = 0
+    cached_tokens: int = 0    # prompt tokens served from the prefix cache (of prompt_tokens)
     completion_tokens: int = 0
     prefill_s: float = 0.0    # engine time attributed to prompt rows (pro rata by rows per step)
     decode_s: float = 0.0     # engine time attributed to decode rows
@@ -168,6 +169,7 @@ class JobStats:
             return
         self.ok += 1
         self.prompt_tokens += record["usage"]["prompt_tokens"]
+        self.cached_tokens += record["usage"].get("cached_tokens", 0)
         self.completion_tokens += record["usage"]["completion_tokens"]
         if "incomplete" in record:
             self.constrained += 1
@@ -186,11 +188,13 @@ def job_summary(job: JobConfig, stats: JobStats, *, output, fmt: str, model: dic
         "items": {"total": stats.items, "ok": stats.ok, "error": stats.errors, "skipped_resume": stats.skipped,
                   "errors_in_output": errors_in_output},
         "tokens": {"prompt": stats.prompt_tokens, "completion": stats.completion_tokens},
+        "prefix_cache": prefix_cache_summary(job.engine.prefix_cache, stats.prompt_tokens, stats.cached_tokens),
         "time_s": {"load": round(load_s, 3), "compile": round(compile_s, 3), "run": round(run_s, 3),
                    "total": round(time.perf_counter() - t_start, 3), "prefill": round(stats.prefill_s, 3),
                    "decode": round(stats.decode_s, 3), "sampling": round(stats.sample_s, 3)},
         "throughput": {   # prefill / decode: per engine-second; completion / items: of the whole job
-            "prefill_tok_s": round(stats.prompt_tokens / stats.prefill_s, 2) if stats.prefill_s else 0.0,
+            "prefill_tok_s": (round((stats.prompt_tokens - stats.cached_tokens) / stats.prefill_s, 2)
+                              if stats.prefill_s else 0.0),
             "decode_tok_s": round(stats.completion_tokens / stats.decode_s, 2) if stats.decode_s else 0.0,
             "completion_tok_s": round(stats.completion_tokens / run_s, 2) if run_s else 0.0,
             "items_per_s": round((stats.ok + stats.errors) / run_s, 3) if run_s else 0.0},
@@ -199,6 +203,13 @@ def job_summary(job: JobConfig, stats: JobStats, *, output, fmt: str, model: dic
         "samples": {"n": job.n, "dedupe": job.dedupe, "dropped_duplicates": stats.dropped},
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
+
+
+def prefix_cache_summary(enabled: bool, prompt_tokens: int, cached_tokens: int) -> dict:
+    """Prompt tokens computed vs served from the prefix cache (records written by this run)."""
+    return {"enabled": enabled, "prompt_tokens_computed": prompt_tokens - cached_tokens,
+            "prompt_tokens_cached": cached_tokens,
+            "hit_rate": round(cached_tokens / prompt_tokens, 4) if prompt_tokens else 0.0}
 
 
 class Runner:
@@ -309,7 +320,8 @@ class Runner:
         busy = now - seq.t_admit
         rec = {"id": st.request.id, "index": st.request.index, "text": comp.text,
                "finish_reason": comp.finish_reason or "length",
-               "usage": {"prompt_tokens": int(len(seq.prompt)), "completion_tokens": n},
+               "usage": {"prompt_tokens": int(len(seq.prompt)), "completion_tokens": n,
+                         "cached_tokens": seq.n_cached},
                "timing": {"queue_s": round(seq.t_admit - seq.t_enqueue, 6),
                           "prefill_s": round(t_first - seq.t_admit, 6),
                           "ttft_s": round(t_first - seq.t_enqueue, 6),
@@ -358,6 +370,7 @@ class Runner:
             t0 = time.perf_counter()
             outs = engine.step([(p.seq.slot, p.tokens, p.start, p.want_logits) for p in parts])
             t1 = time.perf_counter()
+            sched.commit(parts)
             n_rows = sum(len(p.tokens) for p in parts)
             n_prefill = sum(len(p.tokens) for p in parts if p.seq.prefilling or p.start < len(p.seq.prompt))
             stats.prefill_s += (t1 - t0) * n_prefill / n_rows
@@ -478,6 +491,14 @@ class Runner:
 
     def _elapsed(self) -> float:
         return time.perf_counter() - self._t0
+
+
+def prefix_cache_line(pc: dict) -> str:
+    """The summary line's words on the prefix cache."""
+    if not pc["enabled"]:
+        return "prefix cache off"
+    return (f"prompt tokens {pc['prompt_tokens_computed']} computed, {pc['prompt_tokens_cached']} from the prefix "
+            f"cache ({100 * pc['hit_rate']:.0f}%)")
 
 
 def peak_rss_mb() -> float:
@@ -629,7 +650,7 @@ def run_job(job: JobConfig, *, model=None, quiet: bool = False, out=sys.stderr) 
     meta.write_text(json.dumps(summary, indent=2) + "\n")
     log(f"done: {stats.ok} ok, {stats.errors} errors, {stats.skipped} already done | "
         f"prefill {summary['throughput']['prefill_tok_s']} tok/s, decode {summary['throughput']['decode_tok_s']} "
-        f"tok/s | peak RSS {summary['peak_rss_mb']} MB -> {final}")
+        f"tok/s | {prefix_cache_line(summary['prefix_cache'])} | peak RSS {summary['peak_rss_mb']} MB -> {final}")
     return summary
 
 

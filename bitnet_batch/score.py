@@ -182,6 +182,7 @@ class ScoreStats:
     errors: int = 0
     skipped: int = 0
     rows: int = 0               # tokens run through the model
+    cached: int = 0             # tokens served from the prefix cache instead (this run)
     scored: int = 0             # tokens scored (this run)
     logprob: float = 0.0        # sum over this run's scored records
     engine_s: float = 0.0
@@ -226,7 +227,9 @@ class Scorer:
             raise ContextOverflowError(f"{item.location}: {len(ids)} tokens (with BOS and prompt) exceed the "
                                        f"context of {limit}; split the text into shorter records")
         self._keys += 1
-        return Sequence(key=self._keys, prompt=np.asarray(ids, np.int32), max_new=0, state=_ScoreState(item, first))
+        # the row before the first scored token predicts it: it is computed, never served from the prefix cache
+        return Sequence(key=self._keys, prompt=np.asarray(ids, np.int32), max_new=0, state=_ScoreState(item, first),
+                        cache_limit=first - 1)
 
     # ---------------------------------------------------------------- the loop
     def run(self, sink: OutputSink, engine: Engine) -> ScoreStats:
@@ -272,6 +275,7 @@ class Scorer:
         t0 = time.perf_counter()
         outs = self.engine.step([(p.seq.slot, p.tokens, p.start, w) for p, w in zip(parts, wants)])
         t1 = time.perf_counter()
+        sched.commit(parts)
         self.stats.engine_s += t1 - t0
         self.stats.steps += 1
         self.stats.rows += sum(len(p.tokens) for p in parts)
@@ -304,7 +308,7 @@ class Scorer:
         n = len(seq.prompt) - st.first
         busy = now - seq.t_admit
         rec = {"id": st.item.id, "index": st.item.index, "text": None, "finish_reason": "scored",
-               "usage": {"prompt_tokens": st.first, "completion_tokens": n},
+               "usage": {"prompt_tokens": st.first, "completion_tokens": n, "cached_tokens": seq.n_cached},
                "timing": {"queue_s": round(seq.t_admit - seq.t_enqueue, 6), "prefill_s": round(busy, 6),
                           "ttft_s": round(now - seq.t_enqueue, 6), "decode_s": 0.0,
                           "total_s": round(now - seq.t_enqueue, 6),
@@ -322,6 +326,7 @@ class Scorer:
             self.stats.errors += 1
         else:
             self.stats.ok += 1
+            self.stats.cached += record["usage"]["cached_tokens"]
             self.stats.scored += record["tokens"]
             self.stats.logprob += record["logprob"]
         self._tick()
@@ -397,7 +402,8 @@ def warm_up(engine: Engine) -> float:
 
 def score_job(job: ScoreJobConfig, *, model=None, quiet: bool = False, out=sys.stderr) -> dict:
     """Run a whole score job; returns the summary (also written to ``<output>.meta.json``)."""
-    from .runner import job_logger, meta_path, open_job, peak_rss_mb, progress_bar
+    from .runner import (job_logger, meta_path, open_job, peak_rss_mb, prefix_cache_line, prefix_cache_summary,
+                         progress_bar)
 
     log = job_logger(quiet, out)
     t_start = time.perf_counter()
@@ -425,6 +431,7 @@ def score_job(job: ScoreJobConfig, *, model=None, quiet: bool = False, out=sys.s
                   "errors_in_output": totals["errors"]},
         "corpus": corpus,
         "this_run": {"records": stats.ok, "tokens": stats.scored, "logprob": stats.logprob, "rows": stats.rows},
+        "prefix_cache": prefix_cache_summary(job.engine.prefix_cache, stats.rows + stats.cached, stats.cached),
         "time_s": {"load": round(model.load_s, 3), "compile": round(compile_s, 3), "run": round(run_s, 3),
                    "engine": round(stats.engine_s, 3), "total": round(time.perf_counter() - t_start, 3)},
         "throughput": {"tok_s": round(stats.rows / stats.engine_s, 2) if stats.engine_s else 0.0,
@@ -435,7 +442,7 @@ def score_job(job: ScoreJobConfig, *, model=None, quiet: bool = False, out=sys.s
     meta_path(final).write_text(json.dumps(summary, indent=2) + "\n")
     ppl = "n/a" if corpus["perplexity"] is None else f"{corpus['perplexity']:.4f}"
     log(f"done: {stats.ok} scored, {stats.errors} errors, {stats.skipped} already done | corpus perplexity {ppl} "
-        f"over {corpus['tokens']} tokens in {corpus['records']} records | {summary['throughput']['tok_s']} tok/s "
-        f"-> {final}")
+        f"over {corpus['tokens']} tokens in {corpus['records']} records | {summary['throughput']['tok_s']} tok/s | "
+        f"{prefix_cache_line(summary['prefix_cache'])} -> {final}")
     return summary
 

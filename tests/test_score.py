@@ -77,7 +77,8 @@ def test_logprobs_equal_numpy_log_softmax_of_model_logits(scored, small_model):
         ids = tok.encode(text)
         ref = reference_logprob(small_model, [tok.bos_id], ids)          # BOS conditions the first token
         rec = by_id[f"t{i}"]
-        assert rec["tokens"] == len(ids) and rec["usage"] == {"prompt_tokens": 1, "completion_tokens": len(ids)}
+        assert rec["tokens"] == len(ids) and rec["usage"] == {"prompt_tokens": 1, "completion_tokens": len(ids),
+                                                                    "cached_tokens": 0}
         assert rec["logprob"] == pytest.approx(ref, rel=1e-9, abs=1e-9)
         assert rec["mean_nll"] == pytest.approx(-ref / len(ids), rel=1e-12)
         assert rec["perplexity"] == pytest.approx(math.exp(-ref / len(ids)), rel=1e-12)

@@ -29,7 +29,7 @@ TIMING_KEYS = ("queue_s", "prefill_s", "ttft_s", "decode_s", "total_s", "tokens_
 def record(i: int, **extra) -> dict:
     """A plausible output record; every 5th is an error record, every 3rd carries logprobs."""
     rec = {"id": f"q{i}" if i % 2 else i, "index": i, "text": f"answer {i} \u00e9", "finish_reason": "stop",
-           "usage": {"prompt_tokens": 3 + i, "completion_tokens": i % 7},
+           "usage": {"prompt_tokens": 3 + i, "completion_tokens": i % 7, "cached_tokens": 16 * (i % 3)},
            "timing": {k: round(0.001 * (i + j), 6) for j, k in enumerate(TIMING_KEYS)}, "error": None}
     if i % 5 == 4:
         rec.update(text=None, finish_reason="error", usage={"prompt_tokens": 0, "completion_tokens": 0},
@@ -333,7 +333,8 @@ def test_parquet_output_schema_and_values(tmp_path):
                                   "parsed", "sample_index"]
     schema = table.schema
     assert schema.field("id").type == pa.string() and schema.field("index").type == pa.int64()
-    assert schema.field("usage").type == pa.struct([("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64())])
+    assert schema.field("usage").type == pa.struct([("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()),
+                                                    ("cached_tokens", pa.int64())])
     assert schema.field("timing").type == pa.struct([(k, pa.float64()) for k in TIMING_KEYS])
     assert schema.field("error").type == pa.struct([("type", pa.string()), ("message", pa.string())])
     assert schema.field("logprobs").type.value_type.field("top").type.value_type.field("token_id").type == pa.int64()
@@ -369,10 +370,12 @@ def test_openai_output_lines(tmp_path):
     assert top["token"] == "a" and top["logprob"] == -0.25 and top["bytes"] == [97]
     assert [t["token"] for t in top["top_logprobs"]] == ["a", "\u00e9"]
     assert top["top_logprobs"][1]["bytes"] == [195, 169] and "top_logprobs" not in top["top_logprobs"][1]
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3}
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     two = lines[1]["response"]["body"]
     assert [(c["index"], c["message"]["content"]) for c in two["choices"]] == [(0, "A"), (1, "B")]
-    assert two["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+    assert two["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6,
+                            "prompt_tokens_details": {"cached_tokens": 16}}         # the first sample's
     assert two["choices"][0]["logprobs"] is None
     err = lines[2]
     assert err == {"id": "batch_req_4", "custom_id": 4, "response": None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -30,6 +31,7 @@ class EngineConfig:
     threads: int = 0             # Numba threads; 0 -> all cores
     kv_dtype: str = "f32"        # KV cache storage: "f32" (the spec's numerics) or "f16" (half the memory)
     prefault_kv: bool = False    # touch every page of the KV pool when the engine is built (see Engine)
+    prefix_cache: bool = True    # share the K/V blocks of prompt prefixes already computed (see kv_cache)
 
     def __post_init__(self):
         for name in ("max_batch", "prefill_chunk", "block_size"):
@@ -39,6 +41,8 @@ class EngineConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         check_kv_dtype(self.kv_dtype)
+        if not isinstance(self.prefix_cache, bool):
+            raise ConfigError(f"prefix_cache must be true or false, got {self.prefix_cache!r}")
 
 
 def default_kv_budget_mb() -> float:
@@ -49,6 +53,18 @@ def default_kv_budget_mb() -> float:
     except (ValueError, OSError, AttributeError):
         avail = 8192.0
     return float(min(max(avail / 4, 256.0), 8192.0))
+
+
+def kv_salt(model, kv_dtype: str) -> bytes:
+    """What, besides the tokens, decides the K/V a prefix block holds: the model file (path, size, mtime), the
+    KV storage type and the FFN activation (an override changes every layer after the first)."""
+    path = Path(model.path)
+    try:
+        st = path.stat()
+        ident = f"{path.resolve()}\x00{st.st_size}\x00{st.st_mtime_ns}"
+    except OSError:
+        ident = str(path)
+    return f"{ident}\x00{kv_dtype}\x00{model.config.ffn_act}".encode()
 
 
 class Engine:
@@ -80,7 +96,8 @@ class Engine:
         self.max_seq_len = min(self.max_seq_len, n_tokens - n_tokens % config.block_size)   # one sequence fits
         self.kv = KVCache(n_layer=cfg.n_layer, n_kv_heads=cfg.n_head_kv, head_dim=cfg.head_dim,
                           max_seqs=config.max_batch, max_seq_len=self.max_seq_len, n_tokens=n_tokens,
-                          block_size=config.block_size, dtype=config.kv_dtype)
+                          block_size=config.block_size, dtype=config.kv_dtype, prefix_cache=config.prefix_cache,
+                          salt=kv_salt(model, config.kv_dtype))
         self.kv_prefault_s = 0.0
         if config.prefault_kv:
             t0 = time.perf_counter()
@@ -105,6 +122,9 @@ class Engine:
         logit_rows, spans, r = [], [], 0
         for slot, toks, start, want in parts:
             m = len(toks)
+            if start < self.kv.shared_tokens(slot):
+                raise RuntimeError(f"slot {slot}: a step may not write position {start}, which lies in a shared "
+                                   f"prefix block")
             self.kv.reserve(slot, start + m)
             tokens[r:r + m] = toks
             row_seq[r:r + m] = slot

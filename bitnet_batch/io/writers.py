@@ -20,7 +20,8 @@ same output is refused instead of interleaving lines.
 Record contract (built by the runner; checked by ``write``)::
 
     {"id": str|int, "index": int >= 0, "text": str|None, "finish_reason": str,
-     "usage": {"prompt_tokens": int, "completion_tokens": int},
+     "usage": {"prompt_tokens": int, "completion_tokens": int, "cached_tokens": int (optional: prompt tokens
+               served from the prefix cache)},
      "timing": {"queue_s", "prefill_s", "ttft_s", "decode_s", "total_s", "tokens_per_s": float},
      "error": None | {"type": str, "message": str},
      "logprobs": absent | [{"token", "token_id", "logprob", "top": [{"token", "token_id", "logprob"}]}],
@@ -56,7 +57,7 @@ STATE_VERSION = 1
 PARQUET_ROWS_PER_GROUP = 10_000   # records parsed and converted at a time during finalize
 _MAX_READ_BYTES = 1 << 20         # finalize reads adjacent journal lines in blocks of up to 1 MiB
 
-USAGE_KEYS = ("prompt_tokens", "completion_tokens")
+USAGE_KEYS = ("prompt_tokens", "completion_tokens", "cached_tokens")
 TIMING_KEYS = ("queue_s", "prefill_s", "ttft_s", "decode_s", "total_s", "tokens_per_s")
 ERROR_KEYS = ("type", "message")
 KNOWN_KEYS = ("id", "index", "text", "finish_reason", "usage", "timing", "error", "logprobs")
@@ -541,7 +542,8 @@ def _openai_line(group: list[dict], created: int, model_name: str) -> dict:
     if failed is not None:
         error = failed["error"]
         return {**head, "response": None, "error": {"code": error.get("type"), "message": error.get("message")}}
-    prompt_tokens = (first.get("usage") or {}).get("prompt_tokens") or 0
+    usage = first.get("usage") or {}
+    prompt_tokens = usage.get("prompt_tokens") or 0
     completion_tokens = sum((r.get("usage") or {}).get("completion_tokens") or 0 for r in group)
     body = {
         "id": f"chatcmpl-{index}", "object": "chat.completion", "created": created, "model": model_name,
@@ -549,6 +551,8 @@ def _openai_line(group: list[dict], created: int, model_name: str) -> dict:
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},
     }
+    if "cached_tokens" in usage:      # the request's prompt, counted once like prompt_tokens (its first sample)
+        body["usage"]["prompt_tokens_details"] = {"cached_tokens": usage["cached_tokens"]}
     return {**head, "response": {"status_code": 200, "request_id": f"req_{index}", "body": body}, "error": None}
 
 
