@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .errors import BitnetBatchError
+from .errors import BitnetBatchError, JobInterrupted
 from .model.hub import DEFAULT_REPO
 
 EXIT_FATAL = 1          # model, config or output problem: the job could not run
@@ -83,6 +83,9 @@ def _sampling_params(kw):
 
 
 def _fail(e: Exception):
+    if isinstance(e, JobInterrupted):          # a clean stop: what was kept and how to resume
+        click.echo(str(e), err=True)
+        sys.exit(e.exit_code)
     click.echo(f"error: {e}", err=True)
     sys.exit(EXIT_FATAL)
 

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from .engine.engine import Engine, EngineConfig
-from .errors import BitnetBatchError, ConfigError, ContextOverflowError, InputError
+from .errors import BitnetBatchError, ConfigError, ContextOverflowError, InputError, JobInterrupted
+from .interrupt import StopSignals
 from .io.readers import BadRecord, Request, count_records, read_requests
 from .io.writers import OutputSink
 from .completion import Completion
@@ -337,7 +338,8 @@ class Runner:
         return rec
 
     # ---------------------------------------------------------------- the loop
-    def run(self, sink: OutputSink, engine: Engine) -> JobStats:
+    def run(self, sink: OutputSink, engine: Engine, stop: StopSignals | None = None) -> JobStats:
+        """Generate every item of the input; returns early, after a whole step, once ``stop`` is requested."""
         self.engine = engine
         self.sink = sink
         stats = self.stats
@@ -347,7 +349,7 @@ class Runner:
         lookahead = 2 * engine.config.max_batch + 2
 
         self._t0 = time.perf_counter()
-        while True:
+        while stop is None or not stop.requested:
             while not exhausted and len(sched.waiting) < lookahead:
                 item = next(reader, None)
                 if item is None:
@@ -619,7 +621,13 @@ def open_job(job, model, log):
 
 
 def run_job(job: JobConfig, *, model=None, quiet: bool = False, out=sys.stderr) -> dict:
-    """Run a whole job; returns the summary (also written to ``<output>.meta.json``)."""
+    """Run a whole job; returns the summary (also written to ``<output>.meta.json``). SIGINT / SIGTERM stop it
+    after the current step with ``JobInterrupted`` (see ``interrupt``)."""
+    with StopSignals() as stop:
+        return _run_job(job, model, quiet, out, stop)
+
+
+def _run_job(job: JobConfig, model, quiet: bool, out, stop: StopSignals) -> dict:
     log = job_logger(quiet, out)
     t_start = time.perf_counter()
     model, sha, sink = open_job(job, model, log)
@@ -637,8 +645,9 @@ def run_job(job: JobConfig, *, model=None, quiet: bool = False, out=sys.stderr) 
 
         t_run = time.perf_counter()
         with progress_bar(total, quiet, out) as progress:
-            stats = Runner(job, model, progress=progress, log=log).run(sink, engine)
+            stats = Runner(job, model, progress=progress, log=log).run(sink, engine, stop)
         run_s = time.perf_counter() - t_run
+        raise_if_stopped(stop, sink, job)
         final = sink.finalize()
     finally:
         sink.close()
@@ -652,6 +661,14 @@ def run_job(job: JobConfig, *, model=None, quiet: bool = False, out=sys.stderr) 
         f"prefill {summary['throughput']['prefill_tok_s']} tok/s, decode {summary['throughput']['decode_tok_s']} "
         f"tok/s | {prefix_cache_line(summary['prefix_cache'])} | peak RSS {summary['peak_rss_mb']} MB -> {final}")
     return summary
+
+
+def raise_if_stopped(stop: StopSignals, sink: OutputSink, job) -> None:
+    """After a job loop: if a signal stopped it, close the journal (every complete record is in it) and raise
+    ``JobInterrupted`` with how many input items the output holds."""
+    if stop.requested:
+        sink.close()
+        raise JobInterrupted(stop.signum, len(sink.done), count_records(list(job.inputs), job.input_format))
 
 
 def count_errors(path: Path, fmt: str) -> int:

@@ -232,12 +232,13 @@ class Scorer:
                         cache_limit=first - 1)
 
     # ---------------------------------------------------------------- the loop
-    def run(self, sink: OutputSink, engine: Engine) -> ScoreStats:
+    def run(self, sink: OutputSink, engine: Engine, stop=None) -> ScoreStats:
+        """Score every item of the input; returns early, after a whole step, once ``stop`` is requested."""
         self.engine, self.sink = engine, sink
         sched = Scheduler(engine.kv, engine.config.max_batch, engine.max_rows)
         reader = read_score_items(list(self.job.inputs), fields=self.job.fields, fmt=self.job.input_format)
         exhausted, lookahead = False, 2 * engine.config.max_batch + 2
-        while True:
+        while stop is None or not stop.requested:
             while not exhausted and len(sched.waiting) < lookahead:
                 item = next(reader, None)
                 if item is None:
@@ -251,9 +252,10 @@ class Scorer:
             parts = sched.plan()
             if not parts:
                 if exhausted and not sched.waiting and not sched.running:
-                    return self.stats
+                    break
                 continue
             self._step(sched, parts)
+        return self.stats
 
     def _start(self, item) -> Sequence | None:
         if item.id in self.sink.done:
@@ -401,9 +403,17 @@ def warm_up(engine: Engine) -> float:
 
 
 def score_job(job: ScoreJobConfig, *, model=None, quiet: bool = False, out=sys.stderr) -> dict:
-    """Run a whole score job; returns the summary (also written to ``<output>.meta.json``)."""
+    """Run a whole score job; returns the summary (also written to ``<output>.meta.json``). SIGINT / SIGTERM
+    stop it after the current step with ``JobInterrupted``."""
+    from .interrupt import StopSignals
+
+    with StopSignals() as stop:
+        return _score_job(job, model, quiet, out, stop)
+
+
+def _score_job(job: ScoreJobConfig, model, quiet: bool, out, stop) -> dict:
     from .runner import (job_logger, meta_path, open_job, peak_rss_mb, prefix_cache_line, prefix_cache_summary,
-                         progress_bar)
+                         progress_bar, raise_if_stopped)
 
     log = job_logger(quiet, out)
     t_start = time.perf_counter()
@@ -415,8 +425,9 @@ def score_job(job: ScoreJobConfig, *, model=None, quiet: bool = False, out=sys.s
         log(f"kernels ready in {compile_s:.2f}s (JIT compile / cache load, not counted in item timings)")
         t_run = time.perf_counter()
         with progress_bar(lambda: count_records(list(job.inputs), job.input_format), quiet, out) as progress:
-            stats = Scorer(job, model, progress=progress).run(sink, engine)
+            stats = Scorer(job, model, progress=progress).run(sink, engine, stop)
         run_s = time.perf_counter() - t_run
+        raise_if_stopped(stop, sink, job)
         final = sink.finalize()
     finally:
         sink.close()

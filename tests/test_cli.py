@@ -201,3 +201,49 @@ def test_subprocess_sigkill_then_resume_equals_uninterrupted(tmp_path, small_mod
 def test_console_entry_points(entry):
     res = subprocess.run(entry + ["--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "run" in res.stdout and "bench" in res.stdout
+
+
+def _start_and_wait_for_records(args, journal, n):
+    proc = subprocess.Popen(_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if journal.exists() and journal.read_text().count("\n") >= n:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the job finished before it could be stopped"
+    return proc
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_the_job_cleanly_and_a_rerun_resumes(tmp_path, small_model_path, sig, code):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": f"s{i}", "prompt": f"count {i} stones", "max_tokens": 16}
+                                               for i in range(60)])
+    common = ["-m", small_model_path, "--temperature", "0.8", "--seed", "5", "--max-batch", "2", "--quiet"]
+    ref = CliRunner().invoke(main, list(map(str, ["run", src, "-o", tmp_path / "ref.jsonl", *common])))
+    assert ref.exit_code == 0, ref.output
+    out, journal = tmp_path / "out.jsonl", tmp_path / "out.jsonl.partial.jsonl"
+    proc = _start_and_wait_for_records(["run", src, "-o", out, *common], journal, 10)
+    os.kill(proc.pid, sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    written = journal.read_text().count("\n")
+    assert 10 <= written < 60 and not out.exists()
+    assert err.strip().splitlines()[-1] == (f"interrupted: {written} of 60 items written; run the same command "
+                                             f"to resume")
+    again = subprocess.run(_cli("run", src, "-o", out, *common), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "timing"} for r in recs]  # noqa: E731
+    assert strip(read_jsonl(out)) == strip(read_jsonl(tmp_path / "ref.jsonl"))
+
+
+def test_sigterm_stops_a_score_job_cleanly(tmp_path, small_model_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "text": f"count {i} stones " * 20} for i in range(80)])
+    out, journal = tmp_path / "s.jsonl", tmp_path / "s.jsonl.partial.jsonl"
+    args = ["score", src, "-o", out, "-m", small_model_path, "--max-batch", "1", "--prefill-chunk", "16", "--quiet"]
+    proc = _start_and_wait_for_records(args, journal, 5)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "items written; run the same command to resume" in err
+    again = subprocess.run(_cli(*args), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert [r["id"] for r in read_jsonl(out)] == list(range(80))

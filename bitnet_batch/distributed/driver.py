@@ -15,7 +15,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..errors import BitnetBatchError, ConfigError
+from ..errors import BitnetBatchError, ConfigError, JobInterrupted
+from ..interrupt import StopSignals
 from ..io.readers import BadRecord, count_records
 from ..runner import JobStats, Runner, job_summary, meta_path, progress_bar
 from .config import RayConfig, import_ray
@@ -41,9 +42,11 @@ class _Driver:
         self.by_actor: dict = {}        # pid -> {"tasks", "items", "run_s", "threads", "peak_rss_mb"}
         self._t0 = time.perf_counter()
 
-    def run(self, items) -> None:
+    def run(self, items, stop=None) -> None:
+        """Send every item to the actors and write what comes back; returns early once ``stop`` is requested
+        (records of tasks still out are not waited for: a rerun generates them)."""
         reader, exhausted = iter(items), False
-        while True:
+        while stop is None or not stop.requested:
             while not exhausted and self.pool.wants_work():
                 task = self._next_task(reader)
                 if task is None:
@@ -165,10 +168,13 @@ def run_ray_job(job, ray_config: RayConfig | None = None, *, quiet: bool = False
         output = open_output(job, job.fingerprint(info["sha256"]), info["name"] or os.path.basename(info["path"]),
                              cfg.rows_per_part)
         t_run = time.perf_counter()
-        with progress_bar(lambda: _total(job, shards), quiet, out) as progress:
+        with progress_bar(lambda: _total(job, shards), quiet, out) as progress, StopSignals() as stop:
             driver = _Driver(job, output, pool, cfg.task_size(job.engine.max_batch), progress)
-            driver.run(parse_shards(read_shards(ray, shards, pin_local=not _is_client(cfg)), shards, spec))
+            driver.run(parse_shards(read_shards(ray, shards, pin_local=not _is_client(cfg)), shards, spec), stop)
         run_s = time.perf_counter() - t_run
+        if stop.requested:
+            s = driver.stats
+            raise JobInterrupted(stop.signum, s.ok + s.errors + s.skipped, _total(job, shards))
         final = output.finalize()
     finally:
         data_logger.setLevel(saved_level)
