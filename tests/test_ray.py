@@ -447,3 +447,13 @@ def test_cli_rerun_after_a_crash_skips_finished_ids(tmp_path, reference, small_m
     assert [records[r["index"]] for r in journaled] == journaled       # kept byte for byte, timings included
     res = CliRunner().invoke(main, args + ["--seed", "5"])               # a changed job is refused
     assert res.exit_code == 1 and "overwrite" in res.output
+
+
+def test_golden_run_on_ray(tmp_path, small_model_path, ray_session):
+    """The golden run job (tests/test_golden_jobs.py) on two actors gives the golden records."""
+    from test_golden_jobs import check, run_job_config, run_records
+
+    src = write_jsonl(tmp_path / "in.jsonl", run_records())
+    out = tmp_path / "out.jsonl"
+    run_ray_job(run_job_config(src, out, small_model_path), TWO_ACTORS, quiet=True)
+    check("run.jsonl.jsonl", read_jsonl(out), src)
