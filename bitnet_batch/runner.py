@@ -29,7 +29,7 @@ import numpy as np
 from .engine.engine import Engine, EngineConfig
 from .errors import BitnetBatchError, ConfigError, ContextOverflowError, InputError
 from .io.readers import BadRecord, Request, count_records, read_requests
-from .io.writers import OutputSink
+from .io.writers import OutputLock, OutputSink
 from .completion import Completion
 from .sampling.chain import make_sampler
 from .sampling.constraints import ConstraintCompiler, ConstraintSpec, MaskBatch, request_constraint
@@ -585,13 +585,18 @@ def open_job(job, model, log):
     whether it resumes. Shared by ``run`` and ``score`` jobs. Returns (model, model sha256, OutputSink)."""
     from .model.model import load_model
 
-    if model is None:
-        model = load_model(job.model, filename=job.model_file, ffn_act=job.ffn_act)
-    log(f"model: {model.path} ({model.config.arch}, {model.config.n_layer} layers, vocab {model.config.n_vocab}) "
-        f"loaded in {model.load_s:.2f}s")
-    sha = model.sha256()
-    sink = OutputSink(job.output, fmt=job.output_format, fingerprint=job.fingerprint(sha),
-                      overwrite=job.overwrite, ordered=job.ordered, model_name=model.config.name or model.path.name)
+    lock = OutputLock(job.output)        # first: a second job on this output stops here, having touched nothing
+    try:
+        if model is None:
+            model = load_model(job.model, filename=job.model_file, ffn_act=job.ffn_act)
+        log(f"model: {model.path} ({model.config.arch}, {model.config.n_layer} layers, vocab "
+            f"{model.config.n_vocab}) loaded in {model.load_s:.2f}s")
+        sha = model.sha256()
+        sink = OutputSink(job.output, fmt=job.output_format, fingerprint=job.fingerprint(sha), overwrite=job.overwrite,
+                          ordered=job.ordered, model_name=model.config.name or model.path.name, lock=lock)
+    except BaseException:
+        lock.release()                   # the sink owns it once opened: released by sink.close()
+        raise
     if sink.done:
         log(f"resuming: {len(sink.done)} items already done")
     return model, sha, sink
@@ -619,14 +624,13 @@ def run_job(job: JobConfig, *, model=None, quiet: bool = False, out=sys.stderr) 
             stats = Runner(job, model, progress=progress, log=log).run(sink, engine)
         run_s = time.perf_counter() - t_run
         final = sink.finalize()
+        summary = job_summary(
+            job, stats, output=final, fmt=sink.fmt, threads=_threads(), load_s=model.load_s, compile_s=compile_s,
+            run_s=run_s, t_start=t_start, errors_in_output=count_errors(final, sink.fmt),
+            model={"path": str(model.path), "sha256": sha, "arch": model.config.arch, "name": model.config.name})
+        meta_path(final).write_text(json.dumps(summary, indent=2) + "\n")    # still under the output's lock
     finally:
         sink.close()
-    summary = job_summary(
-        job, stats, output=final, fmt=sink.fmt, threads=_threads(), load_s=model.load_s, compile_s=compile_s,
-        run_s=run_s, t_start=t_start, errors_in_output=count_errors(final, sink.fmt),
-        model={"path": str(model.path), "sha256": sha, "arch": model.config.arch, "name": model.config.name})
-    meta = meta_path(final)
-    meta.write_text(json.dumps(summary, indent=2) + "\n")
     log(f"done: {stats.ok} ok, {stats.errors} errors, {stats.skipped} already done | "
         f"prefill {summary['throughput']['prefill_tok_s']} tok/s, decode {summary['throughput']['decode_tok_s']} "
         f"tok/s | peak RSS {summary['peak_rss_mb']} MB -> {final}")

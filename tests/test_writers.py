@@ -264,6 +264,7 @@ def test_crash_between_marking_complete_and_deleting_the_journal(tmp_path):
     journal_of(path).write_bytes(saved)  # as if the process died right before unlinking it
     again = OutputSink(path, fingerprint=FP)
     assert again.complete and len(again.done) == 4 and not journal_of(path).exists()
+    again.close()
     path.unlink()
     with pytest.raises(ConfigError, match="output file is missing"):
         OutputSink(path, fingerprint=FP)
@@ -274,9 +275,9 @@ def test_crash_between_marking_complete_and_deleting_the_journal(tmp_path):
 def test_write_contract_duplicates_lock_and_numpy(tmp_path):
     path = tmp_path / "o.jsonl"
     sink = OutputSink(path, fingerprint=FP)
-    with pytest.raises(ConfigError, match="in use by another"):
+    with pytest.raises(ConfigError, match="is being written by another bitnet-batch job"):
         OutputSink(path, fingerprint=FP)
-    with pytest.raises(ConfigError, match="in use by another"):
+    with pytest.raises(ConfigError, match="is being written by another bitnet-batch job"):
         OutputSink(path, fingerprint=FP, overwrite=True)
     sink.write(record(1))
     with pytest.raises(BitnetBatchError, match="id 'q1' was already written"):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import BitnetBatchError, ConfigError
 from ..io.readers import BadRecord, count_records
+from ..io.writers import OutputLock
 from ..runner import JobStats, Runner, job_summary, meta_path, progress_bar
 from .config import RayConfig, import_ray
 from .inputs import expand_inputs, parse_shards, read_shards, record_spec
@@ -134,8 +135,16 @@ def _done_samples(request, sink, job) -> list[int]:
 
 def run_ray_job(job, ray_config: RayConfig | None = None, *, quiet: bool = False, out=sys.stderr) -> dict:
     """Run ``job`` on Ray (connecting to ``ray_config.address``, or the Ray already initialized in this
-    process); returns the summary, also written to ``<output>.meta.json``."""
-    cfg = ray_config or RayConfig()
+    process); returns the summary, also written to ``<output>.meta.json``. The driver holds the output's lock
+    from before Ray starts until the summary is written."""
+    lock = OutputLock(job.output)       # first: a second job on this output stops here, having touched nothing
+    try:
+        return _run_ray_job(job, ray_config or RayConfig(), lock, quiet, out)
+    finally:
+        lock.release()
+
+
+def _run_ray_job(job, cfg: RayConfig, lock: OutputLock, quiet: bool, out) -> dict:
     ray = import_ray()
 
     def log(msg):
@@ -163,7 +172,7 @@ def run_ray_job(job, ray_config: RayConfig | None = None, *, quiet: bool = False
         log(f"model: {info['path']} ({info['arch']}, {info['n_layer']} layers, vocab {info['n_vocab']}) loaded in "
             f"{info['load_s']:.2f}s, kernels ready in {info['compile_s']:.2f}s (first actor, on {info['host']})")
         output = open_output(job, job.fingerprint(info["sha256"]), info["name"] or os.path.basename(info["path"]),
-                             cfg.rows_per_part)
+                             cfg.rows_per_part, lock=lock)
         t_run = time.perf_counter()
         with progress_bar(lambda: _total(job, shards), quiet, out) as progress:
             driver = _Driver(job, output, pool, cfg.task_size(job.engine.max_batch), progress)
