@@ -80,8 +80,21 @@ def _sampling_params(kw):
 
 
 def _fail(e: Exception):
-    click.echo(f"error: {e}", err=True)
+    click.echo(f"error: {_message(e)}", err=True)
     sys.exit(EXIT_FATAL)
+
+
+def _message(e: Exception) -> str:
+    """The error as the user should read it. A full disk outside the output's journal (the summary, a model
+    download) names the file and says what to do; the journal's own says how many records are safe."""
+    if isinstance(e, OSError) and not isinstance(e, BitnetBatchError):
+        from .io.writers import _is_disk_full
+
+        if _is_disk_full(e):
+            where = f"{e.filename}: " if e.filename else ""
+            return (f"{where}no space left on device; records already written are kept. Free some space and run "
+                    f"the same command again to resume")
+    return str(e)
 
 
 @click.group()

@@ -22,6 +22,9 @@ It streams: it keeps an index of line offsets (4 int64 per record), never all re
                                a new one); a job that takes it before opening its sink (``lock=``) holds it
                                until ``close()``, so the job's summary is written under it too.
 
+A full disk (``ENOSPC``, ``EDQUOT``) while writing becomes a ``BitnetBatchError`` naming the file, the number of
+records safely in the journal, and that the same command resumes; the journal never keeps a torn line.
+
 Record contract (built by the runner; checked by ``write``)::
 
     {"id": str|int, "index": int >= 0, "text": str|None, "finish_reason": str,
@@ -36,6 +39,7 @@ sample_index) and, in the OpenAI format, become the choices of one line. numpy s
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import numbers
@@ -178,10 +182,11 @@ class OutputSink:
             if overwrite:
                 self._remove_previous()
             state = self._read_state()
-            if state is None:
-                self._start_fresh()
-            else:
-                self._resume(state)
+            with self._disk_full(self.state_path, "while starting the job"):
+                if state is None:
+                    self._start_fresh()
+                else:
+                    self._resume(state)
         except BaseException:
             self.close()
             raise
@@ -217,7 +222,8 @@ class OutputSink:
             what = f"id {key_id!r}" + ("" if sample is None else f" sample {sample}")
             raise BitnetBatchError(f"{self.path}: a record for {what} was already written")
         data = _encode_line(record)
-        self._append(data)
+        with self._disk_full(self.journal_path, "while writing a record"):
+            self._append(data)
         self._register(record, self._offset, len(data))
         self._offset += len(data)
 
@@ -231,11 +237,17 @@ class OutputSink:
         extra: dict = {}
         if not self._is_own_journal:
             tmp = _sibling(self.path, ".tmp")
-            extra = _FINALIZERS[self.fmt](self, tmp)
-            _fsync_path(tmp)
+            try:
+                with self._disk_full(tmp, "while writing the final output"):
+                    extra = _FINALIZERS[self.fmt](self, tmp)
+                    _fsync_path(tmp)
+            except BaseException:
+                tmp.unlink(missing_ok=True)     # frees the space it took; the journal has every record
+                raise
             os.replace(tmp, self.path)
             _fsync_dir(self.path.parent)
-        self._write_state({**self._state, "complete": True, "records": len(self._index), **extra})
+        with self._disk_full(self.state_path, "while marking the job complete"):
+            self._write_state({**self._state, "complete": True, "records": len(self._index), **extra})
         self._close_journal()
         if not self._is_own_journal:
             self.journal_path.unlink(missing_ok=True)
@@ -282,10 +294,14 @@ class OutputSink:
 
     def _write_state(self, state: dict) -> None:
         tmp = _sibling(self.state_path, ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(state, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(state, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, self.state_path)
         _fsync_dir(self.state_path.parent)
         self._state = state
@@ -382,6 +398,21 @@ class OutputSink:
             except OSError:
                 pass
             raise
+
+    @contextlib.contextmanager
+    def _disk_full(self, file: Path, when: str):
+        """A full disk (or quota) in the block becomes an error that says what is safe and how to go on."""
+        try:
+            yield
+        except OSError as e:
+            if not _is_disk_full(e):
+                raise
+            file = Path(e.filename) if isinstance(getattr(e, "filename", None), str) else file
+            n = len(self._index)
+            kept = (f"the {n} finished record{'s' if n != 1 else ''} before it {'are' if n != 1 else 'is'} "
+                    f"safely written in {self.journal_path}" if n else "no record was written yet")
+            raise BitnetBatchError(f"{file}: no space left on device {when}; {kept}. Free some space and run "
+                                   f"the same command again to resume (finished items are skipped)") from e
 
     def _blocks_in_order(self) -> Iterator[bytes]:
         """The journal's lines sorted by (index, sample_index), as blocks of whole lines: lines that are
@@ -723,6 +754,11 @@ def _chunks(items: Iterator, size: int) -> Iterator[list]:
             chunk = []
     if chunk:
         yield chunk
+
+
+def _is_disk_full(e: OSError) -> bool:
+    """ENOSPC / EDQUOT, also from pyarrow (whose IO errors carry the text, not always the errno)."""
+    return e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(e)
 
 
 def _refuse_if_locked(path: Path) -> None:
