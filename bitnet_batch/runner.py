@@ -32,7 +32,7 @@ from .io.readers import BadRecord, Request, count_records, read_requests
 from .io.writers import OutputLock, OutputSink
 from .completion import Completion
 from .sampling.chain import make_sampler
-from .sampling.constraints import ConstraintCompiler, ConstraintSpec, MaskBatch, request_constraint
+from .sampling.constraints import ConstraintCompiler, ConstraintSpec, JsonLimits, MaskBatch, request_constraint
 from .sampling.params import SamplingParams, resolve_seed
 from .scheduler import Scheduler, Sequence
 
@@ -61,6 +61,7 @@ class JobConfig:
     ffn_act: str | None = None              # override the model's FFN activation
     engine: EngineConfig = field(default_factory=EngineConfig)
     constraint: ConstraintSpec | None = None  # default structured-output constraint (records may override)
+    json_limits: JsonLimits = field(default_factory=JsonLimits)   # bounds of JSON outputs (job's and records')
     n: int = 1                              # samples per input (records may override with "n")
     dedupe: bool = False                    # drop samples whose text equals an earlier sample of the input
     template: object | None = None          # a pipeline's PromptTemplate: builds requests from raw records
@@ -78,6 +79,10 @@ class JobConfig:
             raise ConfigError(f"dedupe must be true or false, got {self.dedupe!r}")
         if self.constraint is not None and not isinstance(self.constraint, ConstraintSpec):
             raise ConfigError(f"constraint must be a ConstraintSpec, got {type(self.constraint).__name__}")
+        if not isinstance(self.json_limits, JsonLimits):
+            raise ConfigError(f"json_limits must be a JsonLimits, got {type(self.json_limits).__name__}")
+        if self.constraint is not None:     # the job's constraint is bounded by the job's limits
+            object.__setattr__(self, "constraint", self.constraint.with_limits(self.json_limits))
         if self.template is not None and not callable(getattr(self.template, "requests", None)):
             raise ConfigError("template must have a requests(paths, fmt=, id_field=) method")
 
@@ -90,6 +95,8 @@ class JobConfig:
               "inputs": [Path(p).name for p in self.inputs]}
         if self.constraint is not None:
             fp["constraint"] = self.constraint.describe()
+        if self.json_limits != JsonLimits():
+            fp["json_limits"] = self.json_limits.describe()
         if self.n != 1:
             fp["n"] = self.n
         if self.dedupe:
@@ -182,6 +189,7 @@ def job_summary(job: JobConfig, stats: JobStats, *, output, fmt: str, model: dic
         "parameters": {"sampling": asdict(job.sampling), "seed": job.seed, "system": job.system, "chat": job.chat,
                        "truncate": job.truncate, "engine": asdict(job.engine), "threads": threads,
                        "constraint": None if job.constraint is None else job.constraint.describe(),
+                       "json_limits": job.json_limits.describe(),
                        "n": job.n, "dedupe": job.dedupe, "pipeline": job.pipeline},
         "items": {"total": stats.items, "ok": stats.ok, "error": stats.errors, "skipped_resume": stats.skipped,
                   "errors_in_output": errors_in_output},
@@ -228,7 +236,7 @@ class Runner:
         except ConfigError as e:
             field = next((k for k in req.overrides if str(e).startswith(k)), None)
             raise InputError(str(e), location=req.location, field=field) from None
-        spec = request_constraint(req.overrides, self.job.constraint, req.location)
+        spec = request_constraint(req.overrides, self.job.constraint, req.location, self.job.json_limits)
         if spec is not None:
             try:
                 self.compiler.prepare(spec)

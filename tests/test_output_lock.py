@@ -62,8 +62,8 @@ def test_a_second_sink_on_a_held_output_touches_nothing(tmp_path, state):
         holder.write(rec(0))
         holder.write(rec(1))
     before = snapshot(tmp_path)
-    attempts = [dict(), dict(overwrite=True), dict(fingerprint={"job": 2}), dict(fingerprint={"job": 2}, overwrite=True),
-                dict(fmt="openai"), dict(ordered=False, overwrite=True)]
+    attempts = [dict(), dict(overwrite=True), dict(fingerprint={"job": 2}),
+                dict(fingerprint={"job": 2}, overwrite=True), dict(fmt="openai"), dict(ordered=False, overwrite=True)]
     for kw in attempts:
         with pytest.raises(ConfigError) as err:
             OutputSink(out, **{"fingerprint": FP, **kw})
