@@ -86,8 +86,21 @@ def _fail(e: Exception):
     if isinstance(e, JobInterrupted):          # a clean stop: what was kept and how to resume
         click.echo(str(e), err=True)
         sys.exit(e.exit_code)
-    click.echo(f"error: {e}", err=True)
+    click.echo(f"error: {_message(e)}", err=True)
     sys.exit(EXIT_FATAL)
+
+
+def _message(e: Exception) -> str:
+    """The error as the user should read it. A full disk outside the output's journal (the summary, a model
+    download) names the file and says what to do; the journal's own says how many records are safe."""
+    if isinstance(e, OSError) and not isinstance(e, BitnetBatchError):
+        from .io.writers import _is_disk_full
+
+        if _is_disk_full(e):
+            where = f"{e.filename}: " if e.filename else ""
+            return (f"{where}no space left on device; records already written are kept. Free some space and run "
+                    f"the same command again to resume")
+    return str(e)
 
 
 @click.group()
@@ -123,6 +136,11 @@ def main():
 @click.option("--json-schema", default=None, type=click.Path(), help="A JSON schema file every output must satisfy.")
 @click.option("--regex", default=None, help="A regular expression (Rust syntax) every output must match.")
 @click.option("--choice", multiple=True, help="Every output is exactly one of these strings (repeatable).")
+@click.option("--json-limits", default=None, metavar="KEY=N,...|none",
+              help="Bounds on what a JSON schema leaves open, so every JSON output can finish: digits (of a number "
+                   "before its exponent), exponent (its digits), string (maxLength of strings that set none), items "
+                   "(maxItems of arrays that set none); 0 = no bound, 'none' = the schema as given. "
+                   "[default: digits=17,exponent=3,string=256,items=32]")
 @click.option("--n", "n", type=int, default=1, show_default=True,
               help="Samples per input, each with its own seed and a sample_index field.")
 @click.option("--dedupe", is_flag=True, help="Drop samples whose text equals an earlier sample of the same input.")
@@ -137,20 +155,22 @@ def main():
 @_sampling_options
 def run(inputs, output, pipeline_file, output_format, input_format, prompt_field, id_field, system, chat, max_batch,
         prefill_chunk, kv_cache_mb, kv_dtype, max_seq_len, prefix_cache, truncate, unordered, overwrite, strict, quiet,
-        response_format, json_schema, regex, choice, n, dedupe, engine, ray_address, actors, threads_per_actor, model,
-        model_file, ffn_act, threads, **kw):
+        response_format, json_schema, regex, choice, json_limits, n, dedupe, engine, ray_address, actors,
+        threads_per_actor, model, model_file, ffn_act, threads, **kw):
     """Generate a completion for every record of INPUTS (JSONL / Parquet / OpenAI batch lines), or run a
     pipeline file (`bitnet-batch run pipelines/NAME.toml`)."""
     from .pipeline import is_pipeline_file, load_pipeline
     from .runner import JobConfig
+    from .sampling.constraints import JsonLimits
 
     ctx = click.get_current_context()
     try:
         constraint = _constraint(response_format, json_schema, regex, choice)
+        limits = JsonLimits() if json_limits is None else JsonLimits.parse(json_limits)
         if pipeline_file is None and len(inputs) == 1 and is_pipeline_file(inputs[0]):
             pipeline_file, inputs = inputs[0], ()
         if pipeline_file is not None:
-            overrides = _explicit_overrides(ctx, inputs, constraint)
+            overrides = _explicit_overrides(ctx, inputs, constraint, limits)
             job = load_pipeline(pipeline_file).job(overrides)
         else:
             if not inputs:
@@ -161,7 +181,7 @@ def run(inputs, output, pipeline_file, output_format, input_format, prompt_field
                             output_format=output_format, input_format=input_format, prompt_field=prompt_field,
                             id_field=id_field, system=system, chat=chat, sampling=_sampling_params(kw),
                             seed=kw["seed"], truncate=truncate, ordered=not unordered, overwrite=overwrite,
-                            ffn_act=ffn_act, constraint=constraint, n=n, dedupe=dedupe,
+                            ffn_act=ffn_act, constraint=constraint, json_limits=limits, n=n, dedupe=dedupe,
                             engine=_engine_config(max_batch, prefill_chunk, kv_cache_mb, kv_dtype, max_seq_len,
                                                   prefix_cache, threads))
         summary = _run_on(engine, job, quiet, ray_address, actors, threads_per_actor)
@@ -202,7 +222,7 @@ def _constraint(response_format, json_schema, regex, choice):
         regex=regex, choice=choice)
 
 
-def _explicit_overrides(ctx: click.Context, inputs, constraint) -> dict:
+def _explicit_overrides(ctx: click.Context, inputs, constraint, limits) -> dict:
     """The run options given on the command line (not defaults), as Pipeline.job overrides."""
     from click.core import ParameterSource
 
@@ -214,6 +234,8 @@ def _explicit_overrides(ctx: click.Context, inputs, constraint) -> dict:
                                f"template builds the prompts)")
     skip = {"inputs", "pipeline_file", "strict", "quiet", "unordered", *_CONSTRAINT_OPTIONS, *_ENGINE_OPTIONS}
     out = {k: ctx.params[k] for k in given - skip}
+    if "json_limits" in out:
+        out["json_limits"] = limits
     if "stop" in out:
         out["stop"] = tuple(out["stop"])
     if "unordered" in given:

@@ -30,9 +30,10 @@ is validated on load: unknown sections or keys and bad values are errors naming 
     n = 1                               # samples per input
     dedupe = false                      # drop samples whose text equals an earlier sample of the same input
 
-    [constraint]                        # at most one key
+    [constraint]                        # at most one key, plus json_limits
     choice = ["a", "b"]   # or regex = "...", json_schema = {...}, json_schema_file = "x.json",
                           # response_format = {type = "json_object"}
+    json_limits = { string = 1000 }     # optional: digits, exponent, string, items (0: no bound), or "none"
 
     [output]
     path = "../out/summaries.jsonl"
@@ -62,7 +63,7 @@ from .errors import ConfigError, InputError
 from .io.readers import BadRecord, RecordSpec, Request, own_overrides, read_items
 from .model.hub import DEFAULT_REPO
 from .runner import JobConfig, check_n
-from .sampling.constraints import (ConstraintSpec, choice_constraint, json_schema_constraint,
+from .sampling.constraints import (ConstraintSpec, JsonLimits, choice_constraint, json_schema_constraint,
                                    response_format_constraint, regex_constraint)
 from .sampling.params import SamplingParams
 
@@ -78,7 +79,7 @@ KEYS = {
     "prompt": ("system", "user", "text", "truncate"),
     "model": ("name", "file", "ffn_act"),
     "sampling": tuple(sorted((SamplingParams.field_names() - {"seed"}) | {"seed", "n", "dedupe"})),
-    "constraint": ("choice", "regex", "json_schema", "json_schema_file", "response_format"),
+    "constraint": ("choice", "regex", "json_schema", "json_schema_file", "response_format", "json_limits"),
     "output": ("path", "format", "ordered"),
     "engine": ("max_batch", "prefill_chunk", "kv_cache_mb", "kv_dtype", "max_seq_len", "prefix_cache", "threads"),
 }
@@ -228,6 +229,7 @@ class Pipeline:
     n: int
     dedupe: bool
     constraint: ConstraintSpec | None
+    json_limits: JsonLimits
     output: str | None
     output_format: str | None
     ordered: bool
@@ -260,12 +262,13 @@ class Pipeline:
             system=system, sampling=sampling, seed=o.get("seed", self.seed), truncate=o.get("truncate", self.truncate),
             ordered=o.get("ordered", self.ordered), overwrite=bool(o.get("overwrite", False)),
             ffn_act=o.get("ffn_act", self.ffn_act), engine=engine, constraint=o.get("constraint", self.constraint),
-            n=o.get("n", self.n), dedupe=o.get("dedupe", self.dedupe), template=template, pipeline=str(self.path))
+            json_limits=o.get("json_limits", self.json_limits), n=o.get("n", self.n),
+            dedupe=o.get("dedupe", self.dedupe), template=template, pipeline=str(self.path))
 
 
 _OVERRIDABLE = frozenset(SAMPLING_OPTIONS + ENGINE_OPTIONS + (
     "inputs", "output", "output_format", "input_format", "id_field", "system", "seed", "truncate", "ordered",
-    "overwrite", "model", "model_file", "ffn_act", "constraint", "n", "dedupe"))
+    "overwrite", "model", "model_file", "ffn_act", "constraint", "json_limits", "n", "dedupe"))
 
 
 def load_pipeline(path) -> Pipeline:
@@ -336,7 +339,8 @@ class _Loader:
             truncate=self.get("prompt", "truncate", str, None, ("left", "right")),
             model=model, model_file=self.get("model", "file", str),
             ffn_act=self.get("model", "ffn_act", str, None, FFN_ACTS), sampling=sampling, seed=seed, n=n,
-            dedupe=dedupe, constraint=self.constraint(), output=None if output is None else str(self.resolve(output)),
+            dedupe=dedupe, constraint=self.constraint(), json_limits=self.json_limits(),
+            output=None if output is None else str(self.resolve(output)),
             output_format=self.get("output", "format", str, None, OUTPUT_FORMATS),
             ordered=self.get("output", "ordered", bool, True), engine=self.engine())
 
@@ -383,9 +387,9 @@ class _Loader:
             raise ConfigError(msg if msg.startswith("[") else f"[sampling] {msg}") from None
 
     def constraint(self) -> ConstraintSpec | None:
-        table = self.section("constraint")
+        table = {k: v for k, v in self.section("constraint").items() if k != "json_limits"}
         if len(table) > 1:
-            raise ConfigError(f"[constraint] give only one of {', '.join(KEYS['constraint'])} "
+            raise ConfigError(f"[constraint] give only one of {', '.join(KEYS['constraint'][:-1])} "
                               f"(got {', '.join(table)})")
         try:
             if "choice" in table:
@@ -401,6 +405,14 @@ class _Loader:
         except ConfigError as e:
             raise ConfigError(f"[constraint] {e}") from None
         return None
+
+    def json_limits(self) -> JsonLimits:
+        """[constraint] json_limits: a table of bounds, or a string as on the command line ("none", "digits=20")."""
+        value = self.section("constraint").get("json_limits")
+        try:
+            return JsonLimits() if value is None else JsonLimits.parse(value)
+        except ConfigError as e:
+            raise ConfigError(f"[constraint] json_limits: {e}") from None
 
     def _schema_file(self):
         rel = self.get("constraint", "json_schema_file", str)

@@ -30,10 +30,10 @@ from .engine.engine import Engine, EngineConfig
 from .errors import BitnetBatchError, ConfigError, ContextOverflowError, InputError, JobInterrupted
 from .interrupt import StopSignals
 from .io.readers import BadRecord, Request, count_records, read_requests
-from .io.writers import OutputSink
+from .io.writers import OutputLock, OutputSink
 from .completion import Completion
 from .sampling.chain import make_sampler
-from .sampling.constraints import ConstraintCompiler, ConstraintSpec, MaskBatch, request_constraint
+from .sampling.constraints import ConstraintCompiler, ConstraintSpec, JsonLimits, MaskBatch, request_constraint
 from .sampling.params import SamplingParams, resolve_seed
 from .scheduler import Scheduler, Sequence
 
@@ -62,6 +62,7 @@ class JobConfig:
     ffn_act: str | None = None              # override the model's FFN activation
     engine: EngineConfig = field(default_factory=EngineConfig)
     constraint: ConstraintSpec | None = None  # default structured-output constraint (records may override)
+    json_limits: JsonLimits = field(default_factory=JsonLimits)   # bounds of JSON outputs (job's and records')
     n: int = 1                              # samples per input (records may override with "n")
     dedupe: bool = False                    # drop samples whose text equals an earlier sample of the input
     template: object | None = None          # a pipeline's PromptTemplate: builds requests from raw records
@@ -79,6 +80,10 @@ class JobConfig:
             raise ConfigError(f"dedupe must be true or false, got {self.dedupe!r}")
         if self.constraint is not None and not isinstance(self.constraint, ConstraintSpec):
             raise ConfigError(f"constraint must be a ConstraintSpec, got {type(self.constraint).__name__}")
+        if not isinstance(self.json_limits, JsonLimits):
+            raise ConfigError(f"json_limits must be a JsonLimits, got {type(self.json_limits).__name__}")
+        if self.constraint is not None:     # the job's constraint is bounded by the job's limits
+            object.__setattr__(self, "constraint", self.constraint.with_limits(self.json_limits))
         if self.template is not None and not callable(getattr(self.template, "requests", None)):
             raise ConfigError("template must have a requests(paths, fmt=, id_field=) method")
 
@@ -91,6 +96,8 @@ class JobConfig:
               "inputs": [Path(p).name for p in self.inputs]}
         if self.constraint is not None:
             fp["constraint"] = self.constraint.describe()
+        if self.json_limits != JsonLimits():
+            fp["json_limits"] = self.json_limits.describe()
         if self.n != 1:
             fp["n"] = self.n
         if self.dedupe:
@@ -185,6 +192,7 @@ def job_summary(job: JobConfig, stats: JobStats, *, output, fmt: str, model: dic
         "parameters": {"sampling": asdict(job.sampling), "seed": job.seed, "system": job.system, "chat": job.chat,
                        "truncate": job.truncate, "engine": asdict(job.engine), "threads": threads,
                        "constraint": None if job.constraint is None else job.constraint.describe(),
+                       "json_limits": job.json_limits.describe(),
                        "n": job.n, "dedupe": job.dedupe, "pipeline": job.pipeline},
         "items": {"total": stats.items, "ok": stats.ok, "error": stats.errors, "skipped_resume": stats.skipped,
                   "errors_in_output": errors_in_output},
@@ -240,7 +248,7 @@ class Runner:
         except ConfigError as e:
             field = next((k for k in req.overrides if str(e).startswith(k)), None)
             raise InputError(str(e), location=req.location, field=field) from None
-        spec = request_constraint(req.overrides, self.job.constraint, req.location)
+        spec = request_constraint(req.overrides, self.job.constraint, req.location, self.job.json_limits)
         if spec is not None:
             try:
                 self.compiler.prepare(spec)
@@ -608,13 +616,18 @@ def open_job(job, model, log):
     whether it resumes. Shared by ``run`` and ``score`` jobs. Returns (model, model sha256, OutputSink)."""
     from .model.model import load_model
 
-    if model is None:
-        model = load_model(job.model, filename=job.model_file, ffn_act=job.ffn_act)
-    log(f"model: {model.path} ({model.config.arch}, {model.config.n_layer} layers, vocab {model.config.n_vocab}) "
-        f"loaded in {model.load_s:.2f}s")
-    sha = model.sha256()
-    sink = OutputSink(job.output, fmt=job.output_format, fingerprint=job.fingerprint(sha),
-                      overwrite=job.overwrite, ordered=job.ordered, model_name=model.config.name or model.path.name)
+    lock = OutputLock(job.output)        # first: a second job on this output stops here, having touched nothing
+    try:
+        if model is None:
+            model = load_model(job.model, filename=job.model_file, ffn_act=job.ffn_act)
+        log(f"model: {model.path} ({model.config.arch}, {model.config.n_layer} layers, vocab "
+            f"{model.config.n_vocab}) loaded in {model.load_s:.2f}s")
+        sha = model.sha256()
+        sink = OutputSink(job.output, fmt=job.output_format, fingerprint=job.fingerprint(sha), overwrite=job.overwrite,
+                          ordered=job.ordered, model_name=model.config.name or model.path.name, lock=lock)
+    except BaseException:
+        lock.release()                   # the sink owns it once opened: released by sink.close()
+        raise
     if sink.done:
         log(f"resuming: {len(sink.done)} items already done")
     return model, sha, sink
@@ -649,14 +662,13 @@ def _run_job(job: JobConfig, model, quiet: bool, out, stop: StopSignals) -> dict
         run_s = time.perf_counter() - t_run
         raise_if_stopped(stop, sink, job)
         final = sink.finalize()
+        summary = job_summary(
+            job, stats, output=final, fmt=sink.fmt, threads=_threads(), load_s=model.load_s, compile_s=compile_s,
+            run_s=run_s, t_start=t_start, errors_in_output=count_errors(final, sink.fmt),
+            model={"path": str(model.path), "sha256": sha, "arch": model.config.arch, "name": model.config.name})
+        meta_path(final).write_text(json.dumps(summary, indent=2) + "\n")    # still under the output's lock
     finally:
         sink.close()
-    summary = job_summary(
-        job, stats, output=final, fmt=sink.fmt, threads=_threads(), load_s=model.load_s, compile_s=compile_s,
-        run_s=run_s, t_start=t_start, errors_in_output=count_errors(final, sink.fmt),
-        model={"path": str(model.path), "sha256": sha, "arch": model.config.arch, "name": model.config.name})
-    meta = meta_path(final)
-    meta.write_text(json.dumps(summary, indent=2) + "\n")
     log(f"done: {stats.ok} ok, {stats.errors} errors, {stats.skipped} already done | "
         f"prefill {summary['throughput']['prefill_tok_s']} tok/s, decode {summary['throughput']['decode_tok_s']} "
         f"tok/s | {prefix_cache_line(summary['prefix_cache'])} | peak RSS {summary['peak_rss_mb']} MB -> {final}")

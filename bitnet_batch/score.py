@@ -429,28 +429,28 @@ def _score_job(job: ScoreJobConfig, model, quiet: bool, out, stop) -> dict:
         run_s = time.perf_counter() - t_run
         raise_if_stopped(stop, sink, job)
         final = sink.finalize()
+        totals = output_totals(final, sink.fmt)
+        corpus = corpus_summary(totals)
+        summary = {
+            "task": "score", "output": str(final), "format": sink.fmt,
+            "model": {"path": str(model.path), "sha256": sha, "arch": model.config.arch, "name": model.config.name},
+            "parameters": {"fields": asdict(job.fields), "token_logprobs": job.token_logprobs,
+                           "engine": asdict(job.engine), "add_bos": bool(model.tokenizer.add_bos)},
+            "items": {"total": stats.items, "ok": stats.ok, "error": stats.errors, "skipped_resume": stats.skipped,
+                      "errors_in_output": totals["errors"]},
+            "corpus": corpus,
+            "this_run": {"records": stats.ok, "tokens": stats.scored, "logprob": stats.logprob, "rows": stats.rows},
+            "prefix_cache": prefix_cache_summary(job.engine.prefix_cache, stats.rows + stats.cached, stats.cached),
+            "time_s": {"load": round(model.load_s, 3), "compile": round(compile_s, 3), "run": round(run_s, 3),
+                       "engine": round(stats.engine_s, 3), "total": round(time.perf_counter() - t_start, 3)},
+            "throughput": {"tok_s": round(stats.rows / stats.engine_s, 2) if stats.engine_s else 0.0,
+                           "items_per_s": round((stats.ok + stats.errors) / run_s, 3) if run_s else 0.0},
+            "steps": stats.steps,
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+        }
+        meta_path(final).write_text(json.dumps(summary, indent=2) + "\n")    # still under the output's lock
     finally:
         sink.close()
-    totals = output_totals(final, sink.fmt)
-    corpus = corpus_summary(totals)
-    summary = {
-        "task": "score", "output": str(final), "format": sink.fmt,
-        "model": {"path": str(model.path), "sha256": sha, "arch": model.config.arch, "name": model.config.name},
-        "parameters": {"fields": asdict(job.fields), "token_logprobs": job.token_logprobs,
-                       "engine": asdict(job.engine), "add_bos": bool(model.tokenizer.add_bos)},
-        "items": {"total": stats.items, "ok": stats.ok, "error": stats.errors, "skipped_resume": stats.skipped,
-                  "errors_in_output": totals["errors"]},
-        "corpus": corpus,
-        "this_run": {"records": stats.ok, "tokens": stats.scored, "logprob": stats.logprob, "rows": stats.rows},
-        "prefix_cache": prefix_cache_summary(job.engine.prefix_cache, stats.rows + stats.cached, stats.cached),
-        "time_s": {"load": round(model.load_s, 3), "compile": round(compile_s, 3), "run": round(run_s, 3),
-                   "engine": round(stats.engine_s, 3), "total": round(time.perf_counter() - t_start, 3)},
-        "throughput": {"tok_s": round(stats.rows / stats.engine_s, 2) if stats.engine_s else 0.0,
-                       "items_per_s": round((stats.ok + stats.errors) / run_s, 3) if run_s else 0.0},
-        "steps": stats.steps,
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-    }
-    meta_path(final).write_text(json.dumps(summary, indent=2) + "\n")
     ppl = "n/a" if corpus["perplexity"] is None else f"{corpus['perplexity']:.4f}"
     log(f"done: {stats.ok} scored, {stats.errors} errors, {stats.skipped} already done | corpus perplexity {ppl} "
         f"over {corpus['tokens']} tokens in {corpus['records']} records | {summary['throughput']['tok_s']} tok/s | "

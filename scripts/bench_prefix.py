@@ -106,8 +106,8 @@ def main(argv=None) -> dict:
             b = best[key]
             print(f"  {name:25s} {b['wall_s']:8.2f} s  ({b['prompt_tokens_computed']} prompt tokens computed, "
                   f"{b['prompt_tokens_cached']} from the cache)")
-        print(f"  speed-up {result['speedup_wall']:.2f}x end to end (prefill tokens {result['prefill_token_ratio']:.2f}x "
-              f"fewer); records identical: {result['records_identical']}")
+        print(f"  speed-up {result['speedup_wall']:.2f}x end to end (prefill tokens "
+              f"{result['prefill_token_ratio']:.2f}x fewer); records identical: {result['records_identical']}")
     return result
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from ..errors import BitnetBatchError, ConfigError, JobInterrupted
 from ..interrupt import StopSignals
 from ..io.readers import BadRecord, count_records
+from ..io.writers import OutputLock
 from ..runner import JobStats, Runner, job_summary, meta_path, progress_bar
 from .config import RayConfig, import_ray
 from .inputs import expand_inputs, parse_shards, read_shards, record_spec
@@ -137,8 +138,16 @@ def _done_samples(request, sink, job) -> list[int]:
 
 def run_ray_job(job, ray_config: RayConfig | None = None, *, quiet: bool = False, out=sys.stderr) -> dict:
     """Run ``job`` on Ray (connecting to ``ray_config.address``, or the Ray already initialized in this
-    process); returns the summary, also written to ``<output>.meta.json``."""
-    cfg = ray_config or RayConfig()
+    process); returns the summary, also written to ``<output>.meta.json``. The driver holds the output's lock
+    from before Ray starts until the summary is written."""
+    lock = OutputLock(job.output)       # first: a second job on this output stops here, having touched nothing
+    try:
+        return _run_ray_job(job, ray_config or RayConfig(), lock, quiet, out)
+    finally:
+        lock.release()
+
+
+def _run_ray_job(job, cfg: RayConfig, lock: OutputLock, quiet: bool, out) -> dict:
     ray = import_ray()
 
     def log(msg):
@@ -166,7 +175,7 @@ def run_ray_job(job, ray_config: RayConfig | None = None, *, quiet: bool = False
         log(f"model: {info['path']} ({info['arch']}, {info['n_layer']} layers, vocab {info['n_vocab']}) loaded in "
             f"{info['load_s']:.2f}s, kernels ready in {info['compile_s']:.2f}s (first actor, on {info['host']})")
         output = open_output(job, job.fingerprint(info["sha256"]), info["name"] or os.path.basename(info["path"]),
-                             cfg.rows_per_part)
+                             cfg.rows_per_part, lock=lock)
         t_run = time.perf_counter()
         with progress_bar(lambda: _total(job, shards), quiet, out) as progress, StopSignals() as stop:
             driver = _Driver(job, output, pool, cfg.task_size(job.engine.max_batch), progress)
@@ -176,6 +185,8 @@ def run_ray_job(job, ray_config: RayConfig | None = None, *, quiet: bool = False
             s = driver.stats
             raise JobInterrupted(stop.signum, s.ok + s.errors + s.skipped, _total(job, shards))
         final = output.finalize()
+        summary = _summary(job, cfg, info, driver, pool, output, final, n_actors, threads, run_s, t_start)
+        meta_path(final).write_text(json.dumps(summary, indent=2) + "\n")      # still under the output's lock
     finally:
         data_logger.setLevel(saved_level)
         if output is not None:
@@ -184,8 +195,6 @@ def run_ray_job(job, ray_config: RayConfig | None = None, *, quiet: bool = False
             pool.shutdown()
         if started_ray:
             ray.shutdown()
-    summary = _summary(job, cfg, info, driver, pool, output, final, n_actors, threads, run_s, t_start)
-    meta_path(final).write_text(json.dumps(summary, indent=2) + "\n")
     stats = driver.stats
     log(f"done: {stats.ok} ok, {stats.errors} errors, {stats.skipped} already done | {n_actors} actors, "
         f"{pool.stats.restarts} replaced | {summary['throughput']['completion_tok_s']} tok/s -> {final}")

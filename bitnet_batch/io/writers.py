@@ -14,8 +14,16 @@ Files next to the output ``out.jsonl``:
 final format through a temporary file and ``os.replace``, marks the state complete and deletes the journal.
 It streams: it keeps an index of line offsets (4 int64 per record), never all records as dicts.
 
-The journal is held under an exclusive ``flock`` while the sink is open, so a second process writing the
-same output is refused instead of interleaving lines.
+* ``out.jsonl.lock``           one writer per output: ``OutputLock`` holds an exclusive ``flock`` on it (and
+                               writes its pid into it) before any other file of the job is read, created,
+                               written or deleted, so a second job on the same output stops at once with
+                               ``out.jsonl is being written by another bitnet-batch job (pid N)`` and touches
+                               nothing. It is never deleted (deleting a held lock file would let a third job lock
+                               a new one); a job that takes it before opening its sink (``lock=``) holds it
+                               until ``close()``, so the job's summary is written under it too.
+
+A full disk (``ENOSPC``, ``EDQUOT``) while writing becomes a ``BitnetBatchError`` naming the file, the number of
+records safely in the journal, and that the same command resumes; the journal never keeps a torn line.
 
 Record contract (built by the runner; checked by ``write``)::
 
@@ -32,9 +40,12 @@ sample_index) and, in the OpenAI format, become the choices of one line. numpy s
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import numbers
 import os
+import socket
 import time
 from array import array
 from pathlib import Path
@@ -53,6 +64,7 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks, single-wri
 FORMATS = ("jsonl", "parquet", "openai")
 STATE_SUFFIX = ".state.json"
 JOURNAL_SUFFIX = ".partial.jsonl"
+LOCK_SUFFIX = ".lock"
 STATE_VERSION = 1
 PARQUET_ROWS_PER_GROUP = 10_000   # records parsed and converted at a time during finalize
 _MAX_READ_BYTES = 1 << 20         # finalize reads adjacent journal lines in blocks of up to 1 MiB
@@ -64,36 +76,121 @@ KNOWN_KEYS = ("id", "index", "text", "finish_reason", "usage", "timing", "error"
 _KNOWN_SET = frozenset(KNOWN_KEYS)
 
 
+class OutputLock:
+    """The one-writer lock of an output (a file or a directory of part files): an exclusive, non-blocking
+    ``flock`` on ``<output>.lock``, taken before anything else of the job is touched.
+
+    The lock file is opened with O_CREAT and never truncated by a process that does not hold the lock, so a
+    refused job changes nothing; its holder writes ``pid host`` into it for the refusal message. It is never
+    deleted: a job that deleted it while another process had it open would let a third job lock a new file.
+    The lock goes with the process (the kernel drops it when the descriptor closes), so a crashed job never
+    leaves a stale lock behind. ``release()`` may be called more than once."""
+
+    def __init__(self, output):
+        self.output = Path(output)
+        self.path = _sibling(self.output, LOCK_SUFFIX)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            self._acquire(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd: int | None = fd
+
+    def _acquire(self, fd: int) -> None:
+        if fcntl is None:  # pragma: no cover - no advisory locks on this platform
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise ConfigError(f"{self.path}: cannot lock the output ({e.strerror or e}); the file system "
+                                  f"may not support locks") from e
+            raise ConfigError(f"{self.output} is being written by another bitnet-batch job "
+                              f"({_lock_holder(fd)})") from None
+        try:                        # who holds it, for the message of a refused job (best effort)
+            os.ftruncate(fd, 0)     # a reader that finds it empty retries (see _lock_holder)
+            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        except OSError:
+            pass
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Drop the lock (closing the descriptor releases the flock)."""
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "OutputLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __del__(self):
+        self.release()
+
+
+def _lock_holder(fd: int, tries: int = 20) -> str:
+    """``pid N`` (``pid N on HOST`` from another machine) of the lock's holder, read from the lock file. The
+    holder writes it right after locking, so an empty file is read again for up to ~0.1 s."""
+    for _ in range(tries):
+        fields = os.pread(fd, 256, 0).decode("utf-8", "replace").split()
+        if fields and fields[0].isdigit():
+            host = fields[1] if len(fields) > 1 else None
+            return f"pid {fields[0]}" + (f" on {host}" if host and host != socket.gethostname() else "")
+        time.sleep(0.005)
+    return "pid unknown"
+
+
 class OutputSink:
     """Crash-safe writer of one job's output. ``done`` maps the id of every record already written (by a
-    previous, interrupted run or by this one) to its index; a complete job has all of them."""
+    previous, interrupted run or by this one) to its index; a complete job has all of them.
+
+    ``lock``: the output's ``OutputLock``, when the job took it already (before loading the model, so a second
+    job fails fast); the sink then owns it and releases it in ``close()`` (also when this constructor fails).
+    Without it the sink takes the lock itself, first thing, and releases it in ``finalize()`` or ``close()``."""
 
     def __init__(self, path, *, fmt: str | None = None, fingerprint: dict, overwrite: bool = False,
-                 ordered: bool = True, model_name: str = "bitnet"):
+                 ordered: bool = True, model_name: str = "bitnet", lock: OutputLock | None = None):
         self.path = Path(path)
-        self.fmt = resolve_format(self.path, fmt, formats=FORMATS, what="output")
-        self.ordered = bool(ordered)
-        self.model_name = model_name
-        self.fingerprint = _plain_fingerprint(fingerprint)
-        self.state_path = _sibling(self.path, STATE_SUFFIX)
-        self.journal_path = self.path if self._is_own_journal else _sibling(self.path, JOURNAL_SUFFIX)
-        self.done: dict[str | int, int] = {}
-        self._samples: set[tuple[str | int, int]] = set()   # (id, sample_index) of records with a sample_index
-        self._extra_keys: set[str] = set()                  # non-standard record keys -> Parquet JSON columns
-        self._index = _OffsetIndex()
-        self._file = None                                    # the journal, O_APPEND, flock'ed
-        self._offset = 0                                     # journal size = offset of the next line
-        self._state: dict = {}
-        self._complete = False
+        self._lock = lock if lock is not None else OutputLock(self.path)   # before anything is read or written
+        self._keep_lock = lock is not None       # handed in: held until close(), past finalize()
+        try:
+            if self._lock.path != _sibling(self.path, LOCK_SUFFIX) or not self._lock.held:
+                raise ConfigError(f"{self.path}: the lock given is not this output's held lock "
+                                  f"({self._lock.path})")
+            self.fmt = resolve_format(self.path, fmt, formats=FORMATS, what="output")
+            self.ordered = bool(ordered)
+            self.model_name = model_name
+            self.fingerprint = _plain_fingerprint(fingerprint)
+            self.state_path = _sibling(self.path, STATE_SUFFIX)
+            self.journal_path = self.path if self._is_own_journal else _sibling(self.path, JOURNAL_SUFFIX)
+            self.done: dict[str | int, int] = {}
+            self._samples: set[tuple[str | int, int]] = set()   # (id, sample_index) of records with one
+            self._extra_keys: set[str] = set()                  # non-standard record keys -> Parquet JSON columns
+            self._index = _OffsetIndex()
+            self._file = None                                    # the journal, O_APPEND
+            self._offset = 0                                     # journal size = offset of the next line
+            self._state: dict = {}
+            self._complete = False
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if overwrite:
-            self._remove_previous()
-        state = self._read_state()
-        if state is None:
-            self._start_fresh()
-        else:
-            self._resume(state)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if overwrite:
+                self._remove_previous()
+            state = self._read_state()
+            with self._disk_full(self.state_path, "while starting the job"):
+                if state is None:
+                    self._start_fresh()
+                else:
+                    self._resume(state)
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def _is_own_journal(self) -> bool:
@@ -126,34 +223,52 @@ class OutputSink:
             what = f"id {key_id!r}" + ("" if sample is None else f" sample {sample}")
             raise BitnetBatchError(f"{self.path}: a record for {what} was already written")
         data = _encode_line(record)
-        self._append(data)
+        with self._disk_full(self.journal_path, "while writing a record"):
+            self._append(data)
         self._register(record, self._offset, len(data))
         self._offset += len(data)
 
     def finalize(self) -> Path:
         """Write the final output in input order (atomically), mark the job complete, drop the journal."""
         if self._complete:
+            self._release_own_lock()
             return self.path
         if self._file is None:
             raise BitnetBatchError(f"{self.path}: finalize() on a closed OutputSink")
         extra: dict = {}
         if not self._is_own_journal:
             tmp = _sibling(self.path, ".tmp")
-            extra = _FINALIZERS[self.fmt](self, tmp)
-            _fsync_path(tmp)
+            try:
+                with self._disk_full(tmp, "while writing the final output"):
+                    extra = _FINALIZERS[self.fmt](self, tmp)
+                    _fsync_path(tmp)
+            except BaseException:
+                tmp.unlink(missing_ok=True)     # frees the space it took; the journal has every record
+                raise
             os.replace(tmp, self.path)
             _fsync_dir(self.path.parent)
-        self._write_state({**self._state, "complete": True, "records": len(self._index), **extra})
-        self.close()
+        with self._disk_full(self.state_path, "while marking the job complete"):
+            self._write_state({**self._state, "complete": True, "records": len(self._index), **extra})
+        self._close_journal()
         if not self._is_own_journal:
             self.journal_path.unlink(missing_ok=True)
             _fsync_dir(self.path.parent)
         self._complete = True
+        self._release_own_lock()
         return self.path
 
     def close(self) -> None:
-        """Close the journal (and release its lock). The job can be resumed by a new OutputSink later."""
-        if self._file is not None:
+        """Close the journal and release the output's lock. The job can be resumed by a new OutputSink later."""
+        self._close_journal()
+        self._lock.release()
+
+    def _release_own_lock(self) -> None:
+        """After finalize: a lock the sink took itself goes now; one handed in stays until close()."""
+        if not self._keep_lock:
+            self._lock.release()
+
+    def _close_journal(self) -> None:
+        if getattr(self, "_file", None) is not None:
             self._file.close()
             self._file = None
 
@@ -180,10 +295,14 @@ class OutputSink:
 
     def _write_state(self, state: dict) -> None:
         tmp = _sibling(self.state_path, ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(state, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(state, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, self.state_path)
         _fsync_dir(self.state_path.parent)
         self._state = state
@@ -215,7 +334,7 @@ class OutputSink:
         self._complete = True
 
     def _remove_previous(self) -> None:
-        _refuse_if_locked(self.journal_path)
+        """--overwrite: delete the previous job's files (this process holds the output's lock)."""
         for old in (self.path, self.journal_path, self.state_path, _sibling(self.path, ".tmp"),
                     _sibling(self.state_path, ".tmp")):
             old.unlink(missing_ok=True)
@@ -225,7 +344,6 @@ class OutputSink:
     def _open_journal(self) -> None:
         f = open(self.journal_path, "a+b", buffering=0)  # O_APPEND: every write lands at the end
         try:
-            _lock(f, self.journal_path)
             self._offset = self._load_journal(f)
         except BaseException:
             f.close()
@@ -281,6 +399,21 @@ class OutputSink:
             except OSError:
                 pass
             raise
+
+    @contextlib.contextmanager
+    def _disk_full(self, file: Path, when: str):
+        """A full disk (or quota) in the block becomes an error that says what is safe and how to go on."""
+        try:
+            yield
+        except OSError as e:
+            if not _is_disk_full(e):
+                raise
+            file = Path(e.filename) if isinstance(getattr(e, "filename", None), str) else file
+            n = len(self._index)
+            kept = (f"the {n} finished record{'s' if n != 1 else ''} before it {'are' if n != 1 else 'is'} "
+                    f"safely written in {self.journal_path}" if n else "no record was written yet")
+            raise BitnetBatchError(f"{file}: no space left on device {when}; {kept}. Free some space and run "
+                                   f"the same command again to resume (finished items are skipped)") from e
 
     def _blocks_in_order(self) -> Iterator[bytes]:
         """The journal's lines sorted by (index, sample_index), as blocks of whole lines: lines that are
@@ -627,21 +760,20 @@ def _chunks(items: Iterator, size: int) -> Iterator[list]:
         yield chunk
 
 
-def _lock(f, path: Path) -> None:
-    if fcntl is None:
-        return
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        raise ConfigError(f"{path}: in use by another bitnet-batch process (cannot lock it)") from e
+def _is_disk_full(e: OSError) -> bool:
+    """ENOSPC / EDQUOT, also from pyarrow (whose IO errors carry the text, not always the errno)."""
+    return e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(e)
 
 
 def _refuse_if_locked(path: Path) -> None:
-    """Before --overwrite deletes anything: refuse if another process is still writing this output."""
-    if not path.exists():
+    """Before --overwrite deletes anything: refuse if another process holds a lock on ``path``."""
+    if not path.exists() or fcntl is None:
         return
     with open(path, "rb") as f:
-        _lock(f, path)
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            raise ConfigError(f"{path}: in use by another bitnet-batch process (cannot lock it)") from e
 
 
 def _fsync_path(path: Path) -> None:
