@@ -57,15 +57,8 @@ class Model:
         """sha256 of the model file (computed once, streamed). For a checkpoint directory: of its files (config,
         index, safetensors shards, tokenizer files) in name order, each as its name, a NUL byte and its bytes."""
         if self._sha256 is None:
-            h = hashlib.sha256()
-            files = [self.path] if self.checkpoint is None else self.checkpoint.files
-            for path in files:
-                if self.checkpoint is not None:
-                    h.update(path.name.encode() + b"\0")
-                with open(path, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 22), b""):
-                        h.update(block)
-            self._sha256 = h.hexdigest()
+            ckpt = self.checkpoint
+            self._sha256 = files_sha256([self.path] if ckpt is None else ckpt.files, named=ckpt is not None)
         return self._sha256
 
     def logits(self, token_ids) -> np.ndarray:
@@ -96,6 +89,18 @@ class Model:
         c = self.config
         return (f"Model({self.path.name}: {c.arch}, {c.n_layer} layers, d={c.n_embd}, heads {c.n_head}/"
                 f"{c.n_head_kv}, ffn {c.n_ff} {c.ffn_act}, vocab {c.n_vocab})")
+
+
+def files_sha256(files, *, named: bool) -> str:
+    """sha256 over files in order (each preceded by its name and a NUL byte when ``named``), streamed."""
+    h = hashlib.sha256()
+    for path in files:
+        if named:
+            h.update(Path(path).name.encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def release_free_heap() -> None:
