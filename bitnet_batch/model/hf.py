@@ -260,11 +260,11 @@ def _rope_theta(cfg: dict, path: Path) -> float:
     scaling = cfg.get("rope_scaling") or {}
     if not isinstance(params, dict) or not isinstance(scaling, dict):
         raise ModelFormatError(path, "rope_parameters / rope_scaling must be objects")
-    merged = {**scaling, **params}
-    rope_type = merged.get("rope_type", merged.get("type", "default"))
-    if not (rope_type == "default" or (rope_type == "linear" and float(merged.get("factor", 1.0)) == 1.0)):
-        raise ModelFormatError(path, f"RoPE scaling {merged!r} is not supported (only plain RoPE)")
-    theta = merged.get("rope_theta", cfg.get("rope_theta", DEFAULTS["rope_theta"]))
+    for key, d in (("rope_parameters", params), ("rope_scaling", scaling)):
+        rope_type = d.get("rope_type", d.get("type", "default"))
+        if not (rope_type == "default" or (rope_type == "linear" and float(d.get("factor", 1.0)) == 1.0)):
+            raise ModelFormatError(path, f"RoPE scaling {key} = {d!r} is not supported (only plain RoPE)")
+    theta = params.get("rope_theta", cfg.get("rope_theta", DEFAULTS["rope_theta"]))
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
         raise ModelFormatError(path, f"rope_theta must be a positive number, got {theta!r}")
     return float(theta)

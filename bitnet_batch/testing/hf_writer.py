@@ -39,7 +39,10 @@ PROJ = {"attn_q": "q", "attn_k": "kv", "attn_v": "kv", "attn_output": "o", "ffn_
 
 
 def to_dtype(a: np.ndarray, dtype: str) -> np.ndarray:
-    """float array -> the bytes' numpy dtype of a safetensors dtype (BF16: rounded to nearest even, as uint16)."""
+    """float array -> the bytes' numpy dtype of a safetensors dtype (BF16: rounded to nearest even, as uint16).
+    BF16 given as uint16 is taken as bit patterns already (a tensor copied from a file)."""
+    if dtype == "BF16" and a.dtype == np.uint16:
+        return np.ascontiguousarray(a)
     if dtype == "U8":
         return np.ascontiguousarray(a, np.uint8)
     if dtype == "F32":
@@ -55,7 +58,8 @@ def to_dtype(a: np.ndarray, dtype: str) -> np.ndarray:
 def write_safetensors(path, tensors: dict[str, tuple[str, tuple[int, ...], Producer]],
                       metadata: dict[str, str] | None = None) -> pathlib.Path:
     """Write a safetensors file. ``tensors``: name -> (dtype, shape, producer); the producer returns the tensor
-    (or chunks of it, in order) as floats (converted with ``to_dtype``) or, for U8, bytes."""
+    (or chunks of it, in order) as floats (converted with ``to_dtype``) or, for U8, bytes. Shapes are not checked
+    against the data (tests write wrong ones on purpose); only the byte count is."""
     header, pos = {}, 0
     if metadata:
         header["__metadata__"] = dict(metadata)
