@@ -114,7 +114,7 @@ def _provenance(ckpt: Checkpoint, given: str) -> dict:
 def _tokenizer_kvs_hf(ckpt: Checkpoint, n_vocab: int) -> dict:
     from .hf_tokenizer import read_hf_tokenizer
 
-    spec, _ = read_hf_tokenizer(ckpt.path, n_vocab)
+    spec, _ = read_hf_tokenizer(ckpt.path, n_vocab, merges=True)
     S, U32, B = GGUFValueType.STRING, GGUFValueType.UINT32, GGUFValueType.BOOL
     kvs = {"tokenizer.ggml.model": ("gpt2", S), "tokenizer.ggml.pre": (_PRE[spec.pattern], S),
            "tokenizer.ggml.tokens": (list(spec.tokens), S),

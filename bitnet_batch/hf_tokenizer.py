@@ -1,9 +1,11 @@
 """A Hugging Face checkpoint's tokenizer files -> ``VocabSpec`` + the ``tokenizers.Tokenizer`` of its tokenizer.json.
 
 - ``tokenizer.json`` is read by the ``tokenizers`` library itself (the encoder); its vocabulary, added tokens and
-  merges also give the ``VocabSpec`` that ``Tokenizer`` decodes with and that ``convert`` writes as GGUF
-  ``tokenizer.ggml.*`` metadata. Only byte-level BPE is supported (a BPE model with a ByteLevel decoder, and the
-  LLaMA-3 split regex or GPT-2's ByteLevel regex as pre-tokenizer), as for GGUF vocabularies.
+  components (queried from the loaded tokenizer, so the 7 MB LLaMA-3 file is not also parsed into Python objects)
+  give the ``VocabSpec`` that ``Tokenizer`` decodes with. ``convert`` also needs the merges for GGUF
+  ``tokenizer.ggml.merges``: only then is the file parsed as JSON. Only byte-level BPE is supported (a BPE model
+  with a ByteLevel decoder, and the LLaMA-3 split regex or GPT-2's ByteLevel regex as pre-tokenizer), as for
+  GGUF vocabularies.
 - Token types: added tokens marked ``special`` are CONTROL, other added tokens USER_DEFINED, the rest NORMAL.
   Ids the files do not define up to the model's vocabulary size (embedding rows beyond the tokenizer) become
   ``[PAD{id}]`` tokens of type UNUSED, as llama.cpp's converter writes them.
@@ -83,16 +85,13 @@ def _merges(raw, path: Path) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _vocabulary(data: dict, path: Path, n_vocab: int | None) -> tuple[list[str], np.ndarray]:
+def _vocabulary(hf: tokenizers.Tokenizer, path: Path, n_vocab: int | None) -> tuple[list[str], np.ndarray]:
     """Token text by id and token types, padded to n_vocab."""
-    vocab = data["model"].get("vocab")
-    if not isinstance(vocab, dict) or not vocab:
-        raise TokenizerError(f"{path}: model.vocab must be a non-empty object")
-    added = data.get("added_tokens") or []
-    ids = [*vocab.values(), *(a.get("id") for a in added)]
-    if not all(isinstance(i, int) and i >= 0 for i in ids):
-        raise TokenizerError(f"{path}: token ids must be non-negative integers")
-    n_tok = max(ids) + 1
+    vocab = hf.get_vocab(with_added_tokens=True)
+    added = hf.get_added_tokens_decoder()              # id -> AddedToken
+    if not vocab:
+        raise TokenizerError(f"{path}: the vocabulary is empty")
+    n_tok = max(vocab.values()) + 1
     n = n_tok if n_vocab is None else n_vocab
     if n_tok > n:
         raise TokenizerError(f"{path}: token ids go up to {n_tok - 1}, but the model's vocabulary has {n} entries")
@@ -100,9 +99,9 @@ def _vocabulary(data: dict, path: Path, n_vocab: int | None) -> tuple[list[str],
     types = np.full(n, TOKEN_NORMAL, np.int32)
     for text, i in vocab.items():
         tokens[i] = text
-    for a in added:
-        tokens[a["id"]] = a["content"]
-        types[a["id"]] = TOKEN_CONTROL if a.get("special") else TOKEN_USER_DEFINED
+    for i, a in added.items():
+        tokens[i] = a.content
+        types[i] = TOKEN_CONTROL if a.special else TOKEN_USER_DEFINED
     for i, t in enumerate(tokens):
         if t is None:
             tokens[i] = f"[PAD{i}]"
@@ -110,14 +109,20 @@ def _vocabulary(data: dict, path: Path, n_vocab: int | None) -> tuple[list[str],
     return tokens, types
 
 
-def _token_id(value, ids: dict[str, int], source: Path, key: str) -> int | None:
+def _component(component) -> dict | None:
+    """A loaded tokenizer component (pre-tokenizer, decoder, post-processor) as its tokenizer.json object."""
+    return None if component is None else json.loads(component.__getstate__())
+
+
+def _token_id(value, hf: tokenizers.Tokenizer, source: Path, key: str) -> int | None:
     """tokenizer_config's "<|x|>" or {"content": "<|x|>"} -> its id."""
     if value is None:
         return None
     text = value.get("content") if isinstance(value, dict) else value
-    if not isinstance(text, str) or text not in ids:
+    i = hf.token_to_id(text) if isinstance(text, str) else None
+    if i is None:
         raise TokenizerError(f"{source}: {key} {text!r} is not a token of the vocabulary")
-    return ids[text]
+    return i
 
 
 def _id_list(value, source: Path, key: str) -> tuple[int, ...]:
@@ -127,9 +132,9 @@ def _id_list(value, source: Path, key: str) -> tuple[int, ...]:
     return tuple(values)
 
 
-def _post_processor_adds(data: dict, bos_text: str | None) -> bool:
+def _post_processor_adds(post: dict | None, bos_text: str | None) -> bool:
     """Whether tokenizer.json's post-processor puts ``bos_text`` before a single sequence."""
-    for p in _parts(data.get("post_processor")):
+    for p in _parts(post):
         single = p.get("single") if p.get("type") == "TemplateProcessing" else None
         if single:
             first = single[0].get("SpecialToken") if isinstance(single[0], dict) else None
@@ -148,45 +153,44 @@ def _chat_template(directory: Path, tc: dict) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def read_hf_tokenizer(directory: str | PathLike, n_vocab: int | None = None
+def read_hf_tokenizer(directory: str | PathLike, n_vocab: int | None = None, *, merges: bool = False
                       ) -> tuple[VocabSpec, tokenizers.Tokenizer]:
-    """(VocabSpec, encoder) of a checkpoint directory's tokenizer files; see the module docstring."""
+    """(VocabSpec, encoder) of a checkpoint directory's tokenizer files; see the module docstring. The spec's
+    merges are read only with ``merges=True`` (``Tokenizer`` encodes with the file's own BPE model)."""
     directory = Path(directory)
     path = directory / TOKENIZER_JSON
     if not path.is_file():
         raise TokenizerError(f"{path}: missing (the checkpoint's tokenizer)")
-    text = path.read_text(encoding="utf-8")
-    data = _read_json(path)
-    model = data.get("model")
-    if not isinstance(model, dict) or model.get("type") != "BPE":
-        raise TokenizerError(f"{path}: tokenizer model {model.get('type') if isinstance(model, dict) else model!r} "
-                             "is not supported; only byte-level BPE")
-    if "ByteLevel" not in [d.get("type") for d in _parts(data.get("decoder"))]:
+    try:
+        hf = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:          # tokenizers raises plain Exception
+        raise TokenizerError(f"{path}: the tokenizers library cannot read it: {e}") from None
+    if type(hf.model).__name__ != "BPE":
+        raise TokenizerError(f"{path}: tokenizer model {type(hf.model).__name__} is not supported; only byte-level "
+                             "BPE")
+    if "ByteLevel" not in [d.get("type") for d in _parts(_component(hf.decoder))]:
         raise TokenizerError(f"{path}: decoder is not ByteLevel; only byte-level BPE vocabularies are supported")
-    pattern = _pattern(data.get("pre_tokenizer"), path)
-    tokens, types = _vocabulary(data, path, n_vocab)
-    ids = {t: i for i, t in enumerate(tokens)}
+    pattern = _pattern(_component(hf.pre_tokenizer), path)
+    tokens, types = _vocabulary(hf, path, n_vocab)
     tc_path, gc_path, cfg_path = directory / TOKENIZER_CONFIG, directory / GENERATION_CONFIG, directory / "config.json"
     tc, gc, cfg = _read_json(tc_path), _read_json(gc_path), _read_json(cfg_path)
-    bos = _token_id(tc.get("bos_token"), ids, tc_path, "bos_token")
+    bos = _token_id(tc.get("bos_token"), hf, tc_path, "bos_token")
     if bos is None:
         bos = next(iter(_id_list(gc.get("bos_token_id", cfg.get("bos_token_id")), gc_path, "bos_token_id")), None)
     eog = _id_list(gc.get("eos_token_id", cfg.get("eos_token_id")), gc_path, "eos_token_id")
-    eos = _token_id(tc.get("eos_token"), ids, tc_path, "eos_token")
+    eos = _token_id(tc.get("eos_token"), hf, tc_path, "eos_token")
     eos = eos if eos is not None else next(iter(eog), None)
     add_bos = tc.get("add_bos_token")
     if add_bos is not None and not isinstance(add_bos, bool):
         raise TokenizerError(f"{tc_path}: add_bos_token must be true or false, got {add_bos!r}")
     if add_bos is None:
-        add_bos = _post_processor_adds(data, tokens[bos] if bos is not None and bos < len(tokens) else None)
-    spec = VocabSpec(source=str(path), tokens=tuple(tokens), token_types=types, merges=_merges(model.get("merges"), path),
-                     pattern=pattern, bos_id=bos, eos_id=eos, eot_id=ids.get("<|eot_id|>"), eom_id=None,
+        bos_text = tokens[bos] if bos is not None and 0 <= bos < len(tokens) else None
+        add_bos = _post_processor_adds(_component(hf.post_processor), bos_text)
+    spec = VocabSpec(source=str(path), tokens=tuple(tokens), token_types=types,
+                     merges=_merges(_read_json(path).get("model", {}).get("merges"), path) if merges else (),
+                     pattern=pattern, bos_id=bos, eos_id=eos, eot_id=hf.token_to_id("<|eot_id|>"), eom_id=None,
                      add_bos=bool(add_bos and bos is not None), chat_template=_chat_template(directory, tc),
                      extra_eog_ids=eog)
-    try:
-        hf = tokenizers.Tokenizer.from_str(text)
-    except Exception as e:          # tokenizers raises plain Exception
-        raise TokenizerError(f"{path}: the tokenizers library cannot read it: {e}") from None
     hf.no_padding()
     hf.no_truncation()
     hf.encode_special_tokens = True     # special-token text in user text stays text (parse_special opts in)

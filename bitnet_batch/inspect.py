@@ -100,7 +100,7 @@ def _describe_checkpoint(path) -> dict:
         ternary = sum(t.nbytes for t in infos if t.name.startswith("model.layers.") and len(t.shape) == 2)
         _add_config(info, cfg, ternary, ckpt.info("model.embed_tokens.weight")[1].nbytes)
     if (ckpt.path / "tokenizer.json").is_file():
-        spec, hf = read_hf_tokenizer(ckpt.path, cfg.n_vocab if cfg else None)
+        spec, hf = read_hf_tokenizer(ckpt.path, cfg.n_vocab if cfg else None, merges=True)
         tok = Tokenizer(spec, hf)
         _add_tokenizer(info, tok, "tokenizer.json (byte-level BPE)", {"llama3": "llama-bpe", "gpt2": "gpt-2"}
                        [spec.pattern], len(spec.merges))

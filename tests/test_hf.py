@@ -13,7 +13,8 @@ import pytest
 
 import bitnet_batch
 from bitnet_batch.errors import InputError, ModelFormatError, ModelNotFoundError
-from bitnet_batch.model.hf import hf_name, pack_rows_hf, unpack_rows
+from bitnet_batch.model.hf import i2_rows, pack_rows_hf, unpack_rows
+from bitnet_batch.model.layout import pack_rows
 from bitnet_batch.model.safetensors import SafetensorsFile, float32
 from bitnet_batch.testing.hf_writer import write_checkpoint, write_safetensors
 from bitnet_batch.testing.models import write_test_model
@@ -121,6 +122,8 @@ def test_pack_rows_matches_transformers_layout():
     assert packed.shape == (2, 2)
     assert packed[0, 0] == (0 << 0) | (2 << 2) | (1 << 4) | (2 << 6)      # rows 0, 2, 4, 6 of column 0
     np.testing.assert_array_equal(unpack_rows(packed), t)
+    big = np.random.default_rng(1).integers(0, 3, (96, 384)).astype(np.int8) - 1
+    np.testing.assert_array_equal(i2_rows(pack_rows_hf(big)), pack_rows(big))      # the loader's direct path
 
 
 def test_master_weights_are_ternarized_like_transformers():

@@ -319,6 +319,19 @@ def unpack_rows(packed: np.ndarray) -> np.ndarray:
     return t
 
 
+def i2_rows(packed: np.ndarray) -> np.ndarray:
+    """transformers' packed uint8 [R, K] (K a multiple of 128) -> the I2-block rows of the unpacked [4R, K] matrix
+    (uint8 [4R, K/4], bitnet.cpp's I2_S row payload, what ``layout.from_i2s_rows`` takes), without the int8
+    matrix: both formats store code = weight + 1 in 2 bits, only the bit positions differ."""
+    r, k = packed.shape
+    p = packed.reshape(r, k // 128, 4, 32)               # [row, block, group j (input 32j + m), byte m]
+    out = np.empty((PACK * r, k // 128, 32), np.uint8)
+    for i in range(PACK):                                # unpacked rows i*R .. i*R + R - 1: bits 2i, 2i + 1
+        c = (p >> (2 * i)) & 3
+        out[i * r:(i + 1) * r] = (c[:, :, 0] << 6) | (c[:, :, 1] << 4) | (c[:, :, 2] << 2) | c[:, :, 3]
+    return out.reshape(PACK * r, k // 4)
+
+
 def pack_rows_hf(t: np.ndarray) -> np.ndarray:
     """Inverse of ``unpack_rows`` (int8 ternary [4R, K] -> uint8 [R, K]); writes test checkpoints."""
     n = t.shape[0]
@@ -388,9 +401,12 @@ class HFSource(TensorSource):
         shard, info = self.ckpt.info(hname)
         scale_name = hname + "_scale"
         if info.dtype == "U8":
-            t = self._packed(shard, info, hname, n_in, n_out)
-            alpha = self._alpha(scale_name)
-        elif info.dtype in FLOAT_DTYPES:
+            packed = self._packed(shard, info, hname, n_in, n_out)
+            alpha = np.full(n_out, self._alpha(scale_name), np.float32)
+            if n_in % 128 == 0:                          # straight into I2 rows (no int8 matrix)
+                return None, alpha, i2_rows(packed)
+            return unpack_rows(packed), alpha, None
+        if info.dtype in FLOAT_DTYPES:
             if self.ckpt.has(scale_name):
                 raise ModelFormatError(self.ckpt.where(scale_name), f"{info.dtype} weights with a weight_scale "
                                        "(unpacked offline format) are not supported: pack them, or give master "
@@ -405,6 +421,7 @@ class HFSource(TensorSource):
         return t, np.full(n_out, alpha, np.float32), None
 
     def _packed(self, shard, info, hname, n_in, n_out) -> np.ndarray:
+        """The checked packed uint8 [n_out/4, n_in] (a view of the map)."""
         if self.ckpt.quant.method != "bitnet":
             raise ModelFormatError(shard.path, "packed uint8 weights, but config.json has no quantization_config "
                                    "with quant_method 'bitnet'", tensor=hname)
@@ -415,7 +432,7 @@ class HFSource(TensorSource):
         if np.any(packed & (packed >> 1) & 0x55):           # both bits of a field set: code 3
             raise ModelFormatError(shard.path, "packed weights hold code 3, which is not a ternary value",
                                    tensor=hname)
-        return unpack_rows(packed)
+        return packed
 
     def _alpha(self, scale_name: str) -> np.float32:
         shard, info = self.ckpt.info(scale_name)

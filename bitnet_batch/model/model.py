@@ -147,7 +147,9 @@ def _load_checkpoint(path: Path, ffn_act: str | None, t0: float) -> Model:
 
     ckpt = Checkpoint(path)
     cfg = hf.model_config(ckpt, ffn_act)
-    weights = load_weights(hf.HFSource(ckpt), cfg)
+    source = hf.HFSource(ckpt)
+    # the tokenizer first: its build temporaries (~120 MB for LLaMA-3) are freed before the weights are resident
     tok = tokenizer_from_hf(path, n_vocab=cfg.n_vocab) if (path / "tokenizer.json").is_file() else None
     release_free_heap()
+    weights = load_weights(source, cfg)
     return Model(path, None, cfg, weights, tok, time.perf_counter() - t0, checkpoint=ckpt)
