@@ -21,7 +21,8 @@ which the official 2B4T GGUF lacks) and chat template. Provenance goes into ``ge
 ``bitnet_batch.convert.*`` keys, which ``inspect`` shows.
 
 Tensors are produced one at a time while the file is written (a Hugging Face projection is unpacked or
-ternarized once, when its turn comes), so converting the 2B4T model needs little memory beyond one tensor.
+ternarized once, when its turn comes; the embedding is copied in 64 MB row chunks whose mapped pages are then
+dropped), so converting the 2B4T model needs little memory beyond one tensor and the tokenizer.
 """
 from __future__ import annotations
 
@@ -222,7 +223,13 @@ def _add_tensors(w, source: TensorSource, cfg: ModelConfig, weight_type: str) ->
 
     def matrix(name):
         a, kind = source.matrix(name, v, d)
-        add(name, lambda: np.ascontiguousarray(a).reshape(-1).view(np.uint8), (d, v), _EMB_TYPES[kind])
+
+        def chunks():                     # ~64 MB of rows at a time, their mapped pages dropped once written
+            rows = max(1, (64 << 20) // max(1, a[0].nbytes))
+            for lo in range(0, v, rows):
+                yield np.ascontiguousarray(a[lo:lo + rows]).reshape(-1).view(np.uint8)
+                source.release(name)
+        add(name, chunks, (d, v), _EMB_TYPES[kind])
     matrix("token_embd.weight")
     add("output_norm.weight", lambda: source.vector("output_norm.weight", d), (d,), GGMLType.F32)
     if not cfg.tied_lm_head:
