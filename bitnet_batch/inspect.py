@@ -112,7 +112,8 @@ def format_description(info: dict) -> str:
     if "gguf_version" in info:
         lines = [f"file      {info['path']} ({info['file_bytes'] / 2**20:.1f} MiB, GGUF v{info['gguf_version']})"]
     else:
-        lines = [f"dir       {info['path']} ({info['file_bytes'] / 2**20:.1f} MiB, {info['format']}: {info['weights']})",
+        lines = [f"dir       {info['path']} ({info['file_bytes'] / 2**20:.1f} MiB, "
+                 f"{info['format']}: {info['weights']})",
                  "files     " + ", ".join(f["name"] for f in info["files"])]
     source = info.get("source")
     if source:

@@ -89,7 +89,8 @@ def test_autobitlinear_scales_multiply(tmp_path, fixture_logits):
                           config={"quantization_config": {"quant_method": "bitnet", "linear_class": "autobitlinear",
                                                           "quantization_mode": "offline"}})
     ids = sequences("tiny-packed-gqa")["s1_len8"]["ids"]
-    np.testing.assert_array_equal(bitnet_batch.load_model(dst).logits(ids), fixture_logits["tiny-packed-gqa"]["s1_len8"])
+    want = fixture_logits["tiny-packed-gqa"]["s1_len8"]
+    np.testing.assert_array_equal(bitnet_batch.load_model(dst).logits(ids), want)
 
 
 # ---- the same weights as a GGUF ---------------------------------------------------------------------------------
@@ -106,7 +107,7 @@ def test_packed_checkpoint_is_the_gguf_with_the_same_weights(tmp_path):
     a, b = bitnet_batch.load_model(ckpt), bitnet_batch.load_model(gguf)
     ids = np.arange(1, 60) * 37 % 512
     np.testing.assert_array_equal(a.logits(ids), b.logits(ids))
-    for text in ["The small town sat at the edge of a wide river.", "  numbers 1, 22, 333 and 4444!\n\n", "ünïcödé"]:
+    for text in ["The small town sat at the edge of a river.", "  numbers 1, 22, 333 and 4444!\n\n", "ünïcödé"]:
         assert a.tokenizer.encode(text, add_bos=True) == b.tokenizer.encode(text, add_bos=True)
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": " hello "}]
     assert a.tokenizer.chat_format == "bitnet"
@@ -228,7 +229,8 @@ Q0 = "model.layers.0.self_attn.q_proj.weight"
 
 def test_missing_tensor(tmp_path):
     bad = copy_checkpoint(PACKED, tmp_path / "m", drop={"model.layers.2.mlp.down_proj.weight"})
-    expect_error(bad, "required tensor is missing", file="model.safetensors", tensor="model.layers.2.mlp.down_proj.weight")
+    down = "model.layers.2.mlp.down_proj.weight"
+    expect_error(bad, "required tensor is missing", file="model.safetensors", tensor=down)
     bad = copy_checkpoint(PACKED, tmp_path / "s", drop={Q0 + "_scale"})
     expect_error(bad, "required tensor is missing", file="model.safetensors", tensor=Q0 + "_scale")
 
@@ -326,7 +328,7 @@ def test_llama3_tokenizer_json_matches_the_gguf_vocabulary(tmp_path):
     tok = Tokenizer(*read_hf_tokenizer(tmp_path))
     assert tok.vocab_size == 128256 and tok.pattern == "llama3"
     assert tok.encode("Hello world, this is BitNet!") == [9906, 1917, 11, 420, 374, 6631, 7099, 0]
-    for text in ["  3.14159 and 1234567", "Ünïcödé — 日本語のテキスト", "<|eot_id|> stays text", "a\n\n\tb  "]:
+    for text in ["  3.14159 and 1234567", "Ünïcödé — 日本語", "<|eot_id|> stays text", "a\n\n\tb  "]:
         assert tok.encode(text) == gguf.encode(text)
         assert tok.decode(tok.encode(text)) == text
 

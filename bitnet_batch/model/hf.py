@@ -63,7 +63,7 @@ _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")      # buffers some older 
 
 
 def hf_name(gguf_name: str) -> str:
-    """The checkpoint name of a GGUF tensor name (``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``)."""
+    """The checkpoint name of a GGUF tensor name: blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     m = _BLK.match(gguf_name)

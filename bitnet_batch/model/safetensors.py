@@ -6,7 +6,8 @@ File layout (https://github.com/huggingface/safetensors, little-endian)::
     data: the tensors' bytes back to back; each tensor is [begin, end) of this buffer
 
     header = {"__metadata__": {str: str} (optional),
-              NAME: {"dtype": "BF16" | "F16" | "F32" | "U8" | ..., "shape": [d0, d1, ...], "data_offsets": [begin, end]}}
+              NAME: {"dtype": "BF16" | "F16" | "F32" | "U8" | ..., "shape": [d0, d1, ...],
+                     "data_offsets": [begin, end]}}
 
 Shapes are numpy (row-major) order: a torch ``[out_features, in_features]`` weight is ``shape = [out, in]``.
 numpy has no bfloat16: BF16 tensors are returned as uint16 bit patterns (``float32`` widens them).

@@ -129,8 +129,8 @@ def _tensors(spec: dict, fmt: str, seed: int, float_dtype: str, norm_dtype: str,
                 continue
             n_in, n_out = dims[PROJ[part]]
             if fmt == "packed":
-                out[hf_name(gname)] = ("U8", (n_out // 4, n_in),
-                                       lambda g=gname, a=n_in, b=n_out: pack_rows_hf(models.ternary_values(seed, g, a, b)[0]))
+                out[hf_name(gname)] = ("U8", (n_out // 4, n_in), lambda g=gname, a=n_in, b=n_out:
+                                       pack_rows_hf(models.ternary_values(seed, g, a, b)[0]))
                 scale = lambda g=gname, a=n_in: np.array([models.ternary_scale(seed, g, a)], np.float32)  # noqa: E731
                 if linear_class == "bitlinear":
                     scale = lambda s=scale: np.float32(1.0) / s()      # noqa: E731 - stored as 1 / alpha
