@@ -18,7 +18,6 @@ from bitnet_batch.model.layout import pack_rows
 from bitnet_batch.model.safetensors import SafetensorsFile, float32
 from bitnet_batch.testing.hf_writer import write_checkpoint, write_safetensors
 from bitnet_batch.testing.models import write_test_model
-from bitnet_batch.tokenizer import load_tokenizer
 from conftest import read_jsonl, write_jsonl
 
 DATA = Path(__file__).parent / "data"
@@ -319,18 +318,26 @@ def test_tokenizer_config_and_generation_config(tmp_path):
 
 
 def test_llama3_tokenizer_json_matches_the_gguf_vocabulary(tmp_path):
-    """The LLaMA-3 vocabulary written as tokenizer.json (our writer) reads back to the same ids as the GGUF."""
-    from bitnet_batch.hf_tokenizer import read_hf_tokenizer
-    from bitnet_batch.tokenizer import Tokenizer
+    """The LLaMA-3 vocabulary written as tokenizer.json (our writer) reads back to the same ids as the GGUF. In a
+    child process, as test_convert's LLaMA-3 test (the 128k vocabulary moves glibc's mmap threshold)."""
+    from test_convert import run_isolated
 
-    gguf = load_tokenizer(DATA / "tokenizer" / "ggml-vocab-llama-bpe.gguf")
-    (tmp_path / "tokenizer.json").write_text(gguf.hf.to_str())
-    tok = Tokenizer(*read_hf_tokenizer(tmp_path))
-    assert tok.vocab_size == 128256 and tok.pattern == "llama3"
-    assert tok.encode("Hello world, this is BitNet!") == [9906, 1917, 11, 420, 374, 6631, 7099, 0]
-    for text in ["  3.14159 and 1234567", "Ünïcödé — 日本語", "<|eot_id|> stays text", "a\n\n\tb  "]:
-        assert tok.encode(text) == gguf.encode(text)
-        assert tok.decode(tok.encode(text)) == text
+    out = run_isolated(f"""
+        import json, pathlib
+        from bitnet_batch.hf_tokenizer import read_hf_tokenizer
+        from bitnet_batch.tokenizer import Tokenizer, load_tokenizer
+        gguf = load_tokenizer({str(DATA / "tokenizer" / "ggml-vocab-llama-bpe.gguf")!r})
+        d = pathlib.Path({str(tmp_path)!r})
+        (d / "tokenizer.json").write_text(gguf.hf.to_str())
+        tok = Tokenizer(*read_hf_tokenizer(d))
+        texts = ["  3.14159 and 1234567", "Ünïcödé — 日本語", "<|eot_id|> stays text", "a\\n\\n\\tb  "]
+        print(json.dumps({{"n": tok.vocab_size, "pattern": tok.pattern,
+                          "ids": tok.encode("Hello world, this is BitNet!"),
+                          "same": [tok.encode(t) == gguf.encode(t) for t in texts],
+                          "round_trip": [tok.decode(tok.encode(t)) == t for t in texts]}}))
+    """)
+    assert out == {"n": 128256, "pattern": "llama3", "ids": [9906, 1917, 11, 420, 374, 6631, 7099, 0],
+                   "same": [True] * 4, "round_trip": [True] * 4}
 
 
 # ---- hub repo ids ---------------------------------------------------------------------------------------------
