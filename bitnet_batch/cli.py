@@ -409,6 +409,34 @@ def bench(model, model_file, batch_sizes, prompt_tokens, gen_tokens, prefill_chu
         click.echo(json.dumps(out))
 
 
+@main.command()
+@click.argument("src")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="The GGUF file to write.")
+@click.option("--type", "weight_type", type=click.Choice(["i2_s", "tq2_0", "tq1_0", "f16"]), default="i2_s",
+              show_default=True, help="i2_s: bitnet.cpp (arch bitnet-b1.58); tq2_0 / tq1_0 / f16: mainline llama.cpp "
+                                      "(arch bitnet).")
+@click.option("--revision", default=None, help="Branch, tag or commit of a hub repo SRC.")
+@click.option("--name", default=None, help="general.name (default: the source's name).")
+@click.option("--ffn-act", type=click.Choice(["relu2", "silu"]), default=None,
+              help="Override the FFN activation the source implies.")
+def convert(src, output, weight_type, revision, name, ffn_act):
+    """Convert SRC (a Hugging Face BitNet checkpoint directory or repo id, or a GGUF) to a GGUF file."""
+    from .convert import convert as run_convert
+
+    try:
+        res = run_convert(src, output, weight_type, revision=revision, ffn_act=ffn_act, name=name)
+    except (BitnetBatchError, OSError) as e:
+        _fail(e)
+    click.echo(f"wrote {res.path} ({res.nbytes / 2**20:.1f} MiB, arch {res.arch}, {res.tensors} tensors, "
+               f"{res.weight_type})")
+    if res.fallback:
+        click.echo(f"{len(res.fallback)} projections whose input width does not fill {res.weight_type} blocks were "
+                   f"written as {'F32' if res.weight_type == 'i2_s' else 'F16'} ternary values: "
+                   f"{', '.join(res.fallback[:4])}{', ...' if len(res.fallback) > 4 else ''}")
+    for warning in res.warnings:
+        click.echo(f"warning: {warning}", err=True)
+
+
 @main.command("make-test-model", context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def make_test_model(args):

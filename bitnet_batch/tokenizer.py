@@ -62,7 +62,7 @@ LLAMA3_PATTERN = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _PRE_LLAMA3 = ("llama-bpe", "llama3", "llama-v3")
-_PRE_GPT2 = ("default", "gpt2")
+_PRE_GPT2 = ("default", "gpt2", "gpt-2")
 SUPPORTED_PRE = _PRE_LLAMA3 + _PRE_GPT2
 SUPPORTED_MODELS = ("gpt2",)
 
@@ -132,6 +132,8 @@ class VocabSpec:
     eom_id: int | None
     add_bos: bool
     chat_template: str | None
+    extra_eog_ids: tuple[int, ...] = ()
+    """More end-of-generation ids (a Hugging Face generation_config.json's list of eos_token_id)."""
 
     def __post_init__(self) -> None:
         n = len(self.tokens)
@@ -141,7 +143,7 @@ class VocabSpec:
                 f"{KEY_TOKENS} has {n}"
             )
         for key, value in ((KEY_BOS, self.bos_id), (KEY_EOS, self.eos_id), (KEY_EOT, self.eot_id),
-                           (KEY_EOM, self.eom_id)):
+                           (KEY_EOM, self.eom_id), *(("eos_token_id", i) for i in self.extra_eog_ids)):
             if value is not None and not 0 <= value < n:
                 raise TokenizerError(f"{self.source}: {key} must be in [0, {n}), got {value}")
         if self.pattern not in ("llama3", "gpt2"):
@@ -312,7 +314,9 @@ class IncrementalDecoder:
 class Tokenizer:
     """A GGUF byte-level BPE vocabulary: encode, decode, incremental decode and the chat format.
 
-    Build with ``load_tokenizer(path)`` or ``tokenizer_from_metadata(metadata)``.
+    Build with ``load_tokenizer(path)`` or ``tokenizer_from_metadata(metadata)``; a Hugging Face tokenizer.json with
+    ``tokenizer_from_hf(directory)`` (``hf``: the fast tokenizer read from the file instead of one built from the
+    spec's vocabulary and merges).
     """
 
     hf: tokenizers.Tokenizer
@@ -326,8 +330,8 @@ class Tokenizer:
     add_bos: bool
     chat_template: str | None
 
-    def __init__(self, spec: VocabSpec):
-        self.hf = _build_hf(spec)
+    def __init__(self, spec: VocabSpec, hf: tokenizers.Tokenizer | None = None):
+        self.hf = _build_hf(spec) if hf is None else hf
         # the BPE model holds the merges and token strings now, the blob below the raw bytes: the spec's
         # 128k token strings and 280k merges (LLaMA-3) are not kept
         self.source = spec.source
@@ -346,7 +350,7 @@ class Tokenizer:
 
     @staticmethod
     def _end_of_generation_ids(spec: VocabSpec) -> frozenset[int]:
-        ids = {i for i in (spec.eos_id, spec.eot_id, spec.eom_id) if i is not None}
+        ids = {i for i in (spec.eos_id, spec.eot_id, spec.eom_id, *spec.extra_eog_ids) if i is not None}
         ids.update(i for i, t in enumerate(spec.tokens) if t in _EOG_TEXTS)
         return frozenset(ids)
 
@@ -420,6 +424,11 @@ class Tokenizer:
         blob, ends = self._blob, self._offsets
         return [blob[a:b] for a, b in zip(ends[:-1], ends[1:])]
 
+    def control_text_in(self, text: str) -> str | None:
+        """The first control-token text (e.g. "<|eot_id|>") found in ``text``, else None."""
+        m = self._special_re.search(text) if self._special_re is not None else None
+        return None if m is None else m.group()
+
     def is_control(self, token_id: int) -> bool:
         """True for CONTROL tokens (BOS, EOS, <|eot_id|>, reserved specials)."""
         return bool(self._control[self._check_id(token_id)])
@@ -444,19 +453,35 @@ class Tokenizer:
             raise TokenizerError(f"{self.source}: vocabulary has neither an EOT nor an EOS token")
         return end
 
+    @functools.cached_property
+    def chat_format(self) -> str:
+        """"bitnet" (our rendering below) or "jinja" (the vocabulary's own template, rendered by
+        ``chat_template.render``): a template counts as the BitNet one when it carries bitnet.cpp's "BITNET"
+        marker or renders a probe chat exactly as ours does (see ``chat_template.is_bitnet_format``)."""
+        from . import chat_template
+
+        if self.chat_template is None or chat_template.is_bitnet_format(self):
+            return "bitnet"
+        return "jinja"
+
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]],
                             add_generation_prompt: bool = True) -> list[int]:
-        """Prompt ids in the BitNet b1.58 2B4T chat format (Microsoft ``gpu/tokenizer.py::ChatFormat``).
+        """Prompt ids in the BitNet b1.58 2B4T chat format (Microsoft ``gpu/tokenizer.py::ChatFormat``), or in the
+        vocabulary's own Jinja template when that is a different one (``chat_format``; ``chat_template.encode``).
 
         ``[BOS if add_bos] + Σ(encode(f"{Role}: ") + encode(content.strip()) + [eot])
         + (encode("Assistant: ") if add_generation_prompt)``, where Role is System/User/Assistant.
         Header and content are encoded separately, as the reference does (token boundaries differ
         slightly from encoding the joined string). The turn terminator is ``eot_id`` (<|eot_id|>);
-        a vocabulary without one uses ``eos_id``. The GGUF's own ``tokenizer.chat_template``
-        ("Human: ... BITNETAssistant:") is not used: it disagrees with the HF and GPU references.
-        Raises ``InputError`` naming the bad field.
+        a vocabulary without one uses ``eos_id``. The official GGUF's ``tokenizer.chat_template``
+        ("Human: ... BITNETAssistant:") is not rendered: it disagrees with the HF and GPU references, and
+        bitnet.cpp does not render it either. Raises ``InputError`` naming the bad field.
         """
         turns = _validate_messages(messages)
+        if self.chat_format == "jinja":
+            from . import chat_template
+
+            return chat_template.encode(self, turns, add_generation_prompt)
         end = self._turn_end_id()
         ids = self._bos_prefix(self.add_bos)
         for role, content in turns:
@@ -470,6 +495,13 @@ class Tokenizer:
     def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
         """The prompt of ``apply_chat_template`` as text (BOS and terminator shown as their token text)."""
         turns = _validate_messages(messages)
+        if self.chat_format == "jinja":
+            from . import chat_template
+
+            return chat_template.render_with_bos(self, turns, add_generation_prompt)
+        return self._render_bitnet(turns, add_generation_prompt)
+
+    def _render_bitnet(self, turns: Sequence[tuple[str, str]], add_generation_prompt: bool) -> str:
         end = self.token_text(self._turn_end_id())
         parts = [self.token_text(self.bos_id)] if self.add_bos else []
         parts += [f"{CHAT_ROLES[role]}: {content.strip()}{end}" for role, content in turns]
@@ -512,6 +544,15 @@ def _validate_messages(messages: Any) -> list[tuple[str, str]]:
 def tokenizer_from_metadata(metadata: Mapping[str, Any], source: str = "<metadata>") -> Tokenizer:
     """Build the tokenizer from a GGUF metadata dict (``GGUFFile.metadata``); ``source`` names it in errors."""
     return Tokenizer(read_vocab_spec(metadata, source))
+
+
+def tokenizer_from_hf(directory: str | PathLike, n_vocab: int | None = None) -> Tokenizer:
+    """Build the tokenizer of a Hugging Face checkpoint directory (tokenizer.json, tokenizer_config.json,
+    generation_config.json; see ``hf_tokenizer``), padded to ``n_vocab`` ids (the model's vocabulary)."""
+    from .hf_tokenizer import read_hf_tokenizer
+
+    spec, hf = read_hf_tokenizer(directory, n_vocab)
+    return Tokenizer(spec, hf)
 
 
 def load_tokenizer(gguf_path: str | PathLike) -> Tokenizer:
