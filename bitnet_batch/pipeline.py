@@ -327,7 +327,7 @@ class _Loader:
 
     def pipeline(self) -> Pipeline:
         model = self.get("model", "name", str, DEFAULT_REPO)
-        if model.endswith(".gguf"):
+        if model.endswith(".gguf") or self.resolve(model).is_dir():     # a file, or a checkpoint directory
             model = str(self.resolve(model))
         output = self.get("output", "path", str)
         sampling, seed, n, dedupe = self.sampling()

@@ -288,3 +288,12 @@ def test_dedupe_drops_identical_samples(tmp_path, small_model_path, small_model)
     assert summary["samples"] == {"n": 3, "dedupe": True, "dropped_duplicates": 6}
     meta = json.loads((tmp_path / "d.jsonl.meta.json").read_text())
     assert meta["samples"]["dropped_duplicates"] == 6
+
+
+def test_model_paths_are_relative_to_the_pipeline_file(tmp_path):
+    """A .gguf file or a checkpoint directory next to the pipeline; a hub repo id stays as it is."""
+    (tmp_path / "models" / "ckpt").mkdir(parents=True)
+    body = '[input]\npath = "in.jsonl"\n[prompt]\ntext = "{prompt}"\n[output]\npath = "o.jsonl"\n[model]\nname = '
+    for name, want in (("models/ckpt", tmp_path / "models" / "ckpt"), ("models/m.gguf", tmp_path / "models" / "m.gguf"),
+                       (DEFAULT_REPO, DEFAULT_REPO)):
+        assert load_pipeline(write_pipeline(tmp_path, body + f'"{name}"\n')).model == str(want)
