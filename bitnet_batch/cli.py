@@ -160,7 +160,7 @@ def run(inputs, output, pipeline_file, output_format, input_format, prompt_field
     """Generate a completion for every record of INPUTS (JSONL / Parquet / OpenAI batch lines), or run a
     pipeline file (`bitnet-batch run pipelines/NAME.toml`)."""
     from .pipeline import is_pipeline_file, load_pipeline
-    from .runner import JobConfig
+    from .jobs.run import JobConfig
     from .sampling.constraints import JsonLimits
 
     ctx = click.get_current_context()
@@ -202,7 +202,7 @@ def _run_on(engine, job, quiet, ray_address, actors, threads_per_actor) -> dict:
                                   ("--threads-per-actor", threads_per_actor)) if v is not None]
     if given:
         raise click.UsageError(f"{given[0]} needs --engine ray")
-    from .runner import run_job
+    from .jobs.run import run_job
 
     return run_job(job, quiet=quiet)
 
@@ -269,7 +269,7 @@ def score(inputs, output, output_format, input_format, text_field, prompt_field,
           overwrite, strict, quiet, model, model_file, ffn_act, threads):
     """Log-likelihood, mean NLL and perplexity of every record's `text` (or of its `completion` given its
     `prompt`), plus the corpus perplexity in <output>.meta.json."""
-    from .score import ScoreFields, ScoreJobConfig, score_job
+    from .jobs.score import ScoreFields, ScoreJobConfig, score_job
 
     try:
         job = ScoreJobConfig(inputs=tuple(inputs), output=output, model=model, model_file=model_file,

@@ -62,7 +62,7 @@ from .engine.engine import EngineConfig
 from .errors import ConfigError, InputError
 from .io.readers import BadRecord, RecordSpec, Request, own_overrides, read_items
 from .model.hub import DEFAULT_REPO
-from .runner import JobConfig, check_n
+from .jobs.run import JobConfig, check_n
 from .sampling.constraints import (ConstraintSpec, JsonLimits, choice_constraint, json_schema_constraint,
                                    response_format_constraint, regex_constraint)
 from .sampling.params import SamplingParams

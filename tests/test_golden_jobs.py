@@ -13,10 +13,10 @@ import pytest
 
 from bitnet_batch.engine.engine import EngineConfig
 from bitnet_batch.pipeline import load_pipeline
-from bitnet_batch.runner import JobConfig, run_job
+from bitnet_batch.jobs.run import JobConfig, run_job
 from bitnet_batch.sampling.constraints import job_constraint
 from bitnet_batch.sampling.params import SamplingParams
-from bitnet_batch.score import ScoreJobConfig, score_job
+from bitnet_batch.jobs.score import ScoreJobConfig, score_job
 from conftest import read_jsonl, write_jsonl
 
 GOLDEN = Path(__file__).parent / "data" / "golden"

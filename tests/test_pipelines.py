@@ -13,7 +13,7 @@ from bitnet_batch.errors import ConfigError, InputError
 from bitnet_batch.io.writers import OutputSink
 from bitnet_batch.model.hub import DEFAULT_REPO
 from bitnet_batch.pipeline import PromptTemplate, load_pipeline
-from bitnet_batch.runner import run_job, sample_seed
+from bitnet_batch.jobs.run import run_job, sample_seed
 from bitnet_batch.sampling.params import derive_seed
 from conftest import read_jsonl, write_jsonl
 

@@ -8,11 +8,11 @@ import pytest
 from bitnet_batch.engine.engine import Engine, EngineConfig
 from bitnet_batch.engine.kv_cache import KVCache, block_hashes
 from bitnet_batch.pipeline import load_pipeline
-from bitnet_batch.runner import JobConfig, run_job
+from bitnet_batch.jobs.run import JobConfig, run_job
 from bitnet_batch.sampling.constraints import ConstraintSpec
 from bitnet_batch.sampling.params import SamplingParams
 from bitnet_batch.scheduler import Scheduler, Sequence
-from bitnet_batch.score import ScoreJobConfig, score_job
+from bitnet_batch.jobs.score import ScoreJobConfig, score_job
 from conftest import read_jsonl, write_jsonl
 
 BS = 4          # block size of the unit tests' caches
