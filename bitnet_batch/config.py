@@ -128,16 +128,34 @@ def check_kv_dtype(kv_dtype) -> str:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Sizes of the engine's preallocated state."""
-    max_batch: int = 16          # sequences decoded together (KV slots)
-    max_seq_len: int = 0         # longest sequence (prompt + generation); 0 -> the model's context length
-    prefill_chunk: int = 128     # most rows (tokens) one step processes
-    kv_cache_mb: float = 0.0     # KV pool budget in MiB; 0 -> max_batch full sequences, capped by RAM
-    block_size: int = 16         # tokens per KV block
-    threads: int = 0             # Numba threads; 0 -> all cores
-    kv_dtype: str = "f32"        # KV cache storage: "f32" (the spec's numerics) or "f16" (half the memory)
-    prefault_kv: bool = False    # touch every page of the KV pool when the engine is built (see Engine)
-    prefix_cache: bool = True    # share the K/V blocks of prompt prefixes already computed (see kv_cache)
+    """Sizes of the engine's preallocated state, and the engine-side choices of a job."""
+
+    max_batch: int = 16
+    """Sequences in flight together (KV slots): decoded together, one row each per step."""
+
+    max_seq_len: int = 0
+    """Longest sequence, prompt + generation (0: the model's context length)."""
+
+    prefill_chunk: int = 128
+    """Most rows (tokens) one step processes."""
+
+    kv_cache_mb: float = 0.0
+    """KV cache budget in MiB (0: max_batch full sequences, at most a quarter of the free memory)."""
+
+    block_size: int = 16
+    """Tokens per KV block (the unit of admission and of prefix sharing)."""
+
+    threads: int = 0
+    """Numba threads (0: all cores)."""
+
+    kv_dtype: str = "f32"
+    """KV cache storage: f32 = the BitNet spec's numerics; f16 = half the memory (llama.cpp's default)."""
+
+    prefault_kv: bool = False
+    """Write every page of the KV pool when the engine is built (see ``Engine``)."""
+
+    prefix_cache: bool = True
+    """Compute each shared prompt prefix once and reuse its KV blocks (the records do not change)."""
 
     def __post_init__(self):
         for name in ("max_batch", "prefill_chunk", "block_size"):

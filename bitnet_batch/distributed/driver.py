@@ -80,13 +80,13 @@ class _Driver:
             sink = self.output.lookup(item.index)
             if isinstance(item, BadRecord):
                 if item.id in sink.done:
-                    self.emit.skip(self.job.n)
+                    self.emit.skip(self.job.sampling.n)
                 else:
                     self.emit.write(error_record(item.index, item.id, item.error))
             elif item.id not in sink.done:
                 todo.append((item, None))
-            elif item.overrides.get("n", self.job.n) == 1:
-                self.emit.skip(self.job.n)          # written by an earlier run
+            elif item.overrides.get("n", self.job.sampling.n) == 1:
+                self.emit.skip(self.job.sampling.n)          # written by an earlier run
             else:                           # n > 1: the actor's runner decides which samples are left
                 todo.append((item, _done_samples(item, sink, self.job)))
             if todo and todo[-1][0] is item:
@@ -118,7 +118,7 @@ class _Driver:
 
 def _done_samples(request, sink, job) -> list[int]:
     """Sample indices of an n > 1 item that the output holds (an invalid n: none; the actor reports it)."""
-    n = request.overrides.get("n", job.n)
+    n = request.overrides.get("n", job.sampling.n)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         return []
     return [k for k in range(n) if sink.is_done(request.id, k)]
@@ -226,7 +226,7 @@ def _total(job, shards) -> int | None:
     if not all(s.is_local for s in shards):
         return None
     n = count_records([s.uri for s in shards], job.input_format)
-    return None if n is None else n * job.n
+    return None if n is None else n * job.sampling.n
 
 
 def _summary(job, cfg, info, driver, pool, output, final, n_actors, threads, run_s, t_start) -> dict:

@@ -33,7 +33,6 @@ from .common import peak_rss_mb, prefix_cache_line, prefix_cache_summary, thread
 from .loop import JobKind, run_local
 
 TRUNCATE_MODES = (None, "left", "right")
-MAX_SAMPLES = 1024          # most samples per input (n)
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,6 @@ class JobConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     constraint: ConstraintSpec | None = None  # default structured-output constraint (records may override)
     json_limits: JsonLimits = field(default_factory=JsonLimits)   # bounds of JSON outputs (job's and records')
-    n: int = 1                              # samples per input (records may override with "n")
     dedupe: bool = False                    # drop samples whose text equals an earlier sample of the input
     template: object | None = None          # a pipeline's PromptTemplate: builds requests from raw records
     pipeline: str | None = None             # the pipeline file this job came from (for the summary only)
@@ -70,7 +68,6 @@ class JobConfig:
             raise ConfigError(f"truncate must be one of left, right, got {self.truncate!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
-        check_n(self.n)
         if not isinstance(self.dedupe, bool):
             raise ConfigError(f"dedupe must be true or false, got {self.dedupe!r}")
         if self.constraint is not None and not isinstance(self.constraint, ConstraintSpec):
@@ -85,7 +82,9 @@ class JobConfig:
     def fingerprint(self, model_sha256: str) -> dict:
         """What determines the outputs (not batch size or threads: outputs do not depend on them). Keys of
         features left at their defaults are omitted, so older partial outputs stay resumable."""
-        fp = {"model_sha256": model_sha256, "sampling": asdict(self.sampling), "seed": self.seed,
+        sampling = asdict(self.sampling)
+        n = sampling.pop("n")                # recorded apart, and only when not 1, as before it was a sampling field
+        fp = {"model_sha256": model_sha256, "sampling": sampling, "seed": self.seed,
               "system": self.system, "chat": self.chat, "prompt_field": self.prompt_field,
               "id_field": self.id_field, "truncate": self.truncate, "ffn_act": self.ffn_act,
               "inputs": [Path(p).name for p in self.inputs]}
@@ -93,8 +92,8 @@ class JobConfig:
             fp["constraint"] = self.constraint.describe()
         if self.json_limits != JsonLimits():
             fp["json_limits"] = self.json_limits.describe()
-        if self.n != 1:
-            fp["n"] = self.n
+        if n != 1:
+            fp["n"] = n
         if self.dedupe:
             fp["dedupe"] = True
         if self.template is not None:
@@ -102,13 +101,6 @@ class JobConfig:
         if self.engine.kv_dtype != "f32":
             fp["kv_dtype"] = self.engine.kv_dtype      # float16 K/V round differently: not the same outputs
         return fp
-
-
-def check_n(value, name: str = "n") -> int:
-    """Samples per input: an integer in [1, MAX_SAMPLES]."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SAMPLES:
-        raise ConfigError(f"{name} must be an integer in [1, {MAX_SAMPLES}], got {value!r}")
-    return value
 
 
 def sample_seed(base: int, sample_index: int) -> int:
@@ -128,7 +120,6 @@ class ItemPlan:
     params: SamplingParams
     constraint: ConstraintSpec | None
     max_new: int                    # generation budget, clamped to the context
-    n: int                          # samples of this item
 
 
 @dataclass
@@ -188,7 +179,7 @@ def job_summary(job: JobConfig, stats: JobStats, *, output, fmt: str, model: dic
                        "truncate": job.truncate, "engine": asdict(job.engine), "threads": threads,
                        "constraint": None if job.constraint is None else job.constraint.describe(),
                        "json_limits": job.json_limits.describe(),
-                       "n": job.n, "dedupe": job.dedupe, "pipeline": job.pipeline},
+                       "n": job.sampling.n, "dedupe": job.dedupe, "pipeline": job.pipeline},
         "items": {"total": stats.items, "ok": stats.ok, "error": stats.errors, "skipped_resume": stats.skipped,
                   "errors_in_output": errors_in_output},
         "tokens": {"prompt": stats.prompt_tokens, "completion": stats.completion_tokens},
@@ -204,7 +195,7 @@ def job_summary(job: JobConfig, stats: JobStats, *, output, fmt: str, model: dic
             "items_per_s": round((stats.ok + stats.errors) / run_s, 3) if run_s else 0.0},
         "steps": stats.steps,
         "structured": {"records": stats.constrained, "incomplete": stats.incomplete},
-        "samples": {"n": job.n, "dedupe": job.dedupe, "dropped_duplicates": stats.dropped},
+        "samples": {"n": job.sampling.n, "dedupe": job.dedupe, "dropped_duplicates": stats.dropped},
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
 
@@ -223,7 +214,7 @@ class RunKind(JobKind):
     @classmethod
     def total(cls, job: JobConfig) -> int | None:
         n = count_records(list(job.inputs), job.input_format)
-        return None if n is None else n * job.n
+        return None if n is None else n * job.sampling.n
 
     def prepare(self) -> float:
         """llguidance's vocabulary view and the job grammar, built once."""
@@ -260,7 +251,6 @@ class RunKind(JobKind):
         """Tokenize and parameterize one request; raises BitnetBatchError subclasses for per-item problems."""
         try:
             params = SamplingParams.from_overrides(self.job.sampling, req.overrides)
-            n = check_n(req.overrides.get("n", self.job.n))
         except ConfigError as e:
             field = next((k for k in req.overrides if str(e).startswith(k)), None)
             raise InputError(str(e), location=req.location, field=field) from None
@@ -280,7 +270,7 @@ class RunKind(JobKind):
             keep = max(1, limit - max(1, min(params.max_tokens, limit // 2)))
             ids = ids[len(ids) - keep:] if self.job.truncate == "left" else ids[:keep]
         max_new = min(params.max_tokens, limit - len(ids))
-        return ItemPlan(req, ids, params, spec, max_new, n)
+        return ItemPlan(req, ids, params, spec, max_new)
 
     def sequence(self, plan: ItemPlan, sample_index: int | None, group: _Group | None = None) -> Sequence:
         """Sample ``sample_index`` (None: the only one) of a planned item, with its own seed and grammar."""
@@ -299,14 +289,15 @@ class RunKind(JobKind):
         output already has everything (resume). Under dedupe a partly written item is generated again in
         full (outputs are deterministic) so its duplicates are judged against every earlier sample."""
         rid = plan.request.id
-        if plan.n == 1:
+        n = plan.params.n
+        if n == 1:
             return None if rid in sink.done else [None]
         if rid not in sink.done:
-            return list(range(plan.n))
-        written = [k for k in range(plan.n) if sink.is_done(rid, k)]
-        if not written or len(written) == plan.n:      # an error record for the whole item, or all samples
+            return list(range(n))
+        written = [k for k in range(n) if sink.is_done(rid, k)]
+        if not written or len(written) == n:      # an error record for the whole item, or all samples
             return None
-        return list(range(plan.n)) if self.job.dedupe else [k for k in range(plan.n) if k not in written]
+        return list(range(n)) if self.job.dedupe else [k for k in range(n) if k not in written]
 
     def _prompt_ids(self, req: Request) -> list[int]:
         messages = req.messages
@@ -386,7 +377,7 @@ class RunKind(JobKind):
         sink = self.sink
         if isinstance(item, BadRecord):
             if item.id in sink.done:
-                self.emit.skip(self.job.n)
+                self.emit.skip(self.job.sampling.n)
             else:
                 self.emit.write(error_record(item.index, item.id, item.error))
             return []
@@ -394,15 +385,15 @@ class RunKind(JobKind):
             plan = self.plan(item)
         except BitnetBatchError as e:
             if item.id in sink.done:
-                self.emit.skip(self.job.n)
+                self.emit.skip(self.job.sampling.n)
             else:
                 self.emit.write(error_record(item.index, item.id, e))
             return []
         todo = self.todo(plan, sink)
         if todo is None:
-            self.emit.skip(self.job.n)
+            self.emit.skip(self.job.sampling.n)
             return []
-        group = _Group(item, pending=len(todo)) if self.job.dedupe and plan.n > 1 else None
+        group = _Group(item, pending=len(todo)) if self.job.dedupe and plan.params.n > 1 else None
         seqs = [self.sequence(plan, k, group) for k in todo]
         if plan.max_new > 0:
             return seqs
