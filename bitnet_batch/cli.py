@@ -6,32 +6,27 @@ import sys
 
 import click
 
+from .config import EngineConfig
 from .errors import BitnetBatchError, JobInterrupted
 from .model.hub import DEFAULT_REPO
+from .options import ENGINE_OPTIONS, SAMPLING_OPTIONS, click_options, pick
+from .sampling.params import SamplingParams
 
 EXIT_FATAL = 1          # model, config or output problem: the job could not run
 EXIT_ITEM_ERRORS = 3    # the job ran, but some items are error records (--strict)
+SINGLE_SAMPLING = tuple(o for o in SAMPLING_OPTIONS if o != "n")      # generate / chat: one sample
 
 
-def _sampling_options(f):
-    opts = [
-        click.option("--max-tokens", type=int, default=256, show_default=True, help="Tokens to generate per item."),
-        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
-        click.option("--top-k", type=int, default=0, show_default=True, help="0 = off."),
-        click.option("--top-p", type=float, default=1.0, show_default=True),
-        click.option("--min-p", type=float, default=0.0, show_default=True),
-        click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
-        click.option("--presence-penalty", type=float, default=0.0, show_default=True),
-        click.option("--frequency-penalty", type=float, default=0.0, show_default=True),
-        click.option("--stop", multiple=True, help="Stop string (repeatable)."),
-        click.option("--logprobs", type=int, default=None, help="Report the top-N logprobs of each token."),
-        click.option("--ignore-eos", is_flag=True, help="Do not stop at end-of-generation tokens."),
-        click.option("--seed", type=int, default=0, show_default=True,
-                     help="Job seed; each item's RNG derives from (seed, id) unless the item sets 'seed'."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
+_job_seed_option = click.option(
+    "--seed", type=int, default=0, show_default=True,
+    help="Job seed; each item's RNG derives from (seed, id) unless the item sets 'seed'.")
+
+
+def _sampling_options(names):
+    """The SamplingParams options ``names`` and the job --seed (``_sampling_params`` reads them)."""
+    def decorate(f):
+        return click_options(SamplingParams, names)(_job_seed_option(f))
+    return decorate
 
 
 def _model_options(f):
@@ -39,47 +34,19 @@ def _model_options(f):
                      help="Override the FFN activation the model file implies.")(f)
     f = click.option("--model-file", default=None, help="GGUF file name inside a Hugging Face repo.")(f)
     f = click.option("--model", "-m", default=DEFAULT_REPO, show_default=True,
-                     help="GGUF path or Hugging Face repo id (downloaded and cached on first use).")(f)
-    f = click.option("--threads", type=int, default=0, help="Numba threads (0 = all cores).")(f)
-    return f
-
-
-_kv_dtype_option = click.option(
-    "--kv-dtype", type=click.Choice(["f32", "f16"]), default="f32", show_default=True,
-    help="KV cache storage: f32 = the BitNet spec's numerics; f16 = half the memory (llama.cpp's default).")
+                     help="GGUF path, Hugging Face checkpoint directory or hub repo id (downloaded and cached on "
+                          "first use).")(f)
+    return click_options(EngineConfig, ["threads"])(f)
 
 
 def _engine_options(batch_help: str, seq_len_help: str):
-    """--max-batch, --prefill-chunk, --kv-cache-mb, --kv-dtype, --max-seq-len, --[no-]prefix-cache
-    (``_engine_config`` reads them)."""
-    def decorate(f):
-        for opt in reversed([
-                click.option("--max-batch", type=int, default=16, show_default=True, help=batch_help),
-                click.option("--prefill-chunk", type=int, default=128, show_default=True, help="Most tokens per step."),
-                click.option("--kv-cache-mb", type=float, default=0.0, help="KV cache budget in MiB (0 = derived)."),
-                _kv_dtype_option,
-                click.option("--max-seq-len", type=int, default=0, help=seq_len_help),
-                click.option("--prefix-cache/--no-prefix-cache", default=True, show_default=True,
-                             help="Compute each shared prompt prefix once and reuse its KV blocks.")]):
-            f = opt(f)
-        return f
-    return decorate
+    """The EngineConfig options of a job (``pick(EngineConfig, ...)`` reads them)."""
+    return click_options(EngineConfig, [o for o in ENGINE_OPTIONS if o != "threads"], max_batch=batch_help,
+                         max_seq_len=seq_len_help)
 
 
-def _engine_config(max_batch, prefill_chunk, kv_cache_mb, kv_dtype, max_seq_len, prefix_cache, threads):
-    from .engine.engine import EngineConfig
-
-    return EngineConfig(max_batch=max_batch, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,
-                        kv_cache_mb=kv_cache_mb, kv_dtype=kv_dtype, prefix_cache=prefix_cache, threads=threads)
-
-
-def _sampling_params(kw):
-    from .sampling.params import SamplingParams
-
-    return SamplingParams(max_tokens=kw["max_tokens"], temperature=kw["temperature"], top_k=kw["top_k"],
-                          top_p=kw["top_p"], min_p=kw["min_p"], repetition_penalty=kw["repetition_penalty"],
-                          presence_penalty=kw["presence_penalty"], frequency_penalty=kw["frequency_penalty"],
-                          stop=tuple(kw["stop"]), logprobs=kw["logprobs"], ignore_eos=kw["ignore_eos"])
+def _sampling_params(kw, names=SINGLE_SAMPLING):
+    return pick(SamplingParams, kw, names)
 
 
 def _fail(e: Exception):
@@ -141,8 +108,6 @@ def main():
                    "before its exponent), exponent (its digits), string (maxLength of strings that set none), items "
                    "(maxItems of arrays that set none); 0 = no bound, 'none' = the schema as given. "
                    "[default: digits=17,exponent=3,string=256,items=32]")
-@click.option("--n", "n", type=int, default=1, show_default=True,
-              help="Samples per input, each with its own seed and a sample_index field.")
 @click.option("--dedupe", is_flag=True, help="Drop samples whose text equals an earlier sample of the same input.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: this process; ray: engine actors on a Ray cluster (pip install 'bitnet-batch[ray]').")
@@ -152,46 +117,38 @@ def main():
 @click.option("--threads-per-actor", type=int, default=None,
               help="With --engine ray: CPUs = Numba threads per actor (default: a node's CPUs).")
 @_model_options
-@_sampling_options
-def run(inputs, output, pipeline_file, output_format, input_format, prompt_field, id_field, system, chat, max_batch,
-        prefill_chunk, kv_cache_mb, kv_dtype, max_seq_len, prefix_cache, truncate, unordered, overwrite, strict, quiet,
-        response_format, json_schema, regex, choice, json_limits, n, dedupe, engine, ray_address, actors,
-        threads_per_actor, model, model_file, ffn_act, threads, **kw):
+@_sampling_options(SAMPLING_OPTIONS)
+def run(inputs, pipeline_file, **opts):
     """Generate a completion for every record of INPUTS (JSONL / Parquet / OpenAI batch lines), or run a
     pipeline file (`bitnet-batch run pipelines/NAME.toml`)."""
+    from .jobs.run import JobConfig
     from .pipeline import is_pipeline_file, load_pipeline
-    from .runner import JobConfig
     from .sampling.constraints import JsonLimits
 
     ctx = click.get_current_context()
     try:
-        constraint = _constraint(response_format, json_schema, regex, choice)
-        limits = JsonLimits() if json_limits is None else JsonLimits.parse(json_limits)
+        constraint = _constraint(*(opts[k] for k in _CONSTRAINT_OPTIONS))
+        limits = JsonLimits() if opts["json_limits"] is None else JsonLimits.parse(opts["json_limits"])
         if pipeline_file is None and len(inputs) == 1 and is_pipeline_file(inputs[0]):
             pipeline_file, inputs = inputs[0], ()
         if pipeline_file is not None:
-            overrides = _explicit_overrides(ctx, inputs, constraint, limits)
-            job = load_pipeline(pipeline_file).job(overrides)
+            job = load_pipeline(pipeline_file).job(_explicit_overrides(ctx, inputs, constraint, limits))
         else:
             if not inputs:
                 raise click.UsageError("give INPUTS (JSONL / Parquet files) or a pipeline file")
-            if output is None:
+            if opts["output"] is None:
                 raise click.UsageError("--output / -o is required (only a pipeline file can set it)")
-            job = JobConfig(inputs=tuple(inputs), output=output, model=model, model_file=model_file,
-                            output_format=output_format, input_format=input_format, prompt_field=prompt_field,
-                            id_field=id_field, system=system, chat=chat, sampling=_sampling_params(kw),
-                            seed=kw["seed"], truncate=truncate, ordered=not unordered, overwrite=overwrite,
-                            ffn_act=ffn_act, constraint=constraint, json_limits=limits, n=n, dedupe=dedupe,
-                            engine=_engine_config(max_batch, prefill_chunk, kv_cache_mb, kv_dtype, max_seq_len,
-                                                  prefix_cache, threads))
-        summary = _run_on(engine, job, quiet, ray_address, actors, threads_per_actor)
+            job = JobConfig(inputs=tuple(inputs), **{k: opts[k] for k in _JOB_OPTIONS}, ordered=not opts["unordered"],
+                            sampling=_sampling_params(opts, SAMPLING_OPTIONS), constraint=constraint,
+                            json_limits=limits, engine=pick(EngineConfig, opts, ENGINE_OPTIONS))
+        summary = _run_on(job, opts["quiet"], *(opts[k] for k in _WHERE_OPTIONS))
     except (BitnetBatchError, OSError) as e:
         _fail(e)
-    if strict and summary["items"]["errors_in_output"]:
+    if opts["strict"] and summary["items"]["errors_in_output"]:
         sys.exit(EXIT_ITEM_ERRORS)
 
 
-def _run_on(engine, job, quiet, ray_address, actors, threads_per_actor) -> dict:
+def _run_on(job, quiet, engine, ray_address, actors, threads_per_actor) -> dict:
     """Run the job in this process (the default; Ray is not imported) or on a Ray cluster."""
     if engine == "ray":
         from .distributed import RayConfig, run_ray_job
@@ -202,14 +159,17 @@ def _run_on(engine, job, quiet, ray_address, actors, threads_per_actor) -> dict:
                                   ("--threads-per-actor", threads_per_actor)) if v is not None]
     if given:
         raise click.UsageError(f"{given[0]} needs --engine ray")
-    from .runner import run_job
+    from .jobs.run import run_job
 
     return run_job(job, quiet=quiet)
 
 
 _CONSTRAINT_OPTIONS = ("response_format", "json_schema", "regex", "choice")
 _NOT_FOR_PIPELINES = ("prompt_field", "chat")
-_ENGINE_OPTIONS = ("engine", "ray_address", "actors", "threads_per_actor")     # where a job runs, not what it is
+_WHERE_OPTIONS = ("engine", "ray_address", "actors", "threads_per_actor")     # where a job runs, not what it is
+# the run options that are JobConfig fields as they are
+_JOB_OPTIONS = ("output", "model", "model_file", "output_format", "input_format", "prompt_field", "id_field",
+                "system", "chat", "seed", "truncate", "overwrite", "ffn_act", "dedupe")
 
 
 def _constraint(response_format, json_schema, regex, choice):
@@ -232,7 +192,7 @@ def _explicit_overrides(ctx: click.Context, inputs, constraint, limits) -> dict:
     if wrong:
         raise click.UsageError(f"--{wrong[0].replace('_', '-')} does not apply to a pipeline (its [prompt] "
                                f"template builds the prompts)")
-    skip = {"inputs", "pipeline_file", "strict", "quiet", "unordered", *_CONSTRAINT_OPTIONS, *_ENGINE_OPTIONS}
+    skip = {"inputs", "pipeline_file", "strict", "quiet", "unordered", *_CONSTRAINT_OPTIONS, *_WHERE_OPTIONS}
     out = {k: ctx.params[k] for k in given - skip}
     if "json_limits" in out:
         out["json_limits"] = limits
@@ -265,11 +225,10 @@ def _explicit_overrides(ctx: click.Context, inputs, constraint, limits) -> dict:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or log.")
 @_model_options
 def score(inputs, output, output_format, input_format, text_field, prompt_field, completion_field, id_field,
-          token_logprobs, max_batch, prefill_chunk, kv_cache_mb, kv_dtype, max_seq_len, prefix_cache, unordered,
-          overwrite, strict, quiet, model, model_file, ffn_act, threads):
+          token_logprobs, unordered, overwrite, strict, quiet, model, model_file, ffn_act, **engine_opts):
     """Log-likelihood, mean NLL and perplexity of every record's `text` (or of its `completion` given its
     `prompt`), plus the corpus perplexity in <output>.meta.json."""
-    from .score import ScoreFields, ScoreJobConfig, score_job
+    from .jobs.score import ScoreFields, ScoreJobConfig, score_job
 
     try:
         job = ScoreJobConfig(inputs=tuple(inputs), output=output, model=model, model_file=model_file,
@@ -277,8 +236,7 @@ def score(inputs, output, output_format, input_format, text_field, prompt_field,
                              fields=ScoreFields(text=text_field, prompt=prompt_field, completion=completion_field,
                                                 id=id_field),
                              token_logprobs=token_logprobs, ordered=not unordered, overwrite=overwrite,
-                             ffn_act=ffn_act, engine=_engine_config(max_batch, prefill_chunk, kv_cache_mb, kv_dtype,
-                                                                    max_seq_len, prefix_cache, threads))
+                             ffn_act=ffn_act, engine=pick(EngineConfig, engine_opts, ENGINE_OPTIONS))
         summary = score_job(job, quiet=quiet)
     except (BitnetBatchError, OSError) as e:
         _fail(e)
@@ -293,7 +251,7 @@ def score(inputs, output, output_format, input_format, text_field, prompt_field,
 @click.option("--system", default=None, help="Render the prompt as a chat with this system message.")
 @click.option("--chat", is_flag=True, help="Render the prompt with the chat template.")
 @_model_options
-@_sampling_options
+@_sampling_options(SINGLE_SAMPLING)
 def generate(prompt, system, chat, model, model_file, ffn_act, threads, **kw):
     """Generate from one PROMPT, streaming the text to stdout."""
     from .generate import Generator
@@ -321,7 +279,7 @@ def _echo_piece(text):
 @main.command()
 @click.option("--system", default=None, help="System message.")
 @_model_options
-@_sampling_options
+@_sampling_options(SINGLE_SAMPLING)
 def chat(system, model, model_file, ffn_act, threads, **kw):
     """Interactive chat with the model's chat template and history (empty line or Ctrl-D to quit)."""
     from .generate import Generator
@@ -376,8 +334,7 @@ def inspect(model, model_file, as_json):
 @click.option("--prompt-tokens", type=int, default=64, show_default=True)
 @click.option("--gen-tokens", type=int, default=64, show_default=True)
 @click.option("--prefill-chunk", type=int, default=128, show_default=True)
-@_kv_dtype_option
-@click.option("--threads", type=int, default=0, help="Numba threads (0 = all cores).")
+@click_options(EngineConfig, ["kv_dtype", "threads"])
 @click.option("--repeat", type=int, default=1, show_default=True,
               help="Runs per batch size; the best (total tok/s) is reported, all are in the JSON.")
 @click.option("--baseline", default=None, type=click.Path(dir_okay=False),

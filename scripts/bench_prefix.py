@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from bitnet_batch.engine.engine import Engine, EngineConfig  # noqa: E402
 from bitnet_batch.model.model import load_model  # noqa: E402
-from bitnet_batch.runner import JobConfig, run_job, warm_up  # noqa: E402
+from bitnet_batch.engine.warmup import warm_up  # noqa: E402
+from bitnet_batch.jobs.run import JobConfig, run_job  # noqa: E402
 from bitnet_batch.sampling.params import SamplingParams  # noqa: E402
 
 WORDS = ("the model reads each support ticket and assigns exactly one label from the list below using the "

@@ -13,10 +13,10 @@ import pytest
 
 from bitnet_batch.engine.engine import EngineConfig
 from bitnet_batch.pipeline import load_pipeline
-from bitnet_batch.runner import JobConfig, run_job
+from bitnet_batch.jobs.run import JobConfig, run_job
 from bitnet_batch.sampling.constraints import job_constraint
 from bitnet_batch.sampling.params import SamplingParams
-from bitnet_batch.score import ScoreJobConfig, score_job
+from bitnet_batch.jobs.score import ScoreJobConfig, score_job
 from conftest import read_jsonl, write_jsonl
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
@@ -72,9 +72,9 @@ def run_input(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("golden") / "in.jsonl", run_records())
 
 
-def run_job_config(src, out, model_path, **kw) -> JobConfig:
+def run_job_config(src, out, model_path, n=1, **kw) -> JobConfig:
     return JobConfig(inputs=(str(src),), output=str(out), model=str(model_path), seed=3,
-                     sampling=SamplingParams(temperature=0.8, top_p=0.95, max_tokens=6),
+                     sampling=SamplingParams(temperature=0.8, top_p=0.95, max_tokens=6, n=n),
                      engine=EngineConfig(max_batch=kw.pop("max_batch", 5), prefill_chunk=24), **kw)
 
 

@@ -453,7 +453,7 @@ def test_ray_job_accepts_a_checkpoint(tmp_path):
 
     from bitnet_batch.distributed import RayConfig, run_ray_job
     from bitnet_batch.engine.engine import EngineConfig
-    from bitnet_batch.runner import JobConfig, run_job
+    from bitnet_batch.jobs.run import JobConfig, run_job
     from bitnet_batch.sampling.params import SamplingParams
 
     src = write_jsonl(tmp_path / "in.jsonl", [{"id": f"r{i}", "prompt": "The small town " * (1 + i % 3),

@@ -13,7 +13,7 @@ from bitnet_batch.cli import main
 from bitnet_batch.engine.engine import EngineConfig
 from bitnet_batch.errors import ConfigError
 from bitnet_batch.pipeline import load_pipeline
-from bitnet_batch.runner import JobConfig, run_job
+from bitnet_batch.jobs.run import JobConfig, run_job
 from bitnet_batch.sampling.constraints import (DEFAULT_LIMITS, ConstraintCompiler, JsonLimits, job_constraint,
                                                json_schema_constraint, request_constraint)
 from bitnet_batch.sampling.params import SamplingParams

@@ -17,9 +17,9 @@ import pytest
 from bitnet_batch.errors import ConfigError, ModelNotFoundError
 from bitnet_batch.io import OutputSink
 from bitnet_batch.io.writers import OutputLock
-from bitnet_batch.runner import JobConfig, run_job
+from bitnet_batch.jobs.run import JobConfig, run_job
 from bitnet_batch.sampling.params import SamplingParams
-from bitnet_batch.score import ScoreJobConfig, score_job
+from bitnet_batch.jobs.score import ScoreJobConfig, score_job
 from conftest import read_jsonl, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,188 +1,21 @@
-"""Prefix caching: block hashes, reference counts and LRU eviction in the KV cache; prefix-aware admission; jobs
-whose records are the same with and without the cache."""
+"""Prefix caching end to end: cached blocks hold what a fresh prefill writes, and jobs (run with n samples,
+constraints and stops, score) give the same records with and without the cache, for any batching, also when a
+tight KV budget evicts. The bookkeeping is tested in test_kv_cache.py and test_scheduler.py."""
 import json
 
 import numpy as np
 import pytest
 
 from bitnet_batch.engine.engine import Engine, EngineConfig
-from bitnet_batch.engine.kv_cache import KVCache, block_hashes
+from bitnet_batch.engine.kv_cache import KVCache
 from bitnet_batch.pipeline import load_pipeline
-from bitnet_batch.runner import JobConfig, run_job
+from bitnet_batch.jobs.run import JobConfig, run_job
 from bitnet_batch.sampling.constraints import ConstraintSpec
 from bitnet_batch.sampling.params import SamplingParams
-from bitnet_batch.scheduler import Scheduler, Sequence
-from bitnet_batch.score import ScoreJobConfig, score_job
+from bitnet_batch.scheduler import Scheduler
+from bitnet_batch.jobs.score import ScoreJobConfig, score_job
 from conftest import read_jsonl, write_jsonl
-
-BS = 4          # block size of the unit tests' caches
-
-
-def kv(n_blocks=16, max_seqs=4, prefix_cache=True, block_size=BS):
-    return KVCache(n_layer=1, n_kv_heads=1, head_dim=2, max_seqs=max_seqs, max_seq_len=8 * block_size,
-                   n_tokens=n_blocks * block_size, block_size=block_size, prefix_cache=prefix_cache)
-
-
-def seq(key, tokens, max_new=2, **kw):
-    return Sequence(key=key, prompt=np.asarray(tokens, np.int32), max_new=max_new, **kw)
-
-
-# ------------------------------------------------------------------------------------------ the KV cache
-
-def test_block_hashes_are_chained_over_full_blocks():
-    a = block_hashes(list(range(10)), 4)
-    assert len(a) == 2                                                  # the partial third block has none
-    assert block_hashes(list(range(8)) + [99, 98], 4) == a              # the same first 8 tokens
-    b = block_hashes([0, 1, 2, 3, 4, 5, 6, 7 + 1, 8, 9], 4)
-    assert b[0] == a[0] and b[1] != a[1]
-    c = block_hashes([9, 1, 2, 3, 4, 5, 6, 7], 4)
-    assert c[0] != a[0] and c[1] != a[1]                                # block 1 carries its parent's hash
-    assert block_hashes(list(range(8)), 4, salt=b"other model") != a
-    assert kv(prefix_cache=False).hashes(list(range(8))) == []
-
-
-def test_shared_blocks_are_counted_once_and_freed_with_their_last_reader():
-    cache = kv(n_blocks=10)
-    hashes = cache.hashes(list(range(12)))                              # 3 full blocks
-    a = cache.allocate()
-    cache.share(a, [], hashes)
-    cache.reserve(a, 14)                                                # 4 blocks
-    assert cache.match(hashes, 3) == ([], 3)                            # being computed by a: pending
-    cache.register(a, hashes, 2)
-    blocks_a = cache.block_tables[a, :4].tolist()
-    assert cache.match(hashes, 3) == (blocks_a[:2], 1) and cache.cached_blocks == 2
-    cache.register(a, hashes, 3)
-    hits, pending = cache.match(hashes, 3)
-    assert hits == blocks_a[:3] and pending == 0
-    assert cache.free_blocks == 6
-    assert cache.can_admit(12 + 8, hits) and not cache.can_admit(12 + 8 * 4 - 4, hits)
-    b = cache.allocate()
-    cache.share(b, hits, hashes)
-    cache.reserve(b, 20)                                                # 5 blocks: 3 shared + 2 new
-    assert cache.block_tables[b, :3].tolist() == blocks_a[:3] and cache.free_blocks == 4
-    assert cache.shared_tokens(b) == 12 and cache.shared_tokens(a) == 0
-    cache.free(a)                                                       # b still reads the 3 shared blocks
-    assert cache.free_blocks == 5 and cache.cached_blocks == 3
-    assert cache.match(hashes, 3) == (blocks_a[:3], 0)
-    cache.free(b)                                                       # now idle, still cached
-    assert cache.free_blocks == 10 and cache.cached_blocks == 3
-    assert cache.match(hashes, 3) == (blocks_a[:3], 0)
-
-
-def test_idle_cached_blocks_are_evicted_least_recently_used_tail_first():
-    cache = kv(n_blocks=8)
-    h1, h2 = cache.hashes([1] * 8), cache.hashes([2] * 8)
-    for h in (h1, h2):                                                  # two 2-block prefixes, then idle
-        s = cache.allocate()
-        cache.share(s, [], h)
-        cache.reserve(s, 8)
-        cache.register(s, h, 2)
-        cache.free(s)
-    assert cache.cached_blocks == 4 and cache.free_blocks == 8
-    s = cache.allocate()
-    cache.reserve(s, 20)             # 5 blocks: the 4 never used, then the LRU idle one: h1's tail
-    assert len(cache.match(h1, 2)[0]) == 1 and len(cache.match(h2, 2)[0]) == 2
-    t = cache.allocate()
-    hits, _ = cache.match(h2, 2)
-    cache.share(t, hits, h2)                                            # h2 read again: not evictable
-    cache.reserve(t, 8)
-    cache.reserve(s, 24)                                                # takes h1's head, never h2
-    assert cache.match(h1, 2) == ([], 0) and cache.match(h2, 2)[0] == hits
-    with pytest.raises(MemoryError):
-        cache.reserve(s, 28)
-
-
-def test_a_pending_block_is_released_when_its_sequence_leaves_early():
-    cache = kv()
-    h = cache.hashes(list(range(8)))
-    s = cache.allocate()
-    cache.share(s, [], h)
-    cache.reserve(s, 8)
-    assert cache.match(h, 2) == ([], 2)
-    cache.free(s)                                                       # failed before computing them
-    assert cache.match(h, 2) == ([], 0) and cache.cached_blocks == 0
-
-
-# ------------------------------------------------------------------------------------------ the scheduler
-
-def _run_prefill(sched):
-    """Plan steps and 'compute' them (commit) until every admitted sequence has prefilled its prompt."""
-    while any(s.prefilling for s in sched.running):
-        sched.commit([p for p in sched.plan() if p.start < len(p.seq.prompt)])
-
-
-def test_a_shared_prefix_lets_more_sequences_fit_the_same_budget():
-    prefix = list(range(20))                                            # 5 blocks
-    def admitted(prefix_cache):
-        cache = kv(n_blocks=24, max_seqs=8, prefix_cache=prefix_cache)
-        sched = Scheduler(cache, max_batch=8, row_budget=64)
-        for i in range(8):
-            sched.add(seq(i, prefix + [100 + i], max_new=3))            # 24 tokens: 6 blocks alone
-        sched.admit()
-        _run_prefill(sched)
-        sched.admit()
-        return len(sched.running)
-
-    assert admitted(False) == 4                                         # 4 x 6 blocks
-    assert admitted(True) == 8                                          # 5 shared blocks + 1 own each
-
-
-def test_sequences_wait_for_a_prefix_being_computed_and_cached_ones_go_first():
-    cache = kv(n_blocks=64, max_seqs=8)
-    sched = Scheduler(cache, max_batch=8, row_budget=8)
-    shared = list(range(16))
-    for i in range(3):
-        sched.add(seq(i, shared + [50 + i]))
-    sched.add(seq(3, [7] * 9))                                          # shares nothing
-    assert [s.key for s in sched.admit()] == [0, 3]                     # 1 and 2 wait for 0's blocks
-    parts = sched.plan()
-    assert [(p.seq.key, p.start, len(p.tokens)) for p in parts] == [(0, 0, 8)]   # 8-row budget
-    sched.commit(parts)
-    assert sched.admit() == []                                          # 0's last 2 blocks still pending
-    _run_prefill(sched)
-    late = sched.admit()
-    assert [s.key for s in late] == [1, 2] and [s.n_cached for s in late] == [16, 16]
-    assert all(s.n_prefilled == 16 for s in late)
-    # among waiting sequences, one whose prefix is cached is admitted before an earlier one with nothing cached
-    sched.max_batch = len(sched.running) + 1
-    sched.add(seq(4, [9] * 20))
-    sched.add(seq(5, shared + [1]))
-    assert [s.key for s in sched.admit()] == [5]
-
-
-def test_a_sequence_passed_over_max_batch_times_goes_first():
-    cache = kv(n_blocks=64, max_seqs=8)
-    sched = Scheduler(cache, max_batch=2, row_budget=64)
-    shared = list(range(8))
-    sched.add(seq(0, shared + [1]))
-    sched.admit()
-    _run_prefill(sched)
-    sched.add(seq(1, [9] * 5))
-    for k in range(2, 8):
-        sched.add(seq(k, shared + [k]))
-    order = []
-    while sched.waiting:
-        for s in sched.admit():
-            order.append(s.key)
-        for s in list(sched.running):
-            sched.retire(s)
-        _run_prefill(sched)
-    assert order.index(1) == 2                      # passed over twice (max_batch), then taken
-
-
-def test_a_whole_cached_prompt_still_computes_its_last_token():
-    cache = kv(n_blocks=64, max_seqs=8)
-    sched = Scheduler(cache, max_batch=8, row_budget=64)
-    prompt = list(range(12))                                            # exactly 3 blocks
-    sched.add(seq(0, prompt))
-    sched.admit()
-    _run_prefill(sched)
-    sched.add(seq(1, prompt))
-    sched.add(seq(2, prompt + [5], cache_limit=6))                      # a scorer needing logits from row 6
-    b, c = sched.admit()
-    assert b.n_cached == 8 and [p.start for p in sched.plan() if p.seq is b] == [8]
-    assert c.n_cached == 4
-
+from conftest import sequence as seq
 
 # ------------------------------------------------------------------------------------------ the engine
 

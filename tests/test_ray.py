@@ -26,7 +26,8 @@ from bitnet_batch.engine.engine import EngineConfig
 from bitnet_batch.errors import BitnetBatchError, ConfigError, ModelNotFoundError
 from bitnet_batch.io.readers import BadRecord, Request, read_requests
 from bitnet_batch.io.writers import OutputSink
-from bitnet_batch.runner import JobConfig, meta_path, run_job
+from bitnet_batch.jobs.common import meta_path
+from bitnet_batch.jobs.run import JobConfig, run_job
 from bitnet_batch.sampling.params import SamplingParams
 from conftest import read_jsonl, write_jsonl
 

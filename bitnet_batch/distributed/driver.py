@@ -19,7 +19,10 @@ from ..errors import BitnetBatchError, ConfigError, JobInterrupted
 from ..interrupt import StopSignals
 from ..io.readers import BadRecord, count_records
 from ..io.writers import OutputLock
-from ..runner import JobStats, Runner, job_summary, meta_path, progress_bar
+from ..jobs.common import meta_path, progress_bar
+from ..jobs.loop import Emitter
+from ..jobs.run import JobStats, job_summary
+from ..records import error_record
 from .config import RayConfig, import_ray
 from .inputs import expand_inputs, parse_shards, read_shards, record_spec
 from .outputs import open_output
@@ -33,15 +36,22 @@ class WorkerCrashError(BitnetBatchError):
 
 
 class _Driver:
-    """Reader -> tasks -> pool -> records -> output, with the local runner's counters."""
+    """Reader -> tasks -> pool -> records -> output, with a local job's counters and writer (``Emitter``)."""
 
     def __init__(self, job, output, pool: ActorPool, task_size: int, progress=None):
         self.job, self.output, self.pool, self.task_size = job, output, pool, task_size
-        self.progress = progress
         self.stats = JobStats()
-        self.duplicates = 0             # records that came back for an id already written (never expected)
+        self.emit = Emitter(output, self.stats, progress, postfix=self._postfix)
         self.by_actor: dict = {}        # pid -> {"tasks", "items", "run_s", "threads", "peak_rss_mb"}
         self._t0 = time.perf_counter()
+
+    @property
+    def duplicates(self) -> int:
+        """Records that came back for an id already written (never expected)."""
+        return self.emit.duplicates
+
+    def _postfix(self) -> dict:
+        return {"tok_s": f"{self.stats.completion_tokens / max(1e-9, time.perf_counter() - self._t0):.1f}"}
 
     def run(self, items, stop=None) -> None:
         """Send every item to the actors and write what comes back; returns early once ``stop`` is requested
@@ -70,13 +80,13 @@ class _Driver:
             sink = self.output.lookup(item.index)
             if isinstance(item, BadRecord):
                 if item.id in sink.done:
-                    self._skip()
+                    self.emit.skip(self.job.sampling.n)
                 else:
-                    self._write(Runner.error_record(item.index, item.id, item.error))
+                    self.emit.write(error_record(item.index, item.id, item.error))
             elif item.id not in sink.done:
                 todo.append((item, None))
-            elif item.overrides.get("n", self.job.n) == 1:
-                self._skip()                # written by an earlier run
+            elif item.overrides.get("n", self.job.sampling.n) == 1:
+                self.emit.skip(self.job.sampling.n)          # written by an earlier run
             else:                           # n > 1: the actor's runner decides which samples are left
                 todo.append((item, _done_samples(item, sink, self.job)))
             if todo and todo[-1][0] is item:
@@ -87,11 +97,11 @@ class _Driver:
     def _collect(self, task: Task, result: dict) -> None:
         if "failed" in result:
             for request, _ in task.items:
-                self._write(Runner.error_record(request.index, request.id,
-                                                WorkerCrashError(f"{request.location}: {result['failed']}")))
+                self.emit.write(error_record(request.index, request.id,
+                                             WorkerCrashError(f"{request.location}: {result['failed']}")))
         else:
             for record in result["records"]:
-                self._write(record)
+                self.emit.write(record)
             for name in _ACTOR_STATS:
                 setattr(self.stats, name, getattr(self.stats, name) + result["stats"][name])
             self._account(task, result)
@@ -106,29 +116,9 @@ class _Driver:
         actor["threads"].add(result["threads"])
         actor["peak_rss_mb"] = result["peak_rss_mb"]
 
-    def _write(self, record: dict) -> None:
-        """The local runner's ``_emit``: write once, count, show progress."""
-        sink = self.output.lookup(record["index"])
-        if sink.is_done(record["id"], record.get("sample_index")):
-            self.duplicates += 1
-            return
-        sink.write(record)
-        stats = self.stats
-        stats.count(record)
-        if self.progress is not None:
-            self.progress.update(1)
-            elapsed = max(1e-9, time.perf_counter() - self._t0)
-            self.progress.set_postfix(tok_s=f"{stats.completion_tokens / elapsed:.1f}", refresh=False)
-
-    def _skip(self) -> None:
-        self.stats.skipped += 1
-        if self.progress is not None:
-            self.progress.update(self.job.n)
-
-
 def _done_samples(request, sink, job) -> list[int]:
     """Sample indices of an n > 1 item that the output holds (an invalid n: none; the actor reports it)."""
-    n = request.overrides.get("n", job.n)
+    n = request.overrides.get("n", job.sampling.n)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         return []
     return [k for k in range(n) if sink.is_done(request.id, k)]
@@ -236,7 +226,7 @@ def _total(job, shards) -> int | None:
     if not all(s.is_local for s in shards):
         return None
     n = count_records([s.uri for s in shards], job.input_format)
-    return None if n is None else n * job.n
+    return None if n is None else n * job.sampling.n
 
 
 def _summary(job, cfg, info, driver, pool, output, final, n_actors, threads, run_s, t_start) -> dict:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..errors import BitnetBatchError, ConfigError
 from ..io.writers import OutputLock, OutputSink, _refuse_if_locked
-from ..runner import count_errors
+from ..records import count_errors
 
 _EXTENSIONS = {"parquet": "parquet", "jsonl": "jsonl", "openai": "jsonl"}
 

@@ -8,41 +8,16 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numba
 import numpy as np
 
+from ..config import EngineConfig
 from ..errors import ConfigError
 from ..model.bitnet import RopeTable, StepBatch, forward
-from .kv_cache import KVCache, check_kv_dtype, kv_bytes_per_token
+from .kv_cache import KVCache, kv_bytes_per_token
 from .workspace import Workspace
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Sizes of the engine's preallocated state."""
-    max_batch: int = 16          # sequences decoded together (KV slots)
-    max_seq_len: int = 0         # longest sequence (prompt + generation); 0 -> the model's context length
-    prefill_chunk: int = 128     # most rows (tokens) one step processes
-    kv_cache_mb: float = 0.0     # KV pool budget in MiB; 0 -> max_batch full sequences, capped by RAM
-    block_size: int = 16         # tokens per KV block
-    threads: int = 0             # Numba threads; 0 -> all cores
-    kv_dtype: str = "f32"        # KV cache storage: "f32" (the spec's numerics) or "f16" (half the memory)
-    prefault_kv: bool = False    # touch every page of the KV pool when the engine is built (see Engine)
-    prefix_cache: bool = True    # share the K/V blocks of prompt prefixes already computed (see kv_cache)
-
-    def __post_init__(self):
-        for name in ("max_batch", "prefill_chunk", "block_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_seq_len", "kv_cache_mb", "threads"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        check_kv_dtype(self.kv_dtype)
-        if not isinstance(self.prefix_cache, bool):
-            raise ConfigError(f"prefix_cache must be true or false, got {self.prefix_cache!r}")
 
 
 def default_kv_budget_mb() -> float:

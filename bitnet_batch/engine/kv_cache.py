@@ -31,16 +31,8 @@ import numpy as np
 
 from jit_kernels.buffers import aligned_zeros
 
+from ..config import KV_DTYPES, check_kv_dtype
 from ..errors import ConfigError, ContextOverflowError
-
-KV_DTYPES = {"f32": np.float32, "f16": np.uint16}      # "f16": float16 bits
-
-
-def check_kv_dtype(kv_dtype) -> str:
-    if kv_dtype not in KV_DTYPES:
-        raise ConfigError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
-    return kv_dtype
-
 
 def kv_bytes_per_token(n_layer: int, kv_dim: int, kv_dtype: str = "f32") -> int:
     return 2 * n_layer * kv_dim * np.dtype(KV_DTYPES[check_kv_dtype(kv_dtype)]).itemsize

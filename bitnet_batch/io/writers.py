@@ -25,17 +25,8 @@ It streams: it keeps an index of line offsets (4 int64 per record), never all re
 A full disk (``ENOSPC``, ``EDQUOT``) while writing becomes a ``BitnetBatchError`` naming the file, the number of
 records safely in the journal, and that the same command resumes; the journal never keeps a torn line.
 
-Record contract (built by the runner; checked by ``write``)::
-
-    {"id": str|int, "index": int >= 0, "text": str|None, "finish_reason": str,
-     "usage": {"prompt_tokens": int, "completion_tokens": int, "cached_tokens": int (optional: prompt tokens
-               served from the prefix cache)},
-     "timing": {"queue_s", "prefill_s", "ttft_s", "decode_s", "total_s", "tokens_per_s": float},
-     "error": None | {"type": str, "message": str},
-     "logprobs": absent | [{"token", "token_id", "logprob", "top": [{"token", "token_id", "logprob"}]}],
-     ...extra keys (e.g. "parsed", "sample_index"): any JSON; Parquet stores them as JSON text columns}
-
-With ``sample_index`` several records may share an id (n samples); they are ordered by (index,
+The record contract is ``bitnet_batch.records``'s, checked by ``write``; Parquet stores extra keys as JSON
+text columns. With ``sample_index`` several records may share an id (n samples); they are ordered by (index,
 sample_index) and, in the OpenAI format, become the choices of one line. numpy scalars are accepted.
 """
 from __future__ import annotations
@@ -55,6 +46,7 @@ import numpy as np
 
 from bitnet_batch.errors import BitnetBatchError, ConfigError
 from bitnet_batch.io.readers import resolve_format
+from bitnet_batch.records import ERROR_KEYS, KNOWN_KEYS, PARQUET_EXTRA_COLUMNS, TIMING_KEYS, USAGE_KEYS
 
 try:
     import fcntl
@@ -69,10 +61,6 @@ STATE_VERSION = 1
 PARQUET_ROWS_PER_GROUP = 10_000   # records parsed and converted at a time during finalize
 _MAX_READ_BYTES = 1 << 20         # finalize reads adjacent journal lines in blocks of up to 1 MiB
 
-USAGE_KEYS = ("prompt_tokens", "completion_tokens", "cached_tokens")
-TIMING_KEYS = ("queue_s", "prefill_s", "ttft_s", "decode_s", "total_s", "tokens_per_s")
-ERROR_KEYS = ("type", "message")
-KNOWN_KEYS = ("id", "index", "text", "finish_reason", "usage", "timing", "error", "logprobs")
 _KNOWN_SET = frozenset(KNOWN_KEYS)
 
 
@@ -637,7 +625,7 @@ def _parquet_schema(extra: list[str]):
         pa.field("logprobs", pa.list_(pa.struct(token + [("top", pa.list_(pa.struct(token)))]))),
     ]
     fields += [pa.field(k, pa.string()) for k in extra]  # unknown keys: JSON text, null where absent/None
-    return pa.schema(fields, metadata={"bitnet_batch.extra_columns": json.dumps(extra)})
+    return pa.schema(fields, metadata={PARQUET_EXTRA_COLUMNS: json.dumps(extra)})
 
 
 def _parquet_table(records: list[dict], schema, extra: list[str]):

@@ -1,7 +1,7 @@
 """Our own GGUF reader: header, metadata, tensor infos, and a read-only memory map of the tensor data.
 
 We do not use the pip ``gguf`` package because it cannot size tensors of type 36 (bitnet.cpp's I2_S,
-whose id clashes with ids that upstream ggml retired). See ``/work/shared/spec/i2s_format.md``.
+whose id clashes with ids that upstream ggml retired). See ``docs/model.md`` section 3.
 
 File layout (GGUF v2/v3, little-endian)::
 

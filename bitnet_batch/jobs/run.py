@@ -1,10 +1,10 @@
-"""The batch job: the only place that wires reader -> scheduler -> engine -> sampler -> writer.
+"""The `run` job: a completion for every input item (sampling, stop strings, constraints, n samples).
 
 ``run_job(JobConfig)`` streams the input, turns each good record into a sequence (prompt tokens, sampling
-parameters, a per-request seeded sampler, an optional grammar constraint), runs them with continuous batching,
-and writes one record per input item as soon as it finishes (crash-safe, resumable), then the ordered output
-and ``<output>.meta.json``. Per-item problems become error records; only model, config and output errors stop
-the job.
+parameters, a per-request seeded sampler, an optional grammar constraint), runs them through the job loop
+(``jobs.loop``: continuous batching, prefix caching) and writes one record per input item as soon as it finishes
+(crash-safe, resumable), then the ordered output and ``<output>.meta.json``. Per-item problems become error
+records; only model, config and output errors stop the job.
 
 With ``n`` > 1 samples per input (job ``n`` or the record's ``n``), an input becomes n sequences, sample k
 seeded from (request seed, k), and n records carrying ``sample_index`` k; resume skips finished
@@ -13,12 +13,7 @@ whose text equals an earlier (lower sample_index) one is dropped.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
-import os
-import resource
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,19 +21,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine.engine import Engine, EngineConfig
-from .errors import BitnetBatchError, ConfigError, ContextOverflowError, InputError, JobInterrupted
-from .interrupt import StopSignals
-from .io.readers import BadRecord, Request, count_records, read_requests
-from .io.writers import OutputLock, OutputSink
-from .completion import Completion
-from .sampling.chain import make_sampler
-from .sampling.constraints import ConstraintCompiler, ConstraintSpec, JsonLimits, MaskBatch, request_constraint
-from .sampling.params import SamplingParams, resolve_seed
-from .scheduler import Scheduler, Sequence
+from ..completion import Completion
+from ..config import EngineConfig
+from ..errors import BitnetBatchError, ConfigError, ContextOverflowError, InputError
+from ..io.readers import BadRecord, Request, count_records, read_requests
+from ..records import count_errors, error_record, timing
+from ..sampling.constraints import ConstraintCompiler, ConstraintSpec, JsonLimits, MaskBatch, request_constraint
+from ..sampling.params import SamplingParams, resolve_seed
+from ..scheduler import Part, Scheduler, Sequence
+from .common import peak_rss_mb, prefix_cache_line, prefix_cache_summary, threads
+from .loop import JobKind, run_local
 
 TRUNCATE_MODES = (None, "left", "right")
-MAX_SAMPLES = 1024          # most samples per input (n)
 
 
 @dataclass(frozen=True)
@@ -63,7 +57,6 @@ class JobConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     constraint: ConstraintSpec | None = None  # default structured-output constraint (records may override)
     json_limits: JsonLimits = field(default_factory=JsonLimits)   # bounds of JSON outputs (job's and records')
-    n: int = 1                              # samples per input (records may override with "n")
     dedupe: bool = False                    # drop samples whose text equals an earlier sample of the input
     template: object | None = None          # a pipeline's PromptTemplate: builds requests from raw records
     pipeline: str | None = None             # the pipeline file this job came from (for the summary only)
@@ -75,7 +68,6 @@ class JobConfig:
             raise ConfigError(f"truncate must be one of left, right, got {self.truncate!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
-        check_n(self.n)
         if not isinstance(self.dedupe, bool):
             raise ConfigError(f"dedupe must be true or false, got {self.dedupe!r}")
         if self.constraint is not None and not isinstance(self.constraint, ConstraintSpec):
@@ -90,7 +82,9 @@ class JobConfig:
     def fingerprint(self, model_sha256: str) -> dict:
         """What determines the outputs (not batch size or threads: outputs do not depend on them). Keys of
         features left at their defaults are omitted, so older partial outputs stay resumable."""
-        fp = {"model_sha256": model_sha256, "sampling": asdict(self.sampling), "seed": self.seed,
+        sampling = asdict(self.sampling)
+        n = sampling.pop("n")                # recorded apart, and only when not 1, as before it was a sampling field
+        fp = {"model_sha256": model_sha256, "sampling": sampling, "seed": self.seed,
               "system": self.system, "chat": self.chat, "prompt_field": self.prompt_field,
               "id_field": self.id_field, "truncate": self.truncate, "ffn_act": self.ffn_act,
               "inputs": [Path(p).name for p in self.inputs]}
@@ -98,8 +92,8 @@ class JobConfig:
             fp["constraint"] = self.constraint.describe()
         if self.json_limits != JsonLimits():
             fp["json_limits"] = self.json_limits.describe()
-        if self.n != 1:
-            fp["n"] = self.n
+        if n != 1:
+            fp["n"] = n
         if self.dedupe:
             fp["dedupe"] = True
         if self.template is not None:
@@ -107,13 +101,6 @@ class JobConfig:
         if self.engine.kv_dtype != "f32":
             fp["kv_dtype"] = self.engine.kv_dtype      # float16 K/V round differently: not the same outputs
         return fp
-
-
-def check_n(value, name: str = "n") -> int:
-    """Samples per input: an integer in [1, MAX_SAMPLES]."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SAMPLES:
-        raise ConfigError(f"{name} must be an integer in [1, {MAX_SAMPLES}], got {value!r}")
-    return value
 
 
 def sample_seed(base: int, sample_index: int) -> int:
@@ -133,7 +120,6 @@ class ItemPlan:
     params: SamplingParams
     constraint: ConstraintSpec | None
     max_new: int                    # generation budget, clamped to the context
-    n: int                          # samples of this item
 
 
 @dataclass
@@ -193,7 +179,7 @@ def job_summary(job: JobConfig, stats: JobStats, *, output, fmt: str, model: dic
                        "truncate": job.truncate, "engine": asdict(job.engine), "threads": threads,
                        "constraint": None if job.constraint is None else job.constraint.describe(),
                        "json_limits": job.json_limits.describe(),
-                       "n": job.n, "dedupe": job.dedupe, "pipeline": job.pipeline},
+                       "n": job.sampling.n, "dedupe": job.dedupe, "pipeline": job.pipeline},
         "items": {"total": stats.items, "ok": stats.ok, "error": stats.errors, "skipped_resume": stats.skipped,
                   "errors_in_output": errors_in_output},
         "tokens": {"prompt": stats.prompt_tokens, "completion": stats.completion_tokens},
@@ -209,29 +195,50 @@ def job_summary(job: JobConfig, stats: JobStats, *, output, fmt: str, model: dic
             "items_per_s": round((stats.ok + stats.errors) / run_s, 3) if run_s else 0.0},
         "steps": stats.steps,
         "structured": {"records": stats.constrained, "incomplete": stats.incomplete},
-        "samples": {"n": job.n, "dedupe": job.dedupe, "dropped_duplicates": stats.dropped},
+        "samples": {"n": job.sampling.n, "dedupe": job.dedupe, "dropped_duplicates": stats.dropped},
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
 
 
-def prefix_cache_summary(enabled: bool, prompt_tokens: int, cached_tokens: int) -> dict:
-    """Prompt tokens computed vs served from the prefix cache (records written by this run)."""
-    return {"enabled": enabled, "prompt_tokens_computed": prompt_tokens - cached_tokens,
-            "prompt_tokens_cached": cached_tokens,
-            "hit_rate": round(cached_tokens / prompt_tokens, 4) if prompt_tokens else 0.0}
+class RunKind(JobKind):
+    """Generation: each item's samples are sequences with their own seeded sampler (``Completion``); a step's
+    logits sample one token per sequence; a finished sample is a record (held for its group under dedupe)."""
 
-
-class Runner:
-    def __init__(self, job: JobConfig, model, *, progress=None, log=None):
-        self.job = job
-        self.model = model
-        self.tok = model.tokenizer
-        self.stats = JobStats()
-        self.progress = progress
-        self.log = log or (lambda msg: None)
+    def __init__(self, job: JobConfig, model, engine, sink):
+        super().__init__(job, model, engine, sink, JobStats())
         self._compiler: ConstraintCompiler | None = None    # built on the first constrained request
         self._masks: MaskBatch | None = None                # parallel grammar masks, ditto
         self._keys = 0                                      # scheduler keys, unique per sequence
+        self._t0 = time.perf_counter()
+
+    @classmethod
+    def total(cls, job: JobConfig) -> int | None:
+        n = count_records(list(job.inputs), job.input_format)
+        return None if n is None else n * job.sampling.n
+
+    def prepare(self) -> float:
+        """llguidance's vocabulary view and the job grammar, built once."""
+        if self.job.constraint is None:
+            return 0.0
+        t0 = time.perf_counter()
+        self.compiler.prepare(self.job.constraint)
+        return time.perf_counter() - t0
+
+    def postfix(self) -> dict:
+        return {"tok_s": f"{self.stats.completion_tokens / max(1e-9, time.perf_counter() - self._t0):.1f}"}
+
+    def summary(self, ctx: dict) -> dict:
+        return job_summary(self.job, self.stats, output=ctx["output"], fmt=ctx["fmt"], threads=threads(),
+                           load_s=ctx["load_s"], compile_s=ctx["compile_s"], run_s=ctx["run_s"],
+                           t_start=ctx["t_start"], errors_in_output=count_errors(ctx["output"], ctx["fmt"]),
+                           model=ctx["model"])
+
+    def done_line(self, summary: dict) -> str:
+        s = self.stats
+        return (f"done: {s.ok} ok, {s.errors} errors, {s.skipped} already done | prefill "
+                f"{summary['throughput']['prefill_tok_s']} tok/s, decode {summary['throughput']['decode_tok_s']} "
+                f"tok/s | {prefix_cache_line(summary['prefix_cache'])} | peak RSS {summary['peak_rss_mb']} MB -> "
+                f"{summary['output']}")
 
     @property
     def compiler(self) -> ConstraintCompiler:
@@ -244,7 +251,6 @@ class Runner:
         """Tokenize and parameterize one request; raises BitnetBatchError subclasses for per-item problems."""
         try:
             params = SamplingParams.from_overrides(self.job.sampling, req.overrides)
-            n = check_n(req.overrides.get("n", self.job.n))
         except ConfigError as e:
             field = next((k for k in req.overrides if str(e).startswith(k)), None)
             raise InputError(str(e), location=req.location, field=field) from None
@@ -264,7 +270,7 @@ class Runner:
             keep = max(1, limit - max(1, min(params.max_tokens, limit // 2)))
             ids = ids[len(ids) - keep:] if self.job.truncate == "left" else ids[:keep]
         max_new = min(params.max_tokens, limit - len(ids))
-        return ItemPlan(req, ids, params, spec, max_new, n)
+        return ItemPlan(req, ids, params, spec, max_new)
 
     def sequence(self, plan: ItemPlan, sample_index: int | None, group: _Group | None = None) -> Sequence:
         """Sample ``sample_index`` (None: the only one) of a planned item, with its own seed and grammar."""
@@ -278,19 +284,20 @@ class Runner:
         return Sequence(key=self._keys, prompt=np.asarray(plan.ids, np.int32), max_new=plan.max_new,
                         state=ItemState(req, comp, sample_index, group))
 
-    def todo(self, plan: ItemPlan, sink: OutputSink) -> list | None:
+    def todo(self, plan: ItemPlan, sink) -> list | None:
         """The sample indices to generate for ``plan`` ([None] for a single-sample item), or None when the
         output already has everything (resume). Under dedupe a partly written item is generated again in
         full (outputs are deterministic) so its duplicates are judged against every earlier sample."""
         rid = plan.request.id
-        if plan.n == 1:
+        n = plan.params.n
+        if n == 1:
             return None if rid in sink.done else [None]
         if rid not in sink.done:
-            return list(range(plan.n))
-        written = [k for k in range(plan.n) if sink.is_done(rid, k)]
-        if not written or len(written) == plan.n:      # an error record for the whole item, or all samples
+            return list(range(n))
+        written = [k for k in range(n) if sink.is_done(rid, k)]
+        if not written or len(written) == n:      # an error record for the whole item, or all samples
             return None
-        return list(range(plan.n)) if self.job.dedupe else [k for k in range(plan.n) if k not in written]
+        return list(range(n)) if self.job.dedupe else [k for k in range(n) if k not in written]
 
     def _prompt_ids(self, req: Request) -> list[int]:
         messages = req.messages
@@ -309,35 +316,15 @@ class Runner:
             raise InputError(str(e), location=req.location, field=e.field or "messages") from None
 
     # ---------------------------------------------------------------- records
-    @staticmethod
-    def error_record(index: int, rid, err: Exception, *, prompt_tokens: int = 0,
-                     sample_index: int | None = None) -> dict:
-        rec = {"id": rid if rid is not None else f"row-{index}", "index": index, "text": None,
-               "finish_reason": "error", "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0},
-               "timing": {k: 0.0 for k in ("queue_s", "prefill_s", "ttft_s", "decode_s", "total_s",
-                                           "tokens_per_s")},
-               "error": {"type": type(err).__name__, "message": str(err)}}
-        if sample_index is not None:
-            rec["sample_index"] = sample_index
-        return rec
-
     def result_record(self, seq: Sequence, now: float) -> dict:
         st: ItemState = seq.state
         comp = st.completion
         n = len(comp.tokens)
-        t_first = seq.t_first or now
-        busy = now - seq.t_admit
         rec = {"id": st.request.id, "index": st.request.index, "text": comp.text,
                "finish_reason": comp.finish_reason or "length",
                "usage": {"prompt_tokens": int(len(seq.prompt)), "completion_tokens": n,
                          "cached_tokens": seq.n_cached},
-               "timing": {"queue_s": round(seq.t_admit - seq.t_enqueue, 6),
-                          "prefill_s": round(t_first - seq.t_admit, 6),
-                          "ttft_s": round(t_first - seq.t_enqueue, 6),
-                          "decode_s": round(now - t_first, 6),
-                          "total_s": round(now - seq.t_enqueue, 6),
-                          "tokens_per_s": round(n / busy, 3) if busy > 0 else 0.0},
-               "error": None}
+               "timing": timing(seq.t_enqueue, seq.t_admit, seq.t_first or now, now, n), "error": None}
         if comp.params.logprobs is not None:
             rec["logprobs"] = comp.logprobs
         if st.sample_index is not None:
@@ -345,53 +332,32 @@ class Runner:
         rec.update(comp.structured())
         return rec
 
-    # ---------------------------------------------------------------- the loop
-    def run(self, sink: OutputSink, engine: Engine, stop: StopSignals | None = None) -> JobStats:
-        """Generate every item of the input; returns early, after a whole step, once ``stop`` is requested."""
-        self.engine = engine
-        self.sink = sink
-        stats = self.stats
-        sched = Scheduler(engine.kv, engine.config.max_batch, engine.max_rows)
-        reader = self._reader()
-        exhausted = False
-        lookahead = 2 * engine.config.max_batch + 2
-
+    # ---------------------------------------------------------------- the loop's interface
+    def items(self):
+        job = self.job
         self._t0 = time.perf_counter()
-        while stop is None or not stop.requested:
-            while not exhausted and len(sched.waiting) < lookahead:
-                item = next(reader, None)
-                if item is None:
-                    exhausted = True
-                    break
-                stats.items += 1
-                for seq in self._start(item):
-                    if seq.max_new == 0:                 # nothing to generate: no model work
-                        seq.t_enqueue = seq.t_admit = time.perf_counter()
-                        seq.state.completion.finish_reason = "length"
-                        self._finish(seq.state, self.result_record(seq, seq.t_admit))
-                    else:
-                        sched.add(seq)
-            sched.admit()
-            parts = sched.plan()
-            if not parts:
-                if exhausted and not sched.waiting and not sched.running:
-                    break
-                continue
-            t0 = time.perf_counter()
-            outs = engine.step([(p.seq.slot, p.tokens, p.start, p.want_logits) for p in parts])
-            t1 = time.perf_counter()
-            sched.commit(parts)
-            n_rows = sum(len(p.tokens) for p in parts)
-            n_prefill = sum(len(p.tokens) for p in parts if p.seq.prefilling or p.start < len(p.seq.prompt))
-            stats.prefill_s += (t1 - t0) * n_prefill / n_rows
-            stats.decode_s += (t1 - t0) * (n_rows - n_prefill) / n_rows
-            stats.steps += 1
-            self._fill_masks([p.seq for p, logits in zip(parts, outs) if logits is not None])
-            for p, logits in zip(parts, outs):
-                if logits is not None:
-                    self._advance(sched, p.seq, logits, t1)
-            stats.sample_s += time.perf_counter() - t1
-        return stats
+        if job.template is not None:
+            return job.template.requests(list(job.inputs), fmt=job.input_format, id_field=job.id_field)
+        return read_requests(list(job.inputs), prompt_field=job.prompt_field, id_field=job.id_field,
+                             fmt=job.input_format)
+
+    def want(self, part: Part) -> bool:
+        return part.want_logits
+
+    def advance(self, sched: Scheduler, parts: list[Part], outs: list, t0: float, t1: float) -> None:
+        """Attribute the step's time to prompt and decode rows, then sample a token for each sequence that got
+        logits (the grammar masks of the constrained ones computed together first)."""
+        stats = self.stats
+        n_rows = sum(len(p.tokens) for p in parts)
+        n_prefill = sum(len(p.tokens) for p in parts if p.seq.prefilling or p.start < len(p.seq.prompt))
+        stats.prefill_s += (t1 - t0) * n_prefill / n_rows
+        stats.decode_s += (t1 - t0) * (n_rows - n_prefill) / n_rows
+        stats.steps += 1
+        self._fill_masks([p.seq for p, logits in zip(parts, outs) if logits is not None])
+        for p, logits in zip(parts, outs):
+            if logits is not None:
+                self._advance(sched, p.seq, logits, t1)
+        stats.sample_s += time.perf_counter() - t1
 
     def _fill_masks(self, seqs: list[Sequence]) -> None:
         """The grammar masks of this step's constrained requests, computed together in parallel."""
@@ -404,36 +370,38 @@ class Runner:
             self._masks = MaskBatch(self.tok.vocab_size, threads=numba.get_num_threads())
         self._masks.fill(constraints)
 
-    def _reader(self):
-        job = self.job
-        if job.template is not None:
-            return job.template.requests(list(job.inputs), fmt=job.input_format, id_field=job.id_field)
-        return read_requests(list(job.inputs), prompt_field=job.prompt_field, id_field=job.id_field,
-                             fmt=job.input_format)
-
-    def _start(self, item) -> list[Sequence]:
-        """The sequences of one input item still to be generated; error records and resume skips here."""
+    def start(self, item) -> list[Sequence]:
+        """The sequences of one input item still to be generated; error records, resume skips and items with
+        nothing to generate (no model work) are done here."""
+        self.stats.items += 1
         sink = self.sink
         if isinstance(item, BadRecord):
             if item.id in sink.done:
-                self._skip()
+                self.emit.skip(self.job.sampling.n)
             else:
-                self._emit(self.error_record(item.index, item.id, item.error))
+                self.emit.write(error_record(item.index, item.id, item.error))
             return []
         try:
             plan = self.plan(item)
         except BitnetBatchError as e:
             if item.id in sink.done:
-                self._skip()
+                self.emit.skip(self.job.sampling.n)
             else:
-                self._emit(self.error_record(item.index, item.id, e))
+                self.emit.write(error_record(item.index, item.id, e))
             return []
         todo = self.todo(plan, sink)
         if todo is None:
-            self._skip()
+            self.emit.skip(self.job.sampling.n)
             return []
-        group = _Group(item, pending=len(todo)) if self.job.dedupe and plan.n > 1 else None
-        return [self.sequence(plan, k, group) for k in todo]
+        group = _Group(item, pending=len(todo)) if self.job.dedupe and plan.params.n > 1 else None
+        seqs = [self.sequence(plan, k, group) for k in todo]
+        if plan.max_new > 0:
+            return seqs
+        for seq in seqs:                                 # nothing to generate
+            seq.t_enqueue = seq.t_admit = time.perf_counter()
+            seq.state.completion.finish_reason = "length"
+            self._finish(seq.state, self.result_record(seq, seq.t_admit))
+        return []
 
     def _advance(self, sched: Scheduler, seq: Sequence, logits, t_step: float) -> None:
         """Sample one token for ``seq``; retire it and hand its record on when it is done."""
@@ -446,8 +414,8 @@ class Runner:
             seq.generated.append(comp.tokens[-1])
         except BitnetBatchError as e:
             sched.retire(seq)
-            self._finish(st, self.error_record(st.request.index, st.request.id, e, prompt_tokens=len(seq.prompt),
-                                               sample_index=st.sample_index))
+            self._finish(st, error_record(st.request.index, st.request.id, e, prompt_tokens=len(seq.prompt),
+                                          sample_index=st.sample_index))
             return
         if comp.done:
             sched.retire(seq)
@@ -457,7 +425,7 @@ class Runner:
         """A finished sample: written at once, or held in its dedupe group until the group is complete."""
         group = st.group
         if group is None:
-            self._emit(record)
+            self.emit.write(record)
             return
         group.records[st.sample_index] = record
         group.pending -= 1
@@ -481,225 +449,12 @@ class Runner:
         if keep:
             self.stats.dropped += dropped
         for record in keep:
-            self._emit(record)
-        if self.progress is not None and dropped:
-            self.progress.update(dropped)
-
-    def _emit(self, record: dict) -> None:
-        stats = self.stats
-        self.sink.write(record)
-        stats.count(record)
-        if self.progress is not None:
-            self.progress.update(1)
-            self.progress.set_postfix(tok_s=f"{stats.completion_tokens / max(1e-9, self._elapsed()):.1f}",
-                                      refresh=False)
-
-    def _skip(self) -> None:
-        self.stats.skipped += 1
-        if self.progress is not None:
-            self.progress.update(self.job.n)
-
-    def _elapsed(self) -> float:
-        return time.perf_counter() - self._t0
-
-
-def prefix_cache_line(pc: dict) -> str:
-    """The summary line's words on the prefix cache."""
-    if not pc["enabled"]:
-        return "prefix cache off"
-    return (f"prompt tokens {pc['prompt_tokens_computed']} computed, {pc['prompt_tokens_cached']} from the prefix "
-            f"cache ({100 * pc['hit_rate']:.0f}%)")
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-_WARM_CHILD_ENV = "BITNET_BATCH_WARM_CHILD"
-
-
-def warm_up(engine: Engine) -> float:
-    """Compile (or load from cache) every kernel specialization the job uses; returns seconds spent.
-
-    With a cold on-disk kernel cache the kernels are compiled in a child process that writes them to the cache,
-    and this process then loads them: a process that compiles keeps LLVM's state for its whole life (2B4T model
-    right after warm-up: 1558 MB resident against 1343 when the kernels come from the cache; a 32-stream bench
-    peaked at 2036 against 1984 MB). Should the child fail, the kernels compile here as before."""
-    from jit_kernels._config import parallel_drivers
-
-    t0 = time.perf_counter()
-    if _kernel_cache_cold():
-        _compile_in_child(engine)
-    slot = engine.kv.allocate()
-    try:
-        engine.step([(slot, np.array([0, 1], np.int32), 0, True)])
-        engine.step([(slot, np.array([2], np.int32), 2, True)])
-        with parallel_drivers():          # the drivers that large steps (prefill chunks) take
-            engine.step([(slot, np.array([3, 4], np.int32), 3, True)])
-    finally:
-        engine.kv.free(slot)
-    n_vocab = engine.model.config.n_vocab
-    sampler = make_sampler(SamplingParams(temperature=1.0, top_k=5, top_p=0.9, min_p=0.01, repetition_penalty=1.1),
-                           0, n_vocab)
-    sampler.sample(np.zeros(n_vocab, np.float32))
-    # the constraint mask kernel (grammar bitmasks are int32 words)
-    sampler.sample(np.zeros(n_vocab, np.float32), allowed=np.full(-(-n_vocab // 32), -1, np.int32))
-    return time.perf_counter() - t0
-
-
-def _kernel_cache_cold() -> bool:
-    """Whether the on-disk cache lacks the compiled layer, the bulk of a first compile (read from Numba's cache
-    index, a private API: any surprise counts as warm, and the kernels compile in this process)."""
-    from jit_kernels import _config, layer
-
-    if not _config.CACHE or os.environ.get(_WARM_CHILD_ENV):
-        return False
-    try:
-        return not layer.bitnet_layer._cache._cache_file._load_index()
-    except Exception:          # noqa: BLE001 - NUMBA_DISABLE_JIT, another Numba: compile here
-        return False
-
-
-def _compile_in_child(engine: Engine) -> bool:
-    """Run ``warm_up`` for the same model file and kernel-relevant settings in a child process (its kernels go to
-    the on-disk cache). The child imports these very packages. True when it succeeded."""
-    import jit_kernels
-
-    cfg = engine.config
-    root = str(Path(jit_kernels.__file__).resolve().parent.parent)
-    env = dict(os.environ, **{_WARM_CHILD_ENV: "1"})
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    code = "import sys; from bitnet_batch.runner import _warm_child; _warm_child(*sys.argv[1:])"
-    res = subprocess.run([sys.executable, "-c", code, str(engine.model.path), cfg.kv_dtype, str(cfg.prefill_chunk),
-                          str(cfg.threads)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return res.returncode == 0
-
-
-def _warm_child(path: str, kv_dtype: str, prefill_chunk: str, threads: str) -> None:
-    from .model.model import load_model
-
-    warm_up(Engine(load_model(path), EngineConfig(max_batch=1, max_seq_len=8, prefill_chunk=int(prefill_chunk),
-                                                  threads=int(threads), kv_dtype=kv_dtype)))
-
-
-@contextlib.contextmanager
-def progress_bar(total, quiet: bool, out):
-    """A tqdm bar over output records for the block (None when quiet). ``total``: a callable giving the record
-    count or None (called only when the bar is shown: counting scans the inputs)."""
-    if quiet:
-        yield None
-        return
-    from tqdm import tqdm
-
-    bar = tqdm(total=total(), unit="record", file=out, disable=None, dynamic_ncols=True)
-    try:
-        yield bar
-    finally:
-        bar.close()
-
-
-def meta_path(output) -> Path:
-    p = Path(output)
-    return p.with_name(p.name + ".meta.json")
-
-
-def job_logger(quiet: bool, out):
-    """The job's log function: a line to ``out`` unless quiet."""
-    def log(msg):
-        if not quiet:
-            print(msg, file=out, flush=True)
-    return log
-
-
-def open_job(job, model, log):
-    """Load the model (unless given), open the job's crash-safe output with the job's fingerprint, and say
-    whether it resumes. Shared by ``run`` and ``score`` jobs. Returns (model, model sha256, OutputSink)."""
-    from .model.model import load_model
-
-    lock = OutputLock(job.output)        # first: a second job on this output stops here, having touched nothing
-    try:
-        if model is None:
-            model = load_model(job.model, filename=job.model_file, ffn_act=job.ffn_act)
-        log(f"model: {model.path} ({model.config.arch}, {model.config.n_layer} layers, vocab "
-            f"{model.config.n_vocab}) loaded in {model.load_s:.2f}s")
-        sha = model.sha256()
-        sink = OutputSink(job.output, fmt=job.output_format, fingerprint=job.fingerprint(sha), overwrite=job.overwrite,
-                          ordered=job.ordered, model_name=model.config.name or model.path.name, lock=lock)
-    except BaseException:
-        lock.release()                   # the sink owns it once opened: released by sink.close()
-        raise
-    if sink.done:
-        log(f"resuming: {len(sink.done)} items already done")
-    return model, sha, sink
+            self.emit.write(record)
+        if dropped:
+            self.emit.tick(dropped)
 
 
 def run_job(job: JobConfig, *, model=None, quiet: bool = False, out=sys.stderr) -> dict:
     """Run a whole job; returns the summary (also written to ``<output>.meta.json``). SIGINT / SIGTERM stop it
-    after the current step with ``JobInterrupted`` (see ``interrupt``)."""
-    with StopSignals() as stop:
-        return _run_job(job, model, quiet, out, stop)
-
-
-def _run_job(job: JobConfig, model, quiet: bool, out, stop: StopSignals) -> dict:
-    log = job_logger(quiet, out)
-    t_start = time.perf_counter()
-    model, sha, sink = open_job(job, model, log)
-    try:
-        engine = Engine(model, job.engine)
-        compile_s = warm_up(engine)
-        if job.constraint is not None:       # llguidance's vocabulary view and the job grammar, built once
-            t_c = time.perf_counter()
-            ConstraintCompiler.for_tokenizer(model.tokenizer).prepare(job.constraint)
-            compile_s += time.perf_counter() - t_c
-        log(f"kernels ready in {compile_s:.2f}s (JIT compile / cache load, not counted in item timings)")
-        def total():
-            n = count_records(list(job.inputs), job.input_format)
-            return None if n is None else n * job.n
-
-        t_run = time.perf_counter()
-        with progress_bar(total, quiet, out) as progress:
-            stats = Runner(job, model, progress=progress, log=log).run(sink, engine, stop)
-        run_s = time.perf_counter() - t_run
-        raise_if_stopped(stop, sink, job)
-        final = sink.finalize()
-        summary = job_summary(
-            job, stats, output=final, fmt=sink.fmt, threads=_threads(), load_s=model.load_s, compile_s=compile_s,
-            run_s=run_s, t_start=t_start, errors_in_output=count_errors(final, sink.fmt),
-            model={"path": str(model.path), "sha256": sha, "arch": model.config.arch, "name": model.config.name})
-        meta_path(final).write_text(json.dumps(summary, indent=2) + "\n")    # still under the output's lock
-    finally:
-        sink.close()
-    log(f"done: {stats.ok} ok, {stats.errors} errors, {stats.skipped} already done | "
-        f"prefill {summary['throughput']['prefill_tok_s']} tok/s, decode {summary['throughput']['decode_tok_s']} "
-        f"tok/s | {prefix_cache_line(summary['prefix_cache'])} | peak RSS {summary['peak_rss_mb']} MB -> {final}")
-    return summary
-
-
-def raise_if_stopped(stop: StopSignals, sink: OutputSink, job) -> None:
-    """After a job loop: if a signal stopped it, close the journal (every complete record is in it) and raise
-    ``JobInterrupted`` with how many input items the output holds."""
-    if stop.requested:
-        sink.close()
-        raise JobInterrupted(stop.signum, len(sink.done), count_records(list(job.inputs), job.input_format))
-
-
-def count_errors(path: Path, fmt: str) -> int:
-    """Error records in a finished output (this run's and earlier runs' of a resumed job)."""
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        col = pq.read_table(path, columns=["finish_reason"]).column("finish_reason").to_pylist()
-        return sum(1 for v in col if v == "error")
-    n = 0
-    with open(path, "rb") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            n += rec.get("finish_reason") == "error" if fmt == "jsonl" else rec.get("error") is not None
-    return n
-
-
-def _threads() -> int:
-    import numba
-    return numba.get_num_threads()
+    after the current step with ``JobInterrupted``."""
+    return run_local(job, RunKind, model=model, quiet=quiet, out=out)
