@@ -5,6 +5,8 @@ llama.cpp ships, for each tokenizer family, a weightless GGUF (``models/ggml-voc
 they are in llama.cpp's source tree (e.g. the llama-cpp-python sdist's ``vendor/llama.cpp/models``, MIT licence).
 
 - ``ggml-vocab-llama-spm.gguf`` (SentencePiece, 32000 tokens, 724 KB): copied as is with its .inp / .out.
+- ``ggml-vocab-gemma-4.gguf`` (15.8 MB; Gemma's SentencePiece-style BPE, the family of BitNet-embedding-270M's
+  vocabulary) likewise goes into ``gemma4-vocab-subset.json``.
 - ``ggml-vocab-qwen2.gguf`` is 5.9 MB; what the qwen2 tests need of it goes into ``qwen2-vocab-subset.json``: the
   tokens that occur as a substring of some pre-token of the test strings (after NFC and the qwen2 split regex),
   all 256 byte tokens and the special tokens, at their real ids, and the merges between them, in rank order. BPE
@@ -67,6 +69,29 @@ def qwen2_subset(models: Path) -> dict:
             "cases": [{"text": t, "ids": ids} for t, ids in cases]}
 
 
+def gemma_subset(models: Path) -> dict:
+    """The same for ``ggml-vocab-gemma-4.gguf`` (SentencePiece-style BPE over the whole text, spaces as U+2581): the
+    tokens that are substrings of a normalised test string, the byte and special tokens, the merges between them."""
+    md = GGUFFile(models / "ggml-vocab-gemma-4.gguf").metadata
+    tokens, types, merges = md["tokenizer.ggml.tokens"], md["tokenizer.ggml.token_type"], md["tokenizer.ggml.merges"]
+    cases = read_cases(models, "gemma-4")
+    texts = [t.replace(" ", "\u2581") for t, _ in cases]
+    keep = {}
+    for i, t in enumerate(tokens):
+        if types[i] != TOKEN_NORMAL or (t.startswith("<0x") and len(t) == 6) or any(t in x for x in texts):
+            keep[i] = t
+    kept_text = set(keep.values())
+    sub_merges = [m for m in merges if m.replace(" ", "", 1) in kept_text
+                  and all(part in kept_text for part in m.split(" ", 1))]
+    return {"source": "llama.cpp models/ggml-vocab-gemma-4.gguf (subset, see scripts/make_tokenizer_fixtures.py)",
+            "n_vocab": len(tokens), "tokens": {str(i): t for i, t in keep.items()},
+            "token_types": {str(i): int(types[i]) for i in keep if types[i] != TOKEN_NORMAL},
+            "merges": sub_merges,
+            "metadata": {k: v for k, v in md.items() if k.startswith("tokenizer.") and isinstance(v, (int, str, bool))
+                         and k != "tokenizer.chat_template"},
+            "cases": [{"text": t, "ids": ids} for t, ids in cases]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", type=Path, help="llama.cpp's models/ directory")
@@ -78,6 +103,10 @@ def main() -> int:
     sub = qwen2_subset(a.models)
     (a.out / "qwen2-vocab-subset.json").write_text(json.dumps(sub, ensure_ascii=False, indent=0) + "\n",
                                                    encoding="utf-8")
+    gem = gemma_subset(a.models)
+    (a.out / "gemma4-vocab-subset.json").write_text(json.dumps(gem, ensure_ascii=False, indent=0) + "\n",
+                                                    encoding="utf-8")
+    print(f"gemma4 subset: {len(gem['tokens'])} of {gem['n_vocab']} tokens, {len(gem['merges'])} merges")
     print(f"qwen2 subset: {len(sub['tokens'])} of {sub['n_vocab']} tokens, {len(sub['merges'])} merges, "
           f"{len(sub['cases'])} cases")
     return 0

@@ -109,3 +109,42 @@ def test_spm_metadata_errors(spm):
     md = dict(GGUFFile(TOK / "ggml-vocab-llama-spm.gguf").metadata)
     md["tokenizer.ggml.add_space_prefix"] = False
     assert tokenizer_from_metadata(md, source="x").encode("Hello") == [10994]
+
+
+def _subset_metadata(name):
+    sub = json.loads((TOK / name).read_text(encoding="utf-8"))
+    n = sub["n_vocab"]
+    tokens = [f"<unused-{i}>" for i in range(n)]
+    types = np.full(n, TOKEN_UNUSED, np.int32)
+    for i, t in sub["tokens"].items():
+        tokens[int(i)] = t
+        types[int(i)] = TOKEN_NORMAL
+    for i, typ in sub["token_types"].items():
+        types[int(i)] = typ
+    md = dict(sub["metadata"], **{"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+                                  "tokenizer.ggml.merges": sub["merges"]})
+    return md, sub["cases"]
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    return _subset_metadata("gemma4-vocab-subset.json")
+
+
+def test_gemma_bpe_matches_llama_cpp_cases(gemma):
+    """Gemma's SentencePiece-style BPE (llama.cpp's "gemma4" model) on llama.cpp's cases (made with transformers'
+    tokenizer), and the same vocabulary as bitnet.cpp's embedding converter writes Gemma's (model "gpt2", pre
+    "default"): the same ids."""
+    md, cases = gemma
+    assert len(cases) == 46
+    bitnet_style = dict(md, **{"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default"})
+    for meta in (md, bitnet_style):
+        tok = tokenizer_from_metadata(meta, source="gemma4-subset")
+        assert tok.pattern == "spm-bpe" and tok.add_bos and tok.bos_id == 2
+        bad = [(c["text"], tok.encode(c["text"]), c["ids"]) for c in cases if tok.encode(c["text"]) != c["ids"]]
+        assert not bad, bad[:3]
+        for c in cases:
+            assert tok.decode(c["ids"]) == c["text"]
+    # a character outside the vocabulary falls back to its bytes
+    ids = tok.encode("\u2603")
+    assert [tok.token_bytes(i) for i in ids] == [bytes([b]) for b in "\u2603".encode()]
