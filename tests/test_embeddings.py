@@ -323,3 +323,14 @@ def test_window_attention_matches_twin(H, KVH, hd, window, cache):
     window_attention(q[-1:].copy(), kc, vc, tables, np.array([2], np.int32), np.array([22], np.int32), window, 0.3,
                      last, scratch)
     np.testing.assert_array_equal(last[0], out[-1])
+
+
+def test_inspect_describes_embedding_models():
+    from bitnet_batch.inspect import describe, format_description
+
+    info = describe(str(DATA / "tiny-gemma3-i2s.gguf"))
+    assert info["embedding"]["pooling"] == "last" and info["embedding"]["sliding_layers"] == [0, 1]
+    text = format_description(info)
+    assert "no lm_head: embedding model, last pooling, 256 dims" in text
+    assert "sliding window 8 on layers [0, 1] (rope base 10000)" in text
+    assert "heads 4/1 x 128" in text
