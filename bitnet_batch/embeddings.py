@@ -42,7 +42,7 @@ import numba
 import numpy as np
 
 from .engine.kv_cache import KVCache, check_kv_dtype
-from .errors import ConfigError, ContextOverflowError, InputError
+from .errors import ConfigError, ContextOverflowError, InputError, TokenizerError
 from .model.bitnet import RopeTable, StepBatch
 from .model.embedding_forward import (EmbeddingWorkspace, RopeTables, bitnet_hidden, embedding_hidden)
 
@@ -70,7 +70,10 @@ class EmbeddingConfig:
 def embedding_config(model) -> EmbeddingConfig:
     """The embedding defaults of a loaded model (see the module docstring for the rules and their sources)."""
     cfg = model.config
-    tok = model.tokenizer if model._tokenizer is not None else None
+    try:
+        tok = model.tokenizer
+    except TokenizerError:                # a weights-only file: token ids must come prepared
+        tok = None
     emb = bool(getattr(model, "embedding_only", False))
     md = model.metadata if model.gguf is not None else {}
     append_eos = bool(md.get(KEY_ADD_EOS, False))

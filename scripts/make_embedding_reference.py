@@ -5,10 +5,11 @@ transformers' ``Qwen3Model`` / ``Gemma3TextModel`` are implementations of the tw
 This script builds each with small random weights, replaces every projection (q, k, v, o, gate, up, down) by a
 BitNet projection -- an RMSNorm with its own weight (the GGUF's ``*_norm_in`` tensor), per-token int8 absmax
 activations and the absmean-ternarized weight, as ``docs/bitnet-embeddings-gguf-conversion.md`` describes
-BitLinear -- runs token sequences through it in float32 and in float64 (the int8 quantizer in float32
-arithmetic as bitnet.cpp computes it; K / V rounded to float32 as the KV cache stores them; RoPE angles in float64 too, see
-``Rope64``, Gemma3's RMSNorms and the attention softmax, which transformers runs in float32 whatever the dtype) and records the last-token and mean pooled,
-L2-normalised final hidden states. ``tests/test_embeddings.py`` compares our engine with them; the tests need
+BitLinear -- runs token sequences through it in float32 and in float64, and records the last-token and mean
+pooled, L2-normalised final hidden states. The float64 run mirrors what the engine stores: the int8 quantizer in
+float32 arithmetic (as bitnet.cpp's ``quantize_row_i8_s``) and K / V rounded to float32 (the KV cache); and it
+computes in float64 what transformers computes in float32 whatever the model's dtype: the RoPE angles and cos /
+sin (``Rope64``), Gemma3's RMSNorms and the attention softmax. ``tests/test_embeddings.py`` compares our engine with them; the tests need
 neither torch nor transformers.
 
 The GGUF is what ``utils/convert-bitnet-embedding-to-gguf.py`` writes for ``--outtype i2_s``: the same tensor
@@ -126,7 +127,7 @@ def build(name: str, spec: dict):
                                attn_logit_softcapping=None, **spec)
         model = Gemma3TextModel(cfg)
     model.config._attn_implementation = "eager"
-    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    d, hd = cfg.hidden_size, cfg.head_dim
     gemma = arch == "gemma3"
     tensors = {}                                   # GGUF name -> (data, shape, type)
 

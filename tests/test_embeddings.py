@@ -69,7 +69,8 @@ def test_fixture_files_are_the_converter_layout():
     assert md["qwen3.pooling_type"] == 3 and md["tokenizer.ggml.add_eos_token"] is True
     assert md["tokenizer.ggml.pre"] == "qwen2" and "output.weight" not in t
     assert t["blk.0.attn_q.weight"].ggml_type == 36 and t["blk.0.attn_q.weight"].shape == (256, 384)
-    assert t["blk.2.attn_output_norm_in.weight"].shape == (384,) and t["blk.2.attn_output_norm_in.weight"].ggml_type == 1
+    norm_in = t["blk.2.attn_output_norm_in.weight"]
+    assert norm_in.shape == (384,) and norm_in.ggml_type == 1
     g = GGUFFile(DATA / "tiny-gemma3-i2s.gguf")
     assert list(g.metadata["gemma3.attention.sliding_window_pattern"]) == [True, True, False]
     assert "blk.1.post_ffw_norm.weight" in g.tensors

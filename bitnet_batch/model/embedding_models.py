@@ -54,7 +54,7 @@ import numpy as np
 
 from ..config import KEY_ARCH, KEY_NAME, ModelConfig
 from ..errors import ModelFormatError
-from .gguf import GGMLType, GGUFFile
+from .gguf import GGUFFile
 from .weights import GGUFSource, Projection
 
 EMBEDDING_ARCHS = ("qwen3", "gemma3")
@@ -272,7 +272,3 @@ def load_embedding_weights(gf: GGUFFile, cfg: EmbeddingModelConfig) -> Embedding
 def is_embedding_arch(md: dict) -> bool:
     return md.get(KEY_ARCH) in EMBEDDING_ARCHS
 
-
-def ternary_types_used(gf: GGUFFile) -> set:
-    """The projection tensor types of a file (for ``inspect``)."""
-    return {GGMLType(t.ggml_type).name for n, t in gf.tensors.items() if n.startswith("blk.") and len(t.shape) == 2}

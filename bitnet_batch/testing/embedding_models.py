@@ -15,7 +15,6 @@ or another GGUF's tokenizer keys (``tokenizer_from``).
 """
 from __future__ import annotations
 
-import math
 import pathlib
 from dataclasses import dataclass
 
@@ -195,4 +194,4 @@ def expected_attention_scale(spec: EmbeddingModelSpec) -> float:
 
 
 __all__ = ["EmbeddingModelSpec", "PRESETS", "build_embedding_writer", "write_embedding_test_model", "stored_norm",
-           "expected_attention_scale", "math"]
+           "expected_attention_scale"]
