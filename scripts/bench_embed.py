@@ -5,7 +5,7 @@ Writes (once, cached under --models) a random qwen3 BitNet embedding GGUF in the
 compiles the kernels (timed apart), then embeds texts of each length (random token ids ending in EOS, as prepared
 texts are) with the ``Embedder`` and reports, per length, the best of ``--repeat`` runs:
 
-    python scripts/bench_embed.py --threads 2 --lengths 128,512 --texts 16,8 --max-rows 512
+    python scripts/bench_embed.py --threads 2 --lengths 128,512 --texts 32,8 --max-rows 2048
 
 Compare: bitnet.cpp reports ~109 tokens/s per thread for this model on a Xeon (prefill, pp128, 8 threads: 870.9 t/s,
 ``docs/bitnet-embeddings-i2s-guide.md``).
@@ -39,8 +39,8 @@ def main() -> int:
     ap.add_argument("--models", default="bench-models", help="where the random model is kept")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lengths", default="128,512", help="tokens per text, comma separated")
-    ap.add_argument("--texts", default="16,8", help="texts per run for each length")
-    ap.add_argument("--max-rows", type=int, default=512, help="rows (tokens) per step")
+    ap.add_argument("--texts", default="32,8", help="texts per run for each length")
+    ap.add_argument("--max-rows", type=int, default=2048, help="rows (tokens) per step")
     ap.add_argument("--max-texts", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--pooling", default="last")
@@ -69,7 +69,7 @@ def main() -> int:
     lengths = [int(x) for x in a.lengths.split(",")]
     counts = [int(x) for x in a.texts.split(",")]
     max_seq = max(lengths)
-    emb = Embedder(model, max_rows=a.max_rows, max_texts=a.max_texts, max_seq_len=max_seq)
+    emb = Embedder(model, max_rows=a.max_rows, max_texts=a.max_texts, max_seq_len=max_seq, prefault_kv=True)
     rng = np.random.default_rng(0)
     eos = model.tokenizer.eos_id if model._tokenizer is not None and model.tokenizer.eos_id is not None else 1
     t0 = time.perf_counter()
