@@ -12,10 +12,15 @@ Presets: ``0.6b`` (BitNet-embedding-0.6B shapes: 28 layers, hidden 1024, 16/8 he
 151936) and ``270m`` (18 layers, hidden 640, 4/1 heads of 256, FFN 2048). The vocabulary is the synthetic
 byte-level BPE of ``testing.models`` padded to n_vocab (qwen2 pre-tokenizer, EOS appended as the converter sets),
 or another GGUF's tokenizer keys (``tokenizer_from``).
+
+CLI: ``python -m bitnet_batch.testing.embedding_models OUT.gguf --preset 0.6b [--wtype i2_s|f16|f32] [--seed N]``.
 """
 from __future__ import annotations
 
+import argparse
 import pathlib
+import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -195,3 +200,27 @@ def expected_attention_scale(spec: EmbeddingModelSpec) -> float:
 
 __all__ = ["EmbeddingModelSpec", "PRESETS", "build_embedding_writer", "write_embedding_test_model", "stored_norm",
            "expected_attention_scale"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bitnet_batch.testing.embedding_models",
+                                description="Write a random BitNet embedding GGUF (qwen3 / gemma3 layout).")
+    p.add_argument("out")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny-qwen3")
+    p.add_argument("--wtype", dest="weight_type", choices=sorted(WEIGHT_TYPES), default="i2_s")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer-from", dest="tokenizer_from", help="copy tokenizer.* metadata from this GGUF")
+    a = p.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        path = write_embedding_test_model(a.out, preset=a.preset, weight_type=a.weight_type, seed=a.seed,
+                                          tokenizer_from=a.tokenizer_from)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path} ({path.stat().st_size:,} bytes) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
