@@ -7,6 +7,8 @@ from collections import Counter
 from .config import ModelConfig
 from .engine.kv_cache import kv_bytes_per_token
 from .errors import ModelFormatError
+from .errors import TokenizerError
+from .model.embedding_models import EmbeddingModelConfig, is_embedding_arch
 from .model.gguf import GGMLType, GGUFFile
 from .model.hub import resolve_model_path
 
@@ -35,8 +37,11 @@ def describe(model, *, filename=None) -> dict:
     emb = gf.tensors.get("token_embd.weight")
     if emb is not None and len(emb.shape) == 2:
         try:
-            cfg = ModelConfig.from_metadata(md, path, tied="output.weight" not in gf.tensors,
-                                            n_vocab_tensor=int(emb.shape[1]))
+            if is_embedding_arch(md):
+                cfg = EmbeddingModelConfig.from_metadata(md, path, n_vocab_tensor=int(emb.shape[1]))
+            else:
+                cfg = ModelConfig.from_metadata(md, path, tied="output.weight" not in gf.tensors,
+                                                n_vocab_tensor=int(emb.shape[1]))
         except ModelFormatError as e:
             info["config_error"] = str(e)
         else:
@@ -66,6 +71,12 @@ def _add_config(info: dict, cfg: ModelConfig, ternary_bytes: int, embedding_byte
                       "kv_cache_kb_per_token": round(per_tok / 1024, 1),
                       "kv_cache_mb_full_context": round(per_tok * cfg.n_ctx / 2**20, 1),
                       "kv_cache_kb_per_token_f16": round(per_tok / 2 / 1024, 1)}
+    if getattr(cfg, "embedding_only", False):
+        swa = [i for i, s in enumerate(cfg.swa_layers) if s]
+        info["embedding"] = {"pooling": cfg.pooling, "dim": cfg.n_embd, "head_dim": cfg.head_dim,
+                             "attn_scale": cfg.attn_scale, "embd_scale": cfg.embd_scale,
+                             "sliding_window": cfg.sliding_window, "sliding_layers": swa,
+                             "rope_base_swa": cfg.rope_base_swa}
 
 
 def _add_tokenizer(info: dict, tok, model: str | None, pre: str | None, n_merges: int) -> None:
@@ -74,7 +85,11 @@ def _add_tokenizer(info: dict, tok, model: str | None, pre: str | None, n_merges
                          "eog_ids": sorted(tok.eog_ids), "n_merges": n_merges}
     info["chat_template"] = tok.chat_template
     info["chat_format"] = tok.chat_format
-    info["chat_format_used"] = tok.render_chat([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}])
+    try:
+        info["chat_format_used"] = tok.render_chat([{"role": "system", "content": "S"},
+                                                    {"role": "user", "content": "U"}])
+    except TokenizerError:                 # a SentencePiece vocabulary without a template: no chat format
+        info["chat_format_used"] = None
 
 
 def _describe_checkpoint(path) -> dict:
@@ -124,8 +139,16 @@ def format_description(info: dict) -> str:
         lines.append(f"arch      {cfg['arch']} '{cfg['name']}': {cfg['n_layer']} layers, hidden {cfg['n_embd']}, "
                      f"heads {cfg['n_head']}/{cfg['n_head_kv']} x {cfg['head_dim']}, ffn {cfg['n_ff']} "
                      f"({cfg['ffn_act']}), vocab {cfg['n_vocab']}, context {cfg['n_ctx']}")
+        emb = info.get("embedding")
+        head = (f"no lm_head: embedding model, {emb['pooling']} pooling, {emb['dim']} dims" if emb else
+                f"lm_head {'tied to token_embd' if cfg['tied_lm_head'] else 'output.weight'}")
         lines.append(f"          rope base {cfg['rope_base']:g} over {cfg['n_rot']} dims, rms eps {cfg['rms_eps']:g}, "
-                     f"lm_head {'tied to token_embd' if cfg['tied_lm_head'] else 'output.weight'}")
+                     f"{head}")
+        if emb:
+            window = (f"sliding window {emb['sliding_window']} on layers {emb['sliding_layers']} (rope base "
+                      f"{emb['rope_base_swa']:g})" if emb["sliding_layers"] else "full attention in every layer")
+            lines.append(f"          attention scale {emb['attn_scale']:.6g}, embedding scale {emb['embd_scale']:g}, "
+                         f"{window}")
         m = info["memory"]
         lines.append(f"memory    ternary weights {m['ternary_weights_mb']} MiB, embedding {m['embedding_mb']} MiB, "
                      f"KV cache {m['kv_cache_kb_per_token']} KiB/token ({m['kv_cache_mb_full_context']} MiB per full "

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
 from bitnet_batch.errors import InputError, TokenizerError
 
@@ -61,10 +61,19 @@ LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+#: Qwen2 / Qwen3 pre-tokenizer regex (Qwen2 ``tokenizer.json``, as quoted in llama.cpp ``llama-vocab.cpp`` for
+#: LLAMA_VOCAB_PRE_TYPE_QWEN2): LLaMA-3's with single digits (\p{N}) instead of runs of up to three.
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _PRE_LLAMA3 = ("llama-bpe", "llama3", "llama-v3")
 _PRE_GPT2 = ("default", "gpt2", "gpt-2")
-SUPPORTED_PRE = _PRE_LLAMA3 + _PRE_GPT2
-SUPPORTED_MODELS = ("gpt2",)
+_PRE_QWEN2 = ("qwen2", "deepseek-r1-qwen")
+SUPPORTED_PRE = _PRE_LLAMA3 + _PRE_GPT2 + _PRE_QWEN2
+SUPPORTED_MODELS = ("gpt2", "gemma4")
+#: tokenizer.ggml.model values built by ``spm_tokenizer`` (SentencePiece vocabularies: scores, byte fallback).
+SPM_MODELS = ("llama",)
 
 # Token texts that end generation when present (llama.cpp adds these to its EOG set by text).
 _EOG_TEXTS = ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>")
@@ -112,6 +121,15 @@ def _normal_token_bytes(text: str) -> bytes:
         return b"".join(bytes([table[ord(c)]]) if ord(c) in table else c.encode("utf-8") for c in text)
 
 
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _spm_piece_bytes(text: str) -> bytes:
+    """Raw bytes of a SentencePiece piece: ``<0xXX>`` is that byte, U+2581 a space."""
+    m = _BYTE_PIECE.fullmatch(text)
+    return bytes([int(m.group(1), 16)]) if m else text.replace("\u2581", " ").encode("utf-8")
+
+
 @dataclass(frozen=True)
 class VocabSpec:
     """The tokenizer part of a GGUF's metadata, read through named keys and validated."""
@@ -125,7 +143,8 @@ class VocabSpec:
     merges: tuple[str, ...]
     """``tokenizer.ggml.merges``: "left right" pairs in rank order."""
     pattern: str
-    """"llama3" or "gpt2": which pre-tokenizer regex to use."""
+    """"llama3", "gpt2" or "qwen2": which pre-tokenizer regex to use; "spm-bpe" for a SentencePiece-style BPE
+    vocabulary (Gemma's: U+2581 for spaces, ``<0xXX>`` byte fallback, no pre-tokenizer)."""
     bos_id: int | None
     eos_id: int | None
     eot_id: int | None
@@ -146,7 +165,7 @@ class VocabSpec:
                            (KEY_EOM, self.eom_id), *(("eos_token_id", i) for i in self.extra_eog_ids)):
             if value is not None and not 0 <= value < n:
                 raise TokenizerError(f"{self.source}: {key} must be in [0, {n}), got {value}")
-        if self.pattern not in ("llama3", "gpt2"):
+        if self.pattern not in ("llama3", "gpt2", "qwen2", "spm-bpe"):
             raise TokenizerError(f"{self.source}: internal pattern name {self.pattern!r}")
 
 
@@ -184,9 +203,19 @@ def _select_pattern(metadata: Mapping[str, Any], tokens: Sequence[str], source: 
         return "llama3"
     if pre in _PRE_GPT2:
         return "gpt2"
+    if pre in _PRE_QWEN2:
+        return "qwen2"
     raise TokenizerError(
         f"{source}: unsupported {KEY_PRE} {pre!r}; supported: {', '.join(SUPPORTED_PRE)}"
     )
+
+
+def looks_sentencepiece_bpe(tokens: Sequence[str]) -> bool:
+    """True for a SentencePiece-style BPE vocabulary stored as ``tokenizer.ggml.model = "gpt2"``: bitnet.cpp's
+    embedding converter writes Gemma's vocabulary that way (``utils/convert-bitnet-embedding-to-gguf.py``: model
+    "gpt2", pre "default", the tokens and merges of GemmaTokenizerFast). Such a vocabulary has U+2581 word tokens and
+    ``<0xXX>`` byte tokens and none of byte-level BPE's "Ġ" tokens."""
+    return "<0x0A>" in tokens and "\u2581the" in tokens and "\u0120the" not in tokens
 
 
 def read_vocab_spec(metadata: Mapping[str, Any], source: str = "<metadata>") -> VocabSpec:
@@ -197,7 +226,8 @@ def read_vocab_spec(metadata: Mapping[str, Any], source: str = "<metadata>") -> 
     if model not in SUPPORTED_MODELS:
         raise TokenizerError(
             f"{source}: unsupported tokenizer model {KEY_MODEL}={model!r}; "
-            f"supported: {', '.join(SUPPORTED_MODELS)} (byte-level BPE)"
+            f"supported: {', '.join(SUPPORTED_MODELS + SPM_MODELS)} (byte-level BPE, SentencePiece BPE, "
+            "SentencePiece)"
         )
     tokens = _require_str_list(metadata, KEY_TOKENS, source)
     merges = _require_str_list(metadata, KEY_MERGES, source)
@@ -210,15 +240,21 @@ def read_vocab_spec(metadata: Mapping[str, Any], source: str = "<metadata>") -> 
         raise TokenizerError(f"{source}: {KEY_ADD_BOS} must be a bool, got {add_bos_raw!r}")
     if add_bos_raw and bos is None:
         raise TokenizerError(f"{source}: {KEY_ADD_BOS} is true but {KEY_BOS} is missing")
-    # Default True for gpt2/llama-bpe vocabularies (llama.cpp), when there is a BOS to add.
-    add_bos = bool(add_bos_raw) if add_bos_raw is not None else bos is not None
+    # Default True for gpt2/llama-bpe vocabularies, when there is a BOS to add; llama.cpp leaves add_bos false for
+    # qwen2 (Qwen2 / Qwen3 vocabularies name <|endoftext|> as BOS but never prepend it).
+    pattern = "spm-bpe" if model == "gemma4" or looks_sentencepiece_bpe(tokens) else _select_pattern(metadata, tokens,
+                                                                                                      source)
+    if add_bos_raw is not None:
+        add_bos = bool(add_bos_raw)
+    else:                                       # llama.cpp always prepends BOS for gemma4 vocabularies
+        add_bos = bos is not None and pattern != "qwen2"
     eot = _optional_id(metadata, KEY_EOT, source)
     if eot is None and "<|eot_id|>" in tokens:
         eot = tokens.index("<|eot_id|>")
     template = metadata.get(KEY_CHAT_TEMPLATE)
     return VocabSpec(
         source=source, tokens=tokens, token_types=types, merges=merges,
-        pattern=_select_pattern(metadata, tokens, source), bos_id=bos,
+        pattern=pattern, bos_id=bos,
         eos_id=_optional_id(metadata, KEY_EOS, source), eot_id=eot,
         eom_id=_optional_id(metadata, KEY_EOM, source), add_bos=add_bos,
         chat_template=template if isinstance(template, str) else None,
@@ -253,7 +289,12 @@ def _build_hf(spec: VocabSpec) -> tokenizers.Tokenizer:
     vocab = {text: i for i, text in enumerate(spec.tokens)}
     merges = _split_merges(spec.merges, spec.source)
     try:
-        bpe = models.BPE(vocab, merges, ignore_merges=True)
+        # qwen2: merges all the way, as the Qwen2 tokenizer.json (ignore_merges false) and llama.cpp do
+        if spec.pattern == "spm-bpe":           # transformers' GemmaTokenizer model: byte fallback, no ignore_merges
+            bpe = models.BPE(vocab, merges, byte_fallback=True, fuse_unk=True,
+                             unk_token="<unk>" if "<unk>" in vocab else None)
+        else:
+            bpe = models.BPE(vocab, merges, ignore_merges=spec.pattern != "qwen2")
     except Exception as exc:  # tokenizers raises plain Exception for unknown merge parts
         raise TokenizerError(f"{spec.source}: cannot build BPE from {KEY_TOKENS}/{KEY_MERGES}: {exc}") from exc
     hf = tokenizers.Tokenizer(bpe)
@@ -262,9 +303,22 @@ def _build_hf(spec: VocabSpec) -> tokenizers.Tokenizer:
             pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
+    elif spec.pattern == "spm-bpe":
+        # transformers' GemmaTokenizer: spaces -> U+2581, BPE over the whole text (its pre-tokenizer splits on " ",
+        # which the normalizer has already replaced)
+        hf.normalizer = normalizers.Replace(" ", "\u2581")
+        hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    elif spec.pattern == "qwen2":
+        # Qwen2's tokenizer.json NFC-normalizes first; llama.cpp's test cases (made with that tokenizer) agree
+        hf.normalizer = normalizers.NFC()
+        hf.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
     else:
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    hf.decoder = decoders.ByteLevel()
+    if spec.pattern != "spm-bpe":
+        hf.decoder = decoders.ByteLevel()
     types = spec.token_types
     hf.add_special_tokens([AddedToken(spec.tokens[i], special=True, normalized=False)
                            for i in np.flatnonzero(types == TOKEN_CONTROL)])
@@ -281,7 +335,10 @@ def _token_bytes_table(spec: VocabSpec) -> tuple[bytes, array]:
     took ~18 MB of Python heap for LLaMA-3; the blob and offsets take 1.8 MB."""
     types = spec.token_types
     literal = (types == TOKEN_CONTROL) | (types == TOKEN_USER_DEFINED)
-    parts = [t.encode("utf-8") if literal[i] else _normal_token_bytes(t) for i, t in enumerate(spec.tokens)]
+    if spec.pattern == "spm-bpe":               # SentencePiece pieces: U+2581 is a space, <0xXX> one byte
+        parts = [t.encode("utf-8") if literal[i] else _spm_piece_bytes(t) for i, t in enumerate(spec.tokens)]
+    else:
+        parts = [t.encode("utf-8") if literal[i] else _normal_token_bytes(t) for i, t in enumerate(spec.tokens)]
     return b"".join(parts), array("q", accumulate((len(b) for b in parts), initial=0))
 
 
@@ -542,7 +599,13 @@ def _validate_messages(messages: Any) -> list[tuple[str, str]]:
 
 
 def tokenizer_from_metadata(metadata: Mapping[str, Any], source: str = "<metadata>") -> Tokenizer:
-    """Build the tokenizer from a GGUF metadata dict (``GGUFFile.metadata``); ``source`` names it in errors."""
+    """Build the tokenizer from a GGUF metadata dict (``GGUFFile.metadata``); ``source`` names it in errors.
+    A SentencePiece vocabulary (``tokenizer.ggml.model = "llama"``) gives a ``spm_tokenizer.SpmTokenizer`` (the
+    same interface)."""
+    if metadata.get(KEY_MODEL) in SPM_MODELS:
+        from .spm_tokenizer import SpmTokenizer
+
+        return SpmTokenizer(metadata, source)
     return Tokenizer(read_vocab_spec(metadata, source))
 
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ModelConfig
-from ..errors import ContextOverflowError, ModelFormatError, TokenizerError
+from ..errors import ConfigError, ContextOverflowError, ModelFormatError, TokenizerError
 from . import hf
+from .embedding_models import EmbeddingModelConfig, is_embedding_arch, load_embedding_weights
 from .gguf import GGUFFile
 from .hf import Checkpoint
 from .hub import resolve_model_path
@@ -53,6 +54,11 @@ class Model:
             return model_metadata(self.config, self.checkpoint)
         return self.gguf.metadata
 
+    @property
+    def embedding_only(self) -> bool:
+        """True for the embedding architectures (``embedding_models``): hidden states only, no lm_head."""
+        return bool(getattr(self.config, "embedding_only", False))
+
     def sha256(self) -> str:
         """sha256 of the model file (computed once, streamed). For a checkpoint directory: of its files (config,
         index, safetensors shards, tokenizer files) in name order, each as its name, a NUL byte and its bytes."""
@@ -67,6 +73,9 @@ class Model:
         Returns float32 [len(token_ids), n_vocab]."""
         from ..engine.engine import Engine, EngineConfig
 
+        if self.embedding_only:
+            raise ConfigError(f"{self.path}: {self.config.arch} is an embedding model (no lm_head, no logits); "
+                              "use bitnet_batch.embeddings.Embedder")
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         cfg = self.config
         if ids.size == 0:
@@ -129,9 +138,16 @@ def load_model(path_or_repo_id, *, filename: str | None = None, ffn_act: str | N
     if emb is None or len(emb.shape) != 2:
         raise ModelFormatError(path, "required 2-D tensor is missing or malformed", tensor="token_embd.weight")
     n_vocab = int(emb.shape[1])
-    cfg = ModelConfig.from_metadata(md, path, tied="output.weight" not in gf.tensors, n_vocab_tensor=n_vocab,
-                                    ffn_act=ffn_act)
-    weights = load_weights(gf, cfg)
+    if is_embedding_arch(md):                      # qwen3 / gemma3 BitNet embedding models
+        if ffn_act is not None:
+            raise ConfigError(f"{path}: ffn_act cannot be overridden for the {md.get('general.architecture')} "
+                              "embedding architecture")
+        cfg = EmbeddingModelConfig.from_metadata(md, path, n_vocab_tensor=n_vocab)
+        weights = load_embedding_weights(gf, cfg)
+    else:
+        cfg = ModelConfig.from_metadata(md, path, tied="output.weight" not in gf.tensors, n_vocab_tensor=n_vocab,
+                                        ffn_act=ffn_act)
+        weights = load_weights(gf, cfg)
     tok = None
     if md.get("tokenizer.ggml.model") is not None:
         tok = tokenizer_from_metadata(md, source=str(path))
