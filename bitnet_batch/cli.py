@@ -167,9 +167,9 @@ def _run_on(job, quiet, engine, ray_address, actors, threads_per_actor) -> dict:
 _CONSTRAINT_OPTIONS = ("response_format", "json_schema", "regex", "choice")
 _NOT_FOR_PIPELINES = ("prompt_field", "chat")
 _WHERE_OPTIONS = ("engine", "ray_address", "actors", "threads_per_actor")     # where a job runs, not what it is
-# the run options that are JobConfig fields as they are
-_JOB_OPTIONS = ("output", "model", "model_file", "output_format", "input_format", "prompt_field", "id_field",
-                "system", "chat", "seed", "truncate", "overwrite", "ffn_act", "dedupe")
+# the options that are job fields as they are: every job's, then run's own
+_BASE_OPTIONS = ("output", "model", "model_file", "output_format", "input_format", "overwrite", "ffn_act")
+_JOB_OPTIONS = _BASE_OPTIONS + ("prompt_field", "id_field", "system", "chat", "seed", "truncate", "dedupe")
 
 
 def _constraint(response_format, json_schema, regex, choice):
@@ -224,25 +224,22 @@ def _explicit_overrides(ctx: click.Context, inputs, constraint, limits) -> dict:
 @click.option("--strict", is_flag=True, help=f"Exit with {EXIT_ITEM_ERRORS} when any item is an error record.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or log.")
 @_model_options
-def score(inputs, output, output_format, input_format, text_field, prompt_field, completion_field, id_field,
-          token_logprobs, unordered, overwrite, strict, quiet, model, model_file, ffn_act, **engine_opts):
+def score(inputs, **opts):
     """Log-likelihood, mean NLL and perplexity of every record's `text` (or of its `completion` given its
     `prompt`), plus the corpus perplexity in <output>.meta.json."""
     from .jobs.score import ScoreFields, ScoreJobConfig, score_job
 
     try:
-        job = ScoreJobConfig(inputs=tuple(inputs), output=output, model=model, model_file=model_file,
-                             output_format=output_format, input_format=input_format,
-                             fields=ScoreFields(text=text_field, prompt=prompt_field, completion=completion_field,
-                                                id=id_field),
-                             token_logprobs=token_logprobs, ordered=not unordered, overwrite=overwrite,
-                             ffn_act=ffn_act, engine=pick(EngineConfig, engine_opts, ENGINE_OPTIONS))
-        summary = score_job(job, quiet=quiet)
+        fields = ScoreFields(**{k: opts[f"{k}_field"] for k in ("text", "prompt", "completion", "id")})
+        job = ScoreJobConfig(inputs=tuple(inputs), **{k: opts[k] for k in _BASE_OPTIONS}, fields=fields,
+                             token_logprobs=opts["token_logprobs"], ordered=not opts["unordered"],
+                             engine=pick(EngineConfig, opts, ENGINE_OPTIONS))
+        summary = score_job(job, quiet=opts["quiet"])
     except (BitnetBatchError, OSError) as e:
         _fail(e)
-    if quiet:
+    if opts["quiet"]:
         click.echo(f"corpus perplexity: {summary['corpus']['perplexity']} over {summary['corpus']['tokens']} tokens")
-    if strict and summary["items"]["errors_in_output"]:
+    if opts["strict"] and summary["items"]["errors_in_output"]:
         sys.exit(EXIT_ITEM_ERRORS)
 
 

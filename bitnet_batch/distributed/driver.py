@@ -231,10 +231,9 @@ def _total(job, shards) -> int | None:
 
 def _summary(job, cfg, info, driver, pool, output, final, n_actors, threads, run_s, t_start) -> dict:
     """The local runner's summary keys, plus ``engine`` and ``ray``."""
-    summary = job_summary(
-        job, driver.stats, output=final, fmt=output.fmt, threads=threads, load_s=info["load_s"],
-        compile_s=info["compile_s"], run_s=run_s, t_start=t_start, errors_in_output=output.count_errors(final),
-        model={"path": info["path"], "sha256": info["sha256"], "arch": info["arch"], "name": info["name"]})
+    ctx = {"output": final, "fmt": output.fmt, "load_s": info["load_s"], "compile_s": info["compile_s"],
+           "run_s": run_s, "t_start": t_start, "model": {k: info[k] for k in ("path", "sha256", "arch", "name")}}
+    summary = job_summary(job, driver.stats, ctx, threads=threads, errors_in_output=output.count_errors(final))
     summary["engine"] = "ray"
     summary["ray"] = {
         "address": cfg.address, "actors": n_actors, "threads_per_actor": threads, "task_size": driver.task_size,

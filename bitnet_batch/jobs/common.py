@@ -4,11 +4,33 @@ from __future__ import annotations
 
 import contextlib
 import resource
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import JobInterrupted
+from ..config import EngineConfig
+from ..errors import ConfigError, JobInterrupted
 from ..io.readers import count_records
 from ..io.writers import OutputLock, OutputSink
+
+
+@dataclass(frozen=True)
+class JobBase:
+    """What every kind of job names: its input files, its output, the model and the engine to run it on."""
+    inputs: tuple[str, ...]                 # input files (JSONL / Parquet), read in order
+    output: str                             # output path; format from the extension or output_format
+    model: str                              # GGUF path, checkpoint directory or Hugging Face repo id
+    model_file: str | None = None           # file inside a hub repo
+    output_format: str | None = None        # e.g. "jsonl" | "parquet"
+    input_format: str | None = None         # force "jsonl" / "parquet" for all inputs
+    ordered: bool = True                    # output in input order (else as items finish; JSONL only)
+    overwrite: bool = False                 # start afresh instead of resuming
+    ffn_act: str | None = None              # override the model's FFN activation
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self):
+        if not self.inputs:
+            raise ConfigError("at least one input file is required")
 
 
 def open_job(job, model, log):
@@ -78,6 +100,20 @@ def threads() -> int:
     import numba
 
     return numba.get_num_threads()
+
+
+def summary_head(ctx: dict, stats, errors_in_output: int) -> dict:
+    """The summary keys every job has first: output, format, model (from ``ctx``, see ``JobKind.summary``) and
+    the item counts of this run (``stats``) and of the whole output."""
+    return {"output": str(ctx["output"]), "format": ctx["fmt"], "model": ctx["model"],
+            "items": {"total": stats.items, "ok": stats.ok, "error": stats.errors, "skipped_resume": stats.skipped,
+                      "errors_in_output": errors_in_output}}
+
+
+def summary_times(ctx: dict) -> dict:
+    """Seconds spent loading the model, compiling, running the items and in all."""
+    return {"load": round(ctx["load_s"], 3), "compile": round(ctx["compile_s"], 3), "run": round(ctx["run_s"], 3),
+            "total": round(time.perf_counter() - ctx["t_start"], 3)}
 
 
 def prefix_cache_summary(enabled: bool, prompt_tokens: int, cached_tokens: int) -> dict:

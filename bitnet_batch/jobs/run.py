@@ -22,28 +22,22 @@ from pathlib import Path
 import numpy as np
 
 from ..completion import Completion
-from ..config import EngineConfig
 from ..errors import BitnetBatchError, ConfigError, ContextOverflowError, InputError
 from ..io.readers import BadRecord, Request, count_records, read_requests
 from ..records import count_errors, error_record, timing
 from ..sampling.constraints import ConstraintCompiler, ConstraintSpec, JsonLimits, MaskBatch, request_constraint
 from ..sampling.params import SamplingParams, resolve_seed
 from ..scheduler import Part, Scheduler, Sequence
-from .common import peak_rss_mb, prefix_cache_line, prefix_cache_summary, threads
+from .common import (JobBase, peak_rss_mb, prefix_cache_line, prefix_cache_summary, summary_head, summary_times,
+                     threads)
 from .loop import JobKind, run_local
 
 TRUNCATE_MODES = (None, "left", "right")
 
 
 @dataclass(frozen=True)
-class JobConfig:
+class JobConfig(JobBase):
     """One `bitnet-batch run` job."""
-    inputs: tuple[str, ...]                 # input files (JSONL / Parquet), read in order
-    output: str                             # output path; format from the extension or output_format
-    model: str                              # GGUF path or Hugging Face repo id
-    model_file: str | None = None           # file inside a hub repo
-    output_format: str | None = None        # "jsonl" | "parquet" | "openai"
-    input_format: str | None = None         # force "jsonl" / "parquet" for all inputs
     prompt_field: str = "prompt"
     id_field: str = "id"
     system: str | None = None               # system message for chat-rendered prompts
@@ -51,10 +45,6 @@ class JobConfig:
     sampling: SamplingParams = field(default_factory=SamplingParams)   # job defaults, per-item overridable
     seed: int = 0                           # job seed: request seeds derive from (seed, id)
     truncate: str | None = None             # over-long prompts: None -> error record; "left" / "right"
-    ordered: bool = True                    # output in input order (else as items finish; JSONL only)
-    overwrite: bool = False
-    ffn_act: str | None = None              # override the model's FFN activation
-    engine: EngineConfig = field(default_factory=EngineConfig)
     constraint: ConstraintSpec | None = None  # default structured-output constraint (records may override)
     json_limits: JsonLimits = field(default_factory=JsonLimits)   # bounds of JSON outputs (job's and records')
     dedupe: bool = False                    # drop samples whose text equals an earlier sample of the input
@@ -62,8 +52,7 @@ class JobConfig:
     pipeline: str | None = None             # the pipeline file this job came from (for the summary only)
 
     def __post_init__(self):
-        if not self.inputs:
-            raise ConfigError("at least one input file is required")
+        super().__post_init__()
         if self.truncate not in TRUNCATE_MODES:
             raise ConfigError(f"truncate must be one of left, right, got {self.truncate!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
@@ -170,23 +159,20 @@ class JobStats:
             self.incomplete += bool(record["incomplete"])
 
 
-def job_summary(job: JobConfig, stats: JobStats, *, output, fmt: str, model: dict, threads: int, load_s: float,
-                compile_s: float, run_s: float, t_start: float, errors_in_output: int) -> dict:
-    """The ``<output>.meta.json`` summary of a generation job (the local runner's and the Ray driver's)."""
+def job_summary(job: JobConfig, stats: JobStats, ctx: dict, *, threads: int, errors_in_output: int) -> dict:
+    """The ``<output>.meta.json`` summary of a generation job (the local one's and the Ray driver's)."""
+    run_s = ctx["run_s"]
     return {
-        "output": str(output), "format": fmt, "model": model,
+        **summary_head(ctx, stats, errors_in_output),
         "parameters": {"sampling": asdict(job.sampling), "seed": job.seed, "system": job.system, "chat": job.chat,
                        "truncate": job.truncate, "engine": asdict(job.engine), "threads": threads,
                        "constraint": None if job.constraint is None else job.constraint.describe(),
                        "json_limits": job.json_limits.describe(),
                        "n": job.sampling.n, "dedupe": job.dedupe, "pipeline": job.pipeline},
-        "items": {"total": stats.items, "ok": stats.ok, "error": stats.errors, "skipped_resume": stats.skipped,
-                  "errors_in_output": errors_in_output},
         "tokens": {"prompt": stats.prompt_tokens, "completion": stats.completion_tokens},
         "prefix_cache": prefix_cache_summary(job.engine.prefix_cache, stats.prompt_tokens, stats.cached_tokens),
-        "time_s": {"load": round(load_s, 3), "compile": round(compile_s, 3), "run": round(run_s, 3),
-                   "total": round(time.perf_counter() - t_start, 3), "prefill": round(stats.prefill_s, 3),
-                   "decode": round(stats.decode_s, 3), "sampling": round(stats.sample_s, 3)},
+        "time_s": {**summary_times(ctx), "prefill": round(stats.prefill_s, 3), "decode": round(stats.decode_s, 3),
+                   "sampling": round(stats.sample_s, 3)},
         "throughput": {   # prefill / decode: per engine-second; completion / items: of the whole job
             "prefill_tok_s": (round((stats.prompt_tokens - stats.cached_tokens) / stats.prefill_s, 2)
                               if stats.prefill_s else 0.0),
@@ -228,10 +214,8 @@ class RunKind(JobKind):
         return {"tok_s": f"{self.stats.completion_tokens / max(1e-9, time.perf_counter() - self._t0):.1f}"}
 
     def summary(self, ctx: dict) -> dict:
-        return job_summary(self.job, self.stats, output=ctx["output"], fmt=ctx["fmt"], threads=threads(),
-                           load_s=ctx["load_s"], compile_s=ctx["compile_s"], run_s=ctx["run_s"],
-                           t_start=ctx["t_start"], errors_in_output=count_errors(ctx["output"], ctx["fmt"]),
-                           model=ctx["model"])
+        return job_summary(self.job, self.stats, ctx, threads=threads(),
+                           errors_in_output=count_errors(ctx["output"], ctx["fmt"]))
 
     def done_line(self, summary: dict) -> str:
         s = self.stats

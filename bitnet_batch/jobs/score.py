@@ -47,7 +47,7 @@ from ..io import readers
 from ..io.readers import BadRecord, count_records
 from ..records import error_record, read_records, timing
 from ..scheduler import Part, Scheduler, Sequence
-from .common import peak_rss_mb, prefix_cache_line, prefix_cache_summary
+from .common import JobBase, peak_rss_mb, prefix_cache_line, prefix_cache_summary, summary_head, summary_times
 from .loop import JobKind, run_local
 
 FORMATS = ("jsonl", "parquet")
@@ -134,24 +134,13 @@ def _nonempty_str(record: dict, key: str) -> str:
 # ------------------------------------------------------------------------------------------------ job
 
 @dataclass(frozen=True)
-class ScoreJobConfig:
-    """One `bitnet-batch score` job."""
-    inputs: tuple[str, ...]                 # input files (JSONL / Parquet), read in order
-    output: str                             # output path (.jsonl / .parquet or output_format)
-    model: str                              # GGUF path or Hugging Face repo id
-    model_file: str | None = None
-    output_format: str | None = None        # "jsonl" | "parquet"
-    input_format: str | None = None
+class ScoreJobConfig(JobBase):
+    """One `bitnet-batch score` job (output_format: "jsonl" or "parquet")."""
     fields: ScoreFields = field(default_factory=ScoreFields)
     token_logprobs: bool = False            # add each scored token's logprob to the record
-    ordered: bool = True
-    overwrite: bool = False
-    ffn_act: str | None = None
-    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self):
-        if not self.inputs:
-            raise ConfigError("at least one input file is required")
+        super().__post_init__()
         if not isinstance(self.fields, ScoreFields):
             raise ConfigError(f"fields must be a ScoreFields, got {type(self.fields).__name__}")
         if not isinstance(self.token_logprobs, bool):
@@ -226,16 +215,13 @@ class ScoreKind(JobKind):
         job, stats, run_s = self.job, self.stats, ctx["run_s"]
         totals = output_totals(ctx["output"], ctx["fmt"])
         return {
-            "task": "score", "output": str(ctx["output"]), "format": ctx["fmt"], "model": ctx["model"],
+            "task": "score", **summary_head(ctx, stats, totals["errors"]),
             "parameters": {"fields": asdict(job.fields), "token_logprobs": job.token_logprobs,
                            "engine": asdict(job.engine), "add_bos": bool(self.tok.add_bos)},
-            "items": {"total": stats.items, "ok": stats.ok, "error": stats.errors, "skipped_resume": stats.skipped,
-                      "errors_in_output": totals["errors"]},
             "corpus": corpus_summary(totals),
             "this_run": {"records": stats.ok, "tokens": stats.scored, "logprob": stats.logprob, "rows": stats.rows},
             "prefix_cache": prefix_cache_summary(job.engine.prefix_cache, stats.rows + stats.cached, stats.cached),
-            "time_s": {"load": round(ctx["load_s"], 3), "compile": round(ctx["compile_s"], 3), "run": round(run_s, 3),
-                       "engine": round(stats.engine_s, 3), "total": round(time.perf_counter() - ctx["t_start"], 3)},
+            "time_s": {**summary_times(ctx), "engine": round(stats.engine_s, 3)},
             "throughput": {"tok_s": round(stats.rows / stats.engine_s, 2) if stats.engine_s else 0.0,
                            "items_per_s": round((stats.ok + stats.errors) / run_s, 3) if run_s else 0.0},
             "steps": stats.steps,
