@@ -39,10 +39,10 @@ def _model_options(f):
     return click_options(EngineConfig, ["threads"])(f)
 
 
-def _engine_options(batch_help: str, seq_len_help: str):
-    """The EngineConfig options of a job (``pick(EngineConfig, ...)`` reads them)."""
-    return click_options(EngineConfig, [o for o in ENGINE_OPTIONS if o != "threads"], max_batch=batch_help,
-                         max_seq_len=seq_len_help)
+def _engine_options(batch_help: str, seq_len_help: str, exclude=(), **defaults):
+    """The EngineConfig options of a job (``pick(EngineConfig, ...)`` reads them), but ``exclude``."""
+    return click_options(EngineConfig, [o for o in ENGINE_OPTIONS if o not in ("threads", *exclude)],
+                         help_for={"max_batch": batch_help, "max_seq_len": seq_len_help}, default_for=defaults)
 
 
 def _sampling_params(kw, names=SINGLE_SAMPLING):
@@ -239,6 +239,49 @@ def score(inputs, **opts):
         _fail(e)
     if opts["quiet"]:
         click.echo(f"corpus perplexity: {summary['corpus']['perplexity']} over {summary['corpus']['tokens']} tokens")
+    if opts["strict"] and summary["items"]["errors_in_output"]:
+        sys.exit(EXIT_ITEM_ERRORS)
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--output", "-o", required=True, type=click.Path(), help="Output file (.parquet or .jsonl).")
+@click.option("--output-format", type=click.Choice(["jsonl", "parquet"]), default=None,
+              help="Default: from the output extension.")
+@click.option("--input-format", type=click.Choice(["jsonl", "parquet"]), default=None)
+@click.option("--text-field", default="text", show_default=True, help="The text to embed.")
+@click.option("--instruction-field", default="instruction", show_default=True,
+              help="Optional: a one-sentence task; the text is then embedded as a query in the model's format.")
+@click.option("--id-field", default="id", show_default=True)
+@click.option("--pooling", type=click.Choice(["last", "mean", "cls"]), default=None,
+              help="How token states become one vector (default: the model's; mean for generative models).")
+@click.option("--normalize/--no-normalize", default=True, show_default=True, help="L2-normalise each vector.")
+@click.option("--dimensions", type=int, default=None, help="Keep the first N components (Matryoshka), then normalise.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "int8", "binary"]), default="float32",
+              show_default=True, help="int8: per-vector scale in a 'scale' field; binary: sign bits, 8 per byte.")
+@click.option("--truncate", type=click.Choice(["left", "right"]), default=None,
+              help="Cut over-long texts instead of writing an error record.")
+@_engine_options("Texts in flight together.", "Longest text (0 = the model's context, at most 8192).",
+                 exclude=("kv_cache_mb", "prefix_cache"), max_batch=64, prefill_chunk=1024)
+@click.option("--unordered", is_flag=True, help="Write records as they finish (JSONL) instead of input order.")
+@click.option("--overwrite", is_flag=True, help="Start fresh instead of resuming.")
+@click.option("--strict", is_flag=True, help=f"Exit with {EXIT_ITEM_ERRORS} when any item is an error record.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or log.")
+@_model_options
+def embed(inputs, **opts):
+    """An embedding vector for every record's `text` (BitNet embedding models, or a generative model's pooled
+    hidden states), as Parquet fixed-size lists or JSON lists."""
+    from .jobs.embed import EmbedFields, EmbedJobConfig, embed_job
+
+    try:
+        fields = EmbedFields(**{k: opts[f"{k}_field"] for k in ("text", "instruction", "id")})
+        job = EmbedJobConfig(inputs=tuple(inputs), **{k: opts[k] for k in _BASE_OPTIONS}, fields=fields,
+                             **{k: opts[k] for k in ("pooling", "normalize", "dimensions", "dtype", "truncate")},
+                             ordered=not opts["unordered"],
+                             engine=pick(EngineConfig, opts, [o for o in ENGINE_OPTIONS if o in opts]))
+        summary = embed_job(job, quiet=opts["quiet"])
+    except (BitnetBatchError, OSError) as e:
+        _fail(e)
     if opts["strict"] and summary["items"]["errors_in_output"]:
         sys.exit(EXIT_ITEM_ERRORS)
 

@@ -228,27 +228,25 @@ class Embedder:
                 queue.popleft()               # finished texts are exactly the leading ones
         return parts
 
-    def _run(self, parts, pooling: str, out: np.ndarray) -> None:
-        T = sum(m for _, _, m in parts)
+    def step(self, parts, want_rows) -> np.ndarray:
+        """One prefill step over ``parts`` ((KV slot, token ids, first position) each; the slots' blocks are
+        reserved here): the final normed hidden states of the step's rows ``want_rows`` (indices into the step's
+        rows, in order), float64 [len(want_rows), n_embd]."""
+        T = sum(len(toks) for _, toks, _ in parts)
         tokens = np.empty(T, np.int32)
         row_seq = np.empty(T, np.int32)
         row_pos = np.empty(T, np.int32)
-        wanted, r = [], 0
-        for text, start, m in parts:
-            self.kv.reserve(text.slot, start + m)
-            tokens[r:r + m] = text.ids[start:start + m]
-            row_seq[r:r + m] = text.slot
+        r = 0
+        for slot, toks, start in parts:
+            m = len(toks)
+            self.kv.reserve(slot, start + m)
+            tokens[r:r + m] = toks
+            row_seq[r:r + m] = slot
             row_pos[r:r + m] = np.arange(start, start + m, dtype=np.int32)
-            if pooling == "mean":
-                wanted.extend(range(r, r + m))
-            elif pooling == "last" and start + m == len(text.ids):
-                wanted.append(r + m - 1)
-            elif pooling == "cls" and start == 0:
-                wanted.append(r)
             r += m
-        if not wanted:                        # "last" / "cls" rows all lie in other steps: still compute K/V
-            wanted = [T - 1]
-        batch = StepBatch(tokens, row_seq, row_pos, np.asarray(wanted, np.int32))
+        if not len(want_rows):                # the rows' K/V are still computed
+            want_rows = [T - 1]
+        batch = StepBatch(tokens, row_seq, row_pos, np.asarray(want_rows, np.int32))
         t0 = time.perf_counter()
         if self.embedding_model:
             hidden = embedding_hidden(self.model.weights, self.model.config, self.ws, self.kv, self.rope, batch)
@@ -258,6 +256,19 @@ class Embedder:
         self.busy_s += time.perf_counter() - t0
         self.steps += 1
         self.rows += T
+        return hidden
+
+    def _run(self, parts, pooling: str, out: np.ndarray) -> None:
+        wanted, r = [], 0
+        for text, start, m in parts:
+            if pooling == "mean":
+                wanted.extend(range(r, r + m))
+            elif pooling == "last" and start + m == len(text.ids):
+                wanted.append(r + m - 1)
+            elif pooling == "cls" and start == 0:
+                wanted.append(r)
+            r += m
+        hidden = self.step([(text.slot, text.ids[start:start + m], start) for text, start, m in parts], wanted)
         self._pool(parts, pooling, hidden, out)
         for text, start, m in parts:
             text.done = start + m
@@ -272,17 +283,20 @@ class Embedder:
         for text, start, m in parts:
             end = start + m == len(text.ids)
             if pooling == "mean":
-                rows = hidden[j:j + m]
+                text.acc = accumulate_rows(text.acc, hidden[j:j + m])
                 j += m
-                acc = np.zeros(rows.shape[1]) if text.acc is None else text.acc
-                # add.accumulate is strictly sequential: ((acc + r0) + r1) + ..., the same sum however the text's
-                # rows were cut into steps
-                text.acc = np.add.accumulate(np.vstack([acc[None, :], rows]), axis=0)[-1]
                 if end:
                     out[text.index] = text.acc / len(text.ids)
             elif (pooling == "last" and end) or (pooling == "cls" and start == 0):
                 out[text.index] = hidden[j]
                 j += 1
+
+
+def accumulate_rows(acc: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
+    """``acc`` (None: zeros) plus the rows [m, D], added strictly in order, ((acc + r0) + r1) + ...
+    (``np.add.accumulate``), so a text's sum is the same however its rows were cut into steps."""
+    acc = np.zeros(rows.shape[1]) if acc is None else acc
+    return np.add.accumulate(np.vstack([acc[None, :], rows]), axis=0)[-1]
 
 
 def finish(pooled: np.ndarray, *, normalize: bool = True, dimensions: int | None = None) -> np.ndarray:

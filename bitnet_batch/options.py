@@ -40,22 +40,24 @@ def field_docs(cls) -> dict:
     return docs
 
 
-def click_options(cls, names, **help_for):
+def click_options(cls, names, help_for: dict | None = None, default_for: dict | None = None):
     """A decorator adding ``--field-name`` options for the fields ``names`` of dataclass ``cls``: type and
-    default from the field, help from its docstring (or ``help_for[name]``). bool fields are flags
-    (``--x/--no-x`` when true by default), ``X | None`` fields take an X, tuple fields repeat."""
+    default from the field (or ``default_for[name]``), help from its docstring (or ``help_for[name]``). bool
+    fields are flags (``--x/--no-x`` when true by default), ``X | None`` fields take an X, tuple fields repeat."""
+    help_for, default_for = help_for or {}, default_for or {}
     fields = {f.name: f for f in dataclasses.fields(cls)}
     docs = field_docs(cls)
 
     def decorate(func):
         for name in reversed(names):
             f = fields[name]
+            default = default_for.get(name, f.default)
             flag = "--" + name.replace("_", "-")
             kwargs = {"help": help_for.get(name, docs.get(name, "")), "show_default": True}
             kind = str(f.type)
             if kind == "bool":
-                decls = [f"{flag}/--no-{flag[2:]}"] if f.default else [flag]
-                kwargs.update(is_flag=True, default=f.default, show_default=bool(f.default))
+                decls = [f"{flag}/--no-{flag[2:]}"] if default else [flag]
+                kwargs.update(is_flag=True, default=default, show_default=bool(default))
             elif kind.startswith("tuple["):
                 decls = [flag]
                 kwargs.update(multiple=True, show_default=False)
@@ -63,7 +65,7 @@ def click_options(cls, names, **help_for):
                 decls = [flag]
                 base = kind.split("|")[0].strip()
                 choices = _CHOICES.get((cls, name))
-                kwargs.update(type=click.Choice(choices) if choices else _TYPES[base], default=f.default)
+                kwargs.update(type=click.Choice(choices) if choices else _TYPES[base], default=default)
             func = click.option(*decls, name, **kwargs)(func)
         return func
     return decorate

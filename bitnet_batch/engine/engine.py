@@ -54,6 +54,9 @@ class Engine:
         the 2B4T model). Meant for a pool sized to the job, as the bench's is: the default pool is a budget that
         can be far larger than what a job touches."""
         cfg = model.config
+        if getattr(model, "embedding_only", False):
+            raise ConfigError(f"{model.path}: an embedding model ({cfg.arch}, no lm_head) generates and scores "
+                              f"nothing; use `bitnet-batch embed`")
         self.model = model
         self.config = config
         if config.threads:

@@ -144,7 +144,8 @@ class OutputSink:
     Without it the sink takes the lock itself, first thing, and releases it in ``finalize()`` or ``close()``."""
 
     def __init__(self, path, *, fmt: str | None = None, fingerprint: dict, overwrite: bool = False,
-                 ordered: bool = True, model_name: str = "bitnet", lock: OutputLock | None = None):
+                 ordered: bool = True, model_name: str = "bitnet", lock: OutputLock | None = None,
+                 columns: dict | None = None):
         self.path = Path(path)
         self._lock = lock if lock is not None else OutputLock(self.path)   # before anything is read or written
         self._keep_lock = lock is not None       # handed in: held until close(), past finalize()
@@ -161,6 +162,7 @@ class OutputSink:
             self.done: dict[str | int, int] = {}
             self._samples: set[tuple[str | int, int]] = set()   # (id, sample_index) of records with one
             self._extra_keys: set[str] = set()                  # non-standard record keys -> Parquet JSON columns
+            self._columns = dict(columns or {})                  # ... or typed ones: key -> pyarrow type
             self._index = _OffsetIndex()
             self._file = None                                    # the journal, O_APPEND
             self._offset = 0                                     # journal size = offset of the next line
@@ -428,13 +430,13 @@ class OutputSink:
         import pyarrow.parquet as pq
 
         extra = sorted(self._extra_keys)
-        schema = _parquet_schema(extra)
+        schema = _parquet_schema(extra, self._columns)
         int_ids, n_ids = [], 0
         with pq.ParquetWriter(tmp, schema) as writer:
             for records in _chunks(self._records_in_order(), PARQUET_ROWS_PER_GROUP):
                 int_ids += [r["index"] for r in records if isinstance(r["id"], int)]
                 n_ids += len(records)
-                writer.write_table(_parquet_table(records, schema, extra), row_group_size=PARQUET_ROWS_PER_GROUP)
+                writer.write_table(_parquet_table(records, schema), row_group_size=PARQUET_ROWS_PER_GROUP)
         # Parquet stores ids as strings; remember which were ints so a reopened job keys ``done`` correctly.
         return {"int_ids": "all" if len(int_ids) == n_ids else ("none" if not int_ids else int_ids)}
 
@@ -610,7 +612,9 @@ def _decode_journal_line(raw: bytes) -> dict | None:
 
 # ----------------------------------------------------------------------------------------------- Parquet
 
-def _parquet_schema(extra: list[str]):
+def _parquet_schema(extra: list[str], typed: dict):
+    """Known keys as typed columns; extra keys as the type ``typed`` gives them, else JSON text (listed in the
+    schema's metadata, so readers can decode them)."""
     import pyarrow as pa
 
     token = [("token", pa.string()), ("token_id", pa.int64()), ("logprob", pa.float64())]
@@ -624,19 +628,19 @@ def _parquet_schema(extra: list[str]):
         pa.field("error", pa.struct([(k, pa.string()) for k in ERROR_KEYS])),
         pa.field("logprobs", pa.list_(pa.struct(token + [("top", pa.list_(pa.struct(token)))]))),
     ]
-    fields += [pa.field(k, pa.string()) for k in extra]  # unknown keys: JSON text, null where absent/None
-    return pa.schema(fields, metadata={PARQUET_EXTRA_COLUMNS: json.dumps(extra)})
+    json_keys = [k for k in extra if k not in typed]
+    fields += [pa.field(k, typed.get(k, pa.string())) for k in extra]   # JSON text: null where absent/None
+    return pa.schema(fields, metadata={PARQUET_EXTRA_COLUMNS: json.dumps(json_keys)})
 
 
-def _parquet_table(records: list[dict], schema, extra: list[str]):
+def _parquet_table(records: list[dict], schema):
     import pyarrow as pa
 
-    columns = {
-        "id": [str(r["id"]) for r in records],
-        "index": [r["index"] for r in records],
-        **{k: [r.get(k) for r in records] for k in KNOWN_KEYS[2:]},
-        **{k: [None if r.get(k) is None else json.dumps(r[k], ensure_ascii=False) for r in records] for k in extra},
-    }
+    json_keys = set(json.loads(schema.metadata[PARQUET_EXTRA_COLUMNS.encode()]))
+    columns = {f.name: [r.get(f.name) for r in records] for f in schema if f.name not in json_keys}
+    columns.update({k: [None if r.get(k) is None else json.dumps(r[k], ensure_ascii=False) for r in records]
+                    for k in json_keys})
+    columns["id"] = [str(r["id"]) for r in records]
     arrays = [pa.array(columns[f.name], type=f.type) for f in schema]
     return pa.Table.from_arrays(arrays, schema=schema)
 

@@ -32,6 +32,10 @@ class JobBase:
         if not self.inputs:
             raise ConfigError("at least one input file is required")
 
+    def parquet_columns(self, model) -> dict:
+        """Typed Parquet columns of the job's extra record keys (name -> pyarrow type); the others are JSON text."""
+        return {}
+
 
 def open_job(job, model, log):
     """Take the output's lock, load the model (unless given), open the job's crash-safe output with the job's
@@ -46,7 +50,8 @@ def open_job(job, model, log):
             f"{model.config.n_vocab}) loaded in {model.load_s:.2f}s")
         sha = model.sha256()
         sink = OutputSink(job.output, fmt=job.output_format, fingerprint=job.fingerprint(sha), overwrite=job.overwrite,
-                          ordered=job.ordered, model_name=model.config.name or model.path.name, lock=lock)
+                          ordered=job.ordered, model_name=model.config.name or model.path.name, lock=lock,
+                          columns=job.parquet_columns(model))
     except BaseException:
         lock.release()                   # the sink owns it once opened: released by sink.close()
         raise

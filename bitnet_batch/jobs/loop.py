@@ -56,6 +56,11 @@ class JobKind:
         """The engine this kind of job runs on."""
         return Engine(model, config)
 
+    @staticmethod
+    def warm_up(engine) -> float:
+        """Compile (or load from cache) the kernels the job's steps use; seconds spent."""
+        return warm_up(engine)
+
     @classmethod
     def total(cls, job) -> int | None:
         """Output records the job will write (for the progress bar), or None when unknown."""
@@ -154,7 +159,7 @@ def run_local(job, kind_class: type[JobKind], *, model=None, quiet: bool = False
         try:
             engine = kind_class.engine_for(model, job.engine)
             kind = kind_class(job, model, engine, sink)
-            compile_s = warm_up(engine) + kind.prepare()
+            compile_s = kind_class.warm_up(engine) + kind.prepare()
             log(f"kernels ready in {compile_s:.2f}s (JIT compile / cache load, not counted in item timings)")
             t_run = time.perf_counter()
             with progress_bar(lambda: kind_class.total(job), quiet, out) as progress:
