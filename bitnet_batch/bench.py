@@ -38,9 +38,10 @@ from pathlib import Path
 import numpy as np
 
 from .engine.engine import Engine, EngineConfig
+from .engine.warmup import warm_up
 from .errors import ConfigError
+from .jobs.common import peak_rss_mb
 from .model.model import load_model, release_free_heap
-from .runner import peak_rss_mb, warm_up
 
 
 @dataclass

@@ -6,32 +6,27 @@ import sys
 
 import click
 
-from .errors import BitnetBatchError
+from .config import EngineConfig
+from .errors import BitnetBatchError, JobInterrupted
 from .model.hub import DEFAULT_REPO
+from .options import ENGINE_OPTIONS, SAMPLING_OPTIONS, click_options, pick
+from .sampling.params import SamplingParams
 
 EXIT_FATAL = 1          # model, config or output problem: the job could not run
 EXIT_ITEM_ERRORS = 3    # the job ran, but some items are error records (--strict)
+SINGLE_SAMPLING = tuple(o for o in SAMPLING_OPTIONS if o != "n")      # generate / chat: one sample
 
 
-def _sampling_options(f):
-    opts = [
-        click.option("--max-tokens", type=int, default=256, show_default=True, help="Tokens to generate per item."),
-        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
-        click.option("--top-k", type=int, default=0, show_default=True, help="0 = off."),
-        click.option("--top-p", type=float, default=1.0, show_default=True),
-        click.option("--min-p", type=float, default=0.0, show_default=True),
-        click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
-        click.option("--presence-penalty", type=float, default=0.0, show_default=True),
-        click.option("--frequency-penalty", type=float, default=0.0, show_default=True),
-        click.option("--stop", multiple=True, help="Stop string (repeatable)."),
-        click.option("--logprobs", type=int, default=None, help="Report the top-N logprobs of each token."),
-        click.option("--ignore-eos", is_flag=True, help="Do not stop at end-of-generation tokens."),
-        click.option("--seed", type=int, default=0, show_default=True,
-                     help="Job seed; each item's RNG derives from (seed, id) unless the item sets 'seed'."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
+_job_seed_option = click.option(
+    "--seed", type=int, default=0, show_default=True,
+    help="Job seed; each item's RNG derives from (seed, id) unless the item sets 'seed'.")
+
+
+def _sampling_options(names):
+    """The SamplingParams options ``names`` and the job --seed (``_sampling_params`` reads them)."""
+    def decorate(f):
+        return click_options(SamplingParams, names)(_job_seed_option(f))
+    return decorate
 
 
 def _model_options(f):
@@ -39,49 +34,40 @@ def _model_options(f):
                      help="Override the FFN activation the model file implies.")(f)
     f = click.option("--model-file", default=None, help="GGUF file name inside a Hugging Face repo.")(f)
     f = click.option("--model", "-m", default=DEFAULT_REPO, show_default=True,
-                     help="GGUF path or Hugging Face repo id (downloaded and cached on first use).")(f)
-    f = click.option("--threads", type=int, default=0, help="Numba threads (0 = all cores).")(f)
-    return f
+                     help="GGUF path, Hugging Face checkpoint directory or hub repo id (downloaded and cached on "
+                          "first use).")(f)
+    return click_options(EngineConfig, ["threads"])(f)
 
 
-_kv_dtype_option = click.option(
-    "--kv-dtype", type=click.Choice(["f32", "f16"]), default="f32", show_default=True,
-    help="KV cache storage: f32 = the BitNet spec's numerics; f16 = half the memory (llama.cpp's default).")
+def _engine_options(batch_help: str, seq_len_help: str, exclude=(), **defaults):
+    """The EngineConfig options of a job (``pick(EngineConfig, ...)`` reads them), but ``exclude``."""
+    return click_options(EngineConfig, [o for o in ENGINE_OPTIONS if o not in ("threads", *exclude)],
+                         help_for={"max_batch": batch_help, "max_seq_len": seq_len_help}, default_for=defaults)
 
 
-def _engine_options(batch_help: str, seq_len_help: str):
-    """--max-batch, --prefill-chunk, --kv-cache-mb, --kv-dtype, --max-seq-len (``_engine_config`` reads them)."""
-    def decorate(f):
-        for opt in reversed([
-                click.option("--max-batch", type=int, default=16, show_default=True, help=batch_help),
-                click.option("--prefill-chunk", type=int, default=128, show_default=True, help="Most tokens per step."),
-                click.option("--kv-cache-mb", type=float, default=0.0, help="KV cache budget in MiB (0 = derived)."),
-                _kv_dtype_option,
-                click.option("--max-seq-len", type=int, default=0, help=seq_len_help)]):
-            f = opt(f)
-        return f
-    return decorate
-
-
-def _engine_config(max_batch, prefill_chunk, kv_cache_mb, kv_dtype, max_seq_len, threads):
-    from .engine.engine import EngineConfig
-
-    return EngineConfig(max_batch=max_batch, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk,
-                        kv_cache_mb=kv_cache_mb, kv_dtype=kv_dtype, threads=threads)
-
-
-def _sampling_params(kw):
-    from .sampling.params import SamplingParams
-
-    return SamplingParams(max_tokens=kw["max_tokens"], temperature=kw["temperature"], top_k=kw["top_k"],
-                          top_p=kw["top_p"], min_p=kw["min_p"], repetition_penalty=kw["repetition_penalty"],
-                          presence_penalty=kw["presence_penalty"], frequency_penalty=kw["frequency_penalty"],
-                          stop=tuple(kw["stop"]), logprobs=kw["logprobs"], ignore_eos=kw["ignore_eos"])
+def _sampling_params(kw, names=SINGLE_SAMPLING):
+    return pick(SamplingParams, kw, names)
 
 
 def _fail(e: Exception):
-    click.echo(f"error: {e}", err=True)
+    if isinstance(e, JobInterrupted):          # a clean stop: what was kept and how to resume
+        click.echo(str(e), err=True)
+        sys.exit(e.exit_code)
+    click.echo(f"error: {_message(e)}", err=True)
     sys.exit(EXIT_FATAL)
+
+
+def _message(e: Exception) -> str:
+    """The error as the user should read it. A full disk outside the output's journal (the summary, a model
+    download) names the file and says what to do; the journal's own says how many records are safe."""
+    if isinstance(e, OSError) and not isinstance(e, BitnetBatchError):
+        from .io.writers import _is_disk_full
+
+        if _is_disk_full(e):
+            where = f"{e.filename}: " if e.filename else ""
+            return (f"{where}no space left on device; records already written are kept. Free some space and run "
+                    f"the same command again to resume")
+    return str(e)
 
 
 @click.group()
@@ -117,8 +103,11 @@ def main():
 @click.option("--json-schema", default=None, type=click.Path(), help="A JSON schema file every output must satisfy.")
 @click.option("--regex", default=None, help="A regular expression (Rust syntax) every output must match.")
 @click.option("--choice", multiple=True, help="Every output is exactly one of these strings (repeatable).")
-@click.option("--n", "n", type=int, default=1, show_default=True,
-              help="Samples per input, each with its own seed and a sample_index field.")
+@click.option("--json-limits", default=None, metavar="KEY=N,...|none",
+              help="Bounds on what a JSON schema leaves open, so every JSON output can finish: digits (of a number "
+                   "before its exponent), exponent (its digits), string (maxLength of strings that set none), items "
+                   "(maxItems of arrays that set none); 0 = no bound, 'none' = the schema as given. "
+                   "[default: digits=17,exponent=3,string=256,items=32]")
 @click.option("--dedupe", is_flag=True, help="Drop samples whose text equals an earlier sample of the same input.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: this process; ray: engine actors on a Ray cluster (pip install 'bitnet-batch[ray]').")
@@ -128,44 +117,38 @@ def main():
 @click.option("--threads-per-actor", type=int, default=None,
               help="With --engine ray: CPUs = Numba threads per actor (default: a node's CPUs).")
 @_model_options
-@_sampling_options
-def run(inputs, output, pipeline_file, output_format, input_format, prompt_field, id_field, system, chat, max_batch,
-        prefill_chunk, kv_cache_mb, kv_dtype, max_seq_len, truncate, unordered, overwrite, strict, quiet,
-        response_format, json_schema, regex, choice, n, dedupe, engine, ray_address, actors, threads_per_actor, model,
-        model_file, ffn_act, threads, **kw):
+@_sampling_options(SAMPLING_OPTIONS)
+def run(inputs, pipeline_file, **opts):
     """Generate a completion for every record of INPUTS (JSONL / Parquet / OpenAI batch lines), or run a
     pipeline file (`bitnet-batch run pipelines/NAME.toml`)."""
+    from .jobs.run import JobConfig
     from .pipeline import is_pipeline_file, load_pipeline
-    from .runner import JobConfig
+    from .sampling.constraints import JsonLimits
 
     ctx = click.get_current_context()
     try:
-        constraint = _constraint(response_format, json_schema, regex, choice)
+        constraint = _constraint(*(opts[k] for k in _CONSTRAINT_OPTIONS))
+        limits = JsonLimits() if opts["json_limits"] is None else JsonLimits.parse(opts["json_limits"])
         if pipeline_file is None and len(inputs) == 1 and is_pipeline_file(inputs[0]):
             pipeline_file, inputs = inputs[0], ()
         if pipeline_file is not None:
-            overrides = _explicit_overrides(ctx, inputs, constraint)
-            job = load_pipeline(pipeline_file).job(overrides)
+            job = load_pipeline(pipeline_file).job(_explicit_overrides(ctx, inputs, constraint, limits))
         else:
             if not inputs:
                 raise click.UsageError("give INPUTS (JSONL / Parquet files) or a pipeline file")
-            if output is None:
+            if opts["output"] is None:
                 raise click.UsageError("--output / -o is required (only a pipeline file can set it)")
-            job = JobConfig(inputs=tuple(inputs), output=output, model=model, model_file=model_file,
-                            output_format=output_format, input_format=input_format, prompt_field=prompt_field,
-                            id_field=id_field, system=system, chat=chat, sampling=_sampling_params(kw),
-                            seed=kw["seed"], truncate=truncate, ordered=not unordered, overwrite=overwrite,
-                            ffn_act=ffn_act, constraint=constraint, n=n, dedupe=dedupe,
-                            engine=_engine_config(max_batch, prefill_chunk, kv_cache_mb, kv_dtype, max_seq_len,
-                                                  threads))
-        summary = _run_on(engine, job, quiet, ray_address, actors, threads_per_actor)
+            job = JobConfig(inputs=tuple(inputs), **{k: opts[k] for k in _JOB_OPTIONS}, ordered=not opts["unordered"],
+                            sampling=_sampling_params(opts, SAMPLING_OPTIONS), constraint=constraint,
+                            json_limits=limits, engine=pick(EngineConfig, opts, ENGINE_OPTIONS))
+        summary = _run_on(job, opts["quiet"], *(opts[k] for k in _WHERE_OPTIONS))
     except (BitnetBatchError, OSError) as e:
         _fail(e)
-    if strict and summary["items"]["errors_in_output"]:
+    if opts["strict"] and summary["items"]["errors_in_output"]:
         sys.exit(EXIT_ITEM_ERRORS)
 
 
-def _run_on(engine, job, quiet, ray_address, actors, threads_per_actor) -> dict:
+def _run_on(job, quiet, engine, ray_address, actors, threads_per_actor) -> dict:
     """Run the job in this process (the default; Ray is not imported) or on a Ray cluster."""
     if engine == "ray":
         from .distributed import RayConfig, run_ray_job
@@ -176,14 +159,17 @@ def _run_on(engine, job, quiet, ray_address, actors, threads_per_actor) -> dict:
                                   ("--threads-per-actor", threads_per_actor)) if v is not None]
     if given:
         raise click.UsageError(f"{given[0]} needs --engine ray")
-    from .runner import run_job
+    from .jobs.run import run_job
 
     return run_job(job, quiet=quiet)
 
 
 _CONSTRAINT_OPTIONS = ("response_format", "json_schema", "regex", "choice")
 _NOT_FOR_PIPELINES = ("prompt_field", "chat")
-_ENGINE_OPTIONS = ("engine", "ray_address", "actors", "threads_per_actor")     # where a job runs, not what it is
+_WHERE_OPTIONS = ("engine", "ray_address", "actors", "threads_per_actor")     # where a job runs, not what it is
+# the options that are job fields as they are: every job's, then run's own
+_BASE_OPTIONS = ("output", "model", "model_file", "output_format", "input_format", "overwrite", "ffn_act")
+_JOB_OPTIONS = _BASE_OPTIONS + ("prompt_field", "id_field", "system", "chat", "seed", "truncate", "dedupe")
 
 
 def _constraint(response_format, json_schema, regex, choice):
@@ -196,7 +182,7 @@ def _constraint(response_format, json_schema, regex, choice):
         regex=regex, choice=choice)
 
 
-def _explicit_overrides(ctx: click.Context, inputs, constraint) -> dict:
+def _explicit_overrides(ctx: click.Context, inputs, constraint, limits) -> dict:
     """The run options given on the command line (not defaults), as Pipeline.job overrides."""
     from click.core import ParameterSource
 
@@ -206,8 +192,10 @@ def _explicit_overrides(ctx: click.Context, inputs, constraint) -> dict:
     if wrong:
         raise click.UsageError(f"--{wrong[0].replace('_', '-')} does not apply to a pipeline (its [prompt] "
                                f"template builds the prompts)")
-    skip = {"inputs", "pipeline_file", "strict", "quiet", "unordered", *_CONSTRAINT_OPTIONS, *_ENGINE_OPTIONS}
+    skip = {"inputs", "pipeline_file", "strict", "quiet", "unordered", *_CONSTRAINT_OPTIONS, *_WHERE_OPTIONS}
     out = {k: ctx.params[k] for k in given - skip}
+    if "json_limits" in out:
+        out["json_limits"] = limits
     if "stop" in out:
         out["stop"] = tuple(out["stop"])
     if "unordered" in given:
@@ -236,27 +224,65 @@ def _explicit_overrides(ctx: click.Context, inputs, constraint) -> dict:
 @click.option("--strict", is_flag=True, help=f"Exit with {EXIT_ITEM_ERRORS} when any item is an error record.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or log.")
 @_model_options
-def score(inputs, output, output_format, input_format, text_field, prompt_field, completion_field, id_field,
-          token_logprobs, max_batch, prefill_chunk, kv_cache_mb, kv_dtype, max_seq_len, unordered, overwrite, strict,
-          quiet, model, model_file, ffn_act, threads):
+def score(inputs, **opts):
     """Log-likelihood, mean NLL and perplexity of every record's `text` (or of its `completion` given its
     `prompt`), plus the corpus perplexity in <output>.meta.json."""
-    from .score import ScoreFields, ScoreJobConfig, score_job
+    from .jobs.score import ScoreFields, ScoreJobConfig, score_job
 
     try:
-        job = ScoreJobConfig(inputs=tuple(inputs), output=output, model=model, model_file=model_file,
-                             output_format=output_format, input_format=input_format,
-                             fields=ScoreFields(text=text_field, prompt=prompt_field, completion=completion_field,
-                                                id=id_field),
-                             token_logprobs=token_logprobs, ordered=not unordered, overwrite=overwrite,
-                             ffn_act=ffn_act, engine=_engine_config(max_batch, prefill_chunk, kv_cache_mb, kv_dtype,
-                                                                    max_seq_len, threads))
-        summary = score_job(job, quiet=quiet)
+        fields = ScoreFields(**{k: opts[f"{k}_field"] for k in ("text", "prompt", "completion", "id")})
+        job = ScoreJobConfig(inputs=tuple(inputs), **{k: opts[k] for k in _BASE_OPTIONS}, fields=fields,
+                             token_logprobs=opts["token_logprobs"], ordered=not opts["unordered"],
+                             engine=pick(EngineConfig, opts, ENGINE_OPTIONS))
+        summary = score_job(job, quiet=opts["quiet"])
     except (BitnetBatchError, OSError) as e:
         _fail(e)
-    if quiet:
+    if opts["quiet"]:
         click.echo(f"corpus perplexity: {summary['corpus']['perplexity']} over {summary['corpus']['tokens']} tokens")
-    if strict and summary["items"]["errors_in_output"]:
+    if opts["strict"] and summary["items"]["errors_in_output"]:
+        sys.exit(EXIT_ITEM_ERRORS)
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--output", "-o", required=True, type=click.Path(), help="Output file (.parquet or .jsonl).")
+@click.option("--output-format", type=click.Choice(["jsonl", "parquet"]), default=None,
+              help="Default: from the output extension.")
+@click.option("--input-format", type=click.Choice(["jsonl", "parquet"]), default=None)
+@click.option("--text-field", default="text", show_default=True, help="The text to embed.")
+@click.option("--instruction-field", default="instruction", show_default=True,
+              help="Optional: a one-sentence task; the text is then embedded as a query in the model's format.")
+@click.option("--id-field", default="id", show_default=True)
+@click.option("--pooling", type=click.Choice(["last", "mean", "cls"]), default=None,
+              help="How token states become one vector (default: the model's; mean for generative models).")
+@click.option("--normalize/--no-normalize", default=True, show_default=True, help="L2-normalise each vector.")
+@click.option("--dimensions", type=int, default=None, help="Keep the first N components (Matryoshka), then normalise.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "int8", "binary"]), default="float32",
+              show_default=True, help="int8: per-vector scale in a 'scale' field; binary: sign bits, 8 per byte.")
+@click.option("--truncate", type=click.Choice(["left", "right"]), default=None,
+              help="Cut over-long texts instead of writing an error record.")
+@_engine_options("Texts in flight together.", "Longest text (0 = the model's context, at most 8192).",
+                 exclude=("kv_cache_mb", "prefix_cache"), max_batch=64, prefill_chunk=1024)
+@click.option("--unordered", is_flag=True, help="Write records as they finish (JSONL) instead of input order.")
+@click.option("--overwrite", is_flag=True, help="Start fresh instead of resuming.")
+@click.option("--strict", is_flag=True, help=f"Exit with {EXIT_ITEM_ERRORS} when any item is an error record.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or log.")
+@_model_options
+def embed(inputs, **opts):
+    """An embedding vector for every record's `text` (BitNet embedding models, or a generative model's pooled
+    hidden states), as Parquet fixed-size lists or JSON lists."""
+    from .jobs.embed import EmbedFields, EmbedJobConfig, embed_job
+
+    try:
+        fields = EmbedFields(**{k: opts[f"{k}_field"] for k in ("text", "instruction", "id")})
+        job = EmbedJobConfig(inputs=tuple(inputs), **{k: opts[k] for k in _BASE_OPTIONS}, fields=fields,
+                             **{k: opts[k] for k in ("pooling", "normalize", "dimensions", "dtype", "truncate")},
+                             ordered=not opts["unordered"],
+                             engine=pick(EngineConfig, opts, [o for o in ENGINE_OPTIONS if o in opts]))
+        summary = embed_job(job, quiet=opts["quiet"])
+    except (BitnetBatchError, OSError) as e:
+        _fail(e)
+    if opts["strict"] and summary["items"]["errors_in_output"]:
         sys.exit(EXIT_ITEM_ERRORS)
 
 
@@ -265,7 +291,7 @@ def score(inputs, output, output_format, input_format, text_field, prompt_field,
 @click.option("--system", default=None, help="Render the prompt as a chat with this system message.")
 @click.option("--chat", is_flag=True, help="Render the prompt with the chat template.")
 @_model_options
-@_sampling_options
+@_sampling_options(SINGLE_SAMPLING)
 def generate(prompt, system, chat, model, model_file, ffn_act, threads, **kw):
     """Generate from one PROMPT, streaming the text to stdout."""
     from .generate import Generator
@@ -293,7 +319,7 @@ def _echo_piece(text):
 @main.command()
 @click.option("--system", default=None, help="System message.")
 @_model_options
-@_sampling_options
+@_sampling_options(SINGLE_SAMPLING)
 def chat(system, model, model_file, ffn_act, threads, **kw):
     """Interactive chat with the model's chat template and history (empty line or Ctrl-D to quit)."""
     from .generate import Generator
@@ -350,8 +376,7 @@ def inspect(model, model_file, as_json):
 @click.option("--prompt-tokens", type=int, default=64, show_default=True)
 @click.option("--gen-tokens", type=int, default=64, show_default=True)
 @click.option("--prefill-chunk", type=int, default=128, show_default=True)
-@_kv_dtype_option
-@click.option("--threads", type=int, default=0, help="Numba threads (0 = all cores).")
+@click_options(EngineConfig, ["kv_dtype", "threads"])
 @click.option("--repeat", type=int, default=1, show_default=True,
               help="Runs per batch size; the best (total tok/s) is reported, all are in the JSON.")
 @click.option("--baseline", default=None, type=click.Path(dir_okay=False),
@@ -391,6 +416,34 @@ def bench(model, model_file, batch_sizes, prompt_tokens, gen_tokens, prefill_chu
         _fail(e)
     if as_json:
         click.echo(json.dumps(out))
+
+
+@main.command()
+@click.argument("src")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="The GGUF file to write.")
+@click.option("--type", "weight_type", type=click.Choice(["i2_s", "tq2_0", "tq1_0", "f16"]), default="i2_s",
+              show_default=True, help="i2_s: bitnet.cpp (arch bitnet-b1.58); tq2_0 / tq1_0 / f16: mainline llama.cpp "
+                                      "(arch bitnet).")
+@click.option("--revision", default=None, help="Branch, tag or commit of a hub repo SRC.")
+@click.option("--name", default=None, help="general.name (default: the source's name).")
+@click.option("--ffn-act", type=click.Choice(["relu2", "silu"]), default=None,
+              help="Override the FFN activation the source implies.")
+def convert(src, output, weight_type, revision, name, ffn_act):
+    """Convert SRC (a Hugging Face BitNet checkpoint directory or repo id, or a GGUF) to a GGUF file."""
+    from .convert import convert as run_convert
+
+    try:
+        res = run_convert(src, output, weight_type, revision=revision, ffn_act=ffn_act, name=name)
+    except (BitnetBatchError, OSError) as e:
+        _fail(e)
+    click.echo(f"wrote {res.path} ({res.nbytes / 2**20:.1f} MiB, arch {res.arch}, {res.tensors} tensors, "
+               f"{res.weight_type})")
+    if res.fallback:
+        click.echo(f"{len(res.fallback)} projections whose input width does not fill {res.weight_type} blocks were "
+                   f"written as {'F32' if res.weight_type == 'i2_s' else 'F16'} ternary values: "
+                   f"{', '.join(res.fallback[:4])}{', ...' if len(res.fallback) > 4 else ''}")
+    for warning in res.warnings:
+        click.echo(f"warning: {warning}", err=True)
 
 
 @main.command("make-test-model", context_settings={"ignore_unknown_options": True})

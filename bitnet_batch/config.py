@@ -1,10 +1,13 @@
-"""Typed, validated configuration read from GGUF metadata (ModelConfig) and given by the user (EngineConfig).
+"""Typed, validated configuration read from GGUF metadata (ModelConfig) and given by the user (EngineConfig;
+the sampling parameters are ``sampling.params.SamplingParams``, a job's ``jobs.run.JobConfig``).
 
 GGUF keys are read through the named constants below, prefixed by the architecture name.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
 
 from .errors import ConfigError, ModelFormatError
 
@@ -112,3 +115,55 @@ class ModelConfig:
                    n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, n_ff=req(K_FF), n_rot=n_rot,
                    rope_base=float(md.get(f"{arch}.{K_ROPE_BASE}", 10000.0)), rms_eps=req(K_EPS, float),
                    ffn_act=act, tied_lm_head=tied)
+
+
+KV_DTYPES = {"f32": np.float32, "f16": np.uint16}      # KV cache storage; "f16": IEEE float16 bits
+
+
+def check_kv_dtype(kv_dtype) -> str:
+    if kv_dtype not in KV_DTYPES:
+        raise ConfigError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
+    return kv_dtype
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Sizes of the engine's preallocated state, and the engine-side choices of a job."""
+
+    max_batch: int = 16
+    """Sequences in flight together (KV slots): decoded together, one row each per step."""
+
+    max_seq_len: int = 0
+    """Longest sequence, prompt + generation (0: the model's context length)."""
+
+    prefill_chunk: int = 128
+    """Most rows (tokens) one step processes."""
+
+    kv_cache_mb: float = 0.0
+    """KV cache budget in MiB (0: max_batch full sequences, at most a quarter of the free memory)."""
+
+    block_size: int = 16
+    """Tokens per KV block (the unit of admission and of prefix sharing)."""
+
+    threads: int = 0
+    """Numba threads (0: all cores)."""
+
+    kv_dtype: str = "f32"
+    """KV cache storage: f32 = the BitNet spec's numerics; f16 = half the memory (llama.cpp's default)."""
+
+    prefault_kv: bool = False
+    """Write every page of the KV pool when the engine is built (see ``Engine``)."""
+
+    prefix_cache: bool = True
+    """Compute each shared prompt prefix once and reuse its KV blocks (the records do not change)."""
+
+    def __post_init__(self):
+        for name in ("max_batch", "prefill_chunk", "block_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_seq_len", "kv_cache_mb", "threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_kv_dtype(self.kv_dtype)
+        if not isinstance(self.prefix_cache, bool):
+            raise ConfigError(f"prefix_cache must be true or false, got {self.prefix_cache!r}")

@@ -9,6 +9,7 @@ Hierarchy::
       ModelNotFoundError   a path or hub repo that cannot be resolved (offline and not cached, ...)
       TokenizerError       a tokenizer that cannot be built from the GGUF metadata
       ContextOverflowError a prompt that does not fit the context window
+      JobInterrupted       a job stopped by SIGINT / SIGTERM after writing what was complete
 """
 from __future__ import annotations
 
@@ -52,3 +53,14 @@ class TokenizerError(BitnetBatchError):
 
 class ContextOverflowError(BitnetBatchError, ValueError):
     """A sequence is longer than the model's context window."""
+
+
+class JobInterrupted(BitnetBatchError):
+    """A job was stopped by a signal; every complete record is in the journal and a rerun resumes.
+    ``exit_code`` is the shell's convention for the signal (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int, written: int, total: int | None):
+        self.signum = signum
+        self.exit_code = 128 + signum
+        of = f" of {total}" if total is not None else ""
+        super().__init__(f"interrupted: {written}{of} items written; run the same command to resume")

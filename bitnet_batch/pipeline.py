@@ -30,16 +30,18 @@ is validated on load: unknown sections or keys and bad values are errors naming 
     n = 1                               # samples per input
     dedupe = false                      # drop samples whose text equals an earlier sample of the same input
 
-    [constraint]                        # at most one key
+    [constraint]                        # at most one key, plus json_limits
     choice = ["a", "b"]   # or regex = "...", json_schema = {...}, json_schema_file = "x.json",
                           # response_format = {type = "json_object"}
+    json_limits = { string = 1000 }     # optional: digits, exponent, string, items (0: no bound), or "none"
 
     [output]
     path = "../out/summaries.jsonl"
     format = "jsonl"                    # optional: jsonl | parquet | openai
     ordered = true
 
-    [engine]                            # max_batch, prefill_chunk, kv_cache_mb, kv_dtype, max_seq_len, threads
+    [engine]                            # max_batch, prefill_chunk, kv_cache_mb, kv_dtype, max_seq_len, threads,
+                                        # prefix_cache (default true)
 
 A record missing a placeholder's field becomes an error record naming ``file:line`` and the field; the job
 goes on. Records may still carry per-item parameters (``max_tokens``, ``n``, ``regex``, ...).
@@ -52,7 +54,7 @@ import json
 import os
 import re
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields as dataclass_fields, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -60,8 +62,9 @@ from .engine.engine import EngineConfig
 from .errors import ConfigError, InputError
 from .io.readers import BadRecord, RecordSpec, Request, own_overrides, read_items
 from .model.hub import DEFAULT_REPO
-from .runner import JobConfig, check_n
-from .sampling.constraints import (ConstraintSpec, choice_constraint, json_schema_constraint,
+from .jobs.run import JobConfig
+from .options import ENGINE_OPTIONS, SAMPLING_OPTIONS
+from .sampling.constraints import (ConstraintSpec, JsonLimits, choice_constraint, json_schema_constraint,
                                    response_format_constraint, regex_constraint)
 from .sampling.params import SamplingParams
 
@@ -76,18 +79,14 @@ KEYS = {
     "input": ("path", "format", "id_field", "fields"),
     "prompt": ("system", "user", "text", "truncate"),
     "model": ("name", "file", "ffn_act"),
-    "sampling": tuple(sorted((SamplingParams.field_names() - {"seed"}) | {"seed", "n", "dedupe"})),
-    "constraint": ("choice", "regex", "json_schema", "json_schema_file", "response_format"),
+    "sampling": tuple(sorted(SamplingParams.field_names() | {"dedupe"})),      # seed: the job seed
+    "constraint": ("choice", "regex", "json_schema", "json_schema_file", "response_format", "json_limits"),
     "output": ("path", "format", "ordered"),
-    "engine": ("max_batch", "prefill_chunk", "kv_cache_mb", "kv_dtype", "max_seq_len", "threads"),
+    "engine": ENGINE_OPTIONS,
 }
 INPUT_FORMATS = ("jsonl", "parquet")
 OUTPUT_FORMATS = ("jsonl", "parquet", "openai")
 FFN_ACTS = ("relu2", "silu")
-# CLI option name -> SamplingParams field (the sampling options that a command line may override)
-SAMPLING_OPTIONS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                    "presence_penalty", "frequency_penalty", "stop", "logprobs", "ignore_eos")
-ENGINE_OPTIONS = KEYS["engine"]
 
 
 # ------------------------------------------------------------------------------------------ the template
@@ -209,28 +208,20 @@ def _lookup(record: Mapping, path: str):
 
 @dataclass(frozen=True)
 class Pipeline:
-    """A validated pipeline file. ``job(overrides)`` gives the JobConfig to run."""
+    """A validated pipeline file. ``job(overrides)`` gives the JobConfig to run; the JobConfig fields the file
+    sets (``fields``: inputs, template, model, sampling, seed, constraint, output, engine, ...) read as
+    attributes too (``pipeline.model``)."""
 
     path: Path                          # the TOML file
     name: str
     description: str
-    inputs: tuple[str, ...]             # input files, globs expanded (sorted), relative paths resolved
-    input_format: str | None
-    id_field: str
-    template: PromptTemplate
-    truncate: str | None
-    model: str                          # hub repo id or GGUF path
-    model_file: str | None
-    ffn_act: str | None
-    sampling: SamplingParams
-    seed: int
-    n: int
-    dedupe: bool
-    constraint: ConstraintSpec | None
-    output: str | None
-    output_format: str | None
-    ordered: bool
-    engine: EngineConfig
+    fields: Mapping[str, Any]           # JobConfig keyword arguments; "output" may be None (then --output)
+
+    def __getattr__(self, key: str):
+        try:
+            return self.__dict__["fields"][key]
+        except KeyError:
+            raise AttributeError(f"{type(self).__name__!r} has no attribute {key!r}") from None
 
     def job(self, overrides: Mapping[str, Any] | None = None) -> JobConfig:
         """The JobConfig of this pipeline; ``overrides`` (CLI option names: model, output, temperature,
@@ -239,32 +230,25 @@ class Pipeline:
         unknown = sorted(set(o) - _OVERRIDABLE)
         if unknown:
             raise ConfigError(f"{self.path}: cannot override {', '.join(unknown)} of a pipeline")
-        sampling = replace(self.sampling, **{k: o[k] for k in SAMPLING_OPTIONS if k in o})
-        engine = replace(self.engine, **{k: o[k] for k in ENGINE_OPTIONS if k in o})
-        template, system = self.template, None
-        if "system" in o:
-            if template.user is not None:
-                template = replace(template, system=o["system"])
-            else:
-                system = o["system"]
-        output = o.get("output", self.output)
-        if output is None:
+        fields = dict(self.fields)
+        fields["sampling"] = replace(fields["sampling"], **{k: o.pop(k) for k in SAMPLING_OPTIONS if k in o})
+        fields["engine"] = replace(fields["engine"], **{k: o.pop(k) for k in ENGINE_OPTIONS if k in o})
+        if "system" in o and fields["template"].user is not None:      # a chat template's system turn
+            fields["template"] = replace(fields["template"], system=o.pop("system"))
+        if o.get("model", fields["model"]) != fields["model"]:
+            fields["model_file"] = None         # the file named a file of the file's model, not of this one
+        fields.update(o)
+        if fields.get("output") is None:
             raise ConfigError(f"{self.path}: no output: set [output] path or give --output")
-        model = o.get("model", self.model)
-        return JobConfig(
-            inputs=tuple(o.get("inputs") or self.inputs), output=str(output), model=model,
-            model_file=o.get("model_file", self.model_file if model == self.model else None),
-            output_format=o.get("output_format", self.output_format),
-            input_format=o.get("input_format", self.input_format), id_field=o.get("id_field", self.id_field),
-            system=system, sampling=sampling, seed=o.get("seed", self.seed), truncate=o.get("truncate", self.truncate),
-            ordered=o.get("ordered", self.ordered), overwrite=bool(o.get("overwrite", False)),
-            ffn_act=o.get("ffn_act", self.ffn_act), engine=engine, constraint=o.get("constraint", self.constraint),
-            n=o.get("n", self.n), dedupe=o.get("dedupe", self.dedupe), template=template, pipeline=str(self.path))
+        fields["inputs"] = tuple(fields["inputs"])
+        fields["output"] = str(fields["output"])
+        return JobConfig(**fields, pipeline=str(self.path))
 
 
-_OVERRIDABLE = frozenset(SAMPLING_OPTIONS + ENGINE_OPTIONS + (
-    "inputs", "output", "output_format", "input_format", "id_field", "system", "seed", "truncate", "ordered",
-    "overwrite", "model", "model_file", "ffn_act", "constraint", "n", "dedupe"))
+# what a command line may override: the job's fields, but not how prompts are built (the template does that)
+_OVERRIDABLE = frozenset(SAMPLING_OPTIONS + ENGINE_OPTIONS + tuple(
+    f.name for f in dataclass_fields(JobConfig)
+    if f.name not in ("prompt_field", "chat", "template", "pipeline", "sampling", "engine")))
 
 
 def load_pipeline(path) -> Pipeline:
@@ -323,21 +307,22 @@ class _Loader:
 
     def pipeline(self) -> Pipeline:
         model = self.get("model", "name", str, DEFAULT_REPO)
-        if model.endswith(".gguf"):
+        if model.endswith(".gguf") or self.resolve(model).is_dir():     # a file, or a checkpoint directory
             model = str(self.resolve(model))
         output = self.get("output", "path", str)
-        sampling, seed, n, dedupe = self.sampling()
-        return Pipeline(
-            path=self.path, name=self.get("", "name", str, self.path.stem),
-            description=self.get("", "description", str, ""), inputs=self.inputs(),
-            input_format=self.get("input", "format", str, None, INPUT_FORMATS),
+        sampling, seed, dedupe = self.sampling()
+        fields = dict(
+            inputs=self.inputs(), input_format=self.get("input", "format", str, None, INPUT_FORMATS),
             id_field=self.get("input", "id_field", str, "id"), template=self.template(),
             truncate=self.get("prompt", "truncate", str, None, ("left", "right")),
             model=model, model_file=self.get("model", "file", str),
-            ffn_act=self.get("model", "ffn_act", str, None, FFN_ACTS), sampling=sampling, seed=seed, n=n,
-            dedupe=dedupe, constraint=self.constraint(), output=None if output is None else str(self.resolve(output)),
+            ffn_act=self.get("model", "ffn_act", str, None, FFN_ACTS), sampling=sampling, seed=seed,
+            dedupe=dedupe, constraint=self.constraint(), json_limits=self.json_limits(),
+            output=None if output is None else str(self.resolve(output)),
             output_format=self.get("output", "format", str, None, OUTPUT_FORMATS),
             ordered=self.get("output", "ordered", bool, True), engine=self.engine())
+        return Pipeline(path=self.path, name=self.get("", "name", str, self.path.stem),
+                        description=self.get("", "description", str, ""), fields=fields)
 
     def resolve(self, p: str) -> Path:
         """A path of the file: relative ones are relative to the file's directory ("a/../b" -> "b")."""
@@ -366,25 +351,23 @@ class _Loader:
         return PromptTemplate(user=self.get("prompt", "user", str), text=self.get("prompt", "text", str),
                               system=self.get("prompt", "system", str), fields=tuple(sorted(mapping.items())))
 
-    def sampling(self) -> tuple[SamplingParams, int, int, bool]:
+    def sampling(self) -> tuple[SamplingParams, int, bool]:
         table = dict(self.section("sampling"))
         seed = self.get("sampling", "seed", int, 0)
         if seed < 0:
             raise ConfigError(f"[sampling] seed must be an integer >= 0, got {seed}")
-        n = self.get("sampling", "n", int, 1)
         dedupe = self.get("sampling", "dedupe", bool, False)
-        params = {k: v for k, v in table.items() if k not in ("seed", "n", "dedupe")}
+        params = {k: v for k, v in table.items() if k not in ("seed", "dedupe")}
         try:
-            check_n(n, "[sampling] n")
-            return SamplingParams(**params), seed, n, dedupe
+            return SamplingParams(**params), seed, dedupe
         except ConfigError as e:
             msg = str(e)
             raise ConfigError(msg if msg.startswith("[") else f"[sampling] {msg}") from None
 
     def constraint(self) -> ConstraintSpec | None:
-        table = self.section("constraint")
+        table = {k: v for k, v in self.section("constraint").items() if k != "json_limits"}
         if len(table) > 1:
-            raise ConfigError(f"[constraint] give only one of {', '.join(KEYS['constraint'])} "
+            raise ConfigError(f"[constraint] give only one of {', '.join(KEYS['constraint'][:-1])} "
                               f"(got {', '.join(table)})")
         try:
             if "choice" in table:
@@ -401,6 +384,14 @@ class _Loader:
             raise ConfigError(f"[constraint] {e}") from None
         return None
 
+    def json_limits(self) -> JsonLimits:
+        """[constraint] json_limits: a table of bounds, or a string as on the command line ("none", "digits=20")."""
+        value = self.section("constraint").get("json_limits")
+        try:
+            return JsonLimits() if value is None else JsonLimits.parse(value)
+        except ConfigError as e:
+            raise ConfigError(f"[constraint] json_limits: {e}") from None
+
     def _schema_file(self):
         rel = self.get("constraint", "json_schema_file", str)
         full = self.resolve(rel)
@@ -412,8 +403,9 @@ class _Loader:
             raise ConfigError(f"json_schema_file {rel!r} is not valid JSON ({e.msg} at line {e.lineno})") from None
 
     def engine(self) -> EngineConfig:
-        kinds = {"kv_cache_mb": float, "kv_dtype": str}
-        values = {k: self.get("engine", k, kinds.get(k, int)) for k in KEYS["engine"] if k in self.section("engine")}
+        kinds = {f.name: {"int": int, "float": float, "str": str, "bool": bool}[str(f.type)]
+                 for f in dataclass_fields(EngineConfig)}
+        values = {k: self.get("engine", k, kinds[k]) for k in KEYS["engine"] if k in self.section("engine")}
         try:
             return EngineConfig(**values)
         except ConfigError as e:

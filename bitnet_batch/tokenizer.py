@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
 from bitnet_batch.errors import InputError, TokenizerError
 
@@ -61,10 +61,19 @@ LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+#: Qwen2 / Qwen3 pre-tokenizer regex (Qwen2 ``tokenizer.json``, as quoted in llama.cpp ``llama-vocab.cpp`` for
+#: LLAMA_VOCAB_PRE_TYPE_QWEN2): LLaMA-3's with single digits (\p{N}) instead of runs of up to three.
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _PRE_LLAMA3 = ("llama-bpe", "llama3", "llama-v3")
-_PRE_GPT2 = ("default", "gpt2")
-SUPPORTED_PRE = _PRE_LLAMA3 + _PRE_GPT2
-SUPPORTED_MODELS = ("gpt2",)
+_PRE_GPT2 = ("default", "gpt2", "gpt-2")
+_PRE_QWEN2 = ("qwen2", "deepseek-r1-qwen")
+SUPPORTED_PRE = _PRE_LLAMA3 + _PRE_GPT2 + _PRE_QWEN2
+SUPPORTED_MODELS = ("gpt2", "gemma4")
+#: tokenizer.ggml.model values built by ``spm_tokenizer`` (SentencePiece vocabularies: scores, byte fallback).
+SPM_MODELS = ("llama",)
 
 # Token texts that end generation when present (llama.cpp adds these to its EOG set by text).
 _EOG_TEXTS = ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>")
@@ -112,6 +121,15 @@ def _normal_token_bytes(text: str) -> bytes:
         return b"".join(bytes([table[ord(c)]]) if ord(c) in table else c.encode("utf-8") for c in text)
 
 
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _spm_piece_bytes(text: str) -> bytes:
+    """Raw bytes of a SentencePiece piece: ``<0xXX>`` is that byte, U+2581 a space."""
+    m = _BYTE_PIECE.fullmatch(text)
+    return bytes([int(m.group(1), 16)]) if m else text.replace("\u2581", " ").encode("utf-8")
+
+
 @dataclass(frozen=True)
 class VocabSpec:
     """The tokenizer part of a GGUF's metadata, read through named keys and validated."""
@@ -125,13 +143,16 @@ class VocabSpec:
     merges: tuple[str, ...]
     """``tokenizer.ggml.merges``: "left right" pairs in rank order."""
     pattern: str
-    """"llama3" or "gpt2": which pre-tokenizer regex to use."""
+    """"llama3", "gpt2" or "qwen2": which pre-tokenizer regex to use; "spm-bpe" for a SentencePiece-style BPE
+    vocabulary (Gemma's: U+2581 for spaces, ``<0xXX>`` byte fallback, no pre-tokenizer)."""
     bos_id: int | None
     eos_id: int | None
     eot_id: int | None
     eom_id: int | None
     add_bos: bool
     chat_template: str | None
+    extra_eog_ids: tuple[int, ...] = ()
+    """More end-of-generation ids (a Hugging Face generation_config.json's list of eos_token_id)."""
 
     def __post_init__(self) -> None:
         n = len(self.tokens)
@@ -141,10 +162,10 @@ class VocabSpec:
                 f"{KEY_TOKENS} has {n}"
             )
         for key, value in ((KEY_BOS, self.bos_id), (KEY_EOS, self.eos_id), (KEY_EOT, self.eot_id),
-                           (KEY_EOM, self.eom_id)):
+                           (KEY_EOM, self.eom_id), *(("eos_token_id", i) for i in self.extra_eog_ids)):
             if value is not None and not 0 <= value < n:
                 raise TokenizerError(f"{self.source}: {key} must be in [0, {n}), got {value}")
-        if self.pattern not in ("llama3", "gpt2"):
+        if self.pattern not in ("llama3", "gpt2", "qwen2", "spm-bpe"):
             raise TokenizerError(f"{self.source}: internal pattern name {self.pattern!r}")
 
 
@@ -182,9 +203,19 @@ def _select_pattern(metadata: Mapping[str, Any], tokens: Sequence[str], source: 
         return "llama3"
     if pre in _PRE_GPT2:
         return "gpt2"
+    if pre in _PRE_QWEN2:
+        return "qwen2"
     raise TokenizerError(
         f"{source}: unsupported {KEY_PRE} {pre!r}; supported: {', '.join(SUPPORTED_PRE)}"
     )
+
+
+def looks_sentencepiece_bpe(tokens: Sequence[str]) -> bool:
+    """True for a SentencePiece-style BPE vocabulary stored as ``tokenizer.ggml.model = "gpt2"``: bitnet.cpp's
+    embedding converter writes Gemma's vocabulary that way (``utils/convert-bitnet-embedding-to-gguf.py``: model
+    "gpt2", pre "default", the tokens and merges of GemmaTokenizerFast). Such a vocabulary has U+2581 word tokens and
+    ``<0xXX>`` byte tokens and none of byte-level BPE's "Ġ" tokens."""
+    return "<0x0A>" in tokens and "\u2581the" in tokens and "\u0120the" not in tokens
 
 
 def read_vocab_spec(metadata: Mapping[str, Any], source: str = "<metadata>") -> VocabSpec:
@@ -195,7 +226,8 @@ def read_vocab_spec(metadata: Mapping[str, Any], source: str = "<metadata>") -> 
     if model not in SUPPORTED_MODELS:
         raise TokenizerError(
             f"{source}: unsupported tokenizer model {KEY_MODEL}={model!r}; "
-            f"supported: {', '.join(SUPPORTED_MODELS)} (byte-level BPE)"
+            f"supported: {', '.join(SUPPORTED_MODELS + SPM_MODELS)} (byte-level BPE, SentencePiece BPE, "
+            "SentencePiece)"
         )
     tokens = _require_str_list(metadata, KEY_TOKENS, source)
     merges = _require_str_list(metadata, KEY_MERGES, source)
@@ -208,15 +240,21 @@ def read_vocab_spec(metadata: Mapping[str, Any], source: str = "<metadata>") -> 
         raise TokenizerError(f"{source}: {KEY_ADD_BOS} must be a bool, got {add_bos_raw!r}")
     if add_bos_raw and bos is None:
         raise TokenizerError(f"{source}: {KEY_ADD_BOS} is true but {KEY_BOS} is missing")
-    # Default True for gpt2/llama-bpe vocabularies (llama.cpp), when there is a BOS to add.
-    add_bos = bool(add_bos_raw) if add_bos_raw is not None else bos is not None
+    # Default True for gpt2/llama-bpe vocabularies, when there is a BOS to add; llama.cpp leaves add_bos false for
+    # qwen2 (Qwen2 / Qwen3 vocabularies name <|endoftext|> as BOS but never prepend it).
+    pattern = "spm-bpe" if model == "gemma4" or looks_sentencepiece_bpe(tokens) else _select_pattern(metadata, tokens,
+                                                                                                      source)
+    if add_bos_raw is not None:
+        add_bos = bool(add_bos_raw)
+    else:                                       # llama.cpp always prepends BOS for gemma4 vocabularies
+        add_bos = bos is not None and pattern != "qwen2"
     eot = _optional_id(metadata, KEY_EOT, source)
     if eot is None and "<|eot_id|>" in tokens:
         eot = tokens.index("<|eot_id|>")
     template = metadata.get(KEY_CHAT_TEMPLATE)
     return VocabSpec(
         source=source, tokens=tokens, token_types=types, merges=merges,
-        pattern=_select_pattern(metadata, tokens, source), bos_id=bos,
+        pattern=pattern, bos_id=bos,
         eos_id=_optional_id(metadata, KEY_EOS, source), eot_id=eot,
         eom_id=_optional_id(metadata, KEY_EOM, source), add_bos=add_bos,
         chat_template=template if isinstance(template, str) else None,
@@ -251,7 +289,12 @@ def _build_hf(spec: VocabSpec) -> tokenizers.Tokenizer:
     vocab = {text: i for i, text in enumerate(spec.tokens)}
     merges = _split_merges(spec.merges, spec.source)
     try:
-        bpe = models.BPE(vocab, merges, ignore_merges=True)
+        # qwen2: merges all the way, as the Qwen2 tokenizer.json (ignore_merges false) and llama.cpp do
+        if spec.pattern == "spm-bpe":           # transformers' GemmaTokenizer model: byte fallback, no ignore_merges
+            bpe = models.BPE(vocab, merges, byte_fallback=True, fuse_unk=True,
+                             unk_token="<unk>" if "<unk>" in vocab else None)
+        else:
+            bpe = models.BPE(vocab, merges, ignore_merges=spec.pattern != "qwen2")
     except Exception as exc:  # tokenizers raises plain Exception for unknown merge parts
         raise TokenizerError(f"{spec.source}: cannot build BPE from {KEY_TOKENS}/{KEY_MERGES}: {exc}") from exc
     hf = tokenizers.Tokenizer(bpe)
@@ -260,9 +303,22 @@ def _build_hf(spec: VocabSpec) -> tokenizers.Tokenizer:
             pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ])
+    elif spec.pattern == "spm-bpe":
+        # transformers' GemmaTokenizer: spaces -> U+2581, BPE over the whole text (its pre-tokenizer splits on " ",
+        # which the normalizer has already replaced)
+        hf.normalizer = normalizers.Replace(" ", "\u2581")
+        hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    elif spec.pattern == "qwen2":
+        # Qwen2's tokenizer.json NFC-normalizes first; llama.cpp's test cases (made with that tokenizer) agree
+        hf.normalizer = normalizers.NFC()
+        hf.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
     else:
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    hf.decoder = decoders.ByteLevel()
+    if spec.pattern != "spm-bpe":
+        hf.decoder = decoders.ByteLevel()
     types = spec.token_types
     hf.add_special_tokens([AddedToken(spec.tokens[i], special=True, normalized=False)
                            for i in np.flatnonzero(types == TOKEN_CONTROL)])
@@ -279,7 +335,10 @@ def _token_bytes_table(spec: VocabSpec) -> tuple[bytes, array]:
     took ~18 MB of Python heap for LLaMA-3; the blob and offsets take 1.8 MB."""
     types = spec.token_types
     literal = (types == TOKEN_CONTROL) | (types == TOKEN_USER_DEFINED)
-    parts = [t.encode("utf-8") if literal[i] else _normal_token_bytes(t) for i, t in enumerate(spec.tokens)]
+    if spec.pattern == "spm-bpe":               # SentencePiece pieces: U+2581 is a space, <0xXX> one byte
+        parts = [t.encode("utf-8") if literal[i] else _spm_piece_bytes(t) for i, t in enumerate(spec.tokens)]
+    else:
+        parts = [t.encode("utf-8") if literal[i] else _normal_token_bytes(t) for i, t in enumerate(spec.tokens)]
     return b"".join(parts), array("q", accumulate((len(b) for b in parts), initial=0))
 
 
@@ -312,7 +371,9 @@ class IncrementalDecoder:
 class Tokenizer:
     """A GGUF byte-level BPE vocabulary: encode, decode, incremental decode and the chat format.
 
-    Build with ``load_tokenizer(path)`` or ``tokenizer_from_metadata(metadata)``.
+    Build with ``load_tokenizer(path)`` or ``tokenizer_from_metadata(metadata)``; a Hugging Face tokenizer.json with
+    ``tokenizer_from_hf(directory)`` (``hf``: the fast tokenizer read from the file instead of one built from the
+    spec's vocabulary and merges).
     """
 
     hf: tokenizers.Tokenizer
@@ -326,8 +387,8 @@ class Tokenizer:
     add_bos: bool
     chat_template: str | None
 
-    def __init__(self, spec: VocabSpec):
-        self.hf = _build_hf(spec)
+    def __init__(self, spec: VocabSpec, hf: tokenizers.Tokenizer | None = None):
+        self.hf = _build_hf(spec) if hf is None else hf
         # the BPE model holds the merges and token strings now, the blob below the raw bytes: the spec's
         # 128k token strings and 280k merges (LLaMA-3) are not kept
         self.source = spec.source
@@ -346,7 +407,7 @@ class Tokenizer:
 
     @staticmethod
     def _end_of_generation_ids(spec: VocabSpec) -> frozenset[int]:
-        ids = {i for i in (spec.eos_id, spec.eot_id, spec.eom_id) if i is not None}
+        ids = {i for i in (spec.eos_id, spec.eot_id, spec.eom_id, *spec.extra_eog_ids) if i is not None}
         ids.update(i for i, t in enumerate(spec.tokens) if t in _EOG_TEXTS)
         return frozenset(ids)
 
@@ -420,6 +481,11 @@ class Tokenizer:
         blob, ends = self._blob, self._offsets
         return [blob[a:b] for a, b in zip(ends[:-1], ends[1:])]
 
+    def control_text_in(self, text: str) -> str | None:
+        """The first control-token text (e.g. "<|eot_id|>") found in ``text``, else None."""
+        m = self._special_re.search(text) if self._special_re is not None else None
+        return None if m is None else m.group()
+
     def is_control(self, token_id: int) -> bool:
         """True for CONTROL tokens (BOS, EOS, <|eot_id|>, reserved specials)."""
         return bool(self._control[self._check_id(token_id)])
@@ -444,19 +510,35 @@ class Tokenizer:
             raise TokenizerError(f"{self.source}: vocabulary has neither an EOT nor an EOS token")
         return end
 
+    @functools.cached_property
+    def chat_format(self) -> str:
+        """"bitnet" (our rendering below) or "jinja" (the vocabulary's own template, rendered by
+        ``chat_template.render``): a template counts as the BitNet one when it carries bitnet.cpp's "BITNET"
+        marker or renders a probe chat exactly as ours does (see ``chat_template.is_bitnet_format``)."""
+        from . import chat_template
+
+        if self.chat_template is None or chat_template.is_bitnet_format(self):
+            return "bitnet"
+        return "jinja"
+
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]],
                             add_generation_prompt: bool = True) -> list[int]:
-        """Prompt ids in the BitNet b1.58 2B4T chat format (Microsoft ``gpu/tokenizer.py::ChatFormat``).
+        """Prompt ids in the BitNet b1.58 2B4T chat format (Microsoft ``gpu/tokenizer.py::ChatFormat``), or in the
+        vocabulary's own Jinja template when that is a different one (``chat_format``; ``chat_template.encode``).
 
         ``[BOS if add_bos] + Σ(encode(f"{Role}: ") + encode(content.strip()) + [eot])
         + (encode("Assistant: ") if add_generation_prompt)``, where Role is System/User/Assistant.
         Header and content are encoded separately, as the reference does (token boundaries differ
         slightly from encoding the joined string). The turn terminator is ``eot_id`` (<|eot_id|>);
-        a vocabulary without one uses ``eos_id``. The GGUF's own ``tokenizer.chat_template``
-        ("Human: ... BITNETAssistant:") is not used: it disagrees with the HF and GPU references.
-        Raises ``InputError`` naming the bad field.
+        a vocabulary without one uses ``eos_id``. The official GGUF's ``tokenizer.chat_template``
+        ("Human: ... BITNETAssistant:") is not rendered: it disagrees with the HF and GPU references, and
+        bitnet.cpp does not render it either. Raises ``InputError`` naming the bad field.
         """
         turns = _validate_messages(messages)
+        if self.chat_format == "jinja":
+            from . import chat_template
+
+            return chat_template.encode(self, turns, add_generation_prompt)
         end = self._turn_end_id()
         ids = self._bos_prefix(self.add_bos)
         for role, content in turns:
@@ -470,6 +552,13 @@ class Tokenizer:
     def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
         """The prompt of ``apply_chat_template`` as text (BOS and terminator shown as their token text)."""
         turns = _validate_messages(messages)
+        if self.chat_format == "jinja":
+            from . import chat_template
+
+            return chat_template.render_with_bos(self, turns, add_generation_prompt)
+        return self._render_bitnet(turns, add_generation_prompt)
+
+    def _render_bitnet(self, turns: Sequence[tuple[str, str]], add_generation_prompt: bool) -> str:
         end = self.token_text(self._turn_end_id())
         parts = [self.token_text(self.bos_id)] if self.add_bos else []
         parts += [f"{CHAT_ROLES[role]}: {content.strip()}{end}" for role, content in turns]
@@ -510,8 +599,23 @@ def _validate_messages(messages: Any) -> list[tuple[str, str]]:
 
 
 def tokenizer_from_metadata(metadata: Mapping[str, Any], source: str = "<metadata>") -> Tokenizer:
-    """Build the tokenizer from a GGUF metadata dict (``GGUFFile.metadata``); ``source`` names it in errors."""
+    """Build the tokenizer from a GGUF metadata dict (``GGUFFile.metadata``); ``source`` names it in errors.
+    A SentencePiece vocabulary (``tokenizer.ggml.model = "llama"``) gives a ``spm_tokenizer.SpmTokenizer`` (the
+    same interface)."""
+    if metadata.get(KEY_MODEL) in SPM_MODELS:
+        from .spm_tokenizer import SpmTokenizer
+
+        return SpmTokenizer(metadata, source)
     return Tokenizer(read_vocab_spec(metadata, source))
+
+
+def tokenizer_from_hf(directory: str | PathLike, n_vocab: int | None = None) -> Tokenizer:
+    """Build the tokenizer of a Hugging Face checkpoint directory (tokenizer.json, tokenizer_config.json,
+    generation_config.json; see ``hf_tokenizer``), padded to ``n_vocab`` ids (the model's vocabulary)."""
+    from .hf_tokenizer import read_hf_tokenizer
+
+    spec, hf = read_hf_tokenizer(directory, n_vocab)
+    return Tokenizer(spec, hf)
 
 
 def load_tokenizer(gguf_path: str | PathLike) -> Tokenizer:

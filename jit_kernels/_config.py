@@ -4,7 +4,7 @@
 
 - ``cache=True`` stores the compiled machine code in ``__pycache__`` so a second process starts in seconds
   (a fresh-process test proves it). ``BITNET_BATCH_JIT_CACHE=0`` turns it off. With a cold cache the runner
-  compiles in a child process and loads the result (``bitnet_batch.runner.warm_up``).
+  compiles in a child process and loads the result (``bitnet_batch.engine.warmup.warm_up``).
 - ``fastmath`` allows reassociation and FMA contraction only (no ``nnan``/``ninf``: masks use -inf). That
   lets LLVM vectorise float reductions. It stays deterministic: the reduction order is fixed when the kernel
   is compiled, and every kernel reduces along an inner axis whose length does not depend on the batch, so a

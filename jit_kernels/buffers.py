@@ -5,9 +5,12 @@ loads at offsets 32j straddle two 64-byte cache lines. The AVX2 ternary tile rea
 operands of ``vpmaddubsw`` (twice each, once per weight row of the tile); a straddling operand costs it ~25%
 (T = 32, K = 2560, one thread). The engine allocates its packed weights, activations and KV caches here.
 """
+import mmap
+
 import numpy as np
 
 CACHE_LINE = 64
+_MMAP_BYTES = 1 << 20       # zeroed buffers from this size on are anonymous mappings of their own
 
 
 def aligned_empty(shape, dtype) -> np.ndarray:
@@ -16,8 +19,16 @@ def aligned_empty(shape, dtype) -> np.ndarray:
 
 
 def aligned_zeros(shape, dtype) -> np.ndarray:
-    """``aligned_empty`` filled with zeros (from calloc'ed pages: untouched pages stay unmapped, as np.zeros)."""
-    return _aligned(np.zeros, shape, dtype)
+    """``aligned_empty`` filled with zeros whose untouched pages stay unmapped (cost no memory): a large one is
+    an anonymous mapping of its own (page-aligned, unmapped when the array is freed). calloc gives that only
+    while glibc's mmap threshold is below the size, and the threshold grows as large blocks are freed, so after
+    enough churn (a 128k-token vocabulary freed, say) a 32 MB calloc comes from the heap and is zeroed page by
+    page, resident at once."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if n < _MMAP_BYTES:
+        return _aligned(np.zeros, shape, dtype)
+    return np.frombuffer(mmap.mmap(-1, n), dtype=dtype).reshape(shape)
 
 
 def _aligned(alloc, shape, dtype) -> np.ndarray:

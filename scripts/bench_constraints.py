@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from bitnet_batch.engine.engine import EngineConfig  # noqa: E402
 from bitnet_batch.model.model import load_model  # noqa: E402
-from bitnet_batch.runner import JobConfig, run_job  # noqa: E402
+from bitnet_batch.jobs.run import JobConfig, run_job  # noqa: E402
 from bitnet_batch.sampling.constraints import job_constraint  # noqa: E402
 from bitnet_batch.sampling.params import SamplingParams  # noqa: E402
 from bitnet_batch.testing.models import write_test_model  # noqa: E402

@@ -11,7 +11,7 @@ Python 2 and cannot be installed on Python 3, so the script only *downloads* the
 the tarball; ``--data PATH`` takes an already downloaded tarball. Held-out split: two whole plays
 (``HELDOUT_WORKS``), never seen by the tokenizer or the model.
 
-Recipe (exactly what bitnet-batch's engine computes, /work/shared/spec/model_spec.md section 2):
+Recipe (exactly what the engine computes, docs/model.md section 2):
 
 * weights: per-tensor absmean ternary ``W_t = clamp(round(W / a), -1, 1)``, ``a = max(mean|W|, 1e-5)``,
   straight-through estimator (the forward uses ``a * W_t``, the gradient flows to the float master ``W``);

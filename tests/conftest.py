@@ -36,3 +36,21 @@ def write_jsonl(path: Path, records) -> Path:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def small_kv(n_blocks=16, max_seqs=4, prefix_cache=True, block_size=4):
+    """A KV cache of one tiny layer for bookkeeping tests: n_blocks blocks of block_size tokens, sequences of up
+    to 8 blocks."""
+    from bitnet_batch.engine.kv_cache import KVCache
+
+    return KVCache(n_layer=1, n_kv_heads=1, head_dim=2, max_seqs=max_seqs, max_seq_len=8 * block_size,
+                   n_tokens=n_blocks * block_size, block_size=block_size, prefix_cache=prefix_cache)
+
+
+def sequence(key, tokens, max_new=2, **kw):
+    """A scheduler Sequence of the given prompt tokens."""
+    import numpy as np
+
+    from bitnet_batch.scheduler import Sequence
+
+    return Sequence(key=key, prompt=np.asarray(tokens, np.int32), max_new=max_new, **kw)

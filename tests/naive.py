@@ -90,3 +90,26 @@ def forward(cfg, layers, embd, output, output_norm, tokens):
         x = x + bitlinear(m, *L["down"])
     x = rmsnorm(x, output_norm, cfg.rms_eps)
     return x @ output.astype(np.float64).T
+
+
+def gelu_tanh(g, u):
+    """gelu (tanh approximation, transformers ``gelu_pytorch_tanh``) of g times u, float64."""
+    g = np.asarray(g, np.float64)
+    return 0.5 * g * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (g + 0.044715 * g ** 3))) * u
+
+
+def causal_attention_window(q, k, v, window, scale):
+    """One sequence: q [T, H, hd], k/v [S, KVH, hd]; row t at position S-T+t attends to positions
+    max(0, p - window + 1)..p (all of 0..p when window <= 0), scores times ``scale``."""
+    T, H, hd = q.shape
+    S, KVH, _ = k.shape
+    g = H // KVH
+    out = np.zeros((T, H, hd))
+    for t in range(T):
+        p = S - T + t
+        lo = max(0, p - window + 1) if window > 0 else 0
+        for h in range(H):
+            sc = (k[lo:p + 1, h // g] @ q[t, h]) * scale
+            w = np.exp(sc - sc.max())
+            out[t, h] = (w / w.sum()) @ v[lo:p + 1, h // g]
+    return out

@@ -1,4 +1,5 @@
 """The CLI through click's CliRunner and as real subprocesses (incl. a SIGKILL crash and resume)."""
+import errno
 import json
 import os
 import resource
@@ -55,6 +56,52 @@ def test_fatal_errors_exit_1_with_a_message(tmp_path, small_model_path):
     res = CliRunner().invoke(main, ["run", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "o.jsonl"),
                                     "-m", str(small_model_path)])
     assert res.exit_code == 1 and "missing.jsonl" in res.output
+
+
+def _records(path):
+    """Records without their timings (which differ from run to run)."""
+    return [{k: v for k, v in r.items() if k != "timing"} for r in read_jsonl(path)]
+
+
+def test_disk_full_exits_1_with_what_is_safe_then_resume_equals_uninterrupted(tmp_path, small_model_path,
+                                                                              monkeypatch):
+    """The journal's 7th write fails with ENOSPC: exit 1, a message naming the journal, the 6 records safely
+    written and the rerun; the rerun of the same command resumes and gives an uninterrupted run's records."""
+    from bitnet_batch.io import writers
+    from test_writers import FullDisk
+
+    src = write_jsonl(tmp_path / "in.jsonl", _prompts(12))
+    args = ["-m", str(small_model_path), "--max-batch", "3", "--temperature", "0.7", "--seed", "3", "--quiet"]
+    assert CliRunner().invoke(main, ["run", str(src), "-o", str(tmp_path / "ref.jsonl"), *args]).exit_code == 0
+    out = tmp_path / "o.jsonl"
+    journal = tmp_path / "o.jsonl.partial.jsonl"
+    real_open = writers.OutputSink._open_journal
+
+    def open_on_a_filling_disk(self):
+        real_open(self)
+        self._file = FullDisk(self._file, ok=6)
+
+    monkeypatch.setattr(writers.OutputSink, "_open_journal", open_on_a_filling_disk)
+    res = CliRunner().invoke(main, ["run", str(src), "-o", str(out), *args])
+    assert res.exit_code == 1
+    assert res.output == (f"error: {journal}: no space left on device while writing a record; the 6 finished "
+                          f"records before it are safely written in {journal}. Free some space and run the same "
+                          f"command again to resume (finished items are skipped)\n")
+    assert journal.read_text().count("\n") == 6 and not out.exists()
+    monkeypatch.setattr(writers.OutputSink, "_open_journal", real_open)
+    res = CliRunner().invoke(main, ["run", str(src), "-o", str(out), *args])
+    assert res.exit_code == 0, res.output
+    assert _records(out) == _records(tmp_path / "ref.jsonl")
+    assert json.loads((tmp_path / "o.jsonl.meta.json").read_text())["items"]["skipped_resume"] == 6
+    # a full disk elsewhere (here: the summary) names its file too
+    def no_space(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_text", no_space)
+    res = CliRunner().invoke(main, ["run", str(src), "-o", str(tmp_path / "m.jsonl"), *args])
+    assert res.exit_code == 1 and res.output == (f"error: {tmp_path / 'm.jsonl.meta.json'}: no space left on device; "
+                                                 f"records already written are kept. Free some space and run the "
+                                                 f"same command again to resume\n")
 
 
 def test_generate_inspect_and_chat(small_model_path):
@@ -201,3 +248,49 @@ def test_subprocess_sigkill_then_resume_equals_uninterrupted(tmp_path, small_mod
 def test_console_entry_points(entry):
     res = subprocess.run(entry + ["--help"], capture_output=True, text=True)
     assert res.returncode == 0 and "run" in res.stdout and "bench" in res.stdout
+
+
+def _start_and_wait_for_records(args, journal, n):
+    proc = subprocess.Popen(_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if journal.exists() and journal.read_text().count("\n") >= n:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the job finished before it could be stopped"
+    return proc
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_the_job_cleanly_and_a_rerun_resumes(tmp_path, small_model_path, sig, code):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": f"s{i}", "prompt": f"count {i} stones", "max_tokens": 16}
+                                               for i in range(60)])
+    common = ["-m", small_model_path, "--temperature", "0.8", "--seed", "5", "--max-batch", "2", "--quiet"]
+    ref = CliRunner().invoke(main, list(map(str, ["run", src, "-o", tmp_path / "ref.jsonl", *common])))
+    assert ref.exit_code == 0, ref.output
+    out, journal = tmp_path / "out.jsonl", tmp_path / "out.jsonl.partial.jsonl"
+    proc = _start_and_wait_for_records(["run", src, "-o", out, *common], journal, 10)
+    os.kill(proc.pid, sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    written = journal.read_text().count("\n")
+    assert 10 <= written < 60 and not out.exists()
+    assert err.strip().splitlines()[-1] == (f"interrupted: {written} of 60 items written; run the same command "
+                                             f"to resume")
+    again = subprocess.run(_cli("run", src, "-o", out, *common), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "timing"} for r in recs]  # noqa: E731
+    assert strip(read_jsonl(out)) == strip(read_jsonl(tmp_path / "ref.jsonl"))
+
+
+def test_sigterm_stops_a_score_job_cleanly(tmp_path, small_model_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "text": f"count {i} stones " * 20} for i in range(80)])
+    out, journal = tmp_path / "s.jsonl", tmp_path / "s.jsonl.partial.jsonl"
+    args = ["score", src, "-o", out, "-m", small_model_path, "--max-batch", "1", "--prefill-chunk", "16", "--quiet"]
+    proc = _start_and_wait_for_records(args, journal, 5)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "items written; run the same command to resume" in err
+    again = subprocess.run(_cli(*args), capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert [r["id"] for r in read_jsonl(out)] == list(range(80))

@@ -12,7 +12,7 @@ from bitnet_batch.cli import main
 from bitnet_batch.completion import Completion
 from bitnet_batch.engine.engine import EngineConfig
 from bitnet_batch.errors import ConfigError, InputError
-from bitnet_batch.runner import JobConfig, run_job
+from bitnet_batch.jobs.run import JobConfig, run_job
 from bitnet_batch.sampling.chain import make_sampler
 from bitnet_batch.sampling.constraints import (ConstraintCompiler, MaskBatch, choice_constraint, constraint_from_fields,
                                                job_constraint, load_json_arg,

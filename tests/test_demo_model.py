@@ -18,7 +18,7 @@ from bitnet_batch.generate import Generator
 from bitnet_batch.model import quants
 from bitnet_batch.model.gguf import GGMLType, GGUFFile
 from bitnet_batch.sampling.params import SamplingParams
-from bitnet_batch.score import ScoreJobConfig, score_job
+from bitnet_batch.jobs.score import ScoreJobConfig, score_job
 from bitnet_batch.testing.gguf_writer import GGUFWriter
 from bitnet_batch.testing.models import FILE_TYPES
 from conftest import read_jsonl, write_jsonl

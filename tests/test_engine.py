@@ -181,7 +181,7 @@ def test_warm_up_compiles_the_serial_and_the_parallel_drivers(i2s_model):
     lands inside a timed step. The layers' row kernels are compiled (or loaded) with the layer, both drivers
     in one function; the head's final norm has its own two."""
     from jit_kernels import _config, layer, norms
-    from bitnet_batch.runner import warm_up
+    from bitnet_batch.engine.warmup import warm_up
 
     warm_up(Engine(i2s_model, EngineConfig(max_batch=1, max_seq_len=8)))
     for fn in (layer.bitnet_layer, norms._rmsnorm, norms._rmsnorm_serial):

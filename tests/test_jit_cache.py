@@ -10,7 +10,7 @@ CHILD = textwrap.dedent("""
     import numba
     import bitnet_batch
     from bitnet_batch.engine.engine import Engine, EngineConfig
-    from bitnet_batch.runner import warm_up
+    from bitnet_batch.engine.warmup import warm_up
     import jit_kernels.activations, jit_kernels.attention, jit_kernels.embedding, jit_kernels.norms
     import jit_kernels.layer, jit_kernels.rope, jit_kernels.ternary
     m = bitnet_batch.load_model(sys.argv[1])

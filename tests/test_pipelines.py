@@ -13,7 +13,7 @@ from bitnet_batch.errors import ConfigError, InputError
 from bitnet_batch.io.writers import OutputSink
 from bitnet_batch.model.hub import DEFAULT_REPO
 from bitnet_batch.pipeline import PromptTemplate, load_pipeline
-from bitnet_batch.runner import run_job, sample_seed
+from bitnet_batch.jobs.run import run_job, sample_seed
 from bitnet_batch.sampling.params import derive_seed
 from conftest import read_jsonl, write_jsonl
 
@@ -63,13 +63,13 @@ def test_shipped_pipeline_runs_end_to_end(name, tmp_path, small_model_path, smal
                 assert r["incomplete"] is False
                 validator.validate(r["parsed"])
         assert sum(not r["incomplete"] for r in recs) >= len(recs) // 2
-    if pipe.n > 1:                                             # synthesize_qa: n samples per article, deduped
+    if pipe.sampling.n > 1:                                           # synthesize_qa: n samples per article, deduped
         by_id = {}
         for r in recs:
             by_id.setdefault(r["id"], []).append(r["sample_index"])
         assert len(by_id) == n_inputs
         assert all(samples[0] == 0 and samples == sorted(set(samples)) for samples in by_id.values())
-        assert len(recs) + summary["samples"]["dropped_duplicates"] == pipe.n * n_inputs
+        assert len(recs) + summary["samples"]["dropped_duplicates"] == pipe.sampling.n * n_inputs
     else:
         assert "sample_index" not in recs[0] and len(recs) == n_inputs
 
@@ -174,7 +174,7 @@ def test_paths_globs_schema_file_and_defaults(tmp_path):
     assert pipe.name == "p" and pipe.seed == 7 and pipe.sampling.stop == (".",) and pipe.truncate == "left"
     assert pipe.constraint.kind == "json" and not pipe.ordered
     job = pipe.job({"temperature": 0.5, "n": 2, "model": "other.gguf", "inputs": ("z.jsonl",)})
-    assert job.sampling.temperature == 0.5 and job.sampling.stop == (".",) and job.n == 2 and job.seed == 7
+    assert job.sampling.temperature == 0.5 and job.sampling.stop == (".",) and job.sampling.n == 2 and job.seed == 7
     assert job.model == "other.gguf" and job.inputs == ("z.jsonl",) and job.template.text == "Say {word}"
     with pytest.raises(ConfigError, match="cannot override prompt_field"):
         pipe.job({"prompt_field": "q"})
@@ -288,3 +288,12 @@ def test_dedupe_drops_identical_samples(tmp_path, small_model_path, small_model)
     assert summary["samples"] == {"n": 3, "dedupe": True, "dropped_duplicates": 6}
     meta = json.loads((tmp_path / "d.jsonl.meta.json").read_text())
     assert meta["samples"]["dropped_duplicates"] == 6
+
+
+def test_model_paths_are_relative_to_the_pipeline_file(tmp_path):
+    """A .gguf file or a checkpoint directory next to the pipeline; a hub repo id stays as it is."""
+    (tmp_path / "models" / "ckpt").mkdir(parents=True)
+    body = '[input]\npath = "in.jsonl"\n[prompt]\ntext = "{prompt}"\n[output]\npath = "o.jsonl"\n[model]\nname = '
+    for name, want in (("models/ckpt", tmp_path / "models" / "ckpt"), ("models/m.gguf", tmp_path / "models" / "m.gguf"),
+                       (DEFAULT_REPO, DEFAULT_REPO)):
+        assert load_pipeline(write_pipeline(tmp_path, body + f'"{name}"\n')).model == str(want)

@@ -26,7 +26,8 @@ from bitnet_batch.engine.engine import EngineConfig
 from bitnet_batch.errors import BitnetBatchError, ConfigError, ModelNotFoundError
 from bitnet_batch.io.readers import BadRecord, Request, read_requests
 from bitnet_batch.io.writers import OutputSink
-from bitnet_batch.runner import JobConfig, meta_path, run_job
+from bitnet_batch.jobs.common import meta_path
+from bitnet_batch.jobs.run import JobConfig, run_job
 from bitnet_batch.sampling.params import SamplingParams
 from conftest import read_jsonl, write_jsonl
 
@@ -46,7 +47,11 @@ def job(inputs, output, model, **kw):
 
 
 def without_timing(records):
-    return [{k: v for k, v in r.items() if k != "timing"} for r in records]
+    """Records without what depends on how the work was spread: timings and usage.cached_tokens (each actor
+    has its own prefix cache)."""
+    return [{**{k: v for k, v in r.items() if k != "timing"},
+             **({"usage": {k: v for k, v in r["usage"].items() if k != "cached_tokens"}} if r.get("usage") else {})}
+            for r in records]
 
 
 @pytest.fixture(scope="module")
@@ -447,3 +452,13 @@ def test_cli_rerun_after_a_crash_skips_finished_ids(tmp_path, reference, small_m
     assert [records[r["index"]] for r in journaled] == journaled       # kept byte for byte, timings included
     res = CliRunner().invoke(main, args + ["--seed", "5"])               # a changed job is refused
     assert res.exit_code == 1 and "overwrite" in res.output
+
+
+def test_golden_run_on_ray(tmp_path, small_model_path, ray_session):
+    """The golden run job (tests/test_golden_jobs.py) on two actors gives the golden records."""
+    from test_golden_jobs import check, run_job_config, run_records
+
+    src = write_jsonl(tmp_path / "in.jsonl", run_records())
+    out = tmp_path / "out.jsonl"
+    run_ray_job(run_job_config(src, out, small_model_path), TWO_ACTORS, quiet=True)
+    check("run.jsonl.jsonl", read_jsonl(out), src)

@@ -335,3 +335,14 @@ def test_count_records_skips_blank_lines_and_sums_files(tmp_path):
     assert count_records([a, b]) == 11
     with pytest.raises(ConfigError, match="not found"):
         count_records(tmp_path / "gone.jsonl")
+
+
+def test_every_sampling_parameter_and_constraint_is_a_per_record_override(tmp_path):
+    """The override keys come from SamplingParams' fields (ignore_eos and n included) and the constraint
+    fields; other keys stay in the record only."""
+    from bitnet_batch.sampling.params import SamplingParams
+
+    record = {"id": 1, "prompt": "x", "ignore_eos": True, "n": 2, "min_p": 0.1, "choice": ["a"], "other": 3}
+    (req,) = read_requests(write_jsonl(tmp_path / "o.jsonl", [record]))
+    assert req.overrides == {"ignore_eos": True, "n": 2, "min_p": 0.1, "choice": ["a"]}
+    assert SamplingParams.from_overrides(SamplingParams(), req.overrides).ignore_eos

@@ -7,7 +7,8 @@ import pytest
 
 from bitnet_batch.engine.engine import EngineConfig
 from bitnet_batch.errors import ConfigError
-from bitnet_batch.runner import JobConfig, meta_path, run_job
+from bitnet_batch.jobs.common import meta_path
+from bitnet_batch.jobs.run import JobConfig, run_job
 from bitnet_batch.sampling.params import SamplingParams
 from conftest import read_jsonl, write_jsonl
 

@@ -14,7 +14,8 @@ from bitnet_batch.cli import main as cli_main
 from bitnet_batch.engine.engine import Engine, EngineConfig
 from bitnet_batch.errors import ConfigError
 from bitnet_batch.io.writers import OutputSink
-from bitnet_batch.score import ScoreFields, ScoreJobConfig, Scorer, read_score_items, score_job
+from bitnet_batch.jobs.loop import run_loop
+from bitnet_batch.jobs.score import ScoreFields, ScoreJobConfig, ScoreKind, read_score_items, score_job
 from conftest import read_jsonl, write_jsonl
 
 TEXTS = [
@@ -77,7 +78,8 @@ def test_logprobs_equal_numpy_log_softmax_of_model_logits(scored, small_model):
         ids = tok.encode(text)
         ref = reference_logprob(small_model, [tok.bos_id], ids)          # BOS conditions the first token
         rec = by_id[f"t{i}"]
-        assert rec["tokens"] == len(ids) and rec["usage"] == {"prompt_tokens": 1, "completion_tokens": len(ids)}
+        assert rec["tokens"] == len(ids) and rec["usage"] == {"prompt_tokens": 1, "completion_tokens": len(ids),
+                                                                    "cached_tokens": 0}
         assert rec["logprob"] == pytest.approx(ref, rel=1e-9, abs=1e-9)
         assert rec["mean_nll"] == pytest.approx(-ref / len(ids), rel=1e-12)
         assert rec["perplexity"] == pytest.approx(math.exp(-ref / len(ids)), rel=1e-12)
@@ -202,8 +204,10 @@ def test_resume_after_a_crash_gives_the_uninterrupted_output(inputs, small_model
     cfg = job(tmp_path, [inputs])
     sink = OutputSink(cfg.output, fingerprint=cfg.fingerprint(small_model.sha256()))
     engine = Engine(small_model, ENGINE, logit_rows=ENGINE.prefill_chunk)
+    kind = ScoreKind(cfg, small_model, engine, sink)
+    kind.emit.progress = _CrashAfter(3)
     with pytest.raises(_Crash):
-        Scorer(cfg, small_model, progress=_CrashAfter(3)).run(sink, engine)
+        run_loop(kind, engine, kind.items())
     sink.close()
     assert len(read_jsonl(tmp_path / "out.jsonl.partial.jsonl")) == 3
     summary = score_job(cfg, model=small_model, quiet=True)

@@ -348,7 +348,8 @@ def test_synthetic_vocab_exact_ids_and_pretokenizer():
 
 
 @pytest.mark.parametrize("overrides, pattern", [
-    ({KEY_MODEL: "llama"}, r"unsupported tokenizer model tokenizer\.ggml\.model='llama'"),
+    ({KEY_MODEL: "bert"}, r"unsupported tokenizer model tokenizer\.ggml\.model='bert'"),
+    ({KEY_MODEL: "llama"}, r"missing GGUF metadata key 'tokenizer\.ggml\.scores'"),    # SentencePiece needs scores
     ({KEY_MODEL: None}, "missing GGUF metadata key 'tokenizer.ggml.model'"),
     ({KEY_PRE: "qwen2-foo"}, r"unsupported tokenizer\.ggml\.pre 'qwen2-foo'; supported: llama-bpe, llama3, "),
     ({KEY_MERGES: None}, r"synthetic\.gguf: missing GGUF metadata key 'tokenizer\.ggml\.merges'"),

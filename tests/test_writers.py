@@ -1,6 +1,7 @@
 """OutputSink: journal + state sidecar, torn-line repair, resume, atomic ordered finalize in three formats."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -29,7 +30,7 @@ TIMING_KEYS = ("queue_s", "prefill_s", "ttft_s", "decode_s", "total_s", "tokens_
 def record(i: int, **extra) -> dict:
     """A plausible output record; every 5th is an error record, every 3rd carries logprobs."""
     rec = {"id": f"q{i}" if i % 2 else i, "index": i, "text": f"answer {i} \u00e9", "finish_reason": "stop",
-           "usage": {"prompt_tokens": 3 + i, "completion_tokens": i % 7},
+           "usage": {"prompt_tokens": 3 + i, "completion_tokens": i % 7, "cached_tokens": 16 * (i % 3)},
            "timing": {k: round(0.001 * (i + j), 6) for j, k in enumerate(TIMING_KEYS)}, "error": None}
     if i % 5 == 4:
         rec.update(text=None, finish_reason="error", usage={"prompt_tokens": 0, "completion_tokens": 0},
@@ -184,6 +185,95 @@ def test_real_crash_sigkill_never_tears_or_duplicates(tmp_path):
     assert [json.loads(x)["index"] for x in path.read_text().splitlines()] == list(range(total + 1))
 
 
+class FullDisk:
+    """A journal file whose write fails with ENOSPC after ``ok`` more writes; the failing write first puts half
+    of its bytes on disk, as a short write on a filling disk does."""
+
+    def __init__(self, f, ok: int):
+        self.f, self.ok = f, ok
+
+    def write(self, data):
+        if self.ok <= 0:
+            self.f.write(bytes(data[: len(data) // 2]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.ok -= 1
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+@pytest.mark.parametrize("name,fmt,ordered", CASES, ids=["jsonl", "jsonl-unordered", "parquet", "openai"])
+def test_disk_full_says_what_is_safe_and_resume_equals_an_uninterrupted_run(tmp_path, name, fmt, ordered):
+    """ENOSPC on the 18th record: an error naming the journal, the 17 safe records and the rerun; the torn half
+    line is gone; reopening resumes and the final file equals an uninterrupted run's."""
+    n, k = 40, 17
+    order = completion_order(n)
+    clean = uninterrupted(tmp_path, name, fmt, ordered, order)
+    path = tmp_path / "full" / name
+    sink = OutputSink(path, fmt=fmt, fingerprint=FP, ordered=ordered)
+    sink._file = FullDisk(sink._file, ok=k)
+    for i in order[:k]:
+        sink.write(record(i))
+    with pytest.raises(BitnetBatchError) as err:
+        sink.write(record(order[k]))
+    journal = sink.journal_path
+    assert str(err.value) == (f"{journal}: no space left on device while writing a record; the {k} finished "
+                              f"records before it are safely written in {journal}. Free some space and run the "
+                              f"same command again to resume (finished items are skipped)")
+    assert isinstance(err.value.__cause__, OSError) and err.value.__cause__.errno == errno.ENOSPC
+    assert journal.read_bytes().count(b"\n") == k and journal.read_bytes().endswith(b"\n")   # no torn line
+    sink.close()
+    sink = OutputSink(path, fmt=fmt, fingerprint=FP, ordered=ordered)
+    assert sink.done == {record(i)["id"]: i for i in order[:k]}
+    for i in order[k:]:
+        sink.write(record(i))
+    sink.finalize()
+    got, want = read_result(path, fmt or path.suffix[1:]), read_result(clean, fmt or clean.suffix[1:])
+    assert got.equals(want) if isinstance(got, pa.Table) else got == want
+
+
+def test_disk_full_while_finalizing_or_starting(tmp_path, monkeypatch):
+    """ENOSPC while writing the final file: its partial temp file is removed, every record stays in the journal
+    and the next run finishes the job. ENOSPC on the state file of a fresh job: nothing is left behind but the
+    lock file."""
+    path = tmp_path / "o.parquet"
+    sink = OutputSink(path, fingerprint=FP)
+    for i in range(5):
+        sink.write(record(i))
+    real = writers._FINALIZERS["parquet"]
+
+    def full(self, tmp):
+        tmp.write_bytes(b"PAR1 partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp))
+
+    monkeypatch.setitem(writers._FINALIZERS, "parquet", full)
+    with pytest.raises(BitnetBatchError, match=r"o\.parquet\.tmp: no space left on device while writing the final "
+                                               r"output; the 5 finished records before it are safely written in "
+                                               r".*o\.parquet\.partial\.jsonl\. Free some space and run the same "
+                                               r"command again to resume"):
+        sink.finalize()
+    sink.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.parquet.lock", "o.parquet.partial.jsonl",
+                                                          "o.parquet.state.json"]
+    monkeypatch.setitem(writers._FINALIZERS, "parquet", real)
+    again = OutputSink(path, fingerprint=FP)
+    assert len(again.done) == 5
+    again.finalize()
+    assert pq.read_table(path).column("index").to_pylist() == list(range(5))
+
+    fresh = tmp_path / "fresh" / "f.jsonl"
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writers.json, "dump", no_space)
+    with pytest.raises(BitnetBatchError, match=r"f\.jsonl\.state\.json: no space left on device while starting the "
+                                               r"job; no record was written yet\. Free some space"):
+        OutputSink(fresh, fingerprint=FP)
+    assert sorted(p.name for p in fresh.parent.iterdir()) == ["f.jsonl.lock"]
+
+
 # ------------------------------------------------------------------------------------- fingerprint & state
 
 def test_fingerprint_change_is_refused_and_overwrite_starts_fresh(tmp_path):
@@ -264,6 +354,7 @@ def test_crash_between_marking_complete_and_deleting_the_journal(tmp_path):
     journal_of(path).write_bytes(saved)  # as if the process died right before unlinking it
     again = OutputSink(path, fingerprint=FP)
     assert again.complete and len(again.done) == 4 and not journal_of(path).exists()
+    again.close()
     path.unlink()
     with pytest.raises(ConfigError, match="output file is missing"):
         OutputSink(path, fingerprint=FP)
@@ -274,9 +365,9 @@ def test_crash_between_marking_complete_and_deleting_the_journal(tmp_path):
 def test_write_contract_duplicates_lock_and_numpy(tmp_path):
     path = tmp_path / "o.jsonl"
     sink = OutputSink(path, fingerprint=FP)
-    with pytest.raises(ConfigError, match="in use by another"):
+    with pytest.raises(ConfigError, match="is being written by another bitnet-batch job"):
         OutputSink(path, fingerprint=FP)
-    with pytest.raises(ConfigError, match="in use by another"):
+    with pytest.raises(ConfigError, match="is being written by another bitnet-batch job"):
         OutputSink(path, fingerprint=FP, overwrite=True)
     sink.write(record(1))
     with pytest.raises(BitnetBatchError, match="id 'q1' was already written"):
@@ -333,7 +424,8 @@ def test_parquet_output_schema_and_values(tmp_path):
                                   "parsed", "sample_index"]
     schema = table.schema
     assert schema.field("id").type == pa.string() and schema.field("index").type == pa.int64()
-    assert schema.field("usage").type == pa.struct([("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64())])
+    assert schema.field("usage").type == pa.struct([("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()),
+                                                    ("cached_tokens", pa.int64())])
     assert schema.field("timing").type == pa.struct([(k, pa.float64()) for k in TIMING_KEYS])
     assert schema.field("error").type == pa.struct([("type", pa.string()), ("message", pa.string())])
     assert schema.field("logprobs").type.value_type.field("top").type.value_type.field("token_id").type == pa.int64()
@@ -369,10 +461,12 @@ def test_openai_output_lines(tmp_path):
     assert top["token"] == "a" and top["logprob"] == -0.25 and top["bytes"] == [97]
     assert [t["token"] for t in top["top_logprobs"]] == ["a", "\u00e9"]
     assert top["top_logprobs"][1]["bytes"] == [195, 169] and "top_logprobs" not in top["top_logprobs"][1]
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3}
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     two = lines[1]["response"]["body"]
     assert [(c["index"], c["message"]["content"]) for c in two["choices"]] == [(0, "A"), (1, "B")]
-    assert two["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+    assert two["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6,
+                            "prompt_tokens_details": {"cached_tokens": 16}}         # the first sample's
     assert two["choices"][0]["logprobs"] is None
     err = lines[2]
     assert err == {"id": "batch_req_4", "custom_id": 4, "response": None,

@@ -15,9 +15,14 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..errors import BitnetBatchError, ConfigError
+from ..errors import BitnetBatchError, ConfigError, JobInterrupted
+from ..interrupt import StopSignals
 from ..io.readers import BadRecord, count_records
-from ..runner import JobStats, Runner, job_summary, meta_path, progress_bar
+from ..io.writers import OutputLock
+from ..jobs.common import meta_path, progress_bar
+from ..jobs.loop import Emitter
+from ..jobs.run import JobStats, job_summary
+from ..records import error_record
 from .config import RayConfig, import_ray
 from .inputs import expand_inputs, parse_shards, read_shards, record_spec
 from .outputs import open_output
@@ -31,19 +36,28 @@ class WorkerCrashError(BitnetBatchError):
 
 
 class _Driver:
-    """Reader -> tasks -> pool -> records -> output, with the local runner's counters."""
+    """Reader -> tasks -> pool -> records -> output, with a local job's counters and writer (``Emitter``)."""
 
     def __init__(self, job, output, pool: ActorPool, task_size: int, progress=None):
         self.job, self.output, self.pool, self.task_size = job, output, pool, task_size
-        self.progress = progress
         self.stats = JobStats()
-        self.duplicates = 0             # records that came back for an id already written (never expected)
+        self.emit = Emitter(output, self.stats, progress, postfix=self._postfix)
         self.by_actor: dict = {}        # pid -> {"tasks", "items", "run_s", "threads", "peak_rss_mb"}
         self._t0 = time.perf_counter()
 
-    def run(self, items) -> None:
+    @property
+    def duplicates(self) -> int:
+        """Records that came back for an id already written (never expected)."""
+        return self.emit.duplicates
+
+    def _postfix(self) -> dict:
+        return {"tok_s": f"{self.stats.completion_tokens / max(1e-9, time.perf_counter() - self._t0):.1f}"}
+
+    def run(self, items, stop=None) -> None:
+        """Send every item to the actors and write what comes back; returns early once ``stop`` is requested
+        (records of tasks still out are not waited for: a rerun generates them)."""
         reader, exhausted = iter(items), False
-        while True:
+        while stop is None or not stop.requested:
             while not exhausted and self.pool.wants_work():
                 task = self._next_task(reader)
                 if task is None:
@@ -66,13 +80,13 @@ class _Driver:
             sink = self.output.lookup(item.index)
             if isinstance(item, BadRecord):
                 if item.id in sink.done:
-                    self._skip()
+                    self.emit.skip(self.job.sampling.n)
                 else:
-                    self._write(Runner.error_record(item.index, item.id, item.error))
+                    self.emit.write(error_record(item.index, item.id, item.error))
             elif item.id not in sink.done:
                 todo.append((item, None))
-            elif item.overrides.get("n", self.job.n) == 1:
-                self._skip()                # written by an earlier run
+            elif item.overrides.get("n", self.job.sampling.n) == 1:
+                self.emit.skip(self.job.sampling.n)          # written by an earlier run
             else:                           # n > 1: the actor's runner decides which samples are left
                 todo.append((item, _done_samples(item, sink, self.job)))
             if todo and todo[-1][0] is item:
@@ -83,11 +97,11 @@ class _Driver:
     def _collect(self, task: Task, result: dict) -> None:
         if "failed" in result:
             for request, _ in task.items:
-                self._write(Runner.error_record(request.index, request.id,
-                                                WorkerCrashError(f"{request.location}: {result['failed']}")))
+                self.emit.write(error_record(request.index, request.id,
+                                             WorkerCrashError(f"{request.location}: {result['failed']}")))
         else:
             for record in result["records"]:
-                self._write(record)
+                self.emit.write(record)
             for name in _ACTOR_STATS:
                 setattr(self.stats, name, getattr(self.stats, name) + result["stats"][name])
             self._account(task, result)
@@ -102,29 +116,9 @@ class _Driver:
         actor["threads"].add(result["threads"])
         actor["peak_rss_mb"] = result["peak_rss_mb"]
 
-    def _write(self, record: dict) -> None:
-        """The local runner's ``_emit``: write once, count, show progress."""
-        sink = self.output.lookup(record["index"])
-        if sink.is_done(record["id"], record.get("sample_index")):
-            self.duplicates += 1
-            return
-        sink.write(record)
-        stats = self.stats
-        stats.count(record)
-        if self.progress is not None:
-            self.progress.update(1)
-            elapsed = max(1e-9, time.perf_counter() - self._t0)
-            self.progress.set_postfix(tok_s=f"{stats.completion_tokens / elapsed:.1f}", refresh=False)
-
-    def _skip(self) -> None:
-        self.stats.skipped += 1
-        if self.progress is not None:
-            self.progress.update(self.job.n)
-
-
 def _done_samples(request, sink, job) -> list[int]:
     """Sample indices of an n > 1 item that the output holds (an invalid n: none; the actor reports it)."""
-    n = request.overrides.get("n", job.n)
+    n = request.overrides.get("n", job.sampling.n)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         return []
     return [k for k in range(n) if sink.is_done(request.id, k)]
@@ -134,8 +128,16 @@ def _done_samples(request, sink, job) -> list[int]:
 
 def run_ray_job(job, ray_config: RayConfig | None = None, *, quiet: bool = False, out=sys.stderr) -> dict:
     """Run ``job`` on Ray (connecting to ``ray_config.address``, or the Ray already initialized in this
-    process); returns the summary, also written to ``<output>.meta.json``."""
-    cfg = ray_config or RayConfig()
+    process); returns the summary, also written to ``<output>.meta.json``. The driver holds the output's lock
+    from before Ray starts until the summary is written."""
+    lock = OutputLock(job.output)       # first: a second job on this output stops here, having touched nothing
+    try:
+        return _run_ray_job(job, ray_config or RayConfig(), lock, quiet, out)
+    finally:
+        lock.release()
+
+
+def _run_ray_job(job, cfg: RayConfig, lock: OutputLock, quiet: bool, out) -> dict:
     ray = import_ray()
 
     def log(msg):
@@ -163,13 +165,18 @@ def run_ray_job(job, ray_config: RayConfig | None = None, *, quiet: bool = False
         log(f"model: {info['path']} ({info['arch']}, {info['n_layer']} layers, vocab {info['n_vocab']}) loaded in "
             f"{info['load_s']:.2f}s, kernels ready in {info['compile_s']:.2f}s (first actor, on {info['host']})")
         output = open_output(job, job.fingerprint(info["sha256"]), info["name"] or os.path.basename(info["path"]),
-                             cfg.rows_per_part)
+                             cfg.rows_per_part, lock=lock)
         t_run = time.perf_counter()
-        with progress_bar(lambda: _total(job, shards), quiet, out) as progress:
+        with progress_bar(lambda: _total(job, shards), quiet, out) as progress, StopSignals() as stop:
             driver = _Driver(job, output, pool, cfg.task_size(job.engine.max_batch), progress)
-            driver.run(parse_shards(read_shards(ray, shards, pin_local=not _is_client(cfg)), shards, spec))
+            driver.run(parse_shards(read_shards(ray, shards, pin_local=not _is_client(cfg)), shards, spec), stop)
         run_s = time.perf_counter() - t_run
+        if stop.requested:
+            s = driver.stats
+            raise JobInterrupted(stop.signum, s.ok + s.errors + s.skipped, _total(job, shards))
         final = output.finalize()
+        summary = _summary(job, cfg, info, driver, pool, output, final, n_actors, threads, run_s, t_start)
+        meta_path(final).write_text(json.dumps(summary, indent=2) + "\n")      # still under the output's lock
     finally:
         data_logger.setLevel(saved_level)
         if output is not None:
@@ -178,8 +185,6 @@ def run_ray_job(job, ray_config: RayConfig | None = None, *, quiet: bool = False
             pool.shutdown()
         if started_ray:
             ray.shutdown()
-    summary = _summary(job, cfg, info, driver, pool, output, final, n_actors, threads, run_s, t_start)
-    meta_path(final).write_text(json.dumps(summary, indent=2) + "\n")
     stats = driver.stats
     log(f"done: {stats.ok} ok, {stats.errors} errors, {stats.skipped} already done | {n_actors} actors, "
         f"{pool.stats.restarts} replaced | {summary['throughput']['completion_tok_s']} tok/s -> {final}")
@@ -221,15 +226,14 @@ def _total(job, shards) -> int | None:
     if not all(s.is_local for s in shards):
         return None
     n = count_records([s.uri for s in shards], job.input_format)
-    return None if n is None else n * job.n
+    return None if n is None else n * job.sampling.n
 
 
 def _summary(job, cfg, info, driver, pool, output, final, n_actors, threads, run_s, t_start) -> dict:
     """The local runner's summary keys, plus ``engine`` and ``ray``."""
-    summary = job_summary(
-        job, driver.stats, output=final, fmt=output.fmt, threads=threads, load_s=info["load_s"],
-        compile_s=info["compile_s"], run_s=run_s, t_start=t_start, errors_in_output=output.count_errors(final),
-        model={"path": info["path"], "sha256": info["sha256"], "arch": info["arch"], "name": info["name"]})
+    ctx = {"output": final, "fmt": output.fmt, "load_s": info["load_s"], "compile_s": info["compile_s"],
+           "run_s": run_s, "t_start": t_start, "model": {k: info[k] for k in ("path", "sha256", "arch", "name")}}
+    summary = job_summary(job, driver.stats, ctx, threads=threads, errors_in_output=output.count_errors(final))
     summary["engine"] = "ray"
     summary["ray"] = {
         "address": cfg.address, "actors": n_actors, "threads_per_actor": threads, "task_size": driver.task_size,

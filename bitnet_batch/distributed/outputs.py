@@ -22,8 +22,8 @@ from collections import Counter
 from pathlib import Path
 
 from ..errors import BitnetBatchError, ConfigError
-from ..io.writers import OutputSink, _refuse_if_locked
-from ..runner import count_errors
+from ..io.writers import OutputLock, OutputSink, _refuse_if_locked
+from ..records import count_errors
 
 _EXTENSIONS = {"parquet": "parquet", "jsonl": "jsonl", "openai": "jsonl"}
 
@@ -33,14 +33,16 @@ def is_directory_output(output: str) -> bool:
     return str(output).endswith(("/", os.sep)) or Path(output).is_dir() or not Path(output).suffix
 
 
-def open_output(job, fingerprint: dict, model_name: str, rows_per_part: int):
-    """The job's output: ``SingleOutput`` or ``PartedOutput``."""
+def open_output(job, fingerprint: dict, model_name: str, rows_per_part: int, lock: OutputLock | None = None):
+    """The job's output: ``SingleOutput`` or ``PartedOutput``. ``lock``: the output's ``OutputLock``, held by
+    the caller (the driver, from before Ray starts) and handed to a single file's sink; a directory's part
+    sinks lock their own files in ``<dir>.journal/`` under it."""
     if is_directory_output(job.output):
         return PartedOutput(Path(job.output), fmt=job.output_format or "parquet", fingerprint=fingerprint,
                             overwrite=job.overwrite, ordered=job.ordered, model_name=model_name,
                             rows_per_part=rows_per_part)
     sink = OutputSink(job.output, fmt=job.output_format, fingerprint=fingerprint, overwrite=job.overwrite,
-                      ordered=job.ordered, model_name=model_name)
+                      ordered=job.ordered, model_name=model_name, lock=lock)
     return SingleOutput(sink)
 
 

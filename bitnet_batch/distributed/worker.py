@@ -1,12 +1,13 @@
-"""One engine per Ray actor: the model loaded once, Numba threads = the actor's CPUs, and the local runner's
-continuous-batching loop over each task's items.
+"""One engine per Ray actor: the model loaded once, Numba threads = the actor's CPUs, and the local job loop
+over each task's items.
 
 ``EngineWorker`` is a plain class (wrapped with ``ray.remote`` by the driver, usable in-process in tests). A
 task is a list of ``(Request, done_samples)``: ``done_samples`` is None for an item with nothing written yet,
 else the sample indices the output already holds (resume of an n > 1 item). The worker runs the items through
-``runner.Runner`` (the same planning, seeding, sampling, error records, n / dedupe handling and timing as a
-local job) against a sink that collects the records, and returns them; the driver writes them to the real
-output. Records therefore equal the local runner's, text for text.
+``jobs.run.RunKind`` in ``jobs.loop.run_loop`` (the same planning, seeding, sampling, error records, n / dedupe
+handling and timing as a local job) against a sink that collects the records, and returns them; the driver
+writes them to the real output. Records therefore equal a local job's, text for text. The engine (and so its
+prefix cache) lives as long as the actor.
 
 Errors that must stop the job (a model that does not load, an option the engine rejects) are returned as
 ``{"error": ...}`` rather than raised, so they reach the driver with their type and are never mistaken for a
@@ -20,12 +21,15 @@ import time
 from dataclasses import asdict, replace
 
 from .. import errors
+from ..engine.warmup import warm_up
 from ..errors import BitnetBatchError
-from ..runner import JobStats, Runner, peak_rss_mb, warm_up
+from ..jobs.common import peak_rss_mb
+from ..jobs.loop import run_loop
+from ..jobs.run import RunKind
 
 
 class _TaskSink:
-    """The slice of ``OutputSink`` the runner uses, for one task: what is done already, and the new records."""
+    """The slice of ``OutputSink`` a job uses, for one task: what is done already, and the new records."""
 
     def __init__(self, done: dict, samples: set):
         self.done = done                # id -> index of items with something written (resume)
@@ -39,20 +43,6 @@ class _TaskSink:
 
     def write(self, record: dict) -> None:
         self.records.append(record)
-
-
-class _TaskRunner(Runner):
-    """The local runner, reading a task's items instead of the job's files."""
-
-    _items: tuple = ()
-
-    def _reader(self):
-        return iter(self._items)
-
-    def run_items(self, items, sink: _TaskSink, engine) -> JobStats:
-        self._items = tuple(items)
-        self.stats = JobStats()
-        return self.run(sink, engine)
 
 
 class EngineWorker:
@@ -77,14 +67,8 @@ class EngineWorker:
         self.job = replace(job, engine=replace(job.engine, threads=self.threads))
         self.model = load_model(job.model, filename=job.model_file, ffn_act=job.ffn_act)
         self.engine = Engine(self.model, self.job.engine)
-        compile_s = warm_up(self.engine)
-        if getattr(job, "constraint", None) is not None:     # the job grammar, compiled once per actor
-            from ..sampling.constraints import ConstraintCompiler
-
-            t0 = time.perf_counter()
-            ConstraintCompiler.for_tokenizer(self.model.tokenizer).prepare(job.constraint)
-            compile_s += time.perf_counter() - t0
-        self.runner = _TaskRunner(self.job, self.model)
+        # the kernels, and the job grammar (kept by the tokenizer's compiler), once per actor
+        compile_s = warm_up(self.engine) + RunKind(self.job, self.model, self.engine, _TaskSink({}, set())).prepare()
         cfg = self.model.config
         self.info_.update(path=str(self.model.path), sha256=self.model.sha256(), arch=cfg.arch, name=cfg.name,
                           n_layer=cfg.n_layer, n_vocab=cfg.n_vocab, load_s=self.model.load_s, compile_s=compile_s,
@@ -101,7 +85,7 @@ class EngineWorker:
         return {"error": self.error} if self.error else dict(self.info_)
 
     def run_task(self, items: list) -> dict:
-        """Generate every item of a task; returns its records, the runner's counters and the Numba threads used."""
+        """Generate every item of a task; returns its records, the job's counters and the Numba threads used."""
         if self.error:
             return {"error": self.error}
         import numba
@@ -115,11 +99,12 @@ class EngineWorker:
                 samples.update((request.id, k) for k in done_samples)
         sink = _TaskSink(done, samples)
         t0 = time.perf_counter()
+        kind = RunKind(self.job, self.model, self.engine, sink)
         try:
-            stats = self.runner.run_items(requests, sink, self.engine)
+            run_loop(kind, self.engine, requests)
         except BitnetBatchError as e:
             return {"error": portable_error(e)}
-        return {"records": sink.records, "stats": asdict(stats), "run_s": time.perf_counter() - t0,
+        return {"records": sink.records, "stats": asdict(kind.stats), "run_s": time.perf_counter() - t0,
                 "threads": numba.get_num_threads(), "pid": os.getpid(), "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 

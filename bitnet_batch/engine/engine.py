@@ -8,37 +8,16 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from pathlib import Path
 
 import numba
 import numpy as np
 
+from ..config import EngineConfig
 from ..errors import ConfigError
 from ..model.bitnet import RopeTable, StepBatch, forward
-from .kv_cache import KVCache, check_kv_dtype, kv_bytes_per_token
+from .kv_cache import KVCache, kv_bytes_per_token
 from .workspace import Workspace
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Sizes of the engine's preallocated state."""
-    max_batch: int = 16          # sequences decoded together (KV slots)
-    max_seq_len: int = 0         # longest sequence (prompt + generation); 0 -> the model's context length
-    prefill_chunk: int = 128     # most rows (tokens) one step processes
-    kv_cache_mb: float = 0.0     # KV pool budget in MiB; 0 -> max_batch full sequences, capped by RAM
-    block_size: int = 16         # tokens per KV block
-    threads: int = 0             # Numba threads; 0 -> all cores
-    kv_dtype: str = "f32"        # KV cache storage: "f32" (the spec's numerics) or "f16" (half the memory)
-    prefault_kv: bool = False    # touch every page of the KV pool when the engine is built (see Engine)
-
-    def __post_init__(self):
-        for name in ("max_batch", "prefill_chunk", "block_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_seq_len", "kv_cache_mb", "threads"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        check_kv_dtype(self.kv_dtype)
 
 
 def default_kv_budget_mb() -> float:
@@ -49,6 +28,18 @@ def default_kv_budget_mb() -> float:
     except (ValueError, OSError, AttributeError):
         avail = 8192.0
     return float(min(max(avail / 4, 256.0), 8192.0))
+
+
+def kv_salt(model, kv_dtype: str) -> bytes:
+    """What, besides the tokens, decides the K/V a prefix block holds: the model file (path, size, mtime), the
+    KV storage type and the FFN activation (an override changes every layer after the first)."""
+    path = Path(model.path)
+    try:
+        st = path.stat()
+        ident = f"{path.resolve()}\x00{st.st_size}\x00{st.st_mtime_ns}"
+    except OSError:
+        ident = str(path)
+    return f"{ident}\x00{kv_dtype}\x00{model.config.ffn_act}".encode()
 
 
 class Engine:
@@ -63,6 +54,9 @@ class Engine:
         the 2B4T model). Meant for a pool sized to the job, as the bench's is: the default pool is a budget that
         can be far larger than what a job touches."""
         cfg = model.config
+        if getattr(model, "embedding_only", False):
+            raise ConfigError(f"{model.path}: an embedding model ({cfg.arch}, no lm_head) generates and scores "
+                              f"nothing; use `bitnet-batch embed`")
         self.model = model
         self.config = config
         if config.threads:
@@ -80,7 +74,8 @@ class Engine:
         self.max_seq_len = min(self.max_seq_len, n_tokens - n_tokens % config.block_size)   # one sequence fits
         self.kv = KVCache(n_layer=cfg.n_layer, n_kv_heads=cfg.n_head_kv, head_dim=cfg.head_dim,
                           max_seqs=config.max_batch, max_seq_len=self.max_seq_len, n_tokens=n_tokens,
-                          block_size=config.block_size, dtype=config.kv_dtype)
+                          block_size=config.block_size, dtype=config.kv_dtype, prefix_cache=config.prefix_cache,
+                          salt=kv_salt(model, config.kv_dtype))
         self.kv_prefault_s = 0.0
         if config.prefault_kv:
             t0 = time.perf_counter()
@@ -105,6 +100,9 @@ class Engine:
         logit_rows, spans, r = [], [], 0
         for slot, toks, start, want in parts:
             m = len(toks)
+            if start < self.kv.shared_tokens(slot):
+                raise RuntimeError(f"slot {slot}: a step may not write position {start}, which lies in a shared "
+                                   f"prefix block")
             self.kv.reserve(slot, start + m)
             tokens[r:r + m] = toks
             row_seq[r:r + m] = slot

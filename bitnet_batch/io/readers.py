@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields as dataclass_fields
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 from bitnet_batch.errors import ConfigError, InputError
+from bitnet_batch.sampling.params import SamplingParams
 
-# Per-item parameters copied raw into Request.overrides (validated later by the runner).
-OVERRIDE_KEYS = (
-    "max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-    "frequency_penalty", "seed", "stop", "logprobs", "n", "response_format", "regex", "choice",
-)
+# Per-item parameters copied raw into Request.overrides (validated later, by SamplingParams and the constraint
+# builders): every sampling parameter, and the structured-output fields.
+OVERRIDE_KEYS = tuple(f.name for f in dataclass_fields(SamplingParams)) + ("response_format", "regex", "choice")
 # OpenAI body keys that map 1:1 onto our override names (the rest are handled in _openai_overrides).
 _OPENAI_SAME_KEYS = tuple(k for k in OVERRIDE_KEYS if k not in ("max_tokens", "logprobs"))
 _OPENAI_URLS = {"/v1/chat/completions": "messages", "/v1/completions": "prompt"}

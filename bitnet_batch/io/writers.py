@@ -14,26 +14,29 @@ Files next to the output ``out.jsonl``:
 final format through a temporary file and ``os.replace``, marks the state complete and deletes the journal.
 It streams: it keeps an index of line offsets (4 int64 per record), never all records as dicts.
 
-The journal is held under an exclusive ``flock`` while the sink is open, so a second process writing the
-same output is refused instead of interleaving lines.
+* ``out.jsonl.lock``           one writer per output: ``OutputLock`` holds an exclusive ``flock`` on it (and
+                               writes its pid into it) before any other file of the job is read, created,
+                               written or deleted, so a second job on the same output stops at once with
+                               ``out.jsonl is being written by another bitnet-batch job (pid N)`` and touches
+                               nothing. It is never deleted (deleting a held lock file would let a third job lock
+                               a new one); a job that takes it before opening its sink (``lock=``) holds it
+                               until ``close()``, so the job's summary is written under it too.
 
-Record contract (built by the runner; checked by ``write``)::
+A full disk (``ENOSPC``, ``EDQUOT``) while writing becomes a ``BitnetBatchError`` naming the file, the number of
+records safely in the journal, and that the same command resumes; the journal never keeps a torn line.
 
-    {"id": str|int, "index": int >= 0, "text": str|None, "finish_reason": str,
-     "usage": {"prompt_tokens": int, "completion_tokens": int},
-     "timing": {"queue_s", "prefill_s", "ttft_s", "decode_s", "total_s", "tokens_per_s": float},
-     "error": None | {"type": str, "message": str},
-     "logprobs": absent | [{"token", "token_id", "logprob", "top": [{"token", "token_id", "logprob"}]}],
-     ...extra keys (e.g. "parsed", "sample_index"): any JSON; Parquet stores them as JSON text columns}
-
-With ``sample_index`` several records may share an id (n samples); they are ordered by (index,
+The record contract is ``bitnet_batch.records``'s, checked by ``write``; Parquet stores extra keys as JSON
+text columns. With ``sample_index`` several records may share an id (n samples); they are ordered by (index,
 sample_index) and, in the OpenAI format, become the choices of one line. numpy scalars are accepted.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import numbers
 import os
+import socket
 import time
 from array import array
 from pathlib import Path
@@ -43,6 +46,7 @@ import numpy as np
 
 from bitnet_batch.errors import BitnetBatchError, ConfigError
 from bitnet_batch.io.readers import resolve_format
+from bitnet_batch.records import ERROR_KEYS, KNOWN_KEYS, PARQUET_EXTRA_COLUMNS, TIMING_KEYS, USAGE_KEYS
 
 try:
     import fcntl
@@ -52,47 +56,131 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks, single-wri
 FORMATS = ("jsonl", "parquet", "openai")
 STATE_SUFFIX = ".state.json"
 JOURNAL_SUFFIX = ".partial.jsonl"
+LOCK_SUFFIX = ".lock"
 STATE_VERSION = 1
 PARQUET_ROWS_PER_GROUP = 10_000   # records parsed and converted at a time during finalize
 _MAX_READ_BYTES = 1 << 20         # finalize reads adjacent journal lines in blocks of up to 1 MiB
 
-USAGE_KEYS = ("prompt_tokens", "completion_tokens")
-TIMING_KEYS = ("queue_s", "prefill_s", "ttft_s", "decode_s", "total_s", "tokens_per_s")
-ERROR_KEYS = ("type", "message")
-KNOWN_KEYS = ("id", "index", "text", "finish_reason", "usage", "timing", "error", "logprobs")
 _KNOWN_SET = frozenset(KNOWN_KEYS)
+
+
+class OutputLock:
+    """The one-writer lock of an output (a file or a directory of part files): an exclusive, non-blocking
+    ``flock`` on ``<output>.lock``, taken before anything else of the job is touched.
+
+    The lock file is opened with O_CREAT and never truncated by a process that does not hold the lock, so a
+    refused job changes nothing; its holder writes ``pid host`` into it for the refusal message. It is never
+    deleted: a job that deleted it while another process had it open would let a third job lock a new file.
+    The lock goes with the process (the kernel drops it when the descriptor closes), so a crashed job never
+    leaves a stale lock behind. ``release()`` may be called more than once."""
+
+    def __init__(self, output):
+        self.output = Path(output)
+        self.path = _sibling(self.output, LOCK_SUFFIX)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            self._acquire(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd: int | None = fd
+
+    def _acquire(self, fd: int) -> None:
+        if fcntl is None:  # pragma: no cover - no advisory locks on this platform
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise ConfigError(f"{self.path}: cannot lock the output ({e.strerror or e}); the file system "
+                                  f"may not support locks") from e
+            raise ConfigError(f"{self.output} is being written by another bitnet-batch job "
+                              f"({_lock_holder(fd)})") from None
+        try:                        # who holds it, for the message of a refused job (best effort)
+            os.ftruncate(fd, 0)     # a reader that finds it empty retries (see _lock_holder)
+            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        except OSError:
+            pass
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Drop the lock (closing the descriptor releases the flock)."""
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "OutputLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __del__(self):
+        self.release()
+
+
+def _lock_holder(fd: int, tries: int = 20) -> str:
+    """``pid N`` (``pid N on HOST`` from another machine) of the lock's holder, read from the lock file. The
+    holder writes it right after locking, so an empty file is read again for up to ~0.1 s."""
+    for _ in range(tries):
+        fields = os.pread(fd, 256, 0).decode("utf-8", "replace").split()
+        if fields and fields[0].isdigit():
+            host = fields[1] if len(fields) > 1 else None
+            return f"pid {fields[0]}" + (f" on {host}" if host and host != socket.gethostname() else "")
+        time.sleep(0.005)
+    return "pid unknown"
 
 
 class OutputSink:
     """Crash-safe writer of one job's output. ``done`` maps the id of every record already written (by a
-    previous, interrupted run or by this one) to its index; a complete job has all of them."""
+    previous, interrupted run or by this one) to its index; a complete job has all of them.
+
+    ``lock``: the output's ``OutputLock``, when the job took it already (before loading the model, so a second
+    job fails fast); the sink then owns it and releases it in ``close()`` (also when this constructor fails).
+    Without it the sink takes the lock itself, first thing, and releases it in ``finalize()`` or ``close()``."""
 
     def __init__(self, path, *, fmt: str | None = None, fingerprint: dict, overwrite: bool = False,
-                 ordered: bool = True, model_name: str = "bitnet"):
+                 ordered: bool = True, model_name: str = "bitnet", lock: OutputLock | None = None,
+                 columns: dict | None = None):
         self.path = Path(path)
-        self.fmt = resolve_format(self.path, fmt, formats=FORMATS, what="output")
-        self.ordered = bool(ordered)
-        self.model_name = model_name
-        self.fingerprint = _plain_fingerprint(fingerprint)
-        self.state_path = _sibling(self.path, STATE_SUFFIX)
-        self.journal_path = self.path if self._is_own_journal else _sibling(self.path, JOURNAL_SUFFIX)
-        self.done: dict[str | int, int] = {}
-        self._samples: set[tuple[str | int, int]] = set()   # (id, sample_index) of records with a sample_index
-        self._extra_keys: set[str] = set()                  # non-standard record keys -> Parquet JSON columns
-        self._index = _OffsetIndex()
-        self._file = None                                    # the journal, O_APPEND, flock'ed
-        self._offset = 0                                     # journal size = offset of the next line
-        self._state: dict = {}
-        self._complete = False
+        self._lock = lock if lock is not None else OutputLock(self.path)   # before anything is read or written
+        self._keep_lock = lock is not None       # handed in: held until close(), past finalize()
+        try:
+            if self._lock.path != _sibling(self.path, LOCK_SUFFIX) or not self._lock.held:
+                raise ConfigError(f"{self.path}: the lock given is not this output's held lock "
+                                  f"({self._lock.path})")
+            self.fmt = resolve_format(self.path, fmt, formats=FORMATS, what="output")
+            self.ordered = bool(ordered)
+            self.model_name = model_name
+            self.fingerprint = _plain_fingerprint(fingerprint)
+            self.state_path = _sibling(self.path, STATE_SUFFIX)
+            self.journal_path = self.path if self._is_own_journal else _sibling(self.path, JOURNAL_SUFFIX)
+            self.done: dict[str | int, int] = {}
+            self._samples: set[tuple[str | int, int]] = set()   # (id, sample_index) of records with one
+            self._extra_keys: set[str] = set()                  # non-standard record keys -> Parquet JSON columns
+            self._columns = dict(columns or {})                  # ... or typed ones: key -> pyarrow type
+            self._index = _OffsetIndex()
+            self._file = None                                    # the journal, O_APPEND
+            self._offset = 0                                     # journal size = offset of the next line
+            self._state: dict = {}
+            self._complete = False
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if overwrite:
-            self._remove_previous()
-        state = self._read_state()
-        if state is None:
-            self._start_fresh()
-        else:
-            self._resume(state)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if overwrite:
+                self._remove_previous()
+            state = self._read_state()
+            with self._disk_full(self.state_path, "while starting the job"):
+                if state is None:
+                    self._start_fresh()
+                else:
+                    self._resume(state)
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def _is_own_journal(self) -> bool:
@@ -125,34 +213,52 @@ class OutputSink:
             what = f"id {key_id!r}" + ("" if sample is None else f" sample {sample}")
             raise BitnetBatchError(f"{self.path}: a record for {what} was already written")
         data = _encode_line(record)
-        self._append(data)
+        with self._disk_full(self.journal_path, "while writing a record"):
+            self._append(data)
         self._register(record, self._offset, len(data))
         self._offset += len(data)
 
     def finalize(self) -> Path:
         """Write the final output in input order (atomically), mark the job complete, drop the journal."""
         if self._complete:
+            self._release_own_lock()
             return self.path
         if self._file is None:
             raise BitnetBatchError(f"{self.path}: finalize() on a closed OutputSink")
         extra: dict = {}
         if not self._is_own_journal:
             tmp = _sibling(self.path, ".tmp")
-            extra = _FINALIZERS[self.fmt](self, tmp)
-            _fsync_path(tmp)
+            try:
+                with self._disk_full(tmp, "while writing the final output"):
+                    extra = _FINALIZERS[self.fmt](self, tmp)
+                    _fsync_path(tmp)
+            except BaseException:
+                tmp.unlink(missing_ok=True)     # frees the space it took; the journal has every record
+                raise
             os.replace(tmp, self.path)
             _fsync_dir(self.path.parent)
-        self._write_state({**self._state, "complete": True, "records": len(self._index), **extra})
-        self.close()
+        with self._disk_full(self.state_path, "while marking the job complete"):
+            self._write_state({**self._state, "complete": True, "records": len(self._index), **extra})
+        self._close_journal()
         if not self._is_own_journal:
             self.journal_path.unlink(missing_ok=True)
             _fsync_dir(self.path.parent)
         self._complete = True
+        self._release_own_lock()
         return self.path
 
     def close(self) -> None:
-        """Close the journal (and release its lock). The job can be resumed by a new OutputSink later."""
-        if self._file is not None:
+        """Close the journal and release the output's lock. The job can be resumed by a new OutputSink later."""
+        self._close_journal()
+        self._lock.release()
+
+    def _release_own_lock(self) -> None:
+        """After finalize: a lock the sink took itself goes now; one handed in stays until close()."""
+        if not self._keep_lock:
+            self._lock.release()
+
+    def _close_journal(self) -> None:
+        if getattr(self, "_file", None) is not None:
             self._file.close()
             self._file = None
 
@@ -179,10 +285,14 @@ class OutputSink:
 
     def _write_state(self, state: dict) -> None:
         tmp = _sibling(self.state_path, ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(state, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(state, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, self.state_path)
         _fsync_dir(self.state_path.parent)
         self._state = state
@@ -214,7 +324,7 @@ class OutputSink:
         self._complete = True
 
     def _remove_previous(self) -> None:
-        _refuse_if_locked(self.journal_path)
+        """--overwrite: delete the previous job's files (this process holds the output's lock)."""
         for old in (self.path, self.journal_path, self.state_path, _sibling(self.path, ".tmp"),
                     _sibling(self.state_path, ".tmp")):
             old.unlink(missing_ok=True)
@@ -224,7 +334,6 @@ class OutputSink:
     def _open_journal(self) -> None:
         f = open(self.journal_path, "a+b", buffering=0)  # O_APPEND: every write lands at the end
         try:
-            _lock(f, self.journal_path)
             self._offset = self._load_journal(f)
         except BaseException:
             f.close()
@@ -281,6 +390,21 @@ class OutputSink:
                 pass
             raise
 
+    @contextlib.contextmanager
+    def _disk_full(self, file: Path, when: str):
+        """A full disk (or quota) in the block becomes an error that says what is safe and how to go on."""
+        try:
+            yield
+        except OSError as e:
+            if not _is_disk_full(e):
+                raise
+            file = Path(e.filename) if isinstance(getattr(e, "filename", None), str) else file
+            n = len(self._index)
+            kept = (f"the {n} finished record{'s' if n != 1 else ''} before it {'are' if n != 1 else 'is'} "
+                    f"safely written in {self.journal_path}" if n else "no record was written yet")
+            raise BitnetBatchError(f"{file}: no space left on device {when}; {kept}. Free some space and run "
+                                   f"the same command again to resume (finished items are skipped)") from e
+
     def _blocks_in_order(self) -> Iterator[bytes]:
         """The journal's lines sorted by (index, sample_index), as blocks of whole lines: lines that are
         already adjacent in sorted order are read together (completion order is mostly input order)."""
@@ -306,13 +430,13 @@ class OutputSink:
         import pyarrow.parquet as pq
 
         extra = sorted(self._extra_keys)
-        schema = _parquet_schema(extra)
+        schema = _parquet_schema(extra, self._columns)
         int_ids, n_ids = [], 0
         with pq.ParquetWriter(tmp, schema) as writer:
             for records in _chunks(self._records_in_order(), PARQUET_ROWS_PER_GROUP):
                 int_ids += [r["index"] for r in records if isinstance(r["id"], int)]
                 n_ids += len(records)
-                writer.write_table(_parquet_table(records, schema, extra), row_group_size=PARQUET_ROWS_PER_GROUP)
+                writer.write_table(_parquet_table(records, schema), row_group_size=PARQUET_ROWS_PER_GROUP)
         # Parquet stores ids as strings; remember which were ints so a reopened job keys ``done`` correctly.
         return {"int_ids": "all" if len(int_ids) == n_ids else ("none" if not int_ids else int_ids)}
 
@@ -488,7 +612,9 @@ def _decode_journal_line(raw: bytes) -> dict | None:
 
 # ----------------------------------------------------------------------------------------------- Parquet
 
-def _parquet_schema(extra: list[str]):
+def _parquet_schema(extra: list[str], typed: dict):
+    """Known keys as typed columns; extra keys as the type ``typed`` gives them, else JSON text (listed in the
+    schema's metadata, so readers can decode them)."""
     import pyarrow as pa
 
     token = [("token", pa.string()), ("token_id", pa.int64()), ("logprob", pa.float64())]
@@ -502,19 +628,19 @@ def _parquet_schema(extra: list[str]):
         pa.field("error", pa.struct([(k, pa.string()) for k in ERROR_KEYS])),
         pa.field("logprobs", pa.list_(pa.struct(token + [("top", pa.list_(pa.struct(token)))]))),
     ]
-    fields += [pa.field(k, pa.string()) for k in extra]  # unknown keys: JSON text, null where absent/None
-    return pa.schema(fields, metadata={"bitnet_batch.extra_columns": json.dumps(extra)})
+    json_keys = [k for k in extra if k not in typed]
+    fields += [pa.field(k, typed.get(k, pa.string())) for k in extra]   # JSON text: null where absent/None
+    return pa.schema(fields, metadata={PARQUET_EXTRA_COLUMNS: json.dumps(json_keys)})
 
 
-def _parquet_table(records: list[dict], schema, extra: list[str]):
+def _parquet_table(records: list[dict], schema):
     import pyarrow as pa
 
-    columns = {
-        "id": [str(r["id"]) for r in records],
-        "index": [r["index"] for r in records],
-        **{k: [r.get(k) for r in records] for k in KNOWN_KEYS[2:]},
-        **{k: [None if r.get(k) is None else json.dumps(r[k], ensure_ascii=False) for r in records] for k in extra},
-    }
+    json_keys = set(json.loads(schema.metadata[PARQUET_EXTRA_COLUMNS.encode()]))
+    columns = {f.name: [r.get(f.name) for r in records] for f in schema if f.name not in json_keys}
+    columns.update({k: [None if r.get(k) is None else json.dumps(r[k], ensure_ascii=False) for r in records]
+                    for k in json_keys})
+    columns["id"] = [str(r["id"]) for r in records]
     arrays = [pa.array(columns[f.name], type=f.type) for f in schema]
     return pa.Table.from_arrays(arrays, schema=schema)
 
@@ -541,7 +667,8 @@ def _openai_line(group: list[dict], created: int, model_name: str) -> dict:
     if failed is not None:
         error = failed["error"]
         return {**head, "response": None, "error": {"code": error.get("type"), "message": error.get("message")}}
-    prompt_tokens = (first.get("usage") or {}).get("prompt_tokens") or 0
+    usage = first.get("usage") or {}
+    prompt_tokens = usage.get("prompt_tokens") or 0
     completion_tokens = sum((r.get("usage") or {}).get("completion_tokens") or 0 for r in group)
     body = {
         "id": f"chatcmpl-{index}", "object": "chat.completion", "created": created, "model": model_name,
@@ -549,6 +676,8 @@ def _openai_line(group: list[dict], created: int, model_name: str) -> dict:
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},
     }
+    if "cached_tokens" in usage:      # the request's prompt, counted once like prompt_tokens (its first sample)
+        body["usage"]["prompt_tokens_details"] = {"cached_tokens": usage["cached_tokens"]}
     return {**head, "response": {"status_code": 200, "request_id": f"req_{index}", "body": body}, "error": None}
 
 
@@ -623,21 +752,20 @@ def _chunks(items: Iterator, size: int) -> Iterator[list]:
         yield chunk
 
 
-def _lock(f, path: Path) -> None:
-    if fcntl is None:
-        return
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        raise ConfigError(f"{path}: in use by another bitnet-batch process (cannot lock it)") from e
+def _is_disk_full(e: OSError) -> bool:
+    """ENOSPC / EDQUOT, also from pyarrow (whose IO errors carry the text, not always the errno)."""
+    return e.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(e)
 
 
 def _refuse_if_locked(path: Path) -> None:
-    """Before --overwrite deletes anything: refuse if another process is still writing this output."""
-    if not path.exists():
+    """Before --overwrite deletes anything: refuse if another process holds a lock on ``path``."""
+    if not path.exists() or fcntl is None:
         return
     with open(path, "rb") as f:
-        _lock(f, path)
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            raise ConfigError(f"{path}: in use by another bitnet-batch process (cannot lock it)") from e
 
 
 def _fsync_path(path: Path) -> None:

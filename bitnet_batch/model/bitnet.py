@@ -1,6 +1,6 @@
 """The BitNet b1.58 forward pass over one step of rows (tokens of any number of sequences).
 
-Per layer (``/work/shared/spec/model_spec.md`` section 2)::
+Per layer (``docs/model.md`` section 2)::
 
     h = RMSNorm(x) * attn_norm                    -> int8 per token -> q|k|v = ternary matmul (fused)
     q, k = RoPE_neox(q, k, pos)                   ; K/V stored in the paged cache

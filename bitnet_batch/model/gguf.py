@@ -1,7 +1,7 @@
 """Our own GGUF reader: header, metadata, tensor infos, and a read-only memory map of the tensor data.
 
 We do not use the pip ``gguf`` package because it cannot size tensors of type 36 (bitnet.cpp's I2_S,
-whose id clashes with ids that upstream ggml retired). See ``/work/shared/spec/i2s_format.md``.
+whose id clashes with ids that upstream ggml retired). See ``docs/model.md`` section 3.
 
 File layout (GGUF v2/v3, little-endian)::
 
@@ -279,6 +279,22 @@ class _Cursor:
         return out
 
 
+def release_mapped_range(data: np.memmap | None, offset: int, nbytes: int) -> None:
+    """Drop the resident pages of bytes [offset, offset + nbytes) of a read-only file memory map (whole pages
+    inside the range only), first marking them as not for huge pages; see ``GGUFFile.release``. A no-op where
+    madvise is unavailable or the map is closed."""
+    mm = getattr(data, "_mmap", None)
+    if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    page = mmap.PAGESIZE
+    start = -(-offset // page) * page
+    end = (offset + nbytes) // page * page
+    if end > start:
+        if hasattr(mmap, "MADV_NOHUGEPAGE"):
+            mm.madvise(mmap.MADV_NOHUGEPAGE, start, end - start)
+        mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
 class GGUFFile:
     """A parsed GGUF file. Tensor data stays on disk: ``raw(name)`` is a view of a read-only memory map.
 
@@ -423,17 +439,9 @@ class GGUFFile:
         file in large folios, the kernel otherwise maps them back in whole (~190 MB of the 2B4T file's released
         tensors counted in RSS again during the first steps, seen on a 6.18 kernel). A no-op where madvise is
         unavailable."""
-        mm = getattr(self._data, "_mmap", None)
         info = self.tensors.get(name)
-        if mm is None or info is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        page = mmap.PAGESIZE
-        start = -(-info.offset // page) * page
-        end = (info.offset + info.nbytes) // page * page
-        if end > start:
-            if hasattr(mmap, "MADV_NOHUGEPAGE"):
-                mm.madvise(mmap.MADV_NOHUGEPAGE, start, end - start)
-            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+        if info is not None:
+            release_mapped_range(self._data, info.offset, info.nbytes)
 
     def raw(self, name: str) -> np.ndarray:
         """uint8 view (no copy) of exactly the tensor's ``nbytes`` bytes."""

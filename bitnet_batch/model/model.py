@@ -1,4 +1,7 @@
-"""``Model``: a loaded BitNet GGUF (config, weights in kernel layout, tokenizer) and ``load_model``."""
+"""``Model``: a loaded BitNet model (config, weights in kernel layout, tokenizer) and ``load_model``.
+
+A model comes from a GGUF file or from a Hugging Face checkpoint directory (``hf.py``); both give the same
+``Model`` and everything after loading (engine, jobs, Ray workers) is the same."""
 from __future__ import annotations
 
 import ctypes
@@ -9,8 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ModelConfig
-from ..errors import ContextOverflowError, ModelFormatError, TokenizerError
+from ..errors import ConfigError, ContextOverflowError, ModelFormatError, TokenizerError
+from . import hf
+from .embedding_models import EmbeddingModelConfig, is_embedding_arch, load_embedding_weights
 from .gguf import GGUFFile
+from .hf import Checkpoint
 from .hub import resolve_model_path
 from .weights import Weights, load_weights
 
@@ -18,9 +24,11 @@ from .weights import Weights, load_weights
 class Model:
     """A BitNet b1.58 model ready to run. Use :func:`load_model` to make one."""
 
-    def __init__(self, path: Path, gguf: GGUFFile, config: ModelConfig, weights: Weights, tokenizer, load_s: float):
-        self.path = path
-        self.gguf = gguf
+    def __init__(self, path: Path, gguf: GGUFFile | None, config: ModelConfig, weights: Weights, tokenizer,
+                 load_s: float, *, checkpoint: Checkpoint | None = None):
+        self.path = path                # the GGUF file, or the checkpoint directory
+        self.gguf = gguf                # None for a Hugging Face checkpoint
+        self.checkpoint = checkpoint    # None for a GGUF
         self.config = config
         self.weights = weights
         self._tokenizer = tokenizer
@@ -38,17 +46,25 @@ class Model:
     @property
     def metadata(self) -> dict:
         """The GGUF metadata, less ``tokenizer.ggml.merges`` and ``tokenizer.ggml.tokens`` once the tokenizer is built
-        (it holds them; ``tokenizer.token_bytes`` / ``token_text`` give a token)."""
+        (it holds them; ``tokenizer.token_bytes`` / ``token_text`` give a token). For a Hugging Face checkpoint: the
+        GGUF metadata ``convert`` would write, tokenizer arrays left out."""
+        if self.gguf is None:
+            from ..convert import model_metadata
+
+            return model_metadata(self.config, self.checkpoint)
         return self.gguf.metadata
 
+    @property
+    def embedding_only(self) -> bool:
+        """True for the embedding architectures (``embedding_models``): hidden states only, no lm_head."""
+        return bool(getattr(self.config, "embedding_only", False))
+
     def sha256(self) -> str:
-        """sha256 of the model file (computed once, streamed)."""
+        """sha256 of the model file (computed once, streamed). For a checkpoint directory: of its files (config,
+        index, safetensors shards, tokenizer files) in name order, each as its name, a NUL byte and its bytes."""
         if self._sha256 is None:
-            h = hashlib.sha256()
-            with open(self.path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    h.update(block)
-            self._sha256 = h.hexdigest()
+            ckpt = self.checkpoint
+            self._sha256 = files_sha256([self.path] if ckpt is None else ckpt.files, named=ckpt is not None)
         return self._sha256
 
     def logits(self, token_ids) -> np.ndarray:
@@ -57,6 +73,9 @@ class Model:
         Returns float32 [len(token_ids), n_vocab]."""
         from ..engine.engine import Engine, EngineConfig
 
+        if self.embedding_only:
+            raise ConfigError(f"{self.path}: {self.config.arch} is an embedding model (no lm_head, no logits); "
+                              "use bitnet_batch.embeddings.Embedder")
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         cfg = self.config
         if ids.size == 0:
@@ -81,6 +100,18 @@ class Model:
                 f"{c.n_head_kv}, ffn {c.n_ff} {c.ffn_act}, vocab {c.n_vocab})")
 
 
+def files_sha256(files, *, named: bool) -> str:
+    """sha256 over files in order (each preceded by its name and a NUL byte when ``named``), streamed."""
+    h = hashlib.sha256()
+    for path in files:
+        if named:
+            h.update(Path(path).name.encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
 def release_free_heap() -> None:
     """Give freed C heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere)."""
     try:
@@ -91,22 +122,32 @@ def release_free_heap() -> None:
 
 def load_model(path_or_repo_id, *, filename: str | None = None, ffn_act: str | None = None,
                revision: str | None = None) -> Model:
-    """Load a BitNet GGUF from a local path or a Hugging Face repo id (cached; honours HF_HUB_OFFLINE).
+    """Load a BitNet model from a GGUF file, a Hugging Face checkpoint directory, or a Hugging Face repo id (a GGUF
+    repo with ``filename``, else a checkpoint repo; cached; honours HF_HUB_OFFLINE).
 
-    ``ffn_act`` ("relu2" / "silu") overrides the FFN activation the file implies."""
+    ``ffn_act`` ("relu2" / "silu") overrides the FFN activation the model implies."""
     from ..tokenizer import tokenizer_from_metadata
 
     t0 = time.perf_counter()
     path = resolve_model_path(path_or_repo_id, filename, revision)
+    if path.is_dir():
+        return _load_checkpoint(path, ffn_act, t0)
     gf = GGUFFile(path)
     md = gf.metadata
     emb = gf.tensors.get("token_embd.weight")
     if emb is None or len(emb.shape) != 2:
         raise ModelFormatError(path, "required 2-D tensor is missing or malformed", tensor="token_embd.weight")
     n_vocab = int(emb.shape[1])
-    cfg = ModelConfig.from_metadata(md, path, tied="output.weight" not in gf.tensors, n_vocab_tensor=n_vocab,
-                                    ffn_act=ffn_act)
-    weights = load_weights(gf, cfg)
+    if is_embedding_arch(md):                      # qwen3 / gemma3 BitNet embedding models
+        if ffn_act is not None:
+            raise ConfigError(f"{path}: ffn_act cannot be overridden for the {md.get('general.architecture')} "
+                              "embedding architecture")
+        cfg = EmbeddingModelConfig.from_metadata(md, path, n_vocab_tensor=n_vocab)
+        weights = load_embedding_weights(gf, cfg)
+    else:
+        cfg = ModelConfig.from_metadata(md, path, tied="output.weight" not in gf.tensors, n_vocab_tensor=n_vocab,
+                                        ffn_act=ffn_act)
+        weights = load_weights(gf, cfg)
     tok = None
     if md.get("tokenizer.ggml.model") is not None:
         tok = tokenizer_from_metadata(md, source=str(path))
@@ -114,3 +155,17 @@ def load_model(path_or_repo_id, *, filename: str | None = None, ffn_act: str | N
             md.pop(key, None)                                                # 280k + 128k strings for LLaMA-3
         release_free_heap()                        # the tokenizer build's temporaries (~25 MB for LLaMA-3)
     return Model(path, gf, cfg, weights, tok, time.perf_counter() - t0)
+
+
+def _load_checkpoint(path: Path, ffn_act: str | None, t0: float) -> Model:
+    """A Hugging Face checkpoint directory -> Model (see ``hf.py``); the tokenizer from its tokenizer.json."""
+    from ..tokenizer import tokenizer_from_hf
+
+    ckpt = Checkpoint(path)
+    cfg = hf.model_config(ckpt, ffn_act)
+    source = hf.HFSource(ckpt)
+    # the tokenizer first: its build temporaries (~120 MB for LLaMA-3) are freed before the weights are resident
+    tok = tokenizer_from_hf(path, n_vocab=cfg.n_vocab) if (path / "tokenizer.json").is_file() else None
+    release_free_heap()
+    weights = load_weights(source, cfg)
+    return Model(path, None, cfg, weights, tok, time.perf_counter() - t0, checkpoint=ckpt)

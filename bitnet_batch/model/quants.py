@@ -6,7 +6,7 @@ They run once at load or write time, so clarity beats speed. Conventions everywh
 * ``ne0`` = row length (in_features, the fastest axis in the file), ``ne1`` = number of rows (out_features).
   Unpacked arrays are numpy row-major ``[ne1, ne0]``.
 
-Layouts (``/work/shared/spec/i2s_format.md`` section 2, ``model_spec.md`` section 3):
+Layouts (``docs/model.md`` section 3):
 
 * I2_S (bitnet.cpp x86): the flat tensor in blocks of 128 values -> 32 bytes; byte m of a block holds
   values m (bits 7-6), m+32 (5-4), m+64 (3-2), m+96 (1-0). Then one fp32 scale at byte ne/4 and 28 zero

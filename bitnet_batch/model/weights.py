@@ -95,7 +95,50 @@ class Weights:
         return sum(p.nbytes for lw in self.layers for p in (lw.qkv, lw.wo, lw.gate_up, lw.down))
 
 
-class _Loader:
+class TensorSource:
+    """Where ``load_weights`` reads a model's tensors from, by their GGUF names (``token_embd.weight``,
+    ``blk.N.attn_q.weight``, ...). Subclasses: ``GGUFSource`` here, ``hf.HFSource`` for Hugging Face checkpoints.
+    Errors are ``ModelFormatError`` naming the file and the tensor as the source stores it."""
+
+    path = None
+
+    def vector(self, name: str, n: int) -> np.ndarray:
+        """A norm weight as float32 [n]."""
+        raise NotImplementedError
+
+    def ternary(self, name: str, n_in: int, n_out: int):
+        """-> (int8 ternary [n_out, n_in] or None, float32 scale [n_out], I2_S payload rows [n_out, n_in/4] or
+        None): one of the ternary matrix and the payload is given."""
+        raise NotImplementedError
+
+    def matrix(self, name: str, v: int, d: int):
+        """A float [V, D] matrix (embedding, lm_head) kept in its stored type: (array, embedding kind)."""
+        raise NotImplementedError
+
+    def release(self, name: str) -> None:
+        """The tensor has been copied out: its mapped pages may be dropped."""
+
+    def fused(self, names_out, n_in):
+        """Fuse projections sharing an input into one Projection (rows concatenated in order, each part starting
+        a row group: a part of odd size gets a padding row)."""
+        sizes = tuple(n_out for _, n_out in names_out)
+        starts, n_rows = part_starts(sizes)
+        packed = aligned_empty((n_rows, padded(n_in) // 4), np.uint8)     # cache-line aligned: see buffers
+        scale = np.zeros(n_rows, np.float32)
+        for (name, n_out), lo in zip(names_out, starts):      # each part's row pairs, in place
+            t, scale[lo:lo + n_out], payload = self.ternary(name, n_in, n_out)
+            dst = packed[lo:lo + padded_rows(n_out)]
+            if payload is not None:
+                from_i2s_rows(payload, out=dst)
+            else:
+                interleave_rows(pack_rows(t), out=dst)
+            self.release(name)          # copied out of the memory map: stop counting those pages
+        return Projection(packed=packed, scale=scale, n_in=n_in, starts=starts, sizes=sizes)
+
+
+class GGUFSource(TensorSource):
+    """The tensors of a GGUF file."""
+
     def __init__(self, gf: GGUFFile):
         self.gf = gf
         self.path = gf.path
@@ -116,11 +159,12 @@ class _Loader:
                                     dtype=np.float32).reshape(n)
 
     def ternary(self, name, n_in, n_out):
-        """-> (int8 ternary [n_out, n_in] or None, float32 scale [n_out], raw I2 payload [n_out, n_in/4] or None).
-
-        A separate ``<name>.scale`` tensor (mainline "bitnet" GGUFs) multiplies the scale of any type."""
+        """A separate ``<name>.scale`` tensor (mainline "bitnet" GGUFs) multiplies the scale of any type."""
         t, rows, payload = self._ternary(name, n_in, n_out)
         return t, (rows * self._scale_tensor(name)).astype(np.float32), payload
+
+    def release(self, name):
+        self.gf.release(name)
 
     def _ternary(self, name, n_in, n_out):
         info = self.info(name)
@@ -157,23 +201,6 @@ class _Loader:
         if val.size != 1:
             raise ModelFormatError(self.path, f"scale tensor must hold one value, has {val.size}", tensor=sname)
         return np.float32(val[0])
-
-    def fused(self, names_out, n_in):
-        """Fuse projections sharing an input into one Projection (rows concatenated in order, each part starting
-        a row group: a part of odd size gets a padding row)."""
-        sizes = tuple(n_out for _, n_out in names_out)
-        starts, n_rows = part_starts(sizes)
-        packed = aligned_empty((n_rows, padded(n_in) // 4), np.uint8)     # cache-line aligned: see buffers
-        scale = np.zeros(n_rows, np.float32)
-        for (name, n_out), lo in zip(names_out, starts):      # each part's row pairs, in place
-            t, scale[lo:lo + n_out], payload = self.ternary(name, n_in, n_out)
-            dst = packed[lo:lo + padded_rows(n_out)]
-            if payload is not None:
-                from_i2s_rows(payload, out=dst)
-            else:
-                interleave_rows(pack_rows(t), out=dst)
-            self.gf.release(name)          # copied out of the memory map: stop counting those pages
-        return Projection(packed=packed, scale=scale, n_in=n_in, starts=starts, sizes=sizes)
 
     def matrix(self, name, v, d):
         """A float [V, D] matrix kept in its file type for the embedding kernels."""
@@ -220,8 +247,9 @@ def ternarize(w: np.ndarray) -> tuple[np.ndarray, np.float32]:
     return t, alpha
 
 
-def load_weights(gf: GGUFFile, cfg: ModelConfig) -> Weights:
-    ld = _Loader(gf)
+def load_weights(source: GGUFFile | TensorSource, cfg: ModelConfig) -> Weights:
+    """The model's weights in kernel layout, read from a GGUF file or any ``TensorSource`` (by GGUF names)."""
+    ld = GGUFSource(source) if isinstance(source, GGUFFile) else source
     d, f, v = cfg.n_embd, cfg.n_ff, cfg.n_vocab
     tok, tok_kind = ld.matrix("token_embd.weight", v, d)
     if cfg.tied_lm_head:

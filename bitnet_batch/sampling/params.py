@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from ..errors import ConfigError
 
 MAX_LOGPROBS = 20       # vLLM's default cap on the number of top logprobs per token
+MAX_SAMPLES = 1024      # most samples per input (n)
 _SEED_LIMIT = 2 ** 64   # seeds are 64-bit so that every platform stores them the same way
 
 
@@ -62,6 +63,10 @@ class SamplingParams:
 
     ignore_eos: bool = False
     """Keep generating past end-of-generation tokens: they are masked out and never sampled."""
+
+    n: int = 1
+    """Samples per input, 1..1024: each is a request of its own, seeded from (the request's seed, its index k),
+    written with a ``sample_index`` field (sample 0 is the n = 1 output)."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -139,6 +144,14 @@ def _int_at_least(low: int):
     return check
 
 
+def _int_in(low: int, high: int):
+    def check(name: str, value: Any) -> int:
+        if not _is_int(value) or not low <= value <= high:
+            raise ConfigError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+        return int(value)
+    return check
+
+
 def _float_in(low: float, high: float, low_open: bool, high_open: bool):
     rule = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
@@ -203,4 +216,5 @@ _VALIDATORS = {
     "stop": _check_stop,
     "logprobs": _check_logprobs,
     "ignore_eos": _check_bool,
+    "n": _int_in(1, MAX_SAMPLES),
 }

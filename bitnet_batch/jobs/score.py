@@ -31,7 +31,6 @@ including those an interrupted earlier run wrote.
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -41,12 +40,15 @@ from typing import Iterator
 
 import numpy as np
 
-from .engine.engine import Engine, EngineConfig
-from .errors import BitnetBatchError, ConfigError, ContextOverflowError, InputError
-from .io import readers
-from .io.readers import BadRecord, count_records
-from .io.writers import OutputSink
-from .scheduler import Scheduler, Sequence
+from ..config import EngineConfig
+from ..engine.engine import Engine
+from ..errors import BitnetBatchError, ConfigError, ContextOverflowError, InputError
+from ..io import readers
+from ..io.readers import BadRecord, count_records
+from ..records import error_record, read_records, timing
+from ..scheduler import Part, Scheduler, Sequence
+from .common import JobBase, peak_rss_mb, prefix_cache_line, prefix_cache_summary, summary_head, summary_times
+from .loop import JobKind, run_local
 
 FORMATS = ("jsonl", "parquet")
 SCORE_KEYS = ("logprob", "tokens", "mean_nll", "perplexity")
@@ -132,24 +134,13 @@ def _nonempty_str(record: dict, key: str) -> str:
 # ------------------------------------------------------------------------------------------------ job
 
 @dataclass(frozen=True)
-class ScoreJobConfig:
-    """One `bitnet-batch score` job."""
-    inputs: tuple[str, ...]                 # input files (JSONL / Parquet), read in order
-    output: str                             # output path (.jsonl / .parquet or output_format)
-    model: str                              # GGUF path or Hugging Face repo id
-    model_file: str | None = None
-    output_format: str | None = None        # "jsonl" | "parquet"
-    input_format: str | None = None
+class ScoreJobConfig(JobBase):
+    """One `bitnet-batch score` job (output_format: "jsonl" or "parquet")."""
     fields: ScoreFields = field(default_factory=ScoreFields)
     token_logprobs: bool = False            # add each scored token's logprob to the record
-    ordered: bool = True
-    overwrite: bool = False
-    ffn_act: str | None = None
-    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self):
-        if not self.inputs:
-            raise ConfigError("at least one input file is required")
+        super().__post_init__()
         if not isinstance(self.fields, ScoreFields):
             raise ConfigError(f"fields must be a ScoreFields, got {type(self.fields).__name__}")
         if not isinstance(self.token_logprobs, bool):
@@ -182,22 +173,67 @@ class ScoreStats:
     errors: int = 0
     skipped: int = 0
     rows: int = 0               # tokens run through the model
+    cached: int = 0             # tokens served from the prefix cache instead (this run)
     scored: int = 0             # tokens scored (this run)
     logprob: float = 0.0        # sum over this run's scored records
     engine_s: float = 0.0
     steps: int = 0
 
+    def count(self, record: dict) -> None:
+        """Tally one written output record."""
+        if record["finish_reason"] == "error":
+            self.errors += 1
+            return
+        self.ok += 1
+        self.cached += record["usage"]["cached_tokens"]
+        self.scored += record["tokens"]
+        self.logprob += record["logprob"]
 
-class Scorer:
-    """Turns items into sequences, runs them in batched prefill steps and writes one record per item."""
 
-    def __init__(self, job: ScoreJobConfig, model, *, progress=None):
-        self.job = job
-        self.model = model
-        self.tok = model.tokenizer
-        self.stats = ScoreStats()
-        self.progress = progress
+class ScoreKind(JobKind):
+    """Scoring: each item is one sequence, prefilled in batched steps; the logits of the rows that predict
+    scored tokens are reduced to log-probabilities as they come, and the record is written when the last chunk
+    is done."""
+
+    def __init__(self, job: ScoreJobConfig, model, engine, sink):
+        super().__init__(job, model, engine, sink, ScoreStats())
         self._keys = 0
+
+    @staticmethod
+    def engine_for(model, config: EngineConfig) -> Engine:
+        return Engine(model, config, logit_rows=max(config.prefill_chunk, config.max_batch))   # every row's
+
+    @classmethod
+    def total(cls, job: ScoreJobConfig) -> int | None:
+        return count_records(list(job.inputs), job.input_format)
+
+    def items(self):
+        return read_score_items(list(self.job.inputs), fields=self.job.fields, fmt=self.job.input_format)
+
+    def summary(self, ctx: dict) -> dict:
+        """The corpus perplexity over every scored record of the output (earlier runs' of a resumed job too)."""
+        job, stats, run_s = self.job, self.stats, ctx["run_s"]
+        totals = output_totals(ctx["output"], ctx["fmt"])
+        return {
+            "task": "score", **summary_head(ctx, stats, totals["errors"]),
+            "parameters": {"fields": asdict(job.fields), "token_logprobs": job.token_logprobs,
+                           "engine": asdict(job.engine), "add_bos": bool(self.tok.add_bos)},
+            "corpus": corpus_summary(totals),
+            "this_run": {"records": stats.ok, "tokens": stats.scored, "logprob": stats.logprob, "rows": stats.rows},
+            "prefix_cache": prefix_cache_summary(job.engine.prefix_cache, stats.rows + stats.cached, stats.cached),
+            "time_s": {**summary_times(ctx), "engine": round(stats.engine_s, 3)},
+            "throughput": {"tok_s": round(stats.rows / stats.engine_s, 2) if stats.engine_s else 0.0,
+                           "items_per_s": round((stats.ok + stats.errors) / run_s, 3) if run_s else 0.0},
+            "steps": stats.steps,
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+        }
+
+    def done_line(self, summary: dict) -> str:
+        s, corpus = self.stats, summary["corpus"]
+        ppl = "n/a" if corpus["perplexity"] is None else f"{corpus['perplexity']:.4f}"
+        return (f"done: {s.ok} scored, {s.errors} errors, {s.skipped} already done | corpus perplexity {ppl} over "
+                f"{corpus['tokens']} tokens in {corpus['records']} records | {summary['throughput']['tok_s']} tok/s | "
+                f"{prefix_cache_line(summary['prefix_cache'])} -> {summary['output']}")
 
     def tokens(self, item: ScoreItem) -> tuple[list[int], int]:
         """(token ids of the whole sequence, position of the first scored token); see the module doc."""
@@ -226,52 +262,31 @@ class Scorer:
             raise ContextOverflowError(f"{item.location}: {len(ids)} tokens (with BOS and prompt) exceed the "
                                        f"context of {limit}; split the text into shorter records")
         self._keys += 1
-        return Sequence(key=self._keys, prompt=np.asarray(ids, np.int32), max_new=0, state=_ScoreState(item, first))
+        # the row before the first scored token predicts it: it is computed, never served from the prefix cache
+        return Sequence(key=self._keys, prompt=np.asarray(ids, np.int32), max_new=0, state=_ScoreState(item, first),
+                        cache_limit=first - 1)
 
-    # ---------------------------------------------------------------- the loop
-    def run(self, sink: OutputSink, engine: Engine) -> ScoreStats:
-        self.engine, self.sink = engine, sink
-        sched = Scheduler(engine.kv, engine.config.max_batch, engine.max_rows)
-        reader = read_score_items(list(self.job.inputs), fields=self.job.fields, fmt=self.job.input_format)
-        exhausted, lookahead = False, 2 * engine.config.max_batch + 2
-        while True:
-            while not exhausted and len(sched.waiting) < lookahead:
-                item = next(reader, None)
-                if item is None:
-                    exhausted = True
-                    break
-                self.stats.items += 1
-                seq = self._start(item)
-                if seq is not None:
-                    sched.add(seq)
-            sched.admit()
-            parts = sched.plan()
-            if not parts:
-                if exhausted and not sched.waiting and not sched.running:
-                    return self.stats
-                continue
-            self._step(sched, parts)
+    # ---------------------------------------------------------------- the loop's interface
+    def want(self, part: Part):
+        """Every row's logits once a chunk reaches the row before the first scored token."""
+        return "all" if part.start + len(part.tokens) >= part.seq.state.first else False
 
-    def _start(self, item) -> Sequence | None:
+    def start(self, item) -> list[Sequence]:
+        self.stats.items += 1
         if item.id in self.sink.done:
-            self.stats.skipped += 1
-            self._tick()
-            return None
+            self.emit.skip()
+            return []
         if isinstance(item, BadRecord):
-            self._emit(error_record(item.index, item.id, item.error))
-            return None
+            self.emit.write(error_record(item.index, item.id, item.error))
+            return []
         try:
-            return self.plan(item)
+            return [self.plan(item)]
         except BitnetBatchError as e:
-            self._emit(error_record(item.index, item.id, e))
-            return None
+            self.emit.write(error_record(item.index, item.id, e))
+            return []
 
-    def _step(self, sched: Scheduler, parts) -> None:
-        """One engine step over the planned prefill chunks; logits only for chunks that score something."""
-        wants = ["all" if p.start + len(p.tokens) >= p.seq.state.first else False for p in parts]
-        t0 = time.perf_counter()
-        outs = self.engine.step([(p.seq.slot, p.tokens, p.start, w) for p, w in zip(parts, wants)])
-        t1 = time.perf_counter()
+    def advance(self, sched: Scheduler, parts: list[Part], outs: list, t0: float, t1: float) -> None:
+        """Add up the step's log-probabilities; a sequence whose last chunk ran is retired and written."""
         self.stats.engine_s += t1 - t0
         self.stats.steps += 1
         self.stats.rows += sum(len(p.tokens) for p in parts)
@@ -280,7 +295,7 @@ class Scorer:
                 self._accumulate(p.seq, p.start, logits)
             if not p.seq.prefilling:
                 sched.retire(p.seq)
-                self._emit(self._record(p.seq, time.perf_counter()))
+                self.emit.write(self._record(p.seq, time.perf_counter()))
 
     def _accumulate(self, seq: Sequence, start: int, logits: np.ndarray) -> None:
         """Add the log-probabilities of the tokens that rows ``start..start+m-1`` predict (row at position p
@@ -302,33 +317,15 @@ class Scorer:
     def _record(self, seq: Sequence, now: float) -> dict:
         st: _ScoreState = seq.state
         n = len(seq.prompt) - st.first
-        busy = now - seq.t_admit
         rec = {"id": st.item.id, "index": st.item.index, "text": None, "finish_reason": "scored",
-               "usage": {"prompt_tokens": st.first, "completion_tokens": n},
-               "timing": {"queue_s": round(seq.t_admit - seq.t_enqueue, 6), "prefill_s": round(busy, 6),
-                          "ttft_s": round(now - seq.t_enqueue, 6), "decode_s": 0.0,
-                          "total_s": round(now - seq.t_enqueue, 6),
-                          "tokens_per_s": round(len(seq.prompt) / busy, 3) if busy > 0 else 0.0},
+               "usage": {"prompt_tokens": st.first, "completion_tokens": n, "cached_tokens": seq.n_cached},
+               "timing": timing(seq.t_enqueue, seq.t_admit, now, now, len(seq.prompt)),    # all of it is prefill
                "error": None, **score_fields(math.fsum(st.logprobs), n)}     # fsum: exact, order-free
         if self.job.token_logprobs:
             ids = seq.prompt[st.first:].tolist()
             rec["logprobs"] = [{"token": self.tok.decode([t]), "token_id": t, "logprob": v}
                                for t, v in zip(ids, st.logprobs)]
         return rec
-
-    def _emit(self, record: dict) -> None:
-        self.sink.write(record)
-        if record["finish_reason"] == "error":
-            self.stats.errors += 1
-        else:
-            self.stats.ok += 1
-            self.stats.scored += record["tokens"]
-            self.stats.logprob += record["logprob"]
-        self._tick()
-
-    def _tick(self) -> None:
-        if self.progress is not None:
-            self.progress.update(1)
 
 
 def score_fields(logprob: float, n: int) -> dict:
@@ -337,17 +334,10 @@ def score_fields(logprob: float, n: int) -> dict:
     return {"logprob": logprob, "tokens": n, "mean_nll": mean_nll, "perplexity": math.exp(mean_nll)}
 
 
-def error_record(index: int, rid, err: Exception) -> dict:
-    return {"id": rid, "index": index, "text": None, "finish_reason": "error",
-            "usage": {"prompt_tokens": 0, "completion_tokens": 0},
-            "timing": {k: 0.0 for k in ("queue_s", "prefill_s", "ttft_s", "decode_s", "total_s", "tokens_per_s")},
-            "error": {"type": type(err).__name__, "message": str(err)}}
-
-
 def output_totals(path: Path, fmt: str) -> dict:
     """Records, errors, scored tokens and summed logprob of a finished score output (all runs of a job)."""
     totals = {"records": 0, "errors": 0, "scored_records": 0, "tokens": 0, "logprob": 0.0}
-    for rec in _output_records(path, fmt):
+    for rec in read_records(path, fmt, columns=["finish_reason", "tokens", "logprob"]):
         totals["records"] += 1
         if rec.get("finish_reason") == "error":
             totals["errors"] += 1
@@ -358,24 +348,6 @@ def output_totals(path: Path, fmt: str) -> dict:
     return totals
 
 
-def _output_records(path: Path, fmt: str) -> Iterator[dict]:
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        cols = ["finish_reason", "tokens", "logprob"]
-        pf = pq.ParquetFile(path)
-        present = [c for c in cols if c in pf.schema_arrow.names]
-        for batch in pf.iter_batches(columns=present):
-            for row in batch.to_pylist():
-                # extra record keys are JSON text columns in our Parquet output (io/writers.py)
-                yield {k: (json.loads(v) if k != "finish_reason" and v is not None else v) for k, v in row.items()}
-        return
-    with open(path, "rb") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
-
-
 def corpus_summary(totals: dict) -> dict:
     n = totals["tokens"]
     mean = -totals["logprob"] / n if n else None
@@ -383,59 +355,7 @@ def corpus_summary(totals: dict) -> dict:
             "perplexity": math.exp(mean) if n else None}
 
 
-def warm_up(engine: Engine) -> float:
-    """Compile (or load) the kernels a scoring step uses; returns seconds spent."""
-    t0 = time.perf_counter()
-    slot = engine.kv.allocate()
-    try:
-        engine.step([(slot, np.array([0, 1], np.int32), 0, "all")])
-        engine.step([(slot, np.array([2], np.int32), 2, False)])
-    finally:
-        engine.kv.free(slot)
-    return time.perf_counter() - t0
-
-
 def score_job(job: ScoreJobConfig, *, model=None, quiet: bool = False, out=sys.stderr) -> dict:
-    """Run a whole score job; returns the summary (also written to ``<output>.meta.json``)."""
-    from .runner import job_logger, meta_path, open_job, peak_rss_mb, progress_bar
-
-    log = job_logger(quiet, out)
-    t_start = time.perf_counter()
-    model, sha, sink = open_job(job, model, log)
-    try:
-        ecfg = job.engine
-        engine = Engine(model, ecfg, logit_rows=max(ecfg.prefill_chunk, ecfg.max_batch))
-        compile_s = warm_up(engine)
-        log(f"kernels ready in {compile_s:.2f}s (JIT compile / cache load, not counted in item timings)")
-        t_run = time.perf_counter()
-        with progress_bar(lambda: count_records(list(job.inputs), job.input_format), quiet, out) as progress:
-            stats = Scorer(job, model, progress=progress).run(sink, engine)
-        run_s = time.perf_counter() - t_run
-        final = sink.finalize()
-    finally:
-        sink.close()
-    totals = output_totals(final, sink.fmt)
-    corpus = corpus_summary(totals)
-    summary = {
-        "task": "score", "output": str(final), "format": sink.fmt,
-        "model": {"path": str(model.path), "sha256": sha, "arch": model.config.arch, "name": model.config.name},
-        "parameters": {"fields": asdict(job.fields), "token_logprobs": job.token_logprobs,
-                       "engine": asdict(job.engine), "add_bos": bool(model.tokenizer.add_bos)},
-        "items": {"total": stats.items, "ok": stats.ok, "error": stats.errors, "skipped_resume": stats.skipped,
-                  "errors_in_output": totals["errors"]},
-        "corpus": corpus,
-        "this_run": {"records": stats.ok, "tokens": stats.scored, "logprob": stats.logprob, "rows": stats.rows},
-        "time_s": {"load": round(model.load_s, 3), "compile": round(compile_s, 3), "run": round(run_s, 3),
-                   "engine": round(stats.engine_s, 3), "total": round(time.perf_counter() - t_start, 3)},
-        "throughput": {"tok_s": round(stats.rows / stats.engine_s, 2) if stats.engine_s else 0.0,
-                       "items_per_s": round((stats.ok + stats.errors) / run_s, 3) if run_s else 0.0},
-        "steps": stats.steps,
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-    }
-    meta_path(final).write_text(json.dumps(summary, indent=2) + "\n")
-    ppl = "n/a" if corpus["perplexity"] is None else f"{corpus['perplexity']:.4f}"
-    log(f"done: {stats.ok} scored, {stats.errors} errors, {stats.skipped} already done | corpus perplexity {ppl} "
-        f"over {corpus['tokens']} tokens in {corpus['records']} records | {summary['throughput']['tok_s']} tok/s "
-        f"-> {final}")
-    return summary
-
+    """Run a whole score job; returns the summary (also written to ``<output>.meta.json``). SIGINT / SIGTERM
+    stop it after the current step with ``JobInterrupted``."""
+    return run_local(job, ScoreKind, model=model, quiet=quiet, out=out)

@@ -1,0 +1,180 @@
+"""The job loop: the one place that wires reader -> scheduler -> engine -> job kind -> writer.
+
+A job kind (``run``: sampling, ``score``: log-likelihoods, ...) says how an input item becomes scheduler
+sequences, which logits a planned part needs, and what a step's outputs do to its sequences (sample a token,
+add up log-probabilities); its finished sequences become records that the ``Emitter`` writes. The loop itself
+reads the input ahead by a bounded window (the scheduler chooses among those: prefix-aware admission), admits,
+plans and runs one engine step at a time, registers the prompt blocks each step completed in the prefix cache,
+and hands the step's outputs to the kind. ``run_local`` is a whole local job around it: the output's lock and
+journal, kernel warm-up, a progress bar, clean stops on SIGINT / SIGTERM, the final output and its summary.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Iterator
+
+from ..config import EngineConfig
+from ..engine.engine import Engine
+from ..engine.warmup import warm_up
+from ..interrupt import StopSignals
+from ..scheduler import Part, Scheduler, Sequence
+from .common import job_logger, meta_path, open_job, progress_bar, raise_if_stopped
+
+
+class JobKind:
+    """What a kind of job adds to the loop. A subclass is built as ``Kind(job, model, engine, sink)`` (``sink``:
+    the output, what it holds already tells resume what to skip) and passes its ``stats`` (with ``items``,
+    ``skipped`` and a ``count(record)`` tally of written records) to this constructor."""
+
+    def __init__(self, job, model, engine: Engine, sink, stats):
+        self.job, self.model, self.engine, self.sink, self.stats = job, model, engine, sink, stats
+        self.tok = model.tokenizer
+        self.emit = Emitter(sink, stats, postfix=self.postfix)
+
+    # -- the loop's interface
+    def items(self) -> Iterator:
+        """The job's input items (and ``BadRecord`` stand-ins for unusable ones), in input order."""
+        raise NotImplementedError
+
+    def start(self, item) -> list[Sequence]:
+        """The sequences still to run for one input item; error records and resume skips go to the emitter."""
+        raise NotImplementedError
+
+    def want(self, part: Part):
+        """Which logits of a planned part the kind needs: False, True (its last row's) or "all"."""
+        raise NotImplementedError
+
+    def advance(self, sched: Scheduler, parts: list[Part], outs: list, t0: float, t1: float) -> None:
+        """After a step (run from ``t0`` to ``t1``): use its outputs, retire finished sequences, emit records."""
+        raise NotImplementedError
+
+    # -- the local job's interface (``run_local``)
+    @staticmethod
+    def engine_for(model, config: EngineConfig) -> Engine:
+        """The engine this kind of job runs on."""
+        return Engine(model, config)
+
+    @staticmethod
+    def warm_up(engine) -> float:
+        """Compile (or load from cache) the kernels the job's steps use; seconds spent."""
+        return warm_up(engine)
+
+    @classmethod
+    def total(cls, job) -> int | None:
+        """Output records the job will write (for the progress bar), or None when unknown."""
+        return None
+
+    def prepare(self) -> float:
+        """Work to do before the first item that is compile time, not item time (seconds spent)."""
+        return 0.0
+
+    def postfix(self) -> dict | None:
+        """Fields shown beside the progress bar."""
+        return None
+
+    def summary(self, ctx: dict) -> dict:
+        """The ``<output>.meta.json`` summary; ``ctx`` has output, fmt, model (path, sha256, arch, name), load_s,
+        compile_s, run_s and t_start."""
+        raise NotImplementedError
+
+    def done_line(self, summary: dict) -> str:
+        """The last line a job logs."""
+        raise NotImplementedError
+
+
+class Emitter:
+    """Where finished records go: written once to the output (a record the output already holds is counted in
+    ``duplicates`` and dropped), tallied into the job's stats, and counted on the progress bar (with
+    ``postfix()``'s fields). ``output`` is a sink or anything with ``lookup(index) -> sink`` (the Ray driver's
+    part files). The local jobs, Ray actors' tasks and the Ray driver all write through one."""
+
+    def __init__(self, output, stats, progress=None, postfix=lambda: None):
+        self.lookup = output.lookup if hasattr(output, "lookup") else (lambda index: output)
+        self.stats = stats
+        self.progress = progress
+        self.postfix = postfix
+        self.duplicates = 0
+
+    def write(self, record: dict) -> None:
+        sink = self.lookup(record["index"])
+        if sink.is_done(record["id"], record.get("sample_index")):
+            self.duplicates += 1
+            return
+        sink.write(record)
+        self.stats.count(record)
+        if self.progress is not None:
+            self.progress.update(1)
+            fields = self.postfix()
+            if fields:
+                self.progress.set_postfix(fields, refresh=False)
+
+    def skip(self, records: int = 1) -> None:
+        """An input item the output already has (resume): ``records`` of them."""
+        self.stats.skipped += 1
+        if self.progress is not None:
+            self.progress.update(records)
+
+    def tick(self, records: int) -> None:
+        """Records that will never be written (dedupe's dropped samples), counted as done on the bar."""
+        if self.progress is not None:
+            self.progress.update(records)
+
+
+def run_loop(kind: JobKind, engine: Engine, items, stop: StopSignals | None = None) -> None:
+    """Run every item through the engine with continuous batching; returns early, after a whole step, once
+    ``stop`` is requested."""
+    sched = Scheduler(engine.kv, engine.config.max_batch, engine.max_rows)
+    reader, exhausted = iter(items), False
+    lookahead = 2 * engine.config.max_batch + 2      # the window admission chooses from
+    while stop is None or not stop.requested:
+        while not exhausted and len(sched.waiting) < lookahead:
+            item = next(reader, None)
+            if item is None:
+                exhausted = True
+                break
+            for seq in kind.start(item):
+                sched.add(seq)
+        sched.admit()
+        parts = sched.plan()
+        if not parts:
+            if exhausted and not sched.waiting and not sched.running:
+                return
+            continue
+        t0 = time.perf_counter()
+        outs = engine.step([(p.seq.slot, p.tokens, p.start, kind.want(p)) for p in parts])
+        t1 = time.perf_counter()
+        sched.commit(parts)
+        kind.advance(sched, parts, outs, t0, t1)
+
+
+def run_local(job, kind_class: type[JobKind], *, model=None, quiet: bool = False, out=sys.stderr) -> dict:
+    """A whole job of ``kind_class`` in this process; returns its summary (also in ``<output>.meta.json``).
+    SIGINT / SIGTERM stop it after the current step with ``JobInterrupted``."""
+    with StopSignals() as stop:
+        log = job_logger(quiet, out)
+        t_start = time.perf_counter()
+        model, sha, sink = open_job(job, model, log)
+        try:
+            engine = kind_class.engine_for(model, job.engine)
+            kind = kind_class(job, model, engine, sink)
+            compile_s = kind_class.warm_up(engine) + kind.prepare()
+            log(f"kernels ready in {compile_s:.2f}s (JIT compile / cache load, not counted in item timings)")
+            t_run = time.perf_counter()
+            with progress_bar(lambda: kind_class.total(job), quiet, out) as progress:
+                kind.emit.progress = progress
+                run_loop(kind, engine, kind.items(), stop)
+            run_s = time.perf_counter() - t_run
+            raise_if_stopped(stop, sink, job)
+            final = sink.finalize()
+            summary = kind.summary({
+                "output": final, "fmt": sink.fmt, "load_s": model.load_s, "compile_s": compile_s, "run_s": run_s,
+                "t_start": t_start,
+                "model": {"path": str(model.path), "sha256": sha, "arch": model.config.arch,
+                          "name": model.config.name}})
+            meta_path(final).write_text(json.dumps(summary, indent=2) + "\n")    # still under the output's lock
+        finally:
+            sink.close()
+    log(kind.done_line(summary))
+    return summary

@@ -1,0 +1,152 @@
+"""The `embed` job: records and error records, every output dtype and --dimensions, Parquet fixed-size-list
+columns, the same vectors whatever the batching, queries with an instruction, a generative model's pooled states,
+and resume after kill -9."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import bitnet_batch
+from bitnet_batch.config import EngineConfig
+from bitnet_batch.embeddings import (Embedder, embedding_config, prepare_tokens, quantize_binary, quantize_float16,
+                                     quantize_int8)
+from bitnet_batch.jobs.embed import EmbedJobConfig, embed_job
+from conftest import read_jsonl, write_jsonl
+
+MODEL = Path(__file__).parent / "data" / "embed" / "tiny-qwen3-i2s.gguf"
+WORDS = "apple river stone cloud seven orange window quiet music paper".split()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return bitnet_batch.load_model(MODEL)
+
+
+def texts(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, 2 + int(rng.integers(0, 30)))) for _ in range(n)]
+
+
+def reference(model, items, **kw):
+    """The Embedder's vectors for the same texts (what the job must write)."""
+    ecfg = embedding_config(model)
+    ids = [prepare_tokens(model, r["text"], ecfg, instruction=r.get("instruction")) for r in items]
+    return Embedder(model, max_rows=64, max_texts=4, max_seq_len=256).embed(ids, pooling=ecfg.pooling, **kw)
+
+
+def job(tmp_path, src, out="out.parquet", **kw):
+    engine = kw.pop("engine", EngineConfig(max_batch=4, prefill_chunk=48, max_seq_len=256))
+    return EmbedJobConfig(inputs=(str(src),), output=str(tmp_path / out), model=str(MODEL), engine=engine, **kw)
+
+
+def test_records_errors_and_the_parquet_column(tmp_path, model):
+    good = [{"id": f"t{i}", "text": t} for i, t in enumerate(texts(12))]
+    good[3]["instruction"] = "Find passages about fruit"
+    lines = [json.dumps(r) for r in good[:6]] + ['{"id": "broken", "text": ', json.dumps({"id": "num", "text": 7}),
+                                                  json.dumps({"id": "long", "text": "apple " * 400})]
+    lines += [json.dumps(r) for r in good[6:]]
+    src = write_jsonl(tmp_path / "in.jsonl", lines)
+    summary = embed_job(job(tmp_path, src), model=model, quiet=True)
+    table = pq.read_table(tmp_path / "out.parquet")
+    dim = model.config.n_embd
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), dim)
+    rows = table.to_pylist()
+    assert [r["index"] for r in rows] == list(range(15))
+    errors = {r["id"]: r for r in rows if r["finish_reason"] == "error"}
+    assert set(errors) == {"row-6", "num", "long"} and all(r["embedding"] is None for r in errors.values())
+    assert f"{src}:7: invalid JSON" in errors["row-6"]["error"]["message"]
+    assert errors["num"]["error"]["message"].startswith(f"{src}:8: field 'text' must be a non-empty string")
+    assert errors["long"]["error"]["type"] == "ContextOverflowError" and "--truncate" in errors["long"]["error"]["message"]
+    ok = [r for r in rows if r["finish_reason"] == "embedded"]
+    want = reference(model, good)
+    assert np.array_equal(np.array([r["embedding"] for r in ok], np.float32), want)      # bit for bit
+    assert all(r["usage"]["prompt_tokens"] > 0 for r in ok)
+    assert summary["items"] == {"total": 15, "ok": 12, "error": 3, "skipped_resume": 0, "errors_in_output": 3}
+    assert summary["parameters"]["pooling"] == embedding_config(model).pooling and summary["tokens"] > 0
+    # the instruction made item 3 a query: not the vector of its bare text
+    bare = reference(model, [{"text": good[3]["text"]}])
+    assert not np.array_equal(want[3], bare[0])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8", "binary"])
+def test_every_dtype_and_dimensions_in_jsonl_and_parquet(tmp_path, model, dtype):
+    items = [{"id": i, "text": t} for i, t in enumerate(texts(6, seed=1))]
+    src = write_jsonl(tmp_path / "in.jsonl", items)
+    vec = reference(model, items, dimensions=16)
+    want = {"float32": vec, "float16": quantize_float16(vec), "int8": quantize_int8(vec)[0],
+            "binary": quantize_binary(vec)}[dtype]
+    for out in ("o.jsonl", "o.parquet"):
+        embed_job(job(tmp_path, src, out=out, dtype=dtype, dimensions=16), model=model, quiet=True)
+        recs = read_jsonl(tmp_path / out) if out.endswith("jsonl") else pq.read_table(tmp_path / out).to_pylist()
+        got = np.array([r["embedding"] for r in recs]).astype(want.dtype)
+        assert np.array_equal(got, want), (dtype, out)
+        if dtype == "int8":
+            assert np.allclose([r["scale"] for r in recs], quantize_int8(vec)[1])
+    assert want.shape[1] == (2 if dtype == "binary" else 16)
+
+
+def test_vectors_do_not_depend_on_batching_or_pooling_choice_order(tmp_path, model):
+    items = [{"id": i, "text": t} for i, t in enumerate(texts(20, seed=2))]
+    src = write_jsonl(tmp_path / "in.jsonl", items)
+    outs = []
+    for k, engine in enumerate([EngineConfig(max_batch=1, prefill_chunk=8, max_seq_len=256),
+                                EngineConfig(max_batch=16, prefill_chunk=512, max_seq_len=256)]):
+        embed_job(job(tmp_path, src, out=f"o{k}.parquet", engine=engine, pooling="mean"), model=model, quiet=True)
+        outs.append(pq.read_table(tmp_path / f"o{k}.parquet").column("embedding").to_pylist())
+    assert outs[0] == outs[1]
+
+
+def test_a_generative_model_gives_mean_pooled_states(tmp_path, small_model_path, small_model):
+    items = [{"id": i, "text": t} for i, t in enumerate(texts(5, seed=3))]
+    src = write_jsonl(tmp_path / "in.jsonl", items)
+    cfg = EmbedJobConfig(inputs=(str(src),), output=str(tmp_path / "g.jsonl"), model=str(small_model_path),
+                         engine=EngineConfig(max_batch=2, prefill_chunk=16, max_seq_len=256))
+    summary = embed_job(cfg, model=small_model, quiet=True)
+    assert summary["parameters"]["pooling"] == "mean" and summary["parameters"]["dimensions"] == 128
+    recs = read_jsonl(tmp_path / "g.jsonl")
+    ecfg = embedding_config(small_model)
+    ids = [prepare_tokens(small_model, r["text"], ecfg) for r in items]
+    want = Embedder(small_model, max_rows=32, max_texts=2, max_seq_len=256).embed(ids, pooling="mean")
+    assert np.array_equal(np.array([r["embedding"] for r in recs], np.float32), want)
+
+
+def test_a_generative_job_refuses_an_embedding_model(tmp_path, model):
+    from bitnet_batch.errors import ConfigError
+    from bitnet_batch.jobs.run import JobConfig, run_job
+
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "hi"}])
+    with pytest.raises(ConfigError, match="use `bitnet-batch embed`"):
+        run_job(JobConfig(inputs=(str(src),), output=str(tmp_path / "o.jsonl"), model=str(MODEL)), model=model,
+                quiet=True)
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": f"k{i}", "text": t} for i, t in enumerate(texts(150, 4))])
+    common = ["-m", str(MODEL), "--max-batch", "1", "--prefill-chunk", "8", "--max-seq-len", "256", "--quiet"]
+    cli = [sys.executable, "-m", "bitnet_batch.cli", "embed", str(src)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    ref = subprocess.run(cli + ["-o", str(tmp_path / "ref.jsonl"), *common], capture_output=True, text=True, env=env)
+    assert ref.returncode == 0, ref.stderr
+    out, journal = tmp_path / "out.jsonl", tmp_path / "out.jsonl.partial.jsonl"
+    proc = subprocess.Popen(cli + ["-o", str(out), *common], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if journal.exists() and journal.read_text().count("\n") >= 10:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the job finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    again = subprocess.run(cli + ["-o", str(out), *common], capture_output=True, text=True, env=env)
+    assert again.returncode == 0, again.stderr
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "timing"} for r in recs]  # noqa: E731
+    assert strip(read_jsonl(out)) == strip(read_jsonl(tmp_path / "ref.jsonl"))
