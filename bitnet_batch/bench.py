@@ -28,6 +28,9 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -121,14 +124,15 @@ def run_bench(model_ref, batch_sizes=(1, 8, 32), prompt_tokens=64, gen_tokens=64
     compile_s = warm_up(Engine(model, EngineConfig(max_batch=1, max_seq_len=8, prefill_chunk=prefill_chunk,
                                                    threads=threads, kv_dtype=kv_dtype)))
     import numba
+    from jit_kernels._cpu import KERNEL
 
     out = {"model": str(model.path), "arch": model.config.arch, "n_layer": model.config.n_layer,
-           "n_embd": model.config.n_embd, "threads": numba.get_num_threads(),
+           "n_embd": model.config.n_embd, "kernel": KERNEL, "threads": numba.get_num_threads(),
            "threading_layer": numba.threading_layer(), "load_s": round(load_s, 3),
            "rss_after_load_mb": round(rss_load, 1), "compile_s": round(compile_s, 3), "kv_dtype": kv_dtype,
            "prefill_chunk": prefill_chunk, "repeat": repeat, "peak_rss_scope": "run", "results": []}
     log(f"model {model.path.name}: load {load_s:.2f}s (RSS {rss_load:.0f} MB), compile {compile_s:.2f}s, "
-        f"{out['threads']} threads, KV {kv_dtype}")
+        f"{out['threads']} threads, KV {kv_dtype}, kernels {KERNEL}")
     for b in batch_sizes:
         runs = []
         for _ in range(repeat):
@@ -145,6 +149,61 @@ def run_bench(model_ref, batch_sizes=(1, 8, 32), prompt_tokens=64, gen_tokens=64
             f"({r.step_ms:.0f} ms/step) | ttft {r.ttft_s:.3f}s | total {r.total_tok_s:8.1f} tok/s | "
             f"peak RSS {r.peak_rss_mb:.0f} MB | KV prefault {r.kv_prefault_s:.2f}s{spread}")
     return out
+
+
+def run_side_by_side(kernels, model_ref, batch_sizes=(1, 8, 32), prompt_tokens=64, gen_tokens=64, threads=0,
+                     model_file=None, prefill_chunk=128, kv_dtype="f32", repeat=1, log=print) -> dict:
+    """``run_bench`` for each kernel family of ``kernels`` (``BITNET_BATCH_KERNEL`` values; the family is fixed
+    when a process imports the kernels), each run in a child process of its own: for every batch size, ``repeat``
+    rounds in which the families take turns, so a busy minute on a shared machine slows them all. Per family and
+    batch size the best run (total tok/s) is kept, as ``run_bench`` does; ``ratios`` compares each family with the
+    last one (e.g. ``avx512,avx2``: avx512 / avx2, > 1 faster)."""
+    from jit_kernels import _cpu
+
+    for k in kernels:
+        if k not in _cpu.FAMILIES or k not in _cpu.AVAILABLE:
+            raise ConfigError(f"--kernels: {k!r} is not a kernel family this CPU runs (it runs "
+                              f"{', '.join(_cpu.AVAILABLE)})")
+    import jit_kernels
+
+    root = str(Path(jit_kernels.__file__).resolve().parent.parent)   # the children import these very packages
+    args = ["--prompt-tokens", str(prompt_tokens), "--gen-tokens", str(gen_tokens), "--threads", str(threads),
+            "--prefill-chunk", str(prefill_chunk), "--kv-dtype", kv_dtype, "--json", "-m", str(model_ref)]
+    args += ["--model-file", model_file] if model_file else []
+    runs = {k: {} for k in kernels}
+    for b in batch_sizes:
+        for _ in range(repeat):
+            for k in kernels:
+                env = dict(os.environ, **{_cpu.KERNEL_ENV: k})
+                env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+                res = subprocess.run([sys.executable, "-m", "bitnet_batch.cli", "bench", "--batch-sizes", str(b)]
+                                     + args, env=env, capture_output=True, text=True)
+                if res.returncode != 0:
+                    raise ConfigError(f"bench with kernels {k} failed: {res.stderr.strip()[-2000:]}")
+                child = json.loads(res.stdout)
+                r = child["results"][0]
+                runs[k].setdefault(b, []).append(dict(r, kernel=child["kernel"], load_s=child["load_s"],
+                                                      compile_s=child["compile_s"]))
+                log(f"[{k:8s}] batch {b:3d}: prefill {r['prefill_tok_s']:8.1f} tok/s | decode "
+                    f"{r['decode_tok_s']:8.1f} tok/s ({r['step_ms']:.0f} ms/step) | peak RSS {r['peak_rss_mb']:.0f} MB")
+    best = {k: [max(runs[k][b], key=lambda run: run["total_tok_s"]) for b in batch_sizes] for k in kernels}
+    base = kernels[-1]
+    ratios = [{"kernel": k, "vs": base, "batch": b, "prefill_ratio": _ratio(r["prefill_tok_s"], s["prefill_tok_s"]),
+               "decode_ratio": _ratio(r["decode_tok_s"], s["decode_tok_s"])}
+              for k in kernels[:-1] for b, r, s in zip(batch_sizes, best[k], best[base])]
+    log(f"best of {repeat} per kernel family (turns alternating per batch size):")
+    for b, rows in zip(batch_sizes, zip(*(best[k] for k in kernels))):
+        for k, r in zip(kernels, rows):
+            spread = runs[k][b]
+            log(f"  batch {b:3d} {k:8s}: prefill {r['prefill_tok_s']:8.1f} | decode {r['decode_tok_s']:8.1f} tok/s "
+                f"({min(x['decode_tok_s'] for x in spread):.1f}-{max(x['decode_tok_s'] for x in spread):.1f}) | "
+                f"peak RSS {r['peak_rss_mb']:.0f} MB")
+    for row in ratios:
+        log(f"  batch {row['batch']:3d} {row['kernel']} / {row['vs']}: prefill {row['prefill_ratio']:.2f}x, "
+            f"decode {row['decode_ratio']:.2f}x")
+    return {"model": str(model_ref), "kernels": list(kernels), "repeat": repeat, "threads": threads,
+            "kv_dtype": kv_dtype, "results": best, "runs": {k: [x for b in batch_sizes for x in runs[k][b]]
+                                                              for k in kernels}, "ratios": ratios}
 
 
 def _positive(value, where: str) -> float:

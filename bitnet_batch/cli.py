@@ -364,7 +364,9 @@ def inspect(model, model_file, as_json):
         info = describe(model, filename=model_file)
     except (BitnetBatchError, OSError) as e:
         _fail(e)
-    click.echo(json.dumps(info, indent=2) if as_json else format_description(info))
+    from jit_kernels._cpu import AVAILABLE, KERNEL          # the kernel family a job would run here
+    click.echo(json.dumps(dict(info, kernel=KERNEL), indent=2) if as_json else
+               f"{format_description(info)}\nkernels   {KERNEL} (this CPU runs {', '.join(AVAILABLE)})")
 
 
 @main.command()
@@ -380,20 +382,30 @@ def inspect(model, model_file, as_json):
 @click.option("--baseline", default=None, type=click.Path(dir_okay=False),
               help="JSON file of other engines' figures or targets (e.g. examples/bench-baselines.json): print "
                    "ours / theirs ratios per batch size.")
+@click.option("--kernels", default=None,
+              help="Comma list of kernel families (e.g. avx512,avx2) to run side by side, each in child processes "
+                   "that take turns per batch size; prints each family's ratios to the last one.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with a 'results' list.")
 def bench(model, model_file, batch_sizes, prompt_tokens, gen_tokens, prefill_chunk, kv_dtype, threads, repeat,
-          baseline, as_json):
+          baseline, kernels, as_json):
     """Measure prefill and batched decode throughput (random prompts, greedy decode)."""
-    from .bench import compare, format_comparison, load_baselines, run_bench
+    from .bench import compare, format_comparison, load_baselines, run_bench, run_side_by_side
 
     try:
         sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
         if not sizes or min(sizes) < 1 or prompt_tokens < 1 or gen_tokens < 1 or repeat < 1:
             raise click.BadParameter("batch sizes, --prompt-tokens, --gen-tokens and --repeat must be >= 1")
+        if kernels and baseline:
+            raise click.BadParameter("--baseline compares a single run: give it without --kernels")
         baselines = load_baselines(baseline) if baseline else None      # a bad file fails before the model loads
         log = (lambda m: click.echo(m, err=True)) if as_json else click.echo
-        out = run_bench(model, sizes, prompt_tokens, gen_tokens, threads, model_file=model_file,
-                        prefill_chunk=prefill_chunk, kv_dtype=kv_dtype, repeat=repeat, log=log)
+        if kernels:
+            out = run_side_by_side([k.strip() for k in kernels.split(",") if k.strip()], model, sizes, prompt_tokens,
+                                   gen_tokens, threads, model_file=model_file, prefill_chunk=prefill_chunk,
+                                   kv_dtype=kv_dtype, repeat=repeat, log=log)
+        else:
+            out = run_bench(model, sizes, prompt_tokens, gen_tokens, threads, model_file=model_file,
+                            prefill_chunk=prefill_chunk, kv_dtype=kv_dtype, repeat=repeat, log=log)
         if baselines:
             out["comparisons"] = compare(out["results"], baselines)
             for line in format_comparison(out["comparisons"]):

@@ -21,7 +21,7 @@ step (at 32 streams of the 2B4T shapes: 55 -> 45 ms per step; the vectorised exp
 what is left, ~40 ms, is mostly the ~30 ms that reading ~0.5 GB of float32 K/V from memory takes).
 Four query heads per KV head (the 2B4T shapes) take ``_attention_g4``, which shares each K/V element's widening
 among the 4 heads, sums 4 positions per pass and prefetches rows across blocks; with a float16 cache it reads half
-the bytes and widens each element with F16C under the avx2 kernels (32 streams of the 2B4T shapes, 30 layers:
+the bytes and widens each element with F16C under the SIMD kernels (32 streams of the 2B4T shapes, 30 layers:
 ~34 ms against ~41 for float32, and ~95 before it took float16 caches).
 """
 import numba
@@ -92,14 +92,14 @@ def _half_bits_to_f64_f16c(typingctx, x):
 
 def _to_f64(x):
     """A cache element as float64: a float32 value, or float16 bits (uint16) widened exactly (F16C conversions
-    with the ``avx2`` kernels, integer operations with the ``portable`` ones; chosen when the caller compiles, so
-    a kernel loaded from the JIT cache keeps its choice: both give the same values)."""
+    with the ``avx512`` and ``avx2`` kernels, integer operations with the ``portable`` ones; chosen when the
+    caller compiles, so a kernel loaded from the JIT cache keeps its choice: both give the same values)."""
 
 
 @overload(_to_f64, jit_options=dict(JIT))
 def _to_f64_impl(x):
     if x == types.uint16:
-        if KERNEL == "avx2":
+        if KERNEL != "portable":
             return lambda x: _half_bits_to_f64_f16c(x)
         return lambda x: _half_bits_to_f64_portable(x)
     return lambda x: np.float64(x)

@@ -26,25 +26,38 @@ from numba.extending import overload
 
 from . import activations, attention, rope, ternary
 from ._config import JIT_PARALLEL
-from ._cpu import HAS_AVX2
+from ._cpu import HAS_AVX2, HAS_AVX512, kernel_id
 
 
-def _matmul(avx2, xq, xscale, xsum, packed, wscale, out):
-    """``ternary.ternary_matmul``'s kernel call: the AVX2 kernel when ``avx2`` (and the CPU has it), else the
-    portable one."""
+def _matmul(kernel, xq, xscale, xsum, packed, wscale, out):
+    """``ternary.ternary_matmul``'s kernel call for the family ``kernel`` (``_cpu.kernel_id``)."""
+
+
+_AVX512, _AVX2 = kernel_id("avx512"), kernel_id("avx2")
 
 
 @overload(_matmul, inline="always")
-def _matmul_impl(avx2, xq, xscale, xsum, packed, wscale, out):
-    if HAS_AVX2:            # a CPU fact (part of Numba's cache key): the AVX2 kernel is only compiled where it runs
-        def either(avx2, xq, xscale, xsum, packed, wscale, out):
-            if avx2:
+def _matmul_impl(kernel, xq, xscale, xsum, packed, wscale, out):
+    # which families the CPU runs is a CPU fact (part of Numba's cache key): a SIMD driver is only compiled where
+    # it runs (its instructions would not even compile elsewhere)
+    if HAS_AVX512:
+        def three(kernel, xq, xscale, xsum, packed, wscale, out):
+            if kernel == _AVX512:
+                ternary._matmul_avx512(xq, xscale, xsum, packed, wscale, out)
+            elif kernel == _AVX2:
                 ternary._matmul_avx2(xq, xscale, xsum, packed, wscale, out)
             else:
                 ternary._matmul_portable(xq, xscale, xsum, packed, wscale, out)
-        return either
-    return lambda avx2, xq, xscale, xsum, packed, wscale, out: ternary._matmul_portable(xq, xscale, xsum, packed,
-                                                                                         wscale, out)
+        return three
+    if HAS_AVX2:
+        def two(kernel, xq, xscale, xsum, packed, wscale, out):
+            if kernel == _AVX2:
+                ternary._matmul_avx2(xq, xscale, xsum, packed, wscale, out)
+            else:
+                ternary._matmul_portable(xq, xscale, xsum, packed, wscale, out)
+        return two
+    return lambda kernel, xq, xscale, xsum, packed, wscale, out: ternary._matmul_portable(xq, xscale, xsum, packed,
+                                                                                           wscale, out)
 
 
 @njit(inline="always", **JIT_PARALLEL)
@@ -70,18 +83,18 @@ def _part(flat, T, lo, n):
 
 
 @njit(inline="always", **JIT_PARALLEL)
-def _project_parts(avx2, xq, xscale, xsum, packed, scale, starts, sizes, flat):
+def _project_parts(kernel, xq, xscale, xsum, packed, scale, starts, sizes, flat):
     """A fused projection (q|k|v, gate|up) of the quantized rows: for one row one matmul over all its rows (the
     parts are column ranges of the [1, N] result, contiguous), else a matmul per part into its own C-contiguous
     [T, n] block of ``flat`` (column ranges of a [T, N] result would be strided: the row kernels that follow
     vectorise badly on them)."""
     T = xq.shape[0]
     if T == 1:
-        _matmul(avx2, xq, xscale[:1], xsum[:1], packed, scale, flat[:scale.shape[0]].reshape((1, scale.shape[0])))
+        _matmul(kernel, xq, xscale[:1], xsum[:1], packed, scale, flat[:scale.shape[0]].reshape((1, scale.shape[0])))
         return
     for i in range(len(starts)):
         lo, n = starts[i], sizes[i]
-        _matmul(avx2, xq, xscale[:T], xsum[:T], packed[lo:lo + ternary.padded_rows(n)], scale[lo:lo + n],
+        _matmul(kernel, xq, xscale[:T], xsum[:T], packed[lo:lo + ternary.padded_rows(n)], scale[lo:lo + n],
                 _part(flat, T, lo, n))
 
 
@@ -101,17 +114,17 @@ def bitnet_layer(x, xq_flat, xscale, xsum, qkv_flat, att, proj, gu_flat, att_scr
                  attn_norm, qkv_packed, qkv_scale, qkv_starts, qkv_sizes, attn_sub_norm, wo_packed, wo_scale,
                  ffn_norm, gu_packed, gu_scale, gu_starts, gu_sizes, ffn_sub_norm, down_packed, down_scale,
                  k_cache, v_cache, block_tables, row_seq, row_pos, cos, sin,
-                 eps, act, serial_max, avx2):
+                 eps, act, serial_max, kernel):
     """One layer over the step's T rows, in place on the residual stream x (float64 [T, D]); the other arrays
     are the workspace's buffers (flat or [>= T, ...]), the layer's weights (``qkv_starts`` / ``qkv_sizes``: the
     fused parts' first rows and sizes, int64), its KV cache and the RoPE table. ``eps`` float32, ``act``
-    ``activations.RELU2`` / ``SILU``, ``avx2`` the ternary kernel family."""
+    ``activations.RELU2`` / ``SILU``, ``kernel`` the ternary kernel family (``_cpu.kernel_id``)."""
     T = x.shape[0]
     H, hd = att.shape[1], att.shape[2]
     KVH = k_cache.shape[1]
     # q|k|v, RoPE, the cache, attention
     xq = _norm_quantize(x, attn_norm, eps, xq_flat, xscale, xsum, qkv_packed.shape[1] * 4, serial_max)
-    _project_parts(avx2, xq, xscale, xsum, qkv_packed, qkv_scale, qkv_starts, qkv_sizes, qkv_flat)
+    _project_parts(kernel, xq, xscale, xsum, qkv_packed, qkv_scale, qkv_starts, qkv_sizes, qkv_flat)
     q = _part(qkv_flat, T, qkv_starts[0], qkv_sizes[0]).reshape((T, H, hd))
     k = _part(qkv_flat, T, qkv_starts[1], qkv_sizes[1]).reshape((T, KVH, hd))
     v = _part(qkv_flat, T, qkv_starts[2], qkv_sizes[2]).reshape((T, KVH, hd))
@@ -134,11 +147,11 @@ def bitnet_layer(x, xq_flat, xscale, xsum, qkv_flat, att, proj, gu_flat, att_scr
     p = proj[:T]
     xq = _norm_quantize(a.reshape((T, H * hd)), attn_sub_norm, eps, xq_flat, xscale, xsum, wo_packed.shape[1] * 4,
                         serial_max)
-    _matmul(avx2, xq, xscale[:T], xsum[:T], wo_packed, wo_scale[:p.shape[1]], p)
+    _matmul(kernel, xq, xscale[:T], xsum[:T], wo_packed, wo_scale[:p.shape[1]], p)
     _add_rows(x, p, serial_max)
     # gate|up, act(gate) * up (in place in gate), x += W_down(int8(RMSNorm(gate) * ffn_sub_norm))
     xq = _norm_quantize(x, ffn_norm, eps, xq_flat, xscale, xsum, gu_packed.shape[1] * 4, serial_max)
-    _project_parts(avx2, xq, xscale, xsum, gu_packed, gu_scale, gu_starts, gu_sizes, gu_flat)
+    _project_parts(kernel, xq, xscale, xsum, gu_packed, gu_scale, gu_starts, gu_sizes, gu_flat)
     gate = _part(gu_flat, T, gu_starts[0], gu_sizes[0])
     up = _part(gu_flat, T, gu_starts[1], gu_sizes[1])
     if gate.size <= serial_max:
@@ -146,7 +159,7 @@ def bitnet_layer(x, xq_flat, xscale, xsum, qkv_flat, att, proj, gu_flat, att_scr
     else:
         activations._gated(gate, up, act, gate)
     xq = _norm_quantize(gate, ffn_sub_norm, eps, xq_flat, xscale, xsum, down_packed.shape[1] * 4, serial_max)
-    _matmul(avx2, xq, xscale[:T], xsum[:T], down_packed, down_scale[:p.shape[1]], p)
+    _matmul(kernel, xq, xscale[:T], xsum[:T], down_packed, down_scale[:p.shape[1]], p)
     _add_rows(x, p, serial_max)
 
 

@@ -29,8 +29,10 @@ Math (BitNet b1.58, as bitnet.cpp computes it)::
 The integer dot is exact and the float epilogue is the same per element in every kernel, so a row's result
 never depends on the kernel, the batch it is computed in or the thread count (bit-identical).
 
-Kernels (``KERNEL`` is chosen once at import by ``_cpu``; ``BITNET_BATCH_KERNEL=auto|avx2|portable`` forces one):
+Kernels (``KERNEL`` is chosen once at import by ``_cpu``; ``BITNET_BATCH_KERNEL=auto|avx512|avx2|portable``
+forces one):
 
+- ``avx512``: AVX-512 VNNI tiles of 8 weight rows x 4 token rows (``ternary_avx512``), on CPUs that have it.
 - ``avx2``: bitnet.cpp's I2_S dot written as LLVM IR (Numba ``@intrinsic``; the block body of the batched tiles
   as inline assembly, see ``_emit_block_asm``): ``vpmaddubsw`` of 32 code bytes
   (unsigned 0..2) with 32 int8 activations gives int16 pair sums; they are added in int16 over
@@ -49,7 +51,7 @@ register loads when xq and packed start cache lines (``buffers``; the engine all
 slower when the operands straddle lines (NumPy's own large arrays start 16 bytes past one). Results never
 depend on alignment.
 
-Both run ``prange`` over tasks of ``TASK_ROWS`` output rows (never over K). Inside a task, 4 token rows at
+All run ``prange`` over tasks of ``TASK_ROWS`` output rows (never over K). Inside a task, 4 token rows at
 a time sweep over the task's weight rows: the token rows stay in L1, the task's weights (<= 110 KB) in L2,
 and the results are written along rows of ``out``. The matmul kernels are compiled without fastmath (they
 do integer work; the float epilogue must keep its written order wherever it is inlined).
@@ -65,7 +67,7 @@ from numba.core import cgutils
 from numba.core.extending import intrinsic, register_jitable
 
 from ._config import JIT, JIT_EXACT, JIT_EXACT_PARALLEL, JIT_PARALLEL, serial
-from ._cpu import HAS_AVX2, KERNEL
+from ._cpu import AVAILABLE, FAMILIES, KERNEL, NEEDS
 from ._ir import I8, I16, I32, I64, Emit
 from .bits import F64_ABS_MASK, f64_bits, f64_from_bits
 from .norms import inv_rms
@@ -195,8 +197,8 @@ def ternary_matmul(xq, xscale, xsum, packed, wscale, out, kernel=None):
 
     xq int8 [T, Kp] (rows may be strided, elements contiguous); xscale float32 [T]; xsum int32 [T];
     packed uint8 [Np, Kp // 4], C-contiguous, Np = N rounded up to whole row groups (a slice of whole groups
-    of a larger matrix is fine); wscale float32 [N]; out float32 or float64 [T, N] (may be a view with row
-    stride). ``kernel``: ``"avx2"`` / ``"portable"``, default ``KERNEL``."""
+    of a larger matrix is fine); wscale float32 [N]; out float32 or float64 [T, N] (rows may be strided,
+    elements contiguous: the avx512 tiles store 8 consecutive outputs at once). ``kernel``: ``"avx512"`` / ``"avx2"`` / ``"portable"``, default ``KERNEL``."""
     T, Kp = xq.shape
     Np, KB = packed.shape
     N = wscale.shape[0]
@@ -215,19 +217,22 @@ def ternary_matmul(xq, xscale, xsum, packed, wscale, out, kernel=None):
         raise TypeError("ternary_matmul: out must be float32/float64 and wscale float32")
     if xscale.dtype != np.float32 or xsum.dtype != np.int32:
         raise TypeError("ternary_matmul: xscale must be float32 and xsum int32")
-    if xq.strides[1] != 1:
-        raise ValueError("ternary_matmul: the rows of xq must be contiguous (unit element stride)")
+    if xq.strides[1] != 1 or out.strides[1] != out.itemsize:
+        raise ValueError("ternary_matmul: the rows of xq and out must be contiguous (unit element stride)")
     if not packed.flags.c_contiguous:
         raise ValueError("ternary_matmul: packed must be C-contiguous (its row groups are runs of bytes)")
     kernel = KERNEL if kernel is None else kernel
-    if kernel == "avx2":
-        if not HAS_AVX2:
-            raise ValueError("ternary_matmul: kernel 'avx2' needs a CPU with AVX2")
+    if kernel not in FAMILIES:
+        raise ValueError(f"ternary_matmul: kernel must be one of {', '.join(FAMILIES)}, got {kernel!r}")
+    if kernel not in AVAILABLE:
+        needs = "/".join(f[1:].upper() for f in NEEDS[kernel])
+        raise ValueError(f"ternary_matmul: kernel {kernel!r} needs a CPU with {needs} and the JIT")
+    if kernel == "avx512":
+        _matmul_avx512(xq, xscale, xsum, packed, wscale, out)
+    elif kernel == "avx2":
         _matmul_avx2(xq, xscale, xsum, packed, wscale, out)
-    elif kernel == "portable":
-        _matmul_portable(xq, xscale, xsum, packed, wscale, out)
     else:
-        raise ValueError(f"ternary_matmul: kernel must be 'avx2' or 'portable', got {kernel!r}")
+        _matmul_portable(xq, xscale, xsum, packed, wscale, out)
 
 
 # Compiled without fastmath wherever it is inlined: reassoc would let LLVM turn a / b * c into (a * c) / b in
@@ -429,21 +434,30 @@ def _emit_epilogue_2x4(e, context, sig, args, lanes, n0, t0):
             b.store(b.fptrunc(val, f32) if out_f32 else val, ptr("out", t[c], b.add(n0, ir.Constant(I64, r))))
 
 
+def _tile_operands(context, builder, sig, args):
+    """A tile's addresses (i64 values): (group, group stride, xp, xq's row stride, blocks) where ``group`` is the
+    first byte of the row group holding weight row n0 (n0 % ROW_GROUP == 0: the group starts at packed row n0;
+    the next group starts ``group stride`` bytes on, and block b of its row r at GROUP_BYTES * b + BLOCK_BYTES *
+    r) and ``xp`` the first byte of token row t0."""
+    (packed_t, xq_t), (packed, xq, n0, t0) = sig.args[:2], args[:4]
+    pk = context.make_array(packed_t)(context, builder, packed)
+    xa = context.make_array(xq_t)(context, builder, xq)
+    pstride, xstride = cgutils.unpack_tuple(builder, pk.strides)[0], cgutils.unpack_tuple(builder, xa.strides)[0]
+    nblk = builder.sdiv(cgutils.unpack_tuple(builder, xa.shape)[1], ir.Constant(I64, BLOCK))
+    group = builder.add(builder.ptrtoint(pk.data, I64), builder.mul(n0, pstride))
+    gstride = builder.mul(pstride, ir.Constant(I64, ROW_GROUP))
+    xp = builder.add(builder.ptrtoint(xa.data, I64), builder.mul(t0, xstride))
+    return group, gstride, xp, xstride, nblk
+
+
 def _tile_codegen(R, C, prefetch, asm):
     def codegen(context, builder, sig, args):
-        (packed_t, xq_t), (packed, xq, n0, t0) = sig.args[:2], args[:4]
+        n0, t0 = args[2], args[3]
         e = _Emit(builder)
-        pk = context.make_array(packed_t)(context, builder, packed)
-        xa = context.make_array(xq_t)(context, builder, xq)
-        pstride, xstride = cgutils.unpack_tuple(builder, pk.strides)[0], cgutils.unpack_tuple(builder, xa.strides)[0]
-        nblk = builder.sdiv(cgutils.unpack_tuple(builder, xa.shape)[1], ir.Constant(I64, BLOCK))
-        # n0 % ROW_GROUP == 0: row n0's group starts at packed row n0; row r of the tile is row r % G of the
-        # group r // G groups further on (G packed rows each); block b of a row is GROUP_BYTES * b further on
-        wp = builder.add(builder.ptrtoint(pk.data, I64), builder.mul(n0, pstride))
-        gstride = builder.mul(pstride, ir.Constant(I64, ROW_GROUP))
+        wp, gstride, xp, xstride, nblk = _tile_operands(context, builder, sig, args)
+        # row r of the tile is row r % G of the group r // G groups further on
         rows = [builder.add(builder.add(wp, builder.mul(gstride, ir.Constant(I64, r // ROW_GROUP))),
                             ir.Constant(I64, (r % ROW_GROUP) * BLOCK_BYTES)) for r in range(R)]
-        xp = builder.add(builder.ptrtoint(xa.data, I64), builder.mul(t0, xstride))
         if (R, C) == (2, 4):
             lanes = _emit_dots(e, rows, xp, xstride, nblk, R, C, prefetch, asm, lanes=True)
             _emit_epilogue_2x4(e, context, sig, args, lanes, n0, t0)
@@ -454,11 +468,10 @@ def _tile_codegen(R, C, prefetch, asm):
     return codegen
 
 
-def _tile(R, C, prefetch=PREFETCH, asm=True):
-    """An intrinsic ``(packed, xq, n0, t0, xscale, xsum, wscale, out)``: weight rows [n0, n0 + R) (whole row
-    groups: n0 and R multiples of ROW_GROUP) against token rows [t0, t0 + C) over the whole K, epilogue
-    included (see ``ternary_matmul`` for the arguments), prefetching each group's stream ``prefetch`` bytes
-    ahead. ``asm``: the inline-assembly block body (compute-bound tiles); else the IR one."""
+def tile_intrinsic(codegen):
+    """An intrinsic ``(packed, xq, n0, t0, xscale, xsum, wscale, out)`` (see ``ternary_matmul`` for the arguments)
+    whose body ``codegen`` emits: a tile of weight rows from n0 (whole row groups) against token rows from t0
+    over the whole K, epilogue included."""
     @intrinsic
     def tile(typingctx, packed, xq, n0, t0, xscale, xsum, wscale, out):
         arrays = (packed, xq, xscale, xsum, wscale, out)
@@ -471,8 +484,15 @@ def _tile(R, C, prefetch=PREFETCH, asm=True):
                 or out.dtype not in (types.float32, types.float64):
             return None
         sig = types.void(packed, xq, types.intp, types.intp, xscale, xsum, wscale, out)
-        return sig, _tile_codegen(R, C, prefetch, asm)
+        return sig, codegen
     return tile
+
+
+def _tile(R, C, prefetch=PREFETCH, asm=True):
+    """The AVX2 tile of weight rows [n0, n0 + R) (n0 and R multiples of ROW_GROUP) against token rows
+    [t0, t0 + C), prefetching each group's stream ``prefetch`` bytes ahead. ``asm``: the inline-assembly block
+    body (compute-bound tiles); else the IR one."""
+    return tile_intrinsic(_tile_codegen(R, C, prefetch, asm))
 
 
 _k21, _k22, _k23, _k24 = _tile(2, 1), _tile(2, 2), _tile(2, 3), _tile(2, 4)
@@ -482,8 +502,8 @@ _k21_t1 = _tile(2, 1, PREFETCH_T1, asm=False)
 @njit(**JIT_EXACT)
 def _row_pairs_avx2(C, packed, xq, n_lo, n_hi, t, xscale, xsum, wscale, out):
     """Token rows [t, t + C) (C <= 4) against weight rows [n_lo, n_hi) (n_lo even), a row group per call.
-    Consecutive calls share the C token rows (in L1) and write along out's rows. An odd last row (no real model
-    has one) takes the portable dot, which saves compiling 1-row tiles."""
+    Consecutive calls share the C token rows (in L1) and write along out's rows; an odd last row takes
+    ``odd_row``."""
     n = n_lo
     while n + 2 <= n_hi:
         if C == 4:
@@ -496,9 +516,16 @@ def _row_pairs_avx2(C, packed, xq, n_lo, n_hi, t, xscale, xsum, wscale, out):
             _k21(packed, xq, n, t, xscale, xsum, wscale, out)
         n += 2
     if n < n_hi:
-        nblk = xq.shape[1] // BLOCK
-        for tt in range(t, t + C):
-            out[tt, n] = _epilogue(_dot_portable(packed, n, xq[tt], nblk), xsum[tt], xscale[tt], wscale[n])
+        odd_row(C, packed, xq, n, t, xscale, xsum, wscale, out)
+
+
+@njit(**JIT_EXACT)
+def odd_row(C, packed, xq, n, t, xscale, xsum, wscale, out):
+    """Weight row n (the last of an odd N: the first row of a group whose second is padding) against token rows
+    [t, t + C) with the portable dot: no real model has one, and this saves compiling 1-row tiles."""
+    nblk = xq.shape[1] // BLOCK
+    for tt in range(t, t + C):
+        out[tt, n] = _epilogue(_dot_portable(packed, n, xq[tt], nblk), xsum[tt], xscale[tt], wscale[n])
 
 
 @njit(**JIT_EXACT_PARALLEL)
@@ -594,3 +621,6 @@ def _matmul_portable(xq, xscale, xsum, packed, wscale, out):
                         for tt in range(t, min(t + 2, T)):
                             out[tt, nn] = _epilogue(_dot_portable(packed, nn, xq[tt], nblk), xsum[tt], xscale[tt],
                                                     wscale[nn])
+
+
+from .ternary_avx512 import _matmul_avx512  # noqa: E402  (it builds on the tiles and epilogues above)

@@ -16,7 +16,11 @@ from bitnet_batch.model.layout import (deinterleave_rows, from_i2s_rows, interle
 from jit_kernels import _config, _cpu, activations, attention, buffers, embedding, norms, rope, ternary
 
 RNG = np.random.default_rng(1234)
-KERNELS = _cpu.available_kernels()       # ("avx2", "portable") on an AVX2 machine
+KERNELS = _cpu.available_kernels()       # ("avx512", "avx2", "portable") on an AVX-512 VNNI machine
+# every kernel family of this build; those the CPU Numba compiles for cannot run are skipped, saying why
+FAMILIES = [pytest.param(k, marks=pytest.mark.skipif(
+    k not in KERNELS, reason=f"{k}: the CPU Numba compiles for lacks {'/'.join(f[1:] for f in _cpu.NEEDS[k])} "
+                             f"(or the JIT is off)")) for k in _cpu.FAMILIES]
 
 
 def _ternary(n, k):
@@ -109,7 +113,7 @@ SHAPES = [(1, 8, 128), (1, 37, 2560), (2, 5, 200), (3, 9, 300), (4, 17, 200), (5
           (9, 3, 1000), (13, 131, 1152), (40, 70, 384), (6, 2, 2100), (40, 9, 6912)]
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", FAMILIES)
 @pytest.mark.parametrize("T,N,K", SHAPES)
 def test_ternary_matmul_matches_twin_exactly(kernel, T, N, K):
     t = _ternary(N, K)
@@ -130,7 +134,7 @@ def _at(a, offset):
     return b
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", FAMILIES)
 def test_ternary_matmul_gives_the_same_bits_at_any_alignment(kernel):
     """The AVX2 tiles read activations as memory operands at offsets 32j of each block: whatever the buffers'
     alignment (the engine's are cache-line aligned, a caller's need not be), the products are the twin's."""
@@ -154,7 +158,7 @@ def test_aligned_buffers(shape, dtype):
     assert not buffers.aligned_zeros(shape, dtype).any()
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", FAMILIES)
 def test_float32_output_is_the_float64_result_rounded_once(kernel):
     N, K, T = 19, 640, 6
     t, wscale = _ternary(N, K), RNG.uniform(0.1, 2.0, N).astype(np.float32)
@@ -164,7 +168,7 @@ def test_float32_output_is_the_float64_result_rounded_once(kernel):
     np.testing.assert_array_equal(out32, naive.ternary_matmul(xq, s, t, wscale).astype(np.float32))
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", FAMILIES)
 def test_extreme_activations_and_code_3_do_not_overflow(kernel):
     """Worst case for the int16 partial sums: every code 3 (bytes 0xFF, possible in a raw I2_S payload;
     multiplied as 3 like bitnet.cpp's dot) against -128 everywhere, and random bytes against +-128."""
@@ -208,7 +212,7 @@ def test_rows_are_bit_identical_whatever_the_batch_kernel_or_threads():
         numba.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", FAMILIES)
 def test_ternary_matmul_writes_only_its_view(kernel):
     """Fused projections are column slices of one output (qkv): the kernel writes exactly its columns, with
     any row strides, and reads weight rows from a slice of whole row groups of a larger matrix (the last
@@ -234,6 +238,8 @@ def test_ternary_matmul_rejects_bad_arguments():
         ternary.ternary_matmul(np.zeros((1, 384), np.int8), *args, kernel="sse9")
     with pytest.raises(ValueError, match="contiguous"):
         ternary.ternary_matmul(np.zeros((1, 768), np.int8)[:, ::2], *args)
+    with pytest.raises(ValueError, match="rows of xq and out must be contiguous"):    # avx512 stores 8 at once
+        ternary.ternary_matmul(np.zeros((1, 384), np.int8), *args[:4], np.zeros((1, 12), np.float32)[:, ::2])
     with pytest.raises(ValueError, match="C-contiguous"):          # rows of a wider matrix: not whole groups
         ternary.ternary_matmul(np.zeros((1, 384), np.int8), args[0], args[1],
                                np.zeros((6, 192), np.uint8)[:, :96], *args[3:])
@@ -245,17 +251,72 @@ def test_ternary_matmul_rejects_bad_arguments():
 
 # ---- kernel selection and the JIT cache -------------------------------------------------------------------
 
+ALL = ("avx512", "avx2", "portable")
+
+
 def test_select_kernel():
-    assert _cpu.select_kernel("auto", True) == "avx2"
-    assert _cpu.select_kernel("auto", False) == "portable"
-    assert _cpu.select_kernel("", False) == "portable"
-    assert _cpu.select_kernel(" Portable ", True) == "portable"
-    assert _cpu.select_kernel("avx2", True) == "avx2"
-    with pytest.raises(ValueError, match="lacks AVX2/FMA/F16C"):
-        _cpu.select_kernel("avx2", False)
-    with pytest.raises(ValueError, match="BITNET_BATCH_KERNEL must be one of auto, avx2, portable, got 'neon'"):
-        _cpu.select_kernel("neon", True)
-    assert ternary.KERNEL == _cpu.KERNEL == _cpu.select_kernel(os.environ.get(_cpu.KERNEL_ENV, "auto"), _cpu.HAS_AVX2)
+    assert _cpu.select_kernel("auto", ALL) == "avx512"
+    assert _cpu.select_kernel("auto", ALL[1:]) == "avx2"
+    assert _cpu.select_kernel("auto", ("portable",)) == "portable"
+    assert _cpu.select_kernel("", ("portable",)) == "portable"
+    assert _cpu.select_kernel(" Portable ", ALL) == "portable"
+    assert _cpu.select_kernel("avx2", ALL) == "avx2"
+    assert _cpu.select_kernel("AVX512", ALL) == "avx512"
+    with pytest.raises(ValueError, match="avx512 but the CPU Numba compiles for lacks AVX2/FMA/F16C/AVX512F/"
+                                         "AVX512BW/AVX512VL/AVX512VNNI .*use auto or one of avx2, portable"):
+        _cpu.select_kernel("avx512", ALL[1:])
+    with pytest.raises(ValueError, match="lacks AVX2/FMA/F16C "):
+        _cpu.select_kernel("avx2", ("portable",))
+    with pytest.raises(ValueError, match="amx: this build has no AMX kernel .*has AMX-INT8"):
+        _cpu.select_kernel("amx", ALL, has_amx=True)
+    with pytest.raises(ValueError, match="amx: this build has no AMX kernel .*lacks AMX-INT8 too"):
+        _cpu.select_kernel("amx", ALL[1:])
+    with pytest.raises(ValueError, match="BITNET_BATCH_KERNEL must be one of auto, amx, avx512, avx2, portable, "
+                                         "got 'neon'"):
+        _cpu.select_kernel("neon", ALL)
+    amx = all(f in _cpu.cpu_features() for f in _cpu.AMX_FEATURES)
+    assert ternary.KERNEL == _cpu.KERNEL == _cpu.select_kernel(os.environ.get(_cpu.KERNEL_ENV, "auto"), KERNELS, amx)
+
+
+def test_runnable_families_follow_the_cpu_features():
+    avx2 = {"+avx2", "+fma", "+f16c", "+sse4.2"}
+    vnni = avx2 | {"+avx512f", "+avx512bw", "+avx512vl", "+avx512vnni"}
+    assert _cpu.runnable(vnni) == ALL
+    assert _cpu.runnable(vnni - {"+avx512vnni"} | {"-avx512vnni"}) == ("avx2", "portable")   # Skylake-SP
+    assert _cpu.runnable(avx2) == ("avx2", "portable")
+    assert _cpu.runnable(avx2 - {"+f16c"}) == ("portable",)
+    assert _cpu.runnable(vnni, jit=False) == ("portable",)                                  # NUMBA_DISABLE_JIT
+    assert _cpu.AVAILABLE == _cpu.runnable(_cpu.cpu_features(), not numba.config.DISABLE_JIT)
+    assert [_cpu.kernel_id(k) for k in ALL] == [0, 1, 2] and _cpu.FAMILIES == ALL
+
+
+def _features_without(*names):
+    """NUMBA_CPU_FEATURES for this host with ``names`` turned off (a child then sees a CPU without them)."""
+    from numba.core.codegen import get_host_cpu_features
+    feats = get_host_cpu_features().split(",")
+    return ",".join(f"-{f[1:]}" if f[1:] in names else f for f in feats)
+
+
+@pytest.mark.parametrize("env,want", [
+    ({_cpu.KERNEL_ENV: "auto", "NUMBA_CPU_FEATURES": _features_without("avx512vnni")},
+     _cpu.runnable(set(_features_without("avx512vnni").split(",")))[0]),          # avx2 on an AVX2 CPU
+    ({_cpu.KERNEL_ENV: "avx512", "NUMBA_CPU_FEATURES": _features_without("avx512vnni")},
+     "BITNET_BATCH_KERNEL=avx512 but the CPU Numba compiles for lacks"),
+    ({_cpu.KERNEL_ENV: "avx2", "NUMBA_CPU_FEATURES": _features_without("avx2", "fma")},
+     "BITNET_BATCH_KERNEL=avx2 but the CPU Numba compiles for lacks AVX2/FMA/F16C"),
+    ({_cpu.KERNEL_ENV: "amx"}, "BITNET_BATCH_KERNEL=amx: this build has no AMX kernel"),
+    ({_cpu.KERNEL_ENV: "avx2", "NUMBA_DISABLE_JIT": "1"}, "BITNET_BATCH_KERNEL=avx2 but"),
+    ({_cpu.KERNEL_ENV: "auto", "NUMBA_DISABLE_JIT": "1"}, "portable"),
+])
+def test_forced_kernel_the_cpu_lacks_is_a_clear_error(env, want):
+    """What a process picks from its CPU's features (here a child that sees this host with some turned off):
+    the best family it has, or for a forced family it lacks (or ``amx``) an error naming what is missing."""
+    res = _child("from jit_kernels import _cpu; print(_cpu.KERNEL)", env)
+    if want in ALL:
+        assert res.returncode == 0 and res.stdout.split() == [want], res.stderr[-2000:]
+    else:
+        assert res.returncode != 0 and want in res.stderr and "Traceback" in res.stderr
+        assert "Fatal Python error" not in res.stderr and "Illegal instruction" not in res.stderr
 
 
 CACHE_CHILD = """
@@ -265,7 +326,7 @@ xq = np.ones((5, 384), np.int8)[:, :256]              # views, as in the engine 
 s, sm = np.ones(5, np.float32), np.full(5, 256, np.int32)
 out = np.zeros((5, 8), np.float32)[:, :3]
 ternary.ternary_matmul(xq, s, sm, np.full((4, 64), 0xAA, np.uint8), np.ones(3, np.float32), out)
-fn = ternary._matmul_avx2 if ternary.KERNEL == "avx2" else ternary._matmul_portable
+fn = {"avx512": ternary._matmul_avx512, "avx2": ternary._matmul_avx2, "portable": ternary._matmul_portable}[ternary.KERNEL]
 print(json.dumps({"kernel": ternary.KERNEL, "out": out.tolist(),
                   "hits": sum(fn.stats.cache_hits.values()), "misses": sum(fn.stats.cache_misses.values())}))
 """
@@ -347,7 +408,7 @@ def test_portable_path_runs_without_the_jit_and_gives_the_same_bits():
     quantizer's helpers and the portable matmul: same int8 rows, scales and outputs as the compiled code; the
     sampler's top-n ids and exp weights too (those within 1 ulp)."""
     jit = _child(NOJIT_CHILD, {})
-    nojit = _child(NOJIT_CHILD, {"NUMBA_DISABLE_JIT": "1"})
+    nojit = _child(NOJIT_CHILD, {"NUMBA_DISABLE_JIT": "1", _cpu.KERNEL_ENV: "auto"})    # even if a run forces one
     assert jit.returncode == 0 and nojit.returncode == 0, (jit.stderr[-2000:], nojit.stderr[-2000:])
     a, b = json.loads(jit.stdout), json.loads(nojit.stdout)
     (wa, ta), (wb, tb) = a.pop("exp"), b.pop("exp")      # the compiled exp fuses multiply-adds: <= 1 ulp apart
@@ -652,8 +713,9 @@ def test_embed_and_lm_head(kind, D):
     scratch = embedding.lm_head_scratch(numba.config.NUMBA_NUM_THREADS, D)
     x = RNG.standard_normal((11, D)).astype(np.float32)
     ref = x.astype(np.float64) @ wide[:V - 1].astype(np.float64).T
+    outs = {}
     for kernel in KERNELS:
-        out = np.zeros((11, V - 1), np.float32)     # odd vocabulary and 11 rows: every tile shape and its tails
+        out = outs[kernel] = np.zeros((11, V - 1), np.float32)  # odd vocabulary, 11 rows: every tile and its tails
         embedding.lm_head(x, table[:V - 1], kind, scratch, out, kernel=kernel)
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-3)
         # a row's logits do not depend on the batch: alone, in a group of 4, or in a short last group
@@ -661,6 +723,8 @@ def test_embed_and_lm_head(kind, D):
             part = np.zeros((len(rows), V - 1), np.float32)
             embedding.lm_head(np.ascontiguousarray(x[rows]), table[:V - 1], kind, scratch, part, kernel=kernel)
             np.testing.assert_array_equal(part[rows.index(6)], out[6])
+    if "avx512" in outs:            # the same 8-lane FMA chains and lane sum in other tiles: the same bits
+        np.testing.assert_array_equal(outs["avx512"], outs["avx2"])
     with pytest.raises(ValueError):
         embedding.lm_head(x[:3], table, kind, scratch, np.zeros((2, V), np.float32))
     with pytest.raises(ValueError, match="kernel must be"):

@@ -108,9 +108,12 @@ def threads() -> int:
 
 
 def summary_head(ctx: dict, stats, errors_in_output: int) -> dict:
-    """The summary keys every job has first: output, format, model (from ``ctx``, see ``JobKind.summary``) and
-    the item counts of this run (``stats``) and of the whole output."""
+    """The summary keys every job has first: output, format, model (from ``ctx``, see ``JobKind.summary``), the
+    kernel family and the item counts of this run (``stats``) and of the whole output."""
+    from jit_kernels._cpu import KERNEL
+
     return {"output": str(ctx["output"]), "format": ctx["fmt"], "model": ctx["model"],
+            "kernel": KERNEL,                               # the kernel family this process runs
             "items": {"total": stats.items, "ok": stats.ok, "error": stats.errors, "skipped_resume": stats.skipped,
                       "errors_in_output": errors_in_output}}
 

@@ -28,7 +28,7 @@ from jit_kernels import embedding as emb_k
 from jit_kernels import layer as layer_k
 from jit_kernels import norms, rope
 from jit_kernels._config import serial_max
-from jit_kernels._cpu import KERNEL
+from jit_kernels._cpu import KERNEL, kernel_id
 
 from ..config import ModelConfig
 from ..engine.kv_cache import KVCache
@@ -83,7 +83,7 @@ def forward(w: Weights, cfg: ModelConfig, ws: Workspace, kv: KVCache, rt: RopeTa
                        cfg.n_head // cfg.n_head_kv, cfg.head_dim)
     x = ws.x[:T]
     emb_k.embed(batch.tokens, w.tok_embd, w.tok_kind, x)
-    step = (np.float32(cfg.rms_eps), _ACT[cfg.ffn_act], serial_max(), KERNEL == "avx2")
+    step = (np.float32(cfg.rms_eps), _ACT[cfg.ffn_act], serial_max(), kernel_id(KERNEL))
     for li, lw in enumerate(w.layers):
         layer_k.bitnet_layer(x, ws.xq, ws.xscale, ws.xsum, ws.qkv, ws.att, ws.proj, ws.gate_up, ws.att_scratch,
                              *lw.kernel_args, *kv.layer(li), kv.block_tables, batch.row_seq, batch.row_pos, rt.cos,

@@ -23,7 +23,7 @@ from jit_kernels import embedding as emb_k
 from jit_kernels import layer as layer_k
 from jit_kernels import norms, rope, ternary
 from jit_kernels._config import serial_max
-from jit_kernels._cpu import KERNEL
+from jit_kernels._cpu import KERNEL, kernel_id
 from jit_kernels.buffers import aligned_zeros
 from jit_kernels.gelu import gelu_tanh_gated
 from jit_kernels.window_attention import window_attention
@@ -161,7 +161,7 @@ def bitnet_hidden(w, cfg, ws, kv: KVCache, rt, batch: StepBatch, out: np.ndarray
                        cfg.n_head // cfg.n_head_kv, cfg.head_dim)
     x = ws.x[:T]
     emb_k.embed(batch.tokens, w.tok_embd, w.tok_kind, x)
-    step = (np.float32(cfg.rms_eps), _ACT[cfg.ffn_act], serial_max(), KERNEL == "avx2")
+    step = (np.float32(cfg.rms_eps), _ACT[cfg.ffn_act], serial_max(), kernel_id(KERNEL))
     for li, lw in enumerate(w.layers):
         layer_k.bitnet_layer(x, ws.xq, ws.xscale, ws.xsum, ws.qkv, ws.att, ws.proj, ws.gate_up, ws.att_scratch,
                              *lw.kernel_args, *kv.layer(li), kv.block_tables, batch.row_seq, batch.row_pos, rt.cos,
