@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from bitnet_batch.cli import main
 from bitnet_batch.distributed import RayConfig, run_ray_job
 from bitnet_batch.distributed.config import import_ray
-from bitnet_batch.distributed.inputs import Shard, expand_inputs, parse_shards, record_spec
+from bitnet_batch.distributed.inputs import Shard, expand_inputs, parse_shards
 from bitnet_batch.distributed.outputs import is_directory_output
 from bitnet_batch.distributed.pool import Task
 from bitnet_batch.distributed.worker import EngineWorker, raise_portable
@@ -27,7 +27,7 @@ from bitnet_batch.errors import BitnetBatchError, ConfigError, ModelNotFoundErro
 from bitnet_batch.io.readers import BadRecord, Request, read_requests
 from bitnet_batch.io.writers import OutputSink
 from bitnet_batch.jobs.common import meta_path
-from bitnet_batch.jobs.run import JobConfig, run_job
+from bitnet_batch.jobs.run import JobConfig, RunKind, run_job
 from bitnet_batch.sampling.params import SamplingParams
 from conftest import read_jsonl, write_jsonl
 
@@ -116,7 +116,7 @@ def _as_tuples(items):
 
 def _parse_locally(shards, job_):
     """What the driver parses, with the shards' bytes read from disk instead of by Ray Data."""
-    return list(parse_shards(((s, Path(s.uri).read_bytes()) for s in shards), shards, record_spec(job_)))
+    return list(parse_shards(((s, Path(s.uri).read_bytes()) for s in shards), shards, RunKind.record_spec(job_)))
 
 
 def test_shards_parse_exactly_like_the_local_reader(tmp_path):
@@ -152,7 +152,7 @@ def test_shards_parse_exactly_like_the_local_reader(tmp_path):
     with pytest.raises(ConfigError, match="holds no"):
         expand_inputs([tmp_path / "empty"])
     uri = Shard("s3://bucket/x.jsonl", "s3://bucket/x.jsonl", "jsonl")
-    bad = list(parse_shards(iter([(uri, b'{"id": 1}\n')]), [uri], record_spec(j)))
+    bad = list(parse_shards(iter([(uri, b'{"id": 1}\n')]), [uri], RunKind.record_spec(j)))
     assert bad[0].location == "s3://bucket/x.jsonl:1"                   # URIs are not folded by Path()
 
 
@@ -185,7 +185,7 @@ def keep_numba_threads():
 def test_engine_worker_runs_tasks_like_the_local_runner(tmp_path, reference, small_model_path, keep_numba_threads):
     src = reference["src"]
     j = job([src], tmp_path / "o.jsonl", small_model_path)
-    worker = EngineWorker(j, threads=1)
+    worker = EngineWorker(j, threads=1, kind=RunKind)
     info = worker.info()
     assert info["threads"] == 1 and len(info["sha256"]) == 64 and info["n_vocab"] == 512
     items = [r for r in read_requests([src]) if not isinstance(r, BadRecord)][:12]
@@ -202,7 +202,7 @@ def test_engine_worker_runs_tasks_like_the_local_runner(tmp_path, reference, sma
     assert sorted((r["sample_index"], r["text"]) for r in resumed) == \
         sorted((r["sample_index"], r["text"]) for r in fresh if r["sample_index"] > 0)
     # a model that cannot load is reported as data, then raised as its own type by the driver
-    broken = EngineWorker(replace(j, model=str(tmp_path / "nope.gguf")), threads=1)
+    broken = EngineWorker(replace(j, model=str(tmp_path / "nope.gguf")), threads=1, kind=RunKind)
     assert broken.info()["error"]["type"] == "ModelNotFoundError"
     assert broken.run_task([(items[0], None)])["error"]["type"] == "ModelNotFoundError"
     with pytest.raises(ModelNotFoundError, match="nope.gguf"):
@@ -227,7 +227,7 @@ class _FakeRay:
             def options(self, **kw):
                 return self
 
-            def remote(self, job, threads):
+            def remote(self, job, threads, kind):
                 fake.started += 1
                 return _FakeActor(fake, fake.started)
         return ActorClass()
@@ -288,10 +288,10 @@ def test_pool_retries_a_dead_actors_tasks_and_gives_up_on_a_poison_item(tmp_path
     src = write_jsonl(tmp_path / "in.jsonl", rows[:10] + ['{"id": "bad"'] + rows[10:])
     j = job([src], tmp_path / "out.jsonl", "m.gguf")
     fake = _FakeRay()
-    pool = ActorPool(fake, j, n_actors=2, threads=1, tasks_per_actor=2, max_attempts=2)
+    pool = ActorPool(fake, j, RunKind, n_actors=2, threads=1, tasks_per_actor=2, max_attempts=2)
     assert pool.wait_ready(5)["host"] == "fake"
     output = SingleOutput(OutputSink(j.output, fingerprint={"job": 1}))
-    driver = _Driver(j, output, pool, task_size=4)
+    driver = _Driver(j, RunKind, output, pool, task_size=4)
     driver.run(read_requests([src]))
     output.finalize()
     records = read_jsonl(j.output)
@@ -304,7 +304,7 @@ def test_pool_retries_a_dead_actors_tasks_and_gives_up_on_a_poison_item(tmp_path
     assert pool.stats.restarts == 4 and pool.stats.failed_items == 1 and driver.duplicates == 0
     assert pool.stats.retried_tasks >= 4 and driver.stats.ok == 19 and driver.stats.errors == 2
     # actors that die on everything stop the job instead of restarting forever
-    pool = ActorPool(_FakeRay(), j, n_actors=1, threads=1, tasks_per_actor=1, max_attempts=1)
+    pool = ActorPool(_FakeRay(), j, RunKind, n_actors=1, threads=1, tasks_per_actor=1, max_attempts=1)
     pool.wait_ready(5)
     for k in range(10):
         pool.put(Task([(Request(index=k, id=f"x{k}", prompt="POISON", messages=None, overrides={},
@@ -345,7 +345,7 @@ def test_ray_data_reads_many_shards_in_order(tmp_path, ray_session):
             write_jsonl(d / f"part-{k * 5}.jsonl", rows + ['{"id": "s%d-0"}' % k])    # a duplicate id
     j = job([d], tmp_path / "o.jsonl", "m.gguf")
     shards = expand_inputs(j.inputs)
-    via_ray = list(parse_shards(read_shards(ray, shards), shards, record_spec(j)))
+    via_ray = list(parse_shards(read_shards(ray, shards), shards, RunKind.record_spec(j)))
     assert _as_tuples(via_ray) == _as_tuples(_parse_locally(shards, j))
     assert len(via_ray) == sum(3 + 5 * k for k in range(6)) + 3
     (d / "part-0.jsonl").unlink()                    # vanished between listing and reading
