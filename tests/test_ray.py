@@ -36,6 +36,7 @@ from conftest import read_jsonl, write_jsonl
 
 WORDS = "apple river stone cloud seven orange window quiet music paper".split()
 TWO_ACTORS = RayConfig(actors=2, threads_per_actor=1, items_per_task=16)
+ON_TWO_ACTORS = ["--engine", "ray", "--actors", "2", "--threads-per-actor", "1", "--quiet"]     # the CLI's
 
 
 def prompts(n):
@@ -78,6 +79,16 @@ def reference(tmp_path_factory, small_model_path, small_model):
         numba.set_num_threads(threads)
     seconds = time.perf_counter() - t0
     return {"src": src, "records": read_jsonl(d / "local.jsonl"), "summary": summary, "seconds": seconds}
+
+
+def crashed_output(config, model, records) -> list[dict]:
+    """The journal a crashed job of ``config`` left: every third of its ``records`` (returned)."""
+    sink = OutputSink(config.output, fingerprint=config.fingerprint(model.sha256()))
+    journaled = records[::3]
+    for record in journaled:
+        sink.write(record)
+    sink.close()
+    return journaled
 
 
 @pytest.fixture(scope="module")
@@ -436,17 +447,11 @@ def test_cli_rerun_after_a_crash_skips_finished_ids(tmp_path, reference, small_m
     """A crash left a journal of every third record (completion order) and a torn line; `bitnet-batch run
     --engine ray` resumes it: journaled records are kept as they are, only the rest is generated."""
     out = tmp_path / "resumed.jsonl"
-    crashed = job([reference["src"]], out, small_model_path)
-    sink = OutputSink(out, fingerprint=crashed.fingerprint(small_model.sha256()))
-    journaled = reference["records"][::3]
-    for record in journaled:
-        sink.write(record)
-    sink.close()
+    journaled = crashed_output(job([reference["src"]], out, small_model_path), small_model, reference["records"])
     with open(str(out) + ".partial.jsonl", "a") as f:
         f.write('{"id": "item-1", "ind')
     args = ["run", str(reference["src"]), "-o", str(out), "-m", str(small_model_path), "--temperature", "0.9",
-            "--top-p", "0.95", "--max-batch", "8", "--prefill-chunk", "64", "--engine", "ray", "--actors", "2",
-            "--threads-per-actor", "1", "--quiet"]
+            "--top-p", "0.95", "--max-batch", "8", "--prefill-chunk", "64", *ON_TWO_ACTORS]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     meta = json.loads(meta_path(out).read_text())
@@ -629,14 +634,9 @@ def test_cli_score_on_ray_resumes_a_partial_output(tmp_path, score_reference, sm
                                                    ray_session):
     out = tmp_path / "resumed.jsonl"
     config = score_config([score_reference["src"]], out, small_model_path)
-    sink = OutputSink(out, fingerprint=config.fingerprint(small_model.sha256()))
-    journaled = score_reference["records"][::3]
-    for record in journaled:
-        sink.write(record)
-    sink.close()
+    journaled = crashed_output(config, small_model, score_reference["records"])
     args = ["score", str(score_reference["src"]), "-o", str(out), "-m", str(small_model_path), "--max-batch", "3",
-            "--prefill-chunk", "24", "--max-seq-len", "96", "--engine", "ray", "--actors", "2",
-            "--threads-per-actor", "1", "--quiet"]
+            "--prefill-chunk", "24", "--max-seq-len", "96", *ON_TWO_ACTORS]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     assert f"corpus perplexity: {score_reference['summary']['corpus']['perplexity']}" in res.output
@@ -675,7 +675,7 @@ def test_cli_embed_on_ray_equals_the_local_job_in_jsonl(tmp_path, embed_referenc
     out = tmp_path / "ray.jsonl"
     res = CliRunner().invoke(main, ["embed", str(embed_reference["src"]), "-o", str(out), "-m", str(EMBED_MODEL),
                                     "--max-batch", "4", "--prefill-chunk", "48", "--max-seq-len", "256",
-                                    "--engine", "ray", "--actors", "2", "--threads-per-actor", "1", "--quiet"])
+                                    *ON_TWO_ACTORS])
     assert res.exit_code == 0, res.output
     records = read_jsonl(out)
     assert without_timing(records) == without_timing(embed_reference["records"])

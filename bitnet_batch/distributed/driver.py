@@ -87,11 +87,11 @@ class _Driver:
                     self.emit.write(error_record(item.index, item.id, item.error))
             elif item.id not in sink.done:
                 todo.append((item, None))
-            else:                           # partly done (n > 1 samples): the actor's kind decides what is left
+            else:                           # in the output: whole, or some of its n > 1 samples
                 written = self.kind.partly_done(self.job, item, sink)
                 if written is None:
                     self.emit.skip(self.per_item)       # written by an earlier run
-                else:
+                else:                               # the actor's kind decides which samples are left
                     todo.append((item, written))
             if todo and todo[-1][0] is item:
                 self.output.started(item.index)
