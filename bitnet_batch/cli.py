@@ -45,6 +45,20 @@ def _engine_options(batch_help: str, seq_len_help: str, exclude=(), **defaults):
                          help_for={"max_batch": batch_help, "max_seq_len": seq_len_help}, default_for=defaults)
 
 
+def _where_options(f):
+    """--engine and the Ray options of a job verb (``_run_on`` reads them)."""
+    f = click.option("--threads-per-actor", type=int, default=None,
+                     help="With --engine ray: CPUs = Numba threads per actor (default: a node's CPUs).")(f)
+    f = click.option("--actors", type=int, default=None,
+                     help="With --engine ray: engine actors (default: fill the cluster).")(f)
+    f = click.option("--ray-address", default=None,
+                     help="With --engine ray: 'auto', HOST:PORT or ray://HOST:PORT (default: RAY_ADDRESS or a "
+                          "local Ray).")(f)
+    return click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                        help="local: this process; ray: engine actors on a Ray cluster (pip install "
+                             "'bitnet-batch[ray]').")(f)
+
+
 def _sampling_params(kw, names=SINGLE_SAMPLING):
     return pick(SamplingParams, kw, names)
 
@@ -109,19 +123,13 @@ def main():
                    "(maxItems of arrays that set none); 0 = no bound, 'none' = the schema as given. "
                    "[default: digits=17,exponent=3,string=256,items=32]")
 @click.option("--dedupe", is_flag=True, help="Drop samples whose text equals an earlier sample of the same input.")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="local: this process; ray: engine actors on a Ray cluster (pip install 'bitnet-batch[ray]').")
-@click.option("--ray-address", default=None,
-              help="With --engine ray: 'auto', HOST:PORT or ray://HOST:PORT (default: RAY_ADDRESS or a local Ray).")
-@click.option("--actors", type=int, default=None, help="With --engine ray: engine actors (default: fill the cluster).")
-@click.option("--threads-per-actor", type=int, default=None,
-              help="With --engine ray: CPUs = Numba threads per actor (default: a node's CPUs).")
+@_where_options
 @_model_options
 @_sampling_options(SAMPLING_OPTIONS)
 def run(inputs, pipeline_file, **opts):
     """Generate a completion for every record of INPUTS (JSONL / Parquet / OpenAI batch lines), or run a
     pipeline file (`bitnet-batch run pipelines/NAME.toml`)."""
-    from .jobs.run import JobConfig
+    from .jobs.run import JobConfig, RunKind
     from .pipeline import is_pipeline_file, load_pipeline
     from .sampling.constraints import JsonLimits
 
@@ -141,27 +149,29 @@ def run(inputs, pipeline_file, **opts):
             job = JobConfig(inputs=tuple(inputs), **{k: opts[k] for k in _JOB_OPTIONS}, ordered=not opts["unordered"],
                             sampling=_sampling_params(opts, SAMPLING_OPTIONS), constraint=constraint,
                             json_limits=limits, engine=pick(EngineConfig, opts, ENGINE_OPTIONS))
-        summary = _run_on(job, opts["quiet"], *(opts[k] for k in _WHERE_OPTIONS))
+        summary = _run_on(job, RunKind, opts)
     except (BitnetBatchError, OSError) as e:
         _fail(e)
     if opts["strict"] and summary["items"]["errors_in_output"]:
         sys.exit(EXIT_ITEM_ERRORS)
 
 
-def _run_on(job, quiet, engine, ray_address, actors, threads_per_actor) -> dict:
-    """Run the job in this process (the default; Ray is not imported) or on a Ray cluster."""
+def _run_on(job, kind, opts) -> dict:
+    """Run the job (of JobKind class ``kind``) in this process (the default; Ray is not imported) or on a Ray
+    cluster, as the verb's ``_where_options`` and --quiet say."""
+    engine, ray_address, actors, threads_per_actor = (opts[k] for k in _WHERE_OPTIONS)
     if engine == "ray":
         from .distributed import RayConfig, run_ray_job
 
         cfg = RayConfig(address=ray_address, actors=actors or 0, threads_per_actor=threads_per_actor or 0)
-        return run_ray_job(job, cfg, quiet=quiet)
+        return run_ray_job(job, cfg, kind=kind, quiet=opts["quiet"])
     given = [name for name, v in (("--ray-address", ray_address), ("--actors", actors),
                                   ("--threads-per-actor", threads_per_actor)) if v is not None]
     if given:
         raise click.UsageError(f"{given[0]} needs --engine ray")
-    from .jobs.run import run_job
+    from .jobs.loop import run_local
 
-    return run_job(job, quiet=quiet)
+    return run_local(job, kind, quiet=opts["quiet"])
 
 
 _CONSTRAINT_OPTIONS = ("response_format", "json_schema", "regex", "choice")
@@ -223,18 +233,19 @@ def _explicit_overrides(ctx: click.Context, inputs, constraint, limits) -> dict:
 @click.option("--overwrite", is_flag=True, help="Start fresh instead of resuming.")
 @click.option("--strict", is_flag=True, help=f"Exit with {EXIT_ITEM_ERRORS} when any item is an error record.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or log.")
+@_where_options
 @_model_options
 def score(inputs, **opts):
     """Log-likelihood, mean NLL and perplexity of every record's `text` (or of its `completion` given its
     `prompt`), plus the corpus perplexity in <output>.meta.json."""
-    from .jobs.score import ScoreFields, ScoreJobConfig, score_job
+    from .jobs.score import ScoreFields, ScoreJobConfig, ScoreKind
 
     try:
         fields = ScoreFields(**{k: opts[f"{k}_field"] for k in ("text", "prompt", "completion", "id")})
         job = ScoreJobConfig(inputs=tuple(inputs), **{k: opts[k] for k in _BASE_OPTIONS}, fields=fields,
                              token_logprobs=opts["token_logprobs"], ordered=not opts["unordered"],
                              engine=pick(EngineConfig, opts, ENGINE_OPTIONS))
-        summary = score_job(job, quiet=opts["quiet"])
+        summary = _run_on(job, ScoreKind, opts)
     except (BitnetBatchError, OSError) as e:
         _fail(e)
     if opts["quiet"]:
@@ -267,11 +278,12 @@ def score(inputs, **opts):
 @click.option("--overwrite", is_flag=True, help="Start fresh instead of resuming.")
 @click.option("--strict", is_flag=True, help=f"Exit with {EXIT_ITEM_ERRORS} when any item is an error record.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or log.")
+@_where_options
 @_model_options
 def embed(inputs, **opts):
     """An embedding vector for every record's `text` (BitNet embedding models, or a generative model's pooled
     hidden states), as Parquet fixed-size lists or JSON lists."""
-    from .jobs.embed import EmbedFields, EmbedJobConfig, embed_job
+    from .jobs.embed import EmbedFields, EmbedJobConfig, EmbedKind
 
     try:
         fields = EmbedFields(**{k: opts[f"{k}_field"] for k in ("text", "instruction", "id")})
@@ -279,7 +291,7 @@ def embed(inputs, **opts):
                              **{k: opts[k] for k in ("pooling", "normalize", "dimensions", "dtype", "truncate")},
                              ordered=not opts["unordered"],
                              engine=pick(EngineConfig, opts, [o for o in ENGINE_OPTIONS if o in opts]))
-        summary = embed_job(job, quiet=opts["quiet"])
+        summary = _run_on(job, EmbedKind, opts)
     except (BitnetBatchError, OSError) as e:
         _fail(e)
     if opts["strict"] and summary["items"]["errors_in_output"]:

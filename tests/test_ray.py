@@ -6,7 +6,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,21 +18,25 @@ from click.testing import CliRunner
 from bitnet_batch.cli import main
 from bitnet_batch.distributed import RayConfig, run_ray_job
 from bitnet_batch.distributed.config import import_ray
-from bitnet_batch.distributed.inputs import Shard, expand_inputs, parse_shards, record_spec
+from bitnet_batch.distributed.inputs import Shard, expand_inputs, parse_shards
 from bitnet_batch.distributed.outputs import is_directory_output
 from bitnet_batch.distributed.pool import Task
 from bitnet_batch.distributed.worker import EngineWorker, raise_portable
 from bitnet_batch.engine.engine import EngineConfig
 from bitnet_batch.errors import BitnetBatchError, ConfigError, ModelNotFoundError
-from bitnet_batch.io.readers import BadRecord, Request, read_requests
+from bitnet_batch.io.readers import BadRecord, Request, read_items, read_requests
 from bitnet_batch.io.writers import OutputSink
 from bitnet_batch.jobs.common import meta_path
-from bitnet_batch.jobs.run import JobConfig, run_job
+from bitnet_batch.jobs.embed import EmbedJobConfig, EmbedKind, read_embed_items
+from bitnet_batch.jobs.loop import run_local
+from bitnet_batch.jobs.run import JobConfig, RunKind, run_job
+from bitnet_batch.jobs.score import ScoreJobConfig, ScoreKind, read_score_items
 from bitnet_batch.sampling.params import SamplingParams
 from conftest import read_jsonl, write_jsonl
 
 WORDS = "apple river stone cloud seven orange window quiet music paper".split()
 TWO_ACTORS = RayConfig(actors=2, threads_per_actor=1, items_per_task=16)
+ON_TWO_ACTORS = ["--engine", "ray", "--actors", "2", "--threads-per-actor", "1", "--quiet"]     # the CLI's
 
 
 def prompts(n):
@@ -77,6 +81,16 @@ def reference(tmp_path_factory, small_model_path, small_model):
     return {"src": src, "records": read_jsonl(d / "local.jsonl"), "summary": summary, "seconds": seconds}
 
 
+def crashed_output(config, model, records) -> list[dict]:
+    """The journal a crashed job of ``config`` left: every third of its ``records`` (returned)."""
+    sink = OutputSink(config.output, fingerprint=config.fingerprint(model.sha256()))
+    journaled = records[::3]
+    for record in journaled:
+        sink.write(record)
+    sink.close()
+    return journaled
+
+
 @pytest.fixture(scope="module")
 def ray_session():
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
@@ -116,7 +130,7 @@ def _as_tuples(items):
 
 def _parse_locally(shards, job_):
     """What the driver parses, with the shards' bytes read from disk instead of by Ray Data."""
-    return list(parse_shards(((s, Path(s.uri).read_bytes()) for s in shards), shards, record_spec(job_)))
+    return list(parse_shards(((s, Path(s.uri).read_bytes()) for s in shards), shards, RunKind.record_spec(job_)))
 
 
 def test_shards_parse_exactly_like_the_local_reader(tmp_path):
@@ -152,7 +166,7 @@ def test_shards_parse_exactly_like_the_local_reader(tmp_path):
     with pytest.raises(ConfigError, match="holds no"):
         expand_inputs([tmp_path / "empty"])
     uri = Shard("s3://bucket/x.jsonl", "s3://bucket/x.jsonl", "jsonl")
-    bad = list(parse_shards(iter([(uri, b'{"id": 1}\n')]), [uri], record_spec(j)))
+    bad = list(parse_shards(iter([(uri, b'{"id": 1}\n')]), [uri], RunKind.record_spec(j)))
     assert bad[0].location == "s3://bucket/x.jsonl:1"                   # URIs are not folded by Path()
 
 
@@ -185,7 +199,7 @@ def keep_numba_threads():
 def test_engine_worker_runs_tasks_like_the_local_runner(tmp_path, reference, small_model_path, keep_numba_threads):
     src = reference["src"]
     j = job([src], tmp_path / "o.jsonl", small_model_path)
-    worker = EngineWorker(j, threads=1)
+    worker = EngineWorker(j, threads=1, kind=RunKind)
     info = worker.info()
     assert info["threads"] == 1 and len(info["sha256"]) == 64 and info["n_vocab"] == 512
     items = [r for r in read_requests([src]) if not isinstance(r, BadRecord)][:12]
@@ -202,7 +216,7 @@ def test_engine_worker_runs_tasks_like_the_local_runner(tmp_path, reference, sma
     assert sorted((r["sample_index"], r["text"]) for r in resumed) == \
         sorted((r["sample_index"], r["text"]) for r in fresh if r["sample_index"] > 0)
     # a model that cannot load is reported as data, then raised as its own type by the driver
-    broken = EngineWorker(replace(j, model=str(tmp_path / "nope.gguf")), threads=1)
+    broken = EngineWorker(replace(j, model=str(tmp_path / "nope.gguf")), threads=1, kind=RunKind)
     assert broken.info()["error"]["type"] == "ModelNotFoundError"
     assert broken.run_task([(items[0], None)])["error"]["type"] == "ModelNotFoundError"
     with pytest.raises(ModelNotFoundError, match="nope.gguf"):
@@ -227,7 +241,7 @@ class _FakeRay:
             def options(self, **kw):
                 return self
 
-            def remote(self, job, threads):
+            def remote(self, job, threads, kind):
                 fake.started += 1
                 return _FakeActor(fake, fake.started)
         return ActorClass()
@@ -259,12 +273,11 @@ class _FakeActor:
             self.dead = True
             raise self.fake.exceptions.RayActorError("the actor died unexpectedly")
         records = [{"id": r.id, "index": r.index, "text": r.prompt.upper(), "finish_reason": "length",
-                    "usage": {"prompt_tokens": 1, "completion_tokens": 1}, "timing": dict.fromkeys(
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "cached_tokens": 0}, "timing": dict.fromkeys(
                         ("queue_s", "prefill_s", "ttft_s", "decode_s", "total_s", "tokens_per_s"), 0.0),
-                    "error": None} for r, _ in items]
-        return {"records": records, "stats": dict.fromkeys(("prefill_s", "decode_s", "sample_s", "steps", "dropped",
-                                                             "skipped"), 0),
-                "run_s": 0.0, "threads": 1, "pid": self.pid, "peak_rss_mb": 1.0}
+                    "error": None, "tokens": 1, "logprob": -1.0} for r, _ in items]     # a run's and a score's
+        return {"records": records, "stats": {"steps": 1}, "run_s": 0.0, "threads": 1, "pid": self.pid,
+                "peak_rss_mb": 1.0}
 
 
 class _FakeMethod:
@@ -279,20 +292,22 @@ class _FakeMethod:
         return call
 
 
-def test_pool_retries_a_dead_actors_tasks_and_gives_up_on_a_poison_item(tmp_path):
+@pytest.mark.parametrize("kind", [RunKind, ScoreKind])
+def test_pool_retries_a_dead_actors_tasks_and_gives_up_on_a_poison_item(tmp_path, kind):
     from bitnet_batch.distributed.driver import _Driver
     from bitnet_batch.distributed.outputs import SingleOutput
     from bitnet_batch.distributed.pool import ActorPool
 
-    rows = [{"id": f"i{k}", "prompt": "POISON" if k == 7 else f"p{k}"} for k in range(20)]
+    rows = [{"id": f"i{k}", "prompt": "POISON" if k == 7 else f"p{k}", "completion": "c"} for k in range(20)]
     src = write_jsonl(tmp_path / "in.jsonl", rows[:10] + ['{"id": "bad"'] + rows[10:])
-    j = job([src], tmp_path / "out.jsonl", "m.gguf")
+    j = (job([src], tmp_path / "out.jsonl", "m.gguf") if kind is RunKind else
+         ScoreJobConfig(inputs=(str(src),), output=str(tmp_path / "out.jsonl"), model="m.gguf"))
     fake = _FakeRay()
-    pool = ActorPool(fake, j, n_actors=2, threads=1, tasks_per_actor=2, max_attempts=2)
+    pool = ActorPool(fake, j, kind, n_actors=2, threads=1, tasks_per_actor=2, max_attempts=2)
     assert pool.wait_ready(5)["host"] == "fake"
     output = SingleOutput(OutputSink(j.output, fingerprint={"job": 1}))
-    driver = _Driver(j, output, pool, task_size=4)
-    driver.run(read_requests([src]))
+    driver = _Driver(j, kind, output, pool, task_size=4)
+    driver.run(read_items([src], kind.record_spec(j)))
     output.finalize()
     records = read_jsonl(j.output)
     assert [r["index"] for r in records] == list(range(21))          # every item once, in order
@@ -303,8 +318,9 @@ def test_pool_retries_a_dead_actors_tasks_and_gives_up_on_a_poison_item(tmp_path
     # its task of 4 died twice, then alone it died twice more: 4 replacements; innocent tasks were retried
     assert pool.stats.restarts == 4 and pool.stats.failed_items == 1 and driver.duplicates == 0
     assert pool.stats.retried_tasks >= 4 and driver.stats.ok == 19 and driver.stats.errors == 2
+    assert driver.stats.steps == sum(w["tasks"] for w in driver.by_actor.values())     # the actors' counters
     # actors that die on everything stop the job instead of restarting forever
-    pool = ActorPool(_FakeRay(), j, n_actors=1, threads=1, tasks_per_actor=1, max_attempts=1)
+    pool = ActorPool(_FakeRay(), j, RunKind, n_actors=1, threads=1, tasks_per_actor=1, max_attempts=1)
     pool.wait_ready(5)
     for k in range(10):
         pool.put(Task([(Request(index=k, id=f"x{k}", prompt="POISON", messages=None, overrides={},
@@ -345,7 +361,7 @@ def test_ray_data_reads_many_shards_in_order(tmp_path, ray_session):
             write_jsonl(d / f"part-{k * 5}.jsonl", rows + ['{"id": "s%d-0"}' % k])    # a duplicate id
     j = job([d], tmp_path / "o.jsonl", "m.gguf")
     shards = expand_inputs(j.inputs)
-    via_ray = list(parse_shards(read_shards(ray, shards), shards, record_spec(j)))
+    via_ray = list(parse_shards(read_shards(ray, shards), shards, RunKind.record_spec(j)))
     assert _as_tuples(via_ray) == _as_tuples(_parse_locally(shards, j))
     assert len(via_ray) == sum(3 + 5 * k for k in range(6)) + 3
     (d / "part-0.jsonl").unlink()                    # vanished between listing and reading
@@ -431,17 +447,11 @@ def test_cli_rerun_after_a_crash_skips_finished_ids(tmp_path, reference, small_m
     """A crash left a journal of every third record (completion order) and a torn line; `bitnet-batch run
     --engine ray` resumes it: journaled records are kept as they are, only the rest is generated."""
     out = tmp_path / "resumed.jsonl"
-    crashed = job([reference["src"]], out, small_model_path)
-    sink = OutputSink(out, fingerprint=crashed.fingerprint(small_model.sha256()))
-    journaled = reference["records"][::3]
-    for record in journaled:
-        sink.write(record)
-    sink.close()
+    journaled = crashed_output(job([reference["src"]], out, small_model_path), small_model, reference["records"])
     with open(str(out) + ".partial.jsonl", "a") as f:
         f.write('{"id": "item-1", "ind')
     args = ["run", str(reference["src"]), "-o", str(out), "-m", str(small_model_path), "--temperature", "0.9",
-            "--top-p", "0.95", "--max-batch", "8", "--prefill-chunk", "64", "--engine", "ray", "--actors", "2",
-            "--threads-per-actor", "1", "--quiet"]
+            "--top-p", "0.95", "--max-batch", "8", "--prefill-chunk", "64", *ON_TWO_ACTORS]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     meta = json.loads(meta_path(out).read_text())
@@ -462,3 +472,213 @@ def test_golden_run_on_ray(tmp_path, small_model_path, ray_session):
     out = tmp_path / "out.jsonl"
     run_ray_job(run_job_config(src, out, small_model_path), TWO_ACTORS, quiet=True)
     check("run.jsonl.jsonl", read_jsonl(out), src)
+
+
+# ---------------------------------------------------------------------------------------- score and embed
+
+EMBED_MODEL = Path(__file__).parent / "data" / "embed" / "tiny-qwen3-i2s.gguf"
+SCORE_ENGINE = EngineConfig(max_batch=3, prefill_chunk=24, max_seq_len=96)       # as tests/test_score.py
+EMBED_ENGINE = EngineConfig(max_batch=4, prefill_chunk=48, max_seq_len=256)      # as tests/test_embed_job.py
+SMALL_TASKS = replace(TWO_ACTORS, items_per_task=6)
+
+
+def texts(n):
+    return [" ".join(WORDS[(i * 7 + k) % 10] for k in range(3 + i % 9)) for i in range(n)]
+
+
+def score_config(inputs, output, model, **kw):
+    return ScoreJobConfig(inputs=tuple(str(p) for p in inputs), output=str(output), model=str(model),
+                          engine=SCORE_ENGINE, **kw)
+
+
+def embed_config(inputs, output, **kw):
+    return EmbedJobConfig(inputs=tuple(str(p) for p in inputs), output=str(output), model=str(EMBED_MODEL),
+                          engine=EMBED_ENGINE, **kw)
+
+
+def run_with_one_thread(kind, config, model):
+    """The local job with 1 Numba thread (what one actor runs with); the thread count is restored after."""
+    import numba
+
+    threads = numba.get_num_threads()
+    try:
+        return run_local(replace(config, engine=replace(config.engine, threads=1)), kind, model=model, quiet=True)
+    finally:
+        numba.set_num_threads(threads)
+
+
+def check_summary(summary, local, out, *keys):
+    """The Ray job's summary (also its meta.json) is the local one's, plus ``engine`` and ``ray``; the engine
+    parameters differ by the actors' thread count."""
+    assert json.loads(meta_path(out).read_text()) == summary
+    assert summary["engine"] == "ray" and summary["ray"]["actors"] == 2 and set(local) <= set(summary)
+    for key in ("task", "items", "model", *keys):
+        assert summary[key] == local[key], key
+    params = [{k: v for k, v in s["parameters"].items() if k != "engine"} for s in (summary, local)]
+    assert params[0] == params[1]
+
+
+@pytest.fixture(scope="module")
+def score_reference(tmp_path_factory, small_model):
+    """30 texts and prompt + completion pairs around 6 bad rows, and the local score job's output for them."""
+    d = tmp_path_factory.mktemp("ray_score")
+    rows = [{"id": f"s{i}", "text": t} for i, t in enumerate(texts(20))]
+    rows += [{"id": f"p{i}", "prompt": "Question: what is it?\nAnswer:", "completion": " " + t}
+             for i, t in enumerate(texts(10))]
+    lines = [json.dumps(r) for r in rows[:15]]
+    bad = [{"id": "num", "text": 7}, {"id": "s3", "text": "dup"}, {"id": "both", "text": "a", "completion": "b"},
+           {"id": "empty", "text": ""}, {"id": "long", "text": "apple " * 200}]
+    lines += ['{"id": "broken", "text": '] + [json.dumps(r) for r in bad]
+    lines += [json.dumps(r) for r in rows[15:]]
+    src = write_jsonl(d / "in.jsonl", lines)
+    config = score_config([src], d / "local.jsonl", "unused")
+    summary = run_with_one_thread(ScoreKind, config, small_model)
+    return {"src": src, "records": read_jsonl(d / "local.jsonl"), "summary": summary}
+
+
+@pytest.fixture(scope="module")
+def embed_reference(tmp_path_factory):
+    """24 texts (some queries with an instruction) around 4 bad rows, and the local embed job's JSONL and
+    Parquet outputs for them."""
+    import bitnet_batch
+
+    d = tmp_path_factory.mktemp("ray_embed")
+    rows = [{"id": f"e{i}", "text": t} for i, t in enumerate(texts(24))]
+    rows[5]["instruction"] = "Find passages about fruit"
+    lines = [json.dumps(r) for r in rows[:12]]
+    bad = [{"id": "num", "text": 7}, {"id": "blank", "text": "x", "instruction": " "},
+           {"id": "long", "text": "apple " * 400}]
+    lines += ['{"id": "broken", "text": '] + [json.dumps(r) for r in bad]
+    lines += [json.dumps(r) for r in rows[12:]]
+    src = write_jsonl(d / "in.jsonl", lines)
+    model = bitnet_batch.load_model(EMBED_MODEL)
+    summary = run_with_one_thread(EmbedKind, embed_config([src], d / "local.jsonl"), model)
+    run_with_one_thread(EmbedKind, embed_config([src], d / "local.parquet"), model)
+    return {"src": src, "records": read_jsonl(d / "local.jsonl"), "summary": summary,
+            "parquet": pq.read_table(d / "local.parquet")}
+
+
+def _plain(item):
+    if isinstance(item, BadRecord):
+        return ("bad", item.index, item.id, item.location, str(item.error), item.error.field)
+    return ("ok", asdict(item))
+
+
+def test_score_and_embed_rows_parse_like_their_local_readers(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "text": "t"}, {"id": "b", "prompt": "p", "completion": "c"},
+                                              {"id": "c", "text": 3}, "nope", {"id": "a", "text": "dup"},
+                                              {"text": "t", "instruction": "Find it"}, {"id": "d", "instruction": ""}])
+    shards = expand_inputs([src])
+    for kind, config, read, n_bad in (
+            (ScoreKind, score_config([src], tmp_path / "o.jsonl", "m.gguf"), read_score_items, 4),
+            (EmbedKind, embed_config([src], tmp_path / "o.jsonl"), read_embed_items, 5)):    # b has no text
+        got = parse_shards(((s, Path(s.uri).read_bytes()) for s in shards), shards, kind.record_spec(config))
+        want = [_plain(item) for item in read([src])]
+        assert [_plain(item) for item in got] == want and [w[0] for w in want].count("bad") == n_bad
+
+
+def test_engine_worker_runs_any_kind_and_refuses_a_model_as_the_local_job(tmp_path, embed_reference,
+                                                                          keep_numba_threads):
+    src = embed_reference["src"]
+    config = embed_config([src], tmp_path / "o.parquet")
+    worker = EngineWorker(config, threads=1, kind=EmbedKind)
+    info = worker.info()
+    assert info["facts"] == {k: embed_reference["summary"]["parameters"][k] for k in ("pooling", "dimensions")}
+    assert info["columns"]["embedding"] == embed_reference["parquet"].schema.field("embedding").type
+    items = [r for r in read_embed_items([src]) if not isinstance(r, BadRecord)][:8]
+    result = worker.run_task([(r, None) for r in items])
+    local = {r["id"]: r for r in embed_reference["records"]}
+    assert sorted(without_timing(result["records"]), key=lambda r: r["index"]) == \
+        without_timing([local[r.id] for r in items])
+    assert result["stats"]["steps"] > 0 and result["stats"]["ok"] == 0 == result["stats"]["tokens"]
+    # score and run refuse an embedding model, pointing to embed, with the local job's error
+    scoring = score_config([src], tmp_path / "s.jsonl", EMBED_MODEL)
+    with pytest.raises(ConfigError, match="use `bitnet-batch embed`") as local_error:
+        run_local(scoring, ScoreKind, quiet=True)
+    for kind, config in ((ScoreKind, scoring), (RunKind, job([src], tmp_path / "r.jsonl", EMBED_MODEL))):
+        error = EngineWorker(config, threads=1, kind=kind).info()["error"]
+        with pytest.raises(ConfigError) as remote_error:
+            raise_portable(error, "engine actor")
+        assert str(remote_error.value) == str(local_error.value)
+
+
+def test_score_and_embed_refuse_ray_options_without_engine_ray(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": 1, "text": "hi"}])
+    for verb, option in (("score", ["--actors", "2"]), ("embed", ["--threads-per-actor", "1"]),
+                         ("embed", ["--ray-address", "auto"])):
+        res = CliRunner().invoke(main, [verb, str(src), "-o", str(tmp_path / "o.jsonl"), "-m", str(EMBED_MODEL),
+                                        *option])
+        assert res.exit_code == 2 and f"{option[0]} needs --engine ray" in res.output, res.output
+        assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.ray
+def test_score_on_ray_equals_the_local_job(tmp_path, score_reference, small_model_path, ray_session):
+    out = tmp_path / "ray.jsonl"
+    summary = run_ray_job(score_config([score_reference["src"]], out, small_model_path), SMALL_TASKS,
+                          kind=ScoreKind, quiet=True)
+    records = read_jsonl(out)
+    assert without_timing(records) == without_timing(score_reference["records"])   # scores, errors, usage, order
+    errors = [r for r in records if r["finish_reason"] == "error"]
+    assert [r["id"] for r in errors] == ["row-15", "num", "row-17", "both", "empty", "long"]
+    assert "in.jsonl:16" in errors[0]["error"]["message"] and errors[5]["error"]["type"] == "ContextOverflowError"
+    check_summary(summary, score_reference["summary"], out, "corpus")
+    this_run, local = summary["this_run"], score_reference["summary"]["this_run"]
+    assert this_run["records"] == local["records"] == 30 and this_run["tokens"] == local["tokens"]
+    assert this_run["logprob"] == pytest.approx(local["logprob"])      # summed in the order records came back
+    assert summary["steps"] > 0 and summary["time_s"]["engine"] > 0     # the actors' counters
+
+
+@pytest.mark.ray
+def test_cli_score_on_ray_resumes_a_partial_output(tmp_path, score_reference, small_model, small_model_path,
+                                                   ray_session):
+    out = tmp_path / "resumed.jsonl"
+    config = score_config([score_reference["src"]], out, small_model_path)
+    journaled = crashed_output(config, small_model, score_reference["records"])
+    args = ["score", str(score_reference["src"]), "-o", str(out), "-m", str(small_model_path), "--max-batch", "3",
+            "--prefill-chunk", "24", "--max-seq-len", "96", *ON_TWO_ACTORS]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert f"corpus perplexity: {score_reference['summary']['corpus']['perplexity']}" in res.output
+    meta = json.loads(meta_path(out).read_text())
+    assert meta["engine"] == "ray" and meta["items"]["skipped_resume"] == len(journaled) == 12
+    assert meta["items"]["ok"] + meta["items"]["error"] == 36 - 12 and meta["items"]["errors_in_output"] == 6
+    records = read_jsonl(out)
+    assert without_timing(records) == without_timing(score_reference["records"])
+    assert [records[r["index"]] for r in journaled] == journaled       # kept byte for byte, timings included
+
+
+@pytest.mark.ray
+def test_embed_on_ray_equals_the_local_job_in_parquet_parts(tmp_path, embed_reference, ray_session):
+    out = tmp_path / "parts"                         # a directory: Parquet part files of 10 items each
+    config = embed_config([embed_reference["src"]], out)
+    cfg = replace(SMALL_TASKS, rows_per_part=10)
+    summary = run_ray_job(config, cfg, kind=EmbedKind, quiet=True)
+    parts = sorted(out.iterdir())
+    assert [p.name for p in parts] == [f"part-0000{k}.parquet" for k in range(3)]
+    local = embed_reference["parquet"]
+    tables = [pq.read_table(p) for p in parts]
+    assert all(t.schema.field("embedding").type == local.schema.field("embedding").type for t in tables)
+    rows = [r for t in tables for r in t.to_pylist()]
+    assert without_timing(rows) == without_timing(local.to_pylist())       # vectors bit for bit, errors, order
+    assert sum(r["finish_reason"] == "error" for r in rows) == 4
+    check_summary(summary, embed_reference["summary"], out, "tokens")
+    # a re-run finds every part complete: nothing is embedded, the parts stay as they are
+    before = [p.read_bytes() for p in parts]
+    again = run_ray_job(config, cfg, kind=EmbedKind, quiet=True)
+    assert again["items"]["skipped_resume"] == 28 and again["items"]["ok"] == 0
+    assert [p.read_bytes() for p in sorted(out.iterdir())] == before
+
+
+@pytest.mark.ray
+def test_cli_embed_on_ray_equals_the_local_job_in_jsonl(tmp_path, embed_reference, ray_session):
+    out = tmp_path / "ray.jsonl"
+    res = CliRunner().invoke(main, ["embed", str(embed_reference["src"]), "-o", str(out), "-m", str(EMBED_MODEL),
+                                    "--max-batch", "4", "--prefill-chunk", "48", "--max-seq-len", "256",
+                                    *ON_TWO_ACTORS])
+    assert res.exit_code == 0, res.output
+    records = read_jsonl(out)
+    assert without_timing(records) == without_timing(embed_reference["records"])
+    errors = {r["id"]: r["error"] for r in records if r["finish_reason"] == "error"}
+    assert set(errors) == {"row-12", "num", "blank", "long"} and "in.jsonl:16" in errors["long"]["message"]
+    check_summary(json.loads(meta_path(out).read_text()), embed_reference["summary"], out, "tokens")

@@ -1,4 +1,5 @@
-"""Jobs on a Ray cluster (``bitnet-batch run ... --engine ray``; needs ``pip install 'bitnet-batch[ray]'``).
+"""Jobs of every kind on a Ray cluster (``bitnet-batch run | score | embed ... --engine ray``; needs
+``pip install 'bitnet-batch[ray]'``).
 
 ``config`` (RayConfig), ``inputs`` (shards read by Ray Data, parsed like the local reader), ``worker`` (one
 engine per actor), ``pool`` (actors replaced and tasks retried when they die), ``outputs`` (one file or part

@@ -1,4 +1,4 @@
-"""``RayConfig``: where and how a job runs on a Ray cluster (``bitnet-batch run ... --engine ray``)."""
+"""``RayConfig``: where and how a job runs on a Ray cluster (``bitnet-batch run | score | embed ... --engine ray``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,9 +1,12 @@
-"""``run_ray_job``: a job on a Ray cluster, with the local job's records, resume and summary.
+"""``run_ray_job``: a job of any kind (``run``, ``score``, ``embed``) on a Ray cluster, with the local job's
+records, resume and summary.
 
-The driver (this process) reads the input shards with Ray Data, skips what the output already holds, writes
-error records for bad rows itself, and sends tasks of good items to the actor pool; every record an actor
-returns is written by the driver through the output's crash-safe sink. The summary is the local runner's
-(``<output>.meta.json``), plus a ``ray`` section: actors, their threads, restarts and retried tasks.
+The driver (this process) reads the input shards with Ray Data and parses them with the kind's record spec,
+skips what the output already holds, writes error records for bad rows itself, and sends tasks of good items
+to the actor pool; every record an actor returns is written by the driver through the output's crash-safe
+sink. What differs between kinds is asked of the kind's class (``jobs.loop.JobKind``: record spec, records
+per item, partly done items, stats, summary). The summary is the local job's (``<output>.meta.json``), plus
+``engine: "ray"`` and a ``ray`` section: actors, their threads, restarts and retried tasks.
 """
 from __future__ import annotations
 
@@ -20,15 +23,13 @@ from ..interrupt import StopSignals
 from ..io.readers import BadRecord, count_records
 from ..io.writers import OutputLock
 from ..jobs.common import meta_path, progress_bar
-from ..jobs.loop import Emitter
-from ..jobs.run import JobStats, job_summary
+from ..jobs.loop import Emitter, JobKind
+from ..jobs.run import RunKind
 from ..records import error_record
 from .config import RayConfig, import_ray
-from .inputs import expand_inputs, parse_shards, read_shards, record_spec
+from .inputs import expand_inputs, parse_shards, read_shards
 from .outputs import open_output
 from .pool import ActorPool, Task
-
-_ACTOR_STATS = ("prefill_s", "decode_s", "sample_s", "steps", "dropped", "skipped")   # summed from actors
 
 
 class WorkerCrashError(BitnetBatchError):
@@ -38,9 +39,10 @@ class WorkerCrashError(BitnetBatchError):
 class _Driver:
     """Reader -> tasks -> pool -> records -> output, with a local job's counters and writer (``Emitter``)."""
 
-    def __init__(self, job, output, pool: ActorPool, task_size: int, progress=None):
-        self.job, self.output, self.pool, self.task_size = job, output, pool, task_size
-        self.stats = JobStats()
+    def __init__(self, job, kind: type[JobKind], output, pool: ActorPool, task_size: int, progress=None):
+        self.job, self.kind, self.output, self.pool, self.task_size = job, kind, output, pool, task_size
+        self.per_item = kind.records_per_item(job)
+        self.stats = kind.stats_class()
         self.emit = Emitter(output, self.stats, progress, postfix=self._postfix)
         self.by_actor: dict = {}        # pid -> {"tasks", "items", "run_s", "threads", "peak_rss_mb"}
         self._t0 = time.perf_counter()
@@ -50,8 +52,8 @@ class _Driver:
         """Records that came back for an id already written (never expected)."""
         return self.emit.duplicates
 
-    def _postfix(self) -> dict:
-        return {"tok_s": f"{self.stats.completion_tokens / max(1e-9, time.perf_counter() - self._t0):.1f}"}
+    def _postfix(self) -> dict | None:
+        return self.kind.progress_fields(self.stats, time.perf_counter() - self._t0)
 
     def run(self, items, stop=None) -> None:
         """Send every item to the actors and write what comes back; returns early once ``stop`` is requested
@@ -80,15 +82,17 @@ class _Driver:
             sink = self.output.lookup(item.index)
             if isinstance(item, BadRecord):
                 if item.id in sink.done:
-                    self.emit.skip(self.job.sampling.n)
+                    self.emit.skip(self.per_item)
                 else:
                     self.emit.write(error_record(item.index, item.id, item.error))
             elif item.id not in sink.done:
                 todo.append((item, None))
-            elif item.overrides.get("n", self.job.sampling.n) == 1:
-                self.emit.skip(self.job.sampling.n)          # written by an earlier run
-            else:                           # n > 1: the actor's runner decides which samples are left
-                todo.append((item, _done_samples(item, sink, self.job)))
+            else:                           # in the output: whole, or some of its n > 1 samples
+                written = self.kind.partly_done(self.job, item, sink)
+                if written is None:
+                    self.emit.skip(self.per_item)       # written by an earlier run
+                else:                               # the actor's kind decides which samples are left
+                    todo.append((item, written))
             if todo and todo[-1][0] is item:
                 self.output.started(item.index)
             self.output.seal(item.index + 1)
@@ -96,17 +100,17 @@ class _Driver:
 
     def _collect(self, task: Task, result: dict) -> None:
         if "failed" in result:
-            for request, _ in task.items:
-                self.emit.write(error_record(request.index, request.id,
-                                             WorkerCrashError(f"{request.location}: {result['failed']}")))
+            for item, _ in task.items:
+                self.emit.write(error_record(item.index, item.id,
+                                             WorkerCrashError(f"{item.location}: {result['failed']}")))
         else:
             for record in result["records"]:
                 self.emit.write(record)
-            for name in _ACTOR_STATS:
-                setattr(self.stats, name, getattr(self.stats, name) + result["stats"][name])
+            for name, value in result["stats"].items():     # what the records do not show: engine time, steps
+                setattr(self.stats, name, getattr(self.stats, name) + value)
             self._account(task, result)
-        for request, _ in task.items:
-            self.output.returned(request.index)
+        for item, _ in task.items:
+            self.output.returned(item.index)
 
     def _account(self, task: Task, result: dict) -> None:
         actor = self.by_actor.setdefault(result["pid"], {"tasks": 0, "items": 0, "run_s": 0.0, "threads": set()})
@@ -116,28 +120,23 @@ class _Driver:
         actor["threads"].add(result["threads"])
         actor["peak_rss_mb"] = result["peak_rss_mb"]
 
-def _done_samples(request, sink, job) -> list[int]:
-    """Sample indices of an n > 1 item that the output holds (an invalid n: none; the actor reports it)."""
-    n = request.overrides.get("n", job.sampling.n)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        return []
-    return [k for k in range(n) if sink.is_done(request.id, k)]
-
 
 # ---------------------------------------------------------------------------------------------- the job
 
-def run_ray_job(job, ray_config: RayConfig | None = None, *, quiet: bool = False, out=sys.stderr) -> dict:
-    """Run ``job`` on Ray (connecting to ``ray_config.address``, or the Ray already initialized in this
-    process); returns the summary, also written to ``<output>.meta.json``. The driver holds the output's lock
-    from before Ray starts until the summary is written."""
+def run_ray_job(job, ray_config: RayConfig | None = None, *, kind: type[JobKind] = RunKind, quiet: bool = False,
+                out=sys.stderr) -> dict:
+    """Run ``job`` of ``kind`` (``RunKind`` for a ``JobConfig``, ``ScoreKind``, ``EmbedKind``) on Ray (connecting
+    to ``ray_config.address``, or the Ray already initialized in this process); returns the summary, also
+    written to ``<output>.meta.json``. The driver holds the output's lock from before Ray starts until the
+    summary is written."""
     lock = OutputLock(job.output)       # first: a second job on this output stops here, having touched nothing
     try:
-        return _run_ray_job(job, ray_config or RayConfig(), lock, quiet, out)
+        return _run_ray_job(job, kind, ray_config or RayConfig(), lock, quiet, out)
     finally:
         lock.release()
 
 
-def _run_ray_job(job, cfg: RayConfig, lock: OutputLock, quiet: bool, out) -> dict:
+def _run_ray_job(job, kind: type[JobKind], cfg: RayConfig, lock: OutputLock, quiet: bool, out) -> dict:
     ray = import_ray()
 
     def log(msg):
@@ -148,7 +147,7 @@ def _run_ray_job(job, cfg: RayConfig, lock: OutputLock, quiet: bool, out) -> dic
     if Path(job.model).exists():        # actors do not share the driver's working directory on other nodes
         job = replace(job, model=str(Path(job.model).resolve()))
     shards = expand_inputs(job.inputs, job.input_format)      # missing / unreadable inputs fail before Ray starts
-    spec = record_spec(job)
+    spec = kind.record_spec(job)
     started_ray = _connect(ray, cfg, quiet)
     data_logger = logging.getLogger("ray.data")
     saved_level = data_logger.level
@@ -159,21 +158,21 @@ def _run_ray_job(job, cfg: RayConfig, lock: OutputLock, quiet: bool, out) -> dic
         job = replace(job, engine=replace(job.engine, threads=threads))
         log(f"ray: {n_actors} engine actors x {threads} CPUs (Numba threads) on "
             f"{ray.cluster_resources().get('CPU', 0):g} cluster CPUs")
-        pool = ActorPool(ray, job, n_actors=n_actors, threads=threads, tasks_per_actor=cfg.tasks_per_actor,
+        pool = ActorPool(ray, job, kind, n_actors=n_actors, threads=threads, tasks_per_actor=cfg.tasks_per_actor,
                          max_attempts=cfg.max_attempts, log=log)
         info = pool.wait_ready(cfg.startup_timeout_s)
         log(f"model: {info['path']} ({info['arch']}, {info['n_layer']} layers, vocab {info['n_vocab']}) loaded in "
             f"{info['load_s']:.2f}s, kernels ready in {info['compile_s']:.2f}s (first actor, on {info['host']})")
         output = open_output(job, job.fingerprint(info["sha256"]), info["name"] or os.path.basename(info["path"]),
-                             cfg.rows_per_part, lock=lock)
+                             cfg.rows_per_part, lock=lock, columns=info["columns"])
         t_run = time.perf_counter()
-        with progress_bar(lambda: _total(job, shards), quiet, out) as progress, StopSignals() as stop:
-            driver = _Driver(job, output, pool, cfg.task_size(job.engine.max_batch), progress)
+        with progress_bar(lambda: _total(job, kind, shards), quiet, out) as progress, StopSignals() as stop:
+            driver = _Driver(job, kind, output, pool, cfg.task_size(job.engine.max_batch), progress)
             driver.run(parse_shards(read_shards(ray, shards, pin_local=not _is_client(cfg)), shards, spec), stop)
         run_s = time.perf_counter() - t_run
         if stop.requested:
             s = driver.stats
-            raise JobInterrupted(stop.signum, s.ok + s.errors + s.skipped, _total(job, shards))
+            raise JobInterrupted(stop.signum, s.ok + s.errors + s.skipped, _total(job, kind, shards))
         final = output.finalize()
         summary = _summary(job, cfg, info, driver, pool, output, final, n_actors, threads, run_s, t_start)
         meta_path(final).write_text(json.dumps(summary, indent=2) + "\n")      # still under the output's lock
@@ -185,9 +184,8 @@ def _run_ray_job(job, cfg: RayConfig, lock: OutputLock, quiet: bool, out) -> dic
             pool.shutdown()
         if started_ray:
             ray.shutdown()
-    stats = driver.stats
-    log(f"done: {stats.ok} ok, {stats.errors} errors, {stats.skipped} already done | {n_actors} actors, "
-        f"{pool.stats.restarts} replaced | {summary['throughput']['completion_tok_s']} tok/s -> {final}")
+    log(f"ray: {n_actors} actors, {pool.stats.restarts} replaced, {pool.stats.retried_tasks} tasks retried")
+    log(kind.done_line(job, driver.stats, summary))
     return summary
 
 
@@ -220,20 +218,21 @@ def _plan_actors(ray, cfg: RayConfig) -> tuple[int, int]:
     return threads, actors
 
 
-def _total(job, shards) -> int | None:
+def _total(job, kind: type[JobKind], shards) -> int | None:
     """Output records the job will write, when the inputs are local files (counting remote ones means reading
     them twice)."""
     if not all(s.is_local for s in shards):
         return None
     n = count_records([s.uri for s in shards], job.input_format)
-    return None if n is None else n * job.sampling.n
+    return None if n is None else n * kind.records_per_item(job)
 
 
 def _summary(job, cfg, info, driver, pool, output, final, n_actors, threads, run_s, t_start) -> dict:
-    """The local runner's summary keys, plus ``engine`` and ``ray``."""
-    ctx = {"output": final, "fmt": output.fmt, "load_s": info["load_s"], "compile_s": info["compile_s"],
-           "run_s": run_s, "t_start": t_start, "model": {k: info[k] for k in ("path", "sha256", "arch", "name")}}
-    summary = job_summary(job, driver.stats, ctx, threads=threads, errors_in_output=output.count_errors(final))
+    """The local job's summary, plus ``engine`` and ``ray``."""
+    ctx = {"output": final, "fmt": output.fmt, "files": output.files(final), "load_s": info["load_s"],
+           "compile_s": info["compile_s"], "run_s": run_s, "t_start": t_start, "threads": threads,
+           "facts": info["facts"], "model": {k: info[k] for k in ("path", "sha256", "arch", "name")}}
+    summary = driver.kind.summary(job, driver.stats, ctx)
     summary["engine"] = "ray"
     summary["ray"] = {
         "address": cfg.address, "actors": n_actors, "threads_per_actor": threads, "task_size": driver.task_size,

@@ -4,9 +4,10 @@ A job's inputs are files or directories, local or on any filesystem pyarrow know
 ``hdfs://``, ...). Directories are expanded to their JSONL / Parquet files, sorted by path, so the item order,
 indices and stand-in ids (``row-N``) are the same on every run and resume can skip by id. Ray Data reads the
 shards (one file = one shard, read whole by a zero-CPU task so engine actors holding every CPU never starve
-it) and the driver turns their bytes into ``Request`` / ``BadRecord`` with the reader's own record parser and
-one duplicate-id registry for the whole job: records, errors and ``file:line`` locations are byte-identical to
-``bitnet_batch.io.readers.read_requests`` (or a pipeline template's reader).
+it) and the driver turns their bytes into items / ``BadRecord`` with the job kind's record spec (what its local
+reader parses with: ``JobKind.record_spec``) and one duplicate-id registry for the whole job: items, errors and
+``file:line`` locations are identical to the local reader's (``read_requests``, a pipeline template's reader,
+``read_score_items``, ``read_embed_items``).
 """
 from __future__ import annotations
 
@@ -146,19 +147,9 @@ def _parquet_rows(shard: Shard, data: bytes) -> Iterator[tuple[int, dict]]:
 
 # ------------------------------------------------------------------------------------------- parsing
 
-def record_spec(job) -> R.RecordSpec:
-    """The local reader's record spec for this job (the pipeline template's when it has one)."""
-    if job.template is None:
-        return R.request_spec(prompt_field=job.prompt_field, id_field=job.id_field)
-    spec = getattr(job.template, "record_spec", None)
-    if spec is None:
-        raise ConfigError(f"{type(job.template).__name__}: this prompt template cannot parse single records, "
-                          f"so its pipeline cannot run with --engine ray")
-    return spec(job.id_field)
-
-
 def parse_shards(shard_bytes: Iterator[tuple[Shard, bytes]], shards: list[Shard], spec: R.RecordSpec):
-    """Every record of every shard as Request / BadRecord, with job-wide indices and duplicate-id checks."""
+    """Every record of every shard as ``spec``'s item or BadRecord, with job-wide indices and duplicate-id
+    checks."""
     # names stay strings: Path() would fold "s3://b/k" into "s3:/b/k"
     ids = R.IdRegistry([(s.name, s.fmt) for s in shards])     # names a duplicate's first use as file:line
     index = 0
@@ -167,7 +158,3 @@ def parse_shards(shard_bytes: Iterator[tuple[Shard, bytes]], shards: list[Shard]
             yield R.parse_record(raw, index, R.location(shard.name, shard.fmt, pos), spec, ids, file_no, pos)
             index += 1
 
-
-def ray_requests(ray, job, shards: list[Shard]):
-    """The job's items, read by Ray Data: what ``read_requests`` yields for the same files."""
-    return parse_shards(read_shards(ray, shards), shards, record_spec(job))

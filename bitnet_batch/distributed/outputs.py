@@ -23,7 +23,6 @@ from pathlib import Path
 
 from ..errors import BitnetBatchError, ConfigError
 from ..io.writers import OutputLock, OutputSink, _refuse_if_locked
-from ..records import count_errors
 
 _EXTENSIONS = {"parquet": "parquet", "jsonl": "jsonl", "openai": "jsonl"}
 
@@ -33,16 +32,18 @@ def is_directory_output(output: str) -> bool:
     return str(output).endswith(("/", os.sep)) or Path(output).is_dir() or not Path(output).suffix
 
 
-def open_output(job, fingerprint: dict, model_name: str, rows_per_part: int, lock: OutputLock | None = None):
+def open_output(job, fingerprint: dict, model_name: str, rows_per_part: int, lock: OutputLock | None = None,
+                columns: dict | None = None):
     """The job's output: ``SingleOutput`` or ``PartedOutput``. ``lock``: the output's ``OutputLock``, held by
     the caller (the driver, from before Ray starts) and handed to a single file's sink; a directory's part
-    sinks lock their own files in ``<dir>.journal/`` under it."""
+    sinks lock their own files in ``<dir>.journal/`` under it. ``columns``: typed Parquet columns of the job's
+    extra record keys (``JobBase.parquet_columns``)."""
     if is_directory_output(job.output):
         return PartedOutput(Path(job.output), fmt=job.output_format or "parquet", fingerprint=fingerprint,
                             overwrite=job.overwrite, ordered=job.ordered, model_name=model_name,
-                            rows_per_part=rows_per_part)
+                            rows_per_part=rows_per_part, columns=columns)
     sink = OutputSink(job.output, fmt=job.output_format, fingerprint=fingerprint, overwrite=job.overwrite,
-                      ordered=job.ordered, model_name=model_name, lock=lock)
+                      ordered=job.ordered, model_name=model_name, lock=lock, columns=columns)
     return SingleOutput(sink)
 
 
@@ -71,22 +72,24 @@ class SingleOutput:
     def close(self) -> None:
         self.sink.close()
 
-    def count_errors(self, final: Path) -> int:
-        return count_errors(final, self.fmt)
+    def files(self, final: Path) -> list[Path]:
+        """The finished output's data files."""
+        return [final]
 
 
 class PartedOutput:
     """A directory of part files, one ``OutputSink`` per part (see the module doc)."""
 
     def __init__(self, directory: Path, *, fmt: str, fingerprint: dict, overwrite: bool, ordered: bool,
-                 model_name: str, rows_per_part: int):
+                 model_name: str, rows_per_part: int, columns: dict | None = None):
         if fmt not in _EXTENSIONS:
             raise ConfigError(f"output format must be one of {', '.join(_EXTENSIONS)}, got {fmt!r}")
         self.dir = directory
         self.journal_dir = directory.with_name(directory.name + ".journal")
         self.fmt, self.ext = fmt, _EXTENSIONS[fmt]
         self.rows = rows_per_part
-        self._sink_args = dict(fmt=fmt, fingerprint=fingerprint, ordered=ordered, model_name=model_name)
+        self._sink_args = dict(fmt=fmt, fingerprint=fingerprint, ordered=ordered, model_name=model_name,
+                               columns=columns)
         self._open: dict[int, OutputSink] = {}      # part -> its open sink
         self._finished: set[int] = set()
         self._outstanding: Counter = Counter()      # part -> items at actors
@@ -158,11 +161,9 @@ class PartedOutput:
         for sink in self._open.values():
             sink.close()
 
-    def parts(self) -> list[Path]:
+    def files(self, final: Path) -> list[Path]:
+        """The finished output's data files: its part files (of this run and earlier ones)."""
         return sorted(self.dir.glob(f"part-*.{self.ext}"))
-
-    def count_errors(self, final: Path) -> int:
-        return sum(count_errors(p, self.fmt) for p in self.parts())
 
     def _remove_previous(self) -> None:
         """--overwrite: drop the journals and our part files (refused while another job writes them)."""

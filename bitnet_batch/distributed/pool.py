@@ -19,7 +19,7 @@ from .worker import EngineWorker, raise_portable
 
 @dataclass
 class Task:
-    """Items sent to one actor call: [(Request, done_samples or None)]."""
+    """Items sent to one actor call: [(item, done_samples or None)] (``EngineWorker.run_task``)."""
     items: list
     attempts: int = 0               # calls of this task whose actor died
 
@@ -43,10 +43,11 @@ class PoolStats:
 
 
 class ActorPool:
-    def __init__(self, ray, job, *, n_actors: int, threads: int, tasks_per_actor: int, max_attempts: int,
+    def __init__(self, ray, job, kind, *, n_actors: int, threads: int, tasks_per_actor: int, max_attempts: int,
                  log=lambda msg: None):
         self.ray = ray
         self.job = job
+        self.kind = kind                                # the job's JobKind class, built by every actor
         self.threads = threads
         self.tasks_per_actor = tasks_per_actor
         self.max_attempts = max_attempts
@@ -65,7 +66,7 @@ class ActorPool:
     def _start(self, number: int, generation: int) -> _Slot:
         actor = self._remote.options(
             num_cpus=self.threads, name=f"{self._prefix}-{number}-{generation}", scheduling_strategy="SPREAD",
-            max_restarts=0, max_task_retries=0).remote(self.job, self.threads)
+            max_restarts=0, max_task_retries=0).remote(self.job, self.threads, self.kind)
         return _Slot(number, generation, actor, actor.info.remote())
 
     def wait_ready(self, timeout_s: float) -> dict:
@@ -186,7 +187,7 @@ class ActorPool:
             self.queue.extendleft(Task([item]) for item in reversed(task.items))
         else:
             self.stats.failed_items += 1
-            return [(task, {"failed": f"the engine actor died {task.attempts} times while generating this item "
+            return [(task, {"failed": f"the engine actor died {task.attempts} times while running this item "
                                       f"(last: {_first_line(error)})"})]
         return []
 

@@ -1,13 +1,14 @@
 """One engine per Ray actor: the model loaded once, Numba threads = the actor's CPUs, and the local job loop
 over each task's items.
 
-``EngineWorker`` is a plain class (wrapped with ``ray.remote`` by the driver, usable in-process in tests). A
-task is a list of ``(Request, done_samples)``: ``done_samples`` is None for an item with nothing written yet,
-else the sample indices the output already holds (resume of an n > 1 item). The worker runs the items through
-``jobs.run.RunKind`` in ``jobs.loop.run_loop`` (the same planning, seeding, sampling, error records, n / dedupe
-handling and timing as a local job) against a sink that collects the records, and returns them; the driver
-writes them to the real output. Records therefore equal a local job's, text for text. The engine (and so its
-prefix cache) lives as long as the actor.
+``EngineWorker`` is a plain class (wrapped with ``ray.remote`` by the driver, usable in-process in tests),
+built for one job and its kind (``jobs.loop.JobKind``: ``RunKind``, ``ScoreKind``, ``EmbedKind``), whose engine
+and warm-up it uses as ``run_local`` does. A task is a list of ``(item, done_samples)``: ``done_samples`` is
+None for an item with nothing written yet, else the sample indices the output already holds (resume of a run
+item with n > 1). The worker runs the items through the kind in ``jobs.loop.run_loop`` (the same planning,
+seeding, sampling, error records, n / dedupe handling and timing as a local job) against a sink that collects
+the records, and returns them; the driver writes them to the real output. Records therefore equal a local
+job's, text for text and vector for vector. The engine (and so its prefix cache) lives as long as the actor.
 
 Errors that must stop the job (a model that does not load, an option the engine rejects) are returned as
 ``{"error": ...}`` rather than raised, so they reach the driver with their type and are never mistaken for a
@@ -18,14 +19,12 @@ from __future__ import annotations
 import os
 import socket
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 from .. import errors
-from ..engine.warmup import warm_up
 from ..errors import BitnetBatchError
 from ..jobs.common import peak_rss_mb
-from ..jobs.loop import run_loop
-from ..jobs.run import RunKind
+from ..jobs.loop import JobKind, run_loop, uncounted
 
 
 class _TaskSink:
@@ -48,8 +47,9 @@ class _TaskSink:
 class EngineWorker:
     """A Ray actor's state: one model + engine, reused for every task it is given."""
 
-    def __init__(self, job, threads: int):
+    def __init__(self, job, threads: int, kind: type[JobKind]):
         self.threads = int(threads)
+        self.kind = kind
         self.error: dict | None = None
         self.info_: dict = {"pid": os.getpid(), "host": socket.gethostname()}
         try:
@@ -60,19 +60,20 @@ class EngineWorker:
     def _setup(self, job) -> None:
         import numba
 
-        from ..engine.engine import Engine
         from ..model.model import load_model
 
         self._set_threads()
         self.job = replace(job, engine=replace(job.engine, threads=self.threads))
         self.model = load_model(job.model, filename=job.model_file, ffn_act=job.ffn_act)
-        self.engine = Engine(self.model, self.job.engine)
+        self.engine = self.kind.engine_for(self.model, self.job.engine)    # refuses a model the kind cannot use
+        first = self.kind(self.job, self.model, self.engine, _TaskSink({}, set()))
         # the kernels, and the job grammar (kept by the tokenizer's compiler), once per actor
-        compile_s = warm_up(self.engine) + RunKind(self.job, self.model, self.engine, _TaskSink({}, set())).prepare()
+        compile_s = self.kind.warm_up(self.engine) + first.prepare()
         cfg = self.model.config
         self.info_.update(path=str(self.model.path), sha256=self.model.sha256(), arch=cfg.arch, name=cfg.name,
                           n_layer=cfg.n_layer, n_vocab=cfg.n_vocab, load_s=self.model.load_s, compile_s=compile_s,
-                          threads=numba.get_num_threads())
+                          threads=numba.get_num_threads(), facts=first.facts(),
+                          columns=job.parquet_columns(self.model))
 
     def _set_threads(self) -> None:
         """Numba's thread count is per calling thread: set it wherever kernels will run."""
@@ -81,30 +82,33 @@ class EngineWorker:
         numba.set_num_threads(max(1, min(self.threads, numba.config.NUMBA_NUM_THREADS)))
 
     def info(self) -> dict:
-        """Model identity and start-up times (or the error that kept the model from loading)."""
+        """Model identity, start-up times, the kind's ``facts()`` and the output's typed Parquet columns (or the
+        error that kept the model from loading)."""
         return {"error": self.error} if self.error else dict(self.info_)
 
     def run_task(self, items: list) -> dict:
-        """Generate every item of a task; returns its records, the job's counters and the Numba threads used."""
+        """Run every item of a task; returns its records, the job's counters that the records do not show
+        (``jobs.loop.uncounted``) and the Numba threads used."""
         if self.error:
             return {"error": self.error}
         import numba
 
         self._set_threads()
-        done, samples, requests = {}, set(), []
-        for request, done_samples in items:
-            requests.append(request)
+        done, samples, todo = {}, set(), []
+        for item, done_samples in items:
+            todo.append(item)
             if done_samples is not None:
-                done[request.id] = request.index
-                samples.update((request.id, k) for k in done_samples)
+                done[item.id] = item.index
+                samples.update((item.id, k) for k in done_samples)
         sink = _TaskSink(done, samples)
+        kind = self.kind(self.job, self.model, self.engine, sink)
         t0 = time.perf_counter()
-        kind = RunKind(self.job, self.model, self.engine, sink)
         try:
-            run_loop(kind, self.engine, requests)
+            run_loop(kind, self.engine, todo)
         except BitnetBatchError as e:
             return {"error": portable_error(e)}
-        return {"records": sink.records, "stats": asdict(kind.stats), "run_s": time.perf_counter() - t0,
+        run_s = time.perf_counter() - t0
+        return {"records": sink.records, "stats": uncounted(kind.stats, sink.records), "run_s": run_s,
                 "threads": numba.get_num_threads(), "pid": os.getpid(), "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 

@@ -12,6 +12,7 @@ from ..config import EngineConfig
 from ..errors import ConfigError, JobInterrupted
 from ..io.readers import count_records
 from ..io.writers import OutputLock, OutputSink
+from ..records import count_errors
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,11 @@ def summary_head(ctx: dict, stats, errors_in_output: int) -> dict:
             "kernel": KERNEL,                               # the kernel family this process runs
             "items": {"total": stats.items, "ok": stats.ok, "error": stats.errors, "skipped_resume": stats.skipped,
                       "errors_in_output": errors_in_output}}
+
+
+def errors_in_output(ctx: dict) -> int:
+    """Error records in the job's output files (``ctx["files"]``): this run's and earlier runs'."""
+    return sum(count_errors(path, ctx["fmt"]) for path in ctx["files"])
 
 
 def summary_times(ctx: dict) -> dict:

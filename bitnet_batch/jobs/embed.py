@@ -33,10 +33,10 @@ from ..embeddings import (POOLINGS, Embedder, accumulate_rows, embedding_config,
                           quantize_binary, quantize_float16, quantize_int8)
 from ..errors import ConfigError, ContextOverflowError, InputError
 from ..io import readers
-from ..io.readers import BadRecord, count_records
-from ..records import count_errors, error_record, timing
+from ..io.readers import BadRecord
+from ..records import error_record, timing
 from ..scheduler import Part, Scheduler, Sequence
-from .common import JobBase, peak_rss_mb, summary_head, summary_times
+from .common import JobBase, errors_in_output, peak_rss_mb, summary_head, summary_times
 from .loop import JobKind, run_local
 
 DTYPES = ("float32", "float16", "int8", "binary")
@@ -67,6 +67,11 @@ class EmbedFields:
 
 def read_embed_items(paths, *, fields: EmbedFields = EmbedFields(), fmt: str | None = None):
     """Every record of ``paths`` as EmbedItem or BadRecord (``io.readers`` conventions)."""
+    return readers.read_items(paths, embed_spec(fields), fmt=fmt)
+
+
+def embed_spec(fields: EmbedFields = EmbedFields()) -> readers.RecordSpec:
+    """Records -> ``EmbedItem`` (``text`` and an optional ``instruction``)."""
     def parse(record: dict, index: int, record_id, location: str) -> EmbedItem:
         text = record.get(fields.text)
         if not isinstance(text, str) or not text:
@@ -78,7 +83,7 @@ def read_embed_items(paths, *, fields: EmbedFields = EmbedFields(), fmt: str | N
                              field=fields.instruction)
         return EmbedItem(index, record_id, text, instruction, location)
 
-    return readers.read_items(paths, readers.RecordSpec(parse, id_field=fields.id), fmt=fmt)
+    return readers.RecordSpec(parse, id_field=fields.id)
 
 
 @dataclass(frozen=True)
@@ -183,8 +188,10 @@ class EmbedKind(JobKind):
     """Embedding: each text is one prefill-only sequence; the rows its pooling needs are folded in as they come
     and the vector is written when its last chunk ran."""
 
+    stats_class = EmbedStats
+
     def __init__(self, job: EmbedJobConfig, model, engine: EmbedEngine, sink):
-        super().__init__(job, model, engine, sink, EmbedStats())
+        super().__init__(job, model, engine, sink)
         self.ecfg = embedding_config(model)
         self.pooling = job.pooling or self.ecfg.pooling
         if job.dimensions is not None and job.dimensions > self.ecfg.dim:
@@ -211,11 +218,8 @@ class EmbedKind(JobKind):
         return time.perf_counter() - t0
 
     @classmethod
-    def total(cls, job: EmbedJobConfig) -> int | None:
-        return count_records(list(job.inputs), job.input_format)
-
-    def items(self):
-        return read_embed_items(list(self.job.inputs), fields=self.job.fields, fmt=self.job.input_format)
+    def record_spec(cls, job: EmbedJobConfig) -> readers.RecordSpec:
+        return embed_spec(job.fields)
 
     def start(self, item) -> list[Sequence]:
         self.stats.items += 1
@@ -282,12 +286,16 @@ class EmbedKind(JobKind):
             rec["embedding"] = quantize_binary(vec)[0].tolist()
         return rec
 
-    def summary(self, ctx: dict) -> dict:
-        job, stats, run_s = self.job, self.stats, ctx["run_s"]
+    def facts(self) -> dict:
+        return {"pooling": self.pooling, "dimensions": self.job.dimensions or self.ecfg.dim}
+
+    @classmethod
+    def summary(cls, job: EmbedJobConfig, stats: EmbedStats, ctx: dict) -> dict:
+        run_s = ctx["run_s"]
         return {
-            "task": "embed", **summary_head(ctx, stats, count_errors(ctx["output"], ctx["fmt"])),
-            "parameters": {"fields": asdict(job.fields), "pooling": self.pooling, "normalize": job.normalize,
-                           "dimensions": job.dimensions or self.ecfg.dim, "dtype": job.dtype,
+            "task": "embed", **summary_head(ctx, stats, errors_in_output(ctx)),
+            "parameters": {"fields": asdict(job.fields), "pooling": ctx["facts"]["pooling"],
+                           "normalize": job.normalize, "dimensions": ctx["facts"]["dimensions"], "dtype": job.dtype,
                            "truncate": job.truncate, "engine": asdict(job.engine)},
             "tokens": stats.tokens,
             "time_s": {**summary_times(ctx), "engine": round(stats.engine_s, 3)},
@@ -297,12 +305,12 @@ class EmbedKind(JobKind):
             "peak_rss_mb": round(peak_rss_mb(), 1),
         }
 
-    def done_line(self, summary: dict) -> str:
-        s = self.stats
+    @classmethod
+    def done_line(cls, job: EmbedJobConfig, stats: EmbedStats, summary: dict) -> str:
+        s, params = stats, summary["parameters"]
         return (f"done: {s.ok} embedded, {s.errors} errors, {s.skipped} already done | "
                 f"{summary['throughput']['tok_s']} tok/s, {summary['throughput']['texts_per_s']} texts/s | "
-                f"{self.pooling} pooling, {summary['parameters']['dimensions']} dims {self.job.dtype} -> "
-                f"{summary['output']}")
+                f"{params['pooling']} pooling, {params['dimensions']} dims {job.dtype} -> {summary['output']}")
 
 
 def embed_job(job: EmbedJobConfig, *, model=None, quiet: bool = False, out=sys.stderr) -> dict:

@@ -13,30 +13,40 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import fields
 from typing import Iterator
 
 from ..config import EngineConfig
 from ..engine.engine import Engine
 from ..engine.warmup import warm_up
 from ..interrupt import StopSignals
+from ..io import readers
+from ..io.readers import count_records
 from ..scheduler import Part, Scheduler, Sequence
-from .common import job_logger, meta_path, open_job, progress_bar, raise_if_stopped
+from .common import job_logger, meta_path, open_job, progress_bar, raise_if_stopped, threads
 
 
 class JobKind:
     """What a kind of job adds to the loop. A subclass is built as ``Kind(job, model, engine, sink)`` (``sink``:
-    the output, what it holds already tells resume what to skip) and passes its ``stats`` (with ``items``,
-    ``skipped`` and a ``count(record)`` tally of written records) to this constructor."""
+    the output, what it holds already tells resume what to skip) and names its ``stats_class`` (a dataclass of
+    counters with ``items``, ``ok``, ``errors``, ``skipped`` and a ``count(record)`` tally of written records).
 
-    def __init__(self, job, model, engine: Engine, sink, stats):
-        self.job, self.model, self.engine, self.sink, self.stats = job, model, engine, sink, stats
+    The classmethods are what a job needs without a model: the Ray driver (``distributed.driver``) reads,
+    resumes, counts and summarizes a job with them while its actors build the kind and run the loop."""
+    stats_class: type
+
+    def __init__(self, job, model, engine: Engine, sink):
+        self.job, self.model, self.engine, self.sink = job, model, engine, sink
+        self.stats = self.stats_class()
         self.tok = model.tokenizer
-        self.emit = Emitter(sink, stats, postfix=self.postfix)
+        self.emit = Emitter(sink, self.stats, postfix=self.postfix)
+        self._t0 = time.perf_counter()
 
     # -- the loop's interface
     def items(self) -> Iterator:
         """The job's input items (and ``BadRecord`` stand-ins for unusable ones), in input order."""
-        raise NotImplementedError
+        job = self.job
+        return readers.read_items(list(job.inputs), self.record_spec(job), fmt=job.input_format)
 
     def start(self, item) -> list[Sequence]:
         """The sequences still to run for one input item; error records and resume skips go to the emitter."""
@@ -50,10 +60,10 @@ class JobKind:
         """After a step (run from ``t0`` to ``t1``): use its outputs, retire finished sequences, emit records."""
         raise NotImplementedError
 
-    # -- the local job's interface (``run_local``)
+    # -- the job's interface around the loop (``run_local``, the Ray driver and its actors)
     @staticmethod
     def engine_for(model, config: EngineConfig) -> Engine:
-        """The engine this kind of job runs on."""
+        """The engine this kind of job runs on (it refuses a model the kind cannot use)."""
         return Engine(model, config)
 
     @staticmethod
@@ -62,9 +72,26 @@ class JobKind:
         return warm_up(engine)
 
     @classmethod
+    def record_spec(cls, job) -> readers.RecordSpec:
+        """How one input record becomes the kind's item (the local reader and the Ray driver parse with it)."""
+        raise NotImplementedError
+
+    @classmethod
+    def records_per_item(cls, job) -> int:
+        """Output records an input item gives (at most: an item may override it)."""
+        return 1
+
+    @classmethod
+    def partly_done(cls, job, item, sink) -> list | None:
+        """For an item whose id the output holds: what of it is written when the item may still have more to
+        run (the sample indices of a run item with n > 1), else None: it is done."""
+        return None
+
+    @classmethod
     def total(cls, job) -> int | None:
         """Output records the job will write (for the progress bar), or None when unknown."""
-        return None
+        n = count_records(list(job.inputs), job.input_format)
+        return None if n is None else n * cls.records_per_item(job)
 
     def prepare(self) -> float:
         """Work to do before the first item that is compile time, not item time (seconds spent)."""
@@ -72,16 +99,40 @@ class JobKind:
 
     def postfix(self) -> dict | None:
         """Fields shown beside the progress bar."""
+        return self.progress_fields(self.stats, time.perf_counter() - self._t0)
+
+    @staticmethod
+    def progress_fields(stats, seconds: float) -> dict | None:
+        """Fields shown beside the progress bar after ``seconds`` of work that gave ``stats``."""
         return None
 
-    def summary(self, ctx: dict) -> dict:
-        """The ``<output>.meta.json`` summary; ``ctx`` has output, fmt, model (path, sha256, arch, name), load_s,
-        compile_s, run_s and t_start."""
+    def facts(self) -> dict:
+        """What the summary needs to know of the model, as plain data (a Ray driver has no model: its actors
+        report these)."""
+        return {}
+
+    @classmethod
+    def summary(cls, job, stats, ctx: dict) -> dict:
+        """The ``<output>.meta.json`` summary; ``ctx`` has output, fmt, files (the output's data files: the
+        file, or a directory's part files), model (path, sha256, arch, name), load_s, compile_s, run_s, t_start,
+        threads (Numba threads of an engine) and facts (``facts()``)."""
         raise NotImplementedError
 
-    def done_line(self, summary: dict) -> str:
+    @classmethod
+    def done_line(cls, job, stats, summary: dict) -> str:
         """The last line a job logs."""
         raise NotImplementedError
+
+
+def uncounted(stats, records: list[dict]) -> dict:
+    """The numeric counters of ``stats`` less what ``count`` tallies from ``records`` and less ``items``: what a
+    run knows beyond its records (engine time, steps, resume skips, ...). A Ray actor returns these with a
+    task's records; the driver counts the records as it writes them and adds these."""
+    counted = type(stats)()
+    for record in records:
+        counted.count(record)
+    return {f.name: getattr(stats, f.name) - getattr(counted, f.name) for f in fields(stats)
+            if f.name != "items" and isinstance(getattr(stats, f.name), (int, float))}
 
 
 class Emitter:
@@ -168,13 +219,13 @@ def run_local(job, kind_class: type[JobKind], *, model=None, quiet: bool = False
             run_s = time.perf_counter() - t_run
             raise_if_stopped(stop, sink, job)
             final = sink.finalize()
-            summary = kind.summary({
-                "output": final, "fmt": sink.fmt, "load_s": model.load_s, "compile_s": compile_s, "run_s": run_s,
-                "t_start": t_start,
+            summary = kind_class.summary(job, kind.stats, {
+                "output": final, "fmt": sink.fmt, "files": [final], "load_s": model.load_s, "compile_s": compile_s,
+                "run_s": run_s, "t_start": t_start, "threads": threads(), "facts": kind.facts(),
                 "model": {"path": str(model.path), "sha256": sha, "arch": model.config.arch,
                           "name": model.config.name}})
             meta_path(final).write_text(json.dumps(summary, indent=2) + "\n")    # still under the output's lock
         finally:
             sink.close()
-    log(kind.done_line(summary))
+    log(kind_class.done_line(job, kind.stats, summary))
     return summary

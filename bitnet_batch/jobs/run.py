@@ -23,13 +23,13 @@ import numpy as np
 
 from ..completion import Completion
 from ..errors import BitnetBatchError, ConfigError, ContextOverflowError, InputError
-from ..io.readers import BadRecord, Request, count_records, read_requests
-from ..records import count_errors, error_record, timing
+from ..io.readers import BadRecord, RecordSpec, Request, request_spec
+from ..records import error_record, timing
 from ..sampling.constraints import ConstraintCompiler, ConstraintSpec, JsonLimits, MaskBatch, request_constraint
 from ..sampling.params import SamplingParams, resolve_seed
 from ..scheduler import Part, Scheduler, Sequence
-from .common import (JobBase, peak_rss_mb, prefix_cache_line, prefix_cache_summary, summary_head, summary_times,
-                     threads)
+from .common import (JobBase, errors_in_output, peak_rss_mb, prefix_cache_line, prefix_cache_summary, summary_head,
+                     summary_times)
 from .loop import JobKind, run_local
 
 TRUNCATE_MODES = (None, "left", "right")
@@ -159,48 +159,43 @@ class JobStats:
             self.incomplete += bool(record["incomplete"])
 
 
-def job_summary(job: JobConfig, stats: JobStats, ctx: dict, *, threads: int, errors_in_output: int) -> dict:
-    """The ``<output>.meta.json`` summary of a generation job (the local one's and the Ray driver's)."""
-    run_s = ctx["run_s"]
-    return {
-        **summary_head(ctx, stats, errors_in_output),
-        "parameters": {"sampling": asdict(job.sampling), "seed": job.seed, "system": job.system, "chat": job.chat,
-                       "truncate": job.truncate, "engine": asdict(job.engine), "threads": threads,
-                       "constraint": None if job.constraint is None else job.constraint.describe(),
-                       "json_limits": job.json_limits.describe(),
-                       "n": job.sampling.n, "dedupe": job.dedupe, "pipeline": job.pipeline},
-        "tokens": {"prompt": stats.prompt_tokens, "completion": stats.completion_tokens},
-        "prefix_cache": prefix_cache_summary(job.engine.prefix_cache, stats.prompt_tokens, stats.cached_tokens),
-        "time_s": {**summary_times(ctx), "prefill": round(stats.prefill_s, 3), "decode": round(stats.decode_s, 3),
-                   "sampling": round(stats.sample_s, 3)},
-        "throughput": {   # prefill / decode: per engine-second; completion / items: of the whole job
-            "prefill_tok_s": (round((stats.prompt_tokens - stats.cached_tokens) / stats.prefill_s, 2)
-                              if stats.prefill_s else 0.0),
-            "decode_tok_s": round(stats.completion_tokens / stats.decode_s, 2) if stats.decode_s else 0.0,
-            "completion_tok_s": round(stats.completion_tokens / run_s, 2) if run_s else 0.0,
-            "items_per_s": round((stats.ok + stats.errors) / run_s, 3) if run_s else 0.0},
-        "steps": stats.steps,
-        "structured": {"records": stats.constrained, "incomplete": stats.incomplete},
-        "samples": {"n": job.sampling.n, "dedupe": job.dedupe, "dropped_duplicates": stats.dropped},
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-    }
-
-
 class RunKind(JobKind):
     """Generation: each item's samples are sequences with their own seeded sampler (``Completion``); a step's
     logits sample one token per sequence; a finished sample is a record (held for its group under dedupe)."""
 
+    stats_class = JobStats
+
     def __init__(self, job: JobConfig, model, engine, sink):
-        super().__init__(job, model, engine, sink, JobStats())
+        super().__init__(job, model, engine, sink)
         self._compiler: ConstraintCompiler | None = None    # built on the first constrained request
         self._masks: MaskBatch | None = None                # parallel grammar masks, ditto
         self._keys = 0                                      # scheduler keys, unique per sequence
-        self._t0 = time.perf_counter()
 
     @classmethod
-    def total(cls, job: JobConfig) -> int | None:
-        n = count_records(list(job.inputs), job.input_format)
-        return None if n is None else n * job.sampling.n
+    def record_spec(cls, job: JobConfig) -> RecordSpec:
+        """Requests from our own records or OpenAI batch lines; a pipeline template's own spec when it has one."""
+        if job.template is None:
+            return request_spec(prompt_field=job.prompt_field, id_field=job.id_field)
+        spec = getattr(job.template, "record_spec", None)
+        if spec is None:
+            raise ConfigError(f"{type(job.template).__name__}: this prompt template cannot parse single records, "
+                              f"so its pipeline cannot run with --engine ray")
+        return spec(job.id_field)
+
+    @classmethod
+    def records_per_item(cls, job: JobConfig) -> int:
+        return job.sampling.n
+
+    @classmethod
+    def partly_done(cls, job: JobConfig, item: Request, sink) -> list | None:
+        """The written sample indices of an item with n > 1 samples (an invalid n: none, and ``plan`` reports
+        it); None for a single-sample item."""
+        n = item.overrides.get("n", job.sampling.n)
+        if n == 1:
+            return None
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            return []
+        return [k for k in range(n) if sink.is_done(item.id, k)]
 
     def prepare(self) -> float:
         """llguidance's vocabulary view and the job grammar, built once."""
@@ -210,15 +205,40 @@ class RunKind(JobKind):
         self.compiler.prepare(self.job.constraint)
         return time.perf_counter() - t0
 
-    def postfix(self) -> dict:
-        return {"tok_s": f"{self.stats.completion_tokens / max(1e-9, time.perf_counter() - self._t0):.1f}"}
+    @staticmethod
+    def progress_fields(stats: JobStats, seconds: float) -> dict:
+        return {"tok_s": f"{stats.completion_tokens / max(1e-9, seconds):.1f}"}
 
-    def summary(self, ctx: dict) -> dict:
-        return job_summary(self.job, self.stats, ctx, threads=threads(),
-                           errors_in_output=count_errors(ctx["output"], ctx["fmt"]))
+    @classmethod
+    def summary(cls, job: JobConfig, stats: JobStats, ctx: dict) -> dict:
+        run_s = ctx["run_s"]
+        return {
+            **summary_head(ctx, stats, errors_in_output(ctx)),
+            "parameters": {"sampling": asdict(job.sampling), "seed": job.seed, "system": job.system,
+                           "chat": job.chat, "truncate": job.truncate, "engine": asdict(job.engine),
+                           "threads": ctx["threads"],
+                           "constraint": None if job.constraint is None else job.constraint.describe(),
+                           "json_limits": job.json_limits.describe(),
+                           "n": job.sampling.n, "dedupe": job.dedupe, "pipeline": job.pipeline},
+            "tokens": {"prompt": stats.prompt_tokens, "completion": stats.completion_tokens},
+            "prefix_cache": prefix_cache_summary(job.engine.prefix_cache, stats.prompt_tokens, stats.cached_tokens),
+            "time_s": {**summary_times(ctx), "prefill": round(stats.prefill_s, 3), "decode": round(stats.decode_s, 3),
+                       "sampling": round(stats.sample_s, 3)},
+            "throughput": {   # prefill / decode: per engine-second; completion / items: of the whole job
+                "prefill_tok_s": (round((stats.prompt_tokens - stats.cached_tokens) / stats.prefill_s, 2)
+                                  if stats.prefill_s else 0.0),
+                "decode_tok_s": round(stats.completion_tokens / stats.decode_s, 2) if stats.decode_s else 0.0,
+                "completion_tok_s": round(stats.completion_tokens / run_s, 2) if run_s else 0.0,
+                "items_per_s": round((stats.ok + stats.errors) / run_s, 3) if run_s else 0.0},
+            "steps": stats.steps,
+            "structured": {"records": stats.constrained, "incomplete": stats.incomplete},
+            "samples": {"n": job.sampling.n, "dedupe": job.dedupe, "dropped_duplicates": stats.dropped},
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+        }
 
-    def done_line(self, summary: dict) -> str:
-        s = self.stats
+    @classmethod
+    def done_line(cls, job: JobConfig, stats: JobStats, summary: dict) -> str:
+        s = stats
         return (f"done: {s.ok} ok, {s.errors} errors, {s.skipped} already done | prefill "
                 f"{summary['throughput']['prefill_tok_s']} tok/s, decode {summary['throughput']['decode_tok_s']} "
                 f"tok/s | {prefix_cache_line(summary['prefix_cache'])} | peak RSS {summary['peak_rss_mb']} MB -> "
@@ -322,8 +342,7 @@ class RunKind(JobKind):
         self._t0 = time.perf_counter()
         if job.template is not None:
             return job.template.requests(list(job.inputs), fmt=job.input_format, id_field=job.id_field)
-        return read_requests(list(job.inputs), prompt_field=job.prompt_field, id_field=job.id_field,
-                             fmt=job.input_format)
+        return super().items()
 
     def want(self, part: Part) -> bool:
         return part.want_logits

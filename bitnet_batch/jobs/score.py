@@ -44,7 +44,7 @@ from ..config import EngineConfig
 from ..engine.engine import Engine
 from ..errors import BitnetBatchError, ConfigError, ContextOverflowError, InputError
 from ..io import readers
-from ..io.readers import BadRecord, count_records
+from ..io.readers import BadRecord
 from ..records import error_record, read_records, timing
 from ..scheduler import Part, Scheduler, Sequence
 from .common import JobBase, peak_rss_mb, prefix_cache_line, prefix_cache_summary, summary_head, summary_times
@@ -93,12 +93,17 @@ def read_score_items(paths, *, fields: ScoreFields = ScoreFields(), fmt: str | N
                      ) -> Iterator[ScoreItem | BadRecord]:
     """Stream every record of ``paths`` as ScoreItem or BadRecord (``io.readers`` conventions: all files
     are checked before anything is yielded; ids unique across files; stand-in ids for unusable records)."""
+    return readers.read_items(paths, score_spec(fields), fmt=fmt)
+
+
+def score_spec(fields: ScoreFields = ScoreFields()) -> readers.RecordSpec:
+    """Records -> ``ScoreItem`` (``text``, or ``prompt`` + ``completion``)."""
     def parse(record: dict, index: int, record_id, location: str) -> ScoreItem:
         text, prompt, completion = _read_texts(record, fields)
         return ScoreItem(index=index, id=record_id, text=text, prompt=prompt, completion=completion,
                          location=location)
 
-    return readers.read_items(paths, readers.RecordSpec(parse, id_field=fields.id), fmt=fmt)
+    return readers.RecordSpec(parse, id_field=fields.id)
 
 
 def _read_texts(record: dict, fields: ScoreFields) -> tuple[str | None, str | None, str | None]:
@@ -195,8 +200,10 @@ class ScoreKind(JobKind):
     scored tokens are reduced to log-probabilities as they come, and the record is written when the last chunk
     is done."""
 
+    stats_class = ScoreStats
+
     def __init__(self, job: ScoreJobConfig, model, engine, sink):
-        super().__init__(job, model, engine, sink, ScoreStats())
+        super().__init__(job, model, engine, sink)
         self._keys = 0
 
     @staticmethod
@@ -204,20 +211,21 @@ class ScoreKind(JobKind):
         return Engine(model, config, logit_rows=max(config.prefill_chunk, config.max_batch))   # every row's
 
     @classmethod
-    def total(cls, job: ScoreJobConfig) -> int | None:
-        return count_records(list(job.inputs), job.input_format)
+    def record_spec(cls, job: ScoreJobConfig) -> readers.RecordSpec:
+        return score_spec(job.fields)
 
-    def items(self):
-        return read_score_items(list(self.job.inputs), fields=self.job.fields, fmt=self.job.input_format)
+    def facts(self) -> dict:
+        return {"add_bos": bool(self.tok.add_bos)}
 
-    def summary(self, ctx: dict) -> dict:
+    @classmethod
+    def summary(cls, job: ScoreJobConfig, stats: ScoreStats, ctx: dict) -> dict:
         """The corpus perplexity over every scored record of the output (earlier runs' of a resumed job too)."""
-        job, stats, run_s = self.job, self.stats, ctx["run_s"]
-        totals = output_totals(ctx["output"], ctx["fmt"])
+        run_s = ctx["run_s"]
+        totals = output_totals(ctx["files"], ctx["fmt"])
         return {
             "task": "score", **summary_head(ctx, stats, totals["errors"]),
             "parameters": {"fields": asdict(job.fields), "token_logprobs": job.token_logprobs,
-                           "engine": asdict(job.engine), "add_bos": bool(self.tok.add_bos)},
+                           "engine": asdict(job.engine), "add_bos": ctx["facts"]["add_bos"]},
             "corpus": corpus_summary(totals),
             "this_run": {"records": stats.ok, "tokens": stats.scored, "logprob": stats.logprob, "rows": stats.rows},
             "prefix_cache": prefix_cache_summary(job.engine.prefix_cache, stats.rows + stats.cached, stats.cached),
@@ -228,8 +236,9 @@ class ScoreKind(JobKind):
             "peak_rss_mb": round(peak_rss_mb(), 1),
         }
 
-    def done_line(self, summary: dict) -> str:
-        s, corpus = self.stats, summary["corpus"]
+    @classmethod
+    def done_line(cls, job: ScoreJobConfig, stats: ScoreStats, summary: dict) -> str:
+        s, corpus = stats, summary["corpus"]
         ppl = "n/a" if corpus["perplexity"] is None else f"{corpus['perplexity']:.4f}"
         return (f"done: {s.ok} scored, {s.errors} errors, {s.skipped} already done | corpus perplexity {ppl} over "
                 f"{corpus['tokens']} tokens in {corpus['records']} records | {summary['throughput']['tok_s']} tok/s | "
@@ -334,17 +343,19 @@ def score_fields(logprob: float, n: int) -> dict:
     return {"logprob": logprob, "tokens": n, "mean_nll": mean_nll, "perplexity": math.exp(mean_nll)}
 
 
-def output_totals(path: Path, fmt: str) -> dict:
-    """Records, errors, scored tokens and summed logprob of a finished score output (all runs of a job)."""
+def output_totals(paths: list[Path], fmt: str) -> dict:
+    """Records, errors, scored tokens and summed logprob of a finished score output's files (all runs of a
+    job)."""
     totals = {"records": 0, "errors": 0, "scored_records": 0, "tokens": 0, "logprob": 0.0}
-    for rec in read_records(path, fmt, columns=["finish_reason", "tokens", "logprob"]):
-        totals["records"] += 1
-        if rec.get("finish_reason") == "error":
-            totals["errors"] += 1
-            continue
-        totals["scored_records"] += 1
-        totals["tokens"] += int(rec["tokens"])
-        totals["logprob"] += float(rec["logprob"])
+    for path in paths:
+        for rec in read_records(path, fmt, columns=["finish_reason", "tokens", "logprob"]):
+            totals["records"] += 1
+            if rec.get("finish_reason") == "error":
+                totals["errors"] += 1
+                continue
+            totals["scored_records"] += 1
+            totals["tokens"] += int(rec["tokens"])
+            totals["logprob"] += float(rec["logprob"])
     return totals
 
 
