@@ -612,11 +612,19 @@ def test_score_and_embed_refuse_ray_options_without_engine_ray(tmp_path):
         assert not (tmp_path / "o.jsonl").exists()
 
 
+def test_ray_job_kind_must_match_its_configuration(tmp_path, small_model_path):
+    with pytest.raises(ConfigError, match="EmbedKind runs a EmbedJobConfig, not a ScoreJobConfig"):
+        run_ray_job(score_config([tmp_path / "in.jsonl"], tmp_path / "o.jsonl", small_model_path), kind=EmbedKind)
+    with pytest.raises(ConfigError, match="str is not a job configuration"):
+        run_ray_job("job.toml")
+    assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "o.jsonl.lock").exists()
+
+
 @pytest.mark.ray
 def test_score_on_ray_equals_the_local_job(tmp_path, score_reference, small_model_path, ray_session):
     out = tmp_path / "ray.jsonl"
     summary = run_ray_job(score_config([score_reference["src"]], out, small_model_path), SMALL_TASKS,
-                          kind=ScoreKind, quiet=True)
+                          quiet=True)       # the kind follows from the configuration
     records = read_jsonl(out)
     assert without_timing(records) == without_timing(score_reference["records"])   # scores, errors, usage, order
     errors = [r for r in records if r["finish_reason"] == "error"]

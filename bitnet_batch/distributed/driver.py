@@ -123,17 +123,31 @@ class _Driver:
 
 # ---------------------------------------------------------------------------------------------- the job
 
-def run_ray_job(job, ray_config: RayConfig | None = None, *, kind: type[JobKind] = RunKind, quiet: bool = False,
-                out=sys.stderr) -> dict:
-    """Run ``job`` of ``kind`` (``RunKind`` for a ``JobConfig``, ``ScoreKind``, ``EmbedKind``) on Ray (connecting
-    to ``ray_config.address``, or the Ray already initialized in this process); returns the summary, also
-    written to ``<output>.meta.json``. The driver holds the output's lock from before Ray starts until the
-    summary is written."""
+def run_ray_job(job, ray_config: RayConfig | None = None, *, kind: type[JobKind] | None = None,
+                quiet: bool = False, out=sys.stderr) -> dict:
+    """Run ``job`` (a ``JobConfig``, ``ScoreJobConfig`` or ``EmbedJobConfig``; ``kind``: its JobKind class, by
+    default the one whose ``config_class`` it is) on Ray (connecting to ``ray_config.address``, or the Ray
+    already initialized in this process); returns the summary, also written to ``<output>.meta.json``. The
+    driver holds the output's lock from before Ray starts until the summary is written."""
+    kind = kind or _kind_of(job)
+    if not isinstance(job, kind.config_class):
+        raise ConfigError(f"run_ray_job: {kind.__name__} runs a {kind.config_class.__name__}, not a "
+                          f"{type(job).__name__}")
     lock = OutputLock(job.output)       # first: a second job on this output stops here, having touched nothing
     try:
         return _run_ray_job(job, kind, ray_config or RayConfig(), lock, quiet, out)
     finally:
         lock.release()
+
+
+def _kind_of(job) -> type[JobKind]:
+    from ..jobs.embed import EmbedKind
+    from ..jobs.score import ScoreKind
+
+    for kind in (RunKind, ScoreKind, EmbedKind):
+        if isinstance(job, kind.config_class):
+            return kind
+    raise ConfigError(f"run_ray_job: {type(job).__name__} is not a job configuration")
 
 
 def _run_ray_job(job, kind: type[JobKind], cfg: RayConfig, lock: OutputLock, quiet: bool, out) -> dict:

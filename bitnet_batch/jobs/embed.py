@@ -189,6 +189,7 @@ class EmbedKind(JobKind):
     and the vector is written when its last chunk ran."""
 
     stats_class = EmbedStats
+    config_class = EmbedJobConfig
 
     def __init__(self, job: EmbedJobConfig, model, engine: EmbedEngine, sink):
         super().__init__(job, model, engine, sink)

@@ -34,6 +34,7 @@ class JobKind:
     The classmethods are what a job needs without a model: the Ray driver (``distributed.driver``) reads,
     resumes, counts and summarizes a job with them while its actors build the kind and run the loop."""
     stats_class: type
+    config_class: type                      # the job configuration this kind runs
 
     def __init__(self, job, model, engine: Engine, sink):
         self.job, self.model, self.engine, self.sink = job, model, engine, sink

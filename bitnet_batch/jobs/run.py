@@ -164,6 +164,7 @@ class RunKind(JobKind):
     logits sample one token per sequence; a finished sample is a record (held for its group under dedupe)."""
 
     stats_class = JobStats
+    config_class = JobConfig
 
     def __init__(self, job: JobConfig, model, engine, sink):
         super().__init__(job, model, engine, sink)

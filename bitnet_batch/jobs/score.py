@@ -201,6 +201,7 @@ class ScoreKind(JobKind):
     is done."""
 
     stats_class = ScoreStats
+    config_class = ScoreJobConfig
 
     def __init__(self, job: ScoreJobConfig, model, engine, sink):
         super().__init__(job, model, engine, sink)
