@@ -512,8 +512,9 @@ def check_summary(summary, local, out, *keys):
     parameters differ by the actors' thread count."""
     assert json.loads(meta_path(out).read_text()) == summary
     assert summary["engine"] == "ray" and summary["ray"]["actors"] == 2 and set(local) <= set(summary)
-    for key in ("task", "items", "model", *keys):
+    for key in ("task", "items", "model", "kernel", *keys):
         assert summary[key] == local[key], key
+    assert {a["kernel"] for a in summary["ray"]["actor_starts"]} == {summary["kernel"]}     # the actors' family
     params = [{k: v for k, v in s["parameters"].items() if k != "engine"} for s in (summary, local)]
     assert params[0] == params[1]
 

@@ -248,12 +248,13 @@ def _summary(job, cfg, info, driver, pool, output, final, n_actors, threads, run
            "facts": info["facts"], "model": {k: info[k] for k in ("path", "sha256", "arch", "name")}}
     summary = driver.kind.summary(job, driver.stats, ctx)
     summary["engine"] = "ray"
+    summary["kernel"] = info["kernel"]            # the actors' kernel family (the first actor's), not the driver's
     summary["ray"] = {
         "address": cfg.address, "actors": n_actors, "threads_per_actor": threads, "task_size": driver.task_size,
         "restarts": pool.stats.restarts, "retried_tasks": pool.stats.retried_tasks,
         "failed_items": pool.stats.failed_items, "duplicate_records": driver.duplicates,
         "actor_starts": [{k: a.get(k) for k in ("slot", "generation", "host", "pid", "load_s", "compile_s",
-                                                "threads")} for a in pool.stats.actors],
+                                                "threads", "kernel")} for a in pool.stats.actors],
         "actor_work": [{"pid": pid, **w, "threads": sorted(w["threads"])}
                        for pid, w in sorted(driver.by_actor.items())]}
     return summary

@@ -60,6 +60,8 @@ class EngineWorker:
     def _setup(self, job) -> None:
         import numba
 
+        from jit_kernels._cpu import KERNEL
+
         from ..model.model import load_model
 
         self._set_threads()
@@ -72,7 +74,7 @@ class EngineWorker:
         cfg = self.model.config
         self.info_.update(path=str(self.model.path), sha256=self.model.sha256(), arch=cfg.arch, name=cfg.name,
                           n_layer=cfg.n_layer, n_vocab=cfg.n_vocab, load_s=self.model.load_s, compile_s=compile_s,
-                          threads=numba.get_num_threads(), facts=first.facts(),
+                          threads=numba.get_num_threads(), kernel=KERNEL, facts=first.facts(),
                           columns=job.parquet_columns(self.model))
 
     def _set_threads(self) -> None:
