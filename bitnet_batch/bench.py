@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from .engine.engine import Engine, EngineConfig
-from .engine.warmup import warm_up
+from .engine.warmup import COMPILE_NOTICE, kernel_cache_cold, warm_up
 from .errors import ConfigError
 from .jobs.common import peak_rss_mb
 from .model.model import load_model, release_free_heap
@@ -121,6 +121,8 @@ def run_bench(model_ref, batch_sizes=(1, 8, 32), prompt_tokens=64, gen_tokens=64
     model = load_model(model_ref, filename=model_file)
     load_s = time.perf_counter() - t0
     rss_load = peak_rss_mb()
+    if kernel_cache_cold():
+        log(f"{COMPILE_NOTICE} ...")
     compile_s = warm_up(Engine(model, EngineConfig(max_batch=1, max_seq_len=8, prefill_chunk=prefill_chunk,
                                                    threads=threads, kv_dtype=kv_dtype)))
     import numba

@@ -294,3 +294,23 @@ def test_sigterm_stops_a_score_job_cleanly(tmp_path, small_model_path):
     again = subprocess.run(_cli(*args), capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     assert [r["id"] for r in read_jsonl(out)] == list(range(80))
+
+
+@pytest.mark.parametrize("cold", [True, False])
+def test_a_job_says_so_before_it_compiles_the_kernels(tmp_path, small_model, small_model_path, monkeypatch, cold):
+    """A first run compiles for about a minute: the job says so before, and only then."""
+    import io
+
+    from bitnet_batch.engine.warmup import COMPILE_NOTICE
+    from bitnet_batch.jobs import JobConfig, run_job
+    from bitnet_batch.jobs.run import RunKind
+
+    seen = []
+    monkeypatch.setattr(RunKind, "kernels_cold", staticmethod(lambda engine: seen.append(engine) or cold))
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "apple river", "max_tokens": 2}])
+    log = io.StringIO()
+    run_job(JobConfig(inputs=(str(src),), output=str(tmp_path / "o.jsonl"), model=str(small_model_path)),
+            model=small_model, out=log)
+    assert len(seen) == 1 and (COMPILE_NOTICE in log.getvalue()) == cold, log.getvalue()
+    if cold:
+        assert log.getvalue().index(COMPILE_NOTICE) < log.getvalue().index("kernels ready in")

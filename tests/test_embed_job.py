@@ -150,3 +150,24 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert again.returncode == 0, again.stderr
     strip = lambda recs: [{k: v for k, v in r.items() if k != "timing"} for r in recs]  # noqa: E731
     assert strip(read_jsonl(out)) == strip(read_jsonl(tmp_path / "ref.jsonl"))
+
+
+def test_kernels_cold_looks_at_the_kernels_the_model_uses(tmp_path, small_model_path):
+    """A cold cache is seen for an embedding model (its attention) and a generative one (the compiled layer), and
+    a warm one after a job; nothing is compiled to find out."""
+    code = ("import sys, json; import bitnet_batch; from bitnet_batch.config import EngineConfig; "
+            "from bitnet_batch.jobs.embed import EmbedEngine, EmbedKind; "
+            "print(json.dumps([EmbedKind.kernels_cold(EmbedEngine(bitnet_batch.load_model(p), "
+            "EngineConfig(max_batch=2, prefill_chunk=16, max_seq_len=64))) for p in sys.argv[1:]]))")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "empty"))
+    res = subprocess.run([sys.executable, "-c", code, str(MODEL), str(small_model_path)], capture_output=True,
+                         text=True, timeout=300, env=env, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == [True, True]
+    assert not (tmp_path / "empty").exists() or not any((tmp_path / "empty").rglob("*.nbc"))
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "text": "apple river"}])
+    embed_job(job(tmp_path, src), quiet=True)                     # this process's cache is warm now
+    from bitnet_batch.jobs.embed import EmbedEngine, EmbedKind
+
+    engine = EmbedEngine(bitnet_batch.load_model(MODEL), EngineConfig(max_batch=2, prefill_chunk=16, max_seq_len=64))
+    assert EmbedKind.kernels_cold(engine) is False

@@ -10,10 +10,11 @@ CHILD = textwrap.dedent("""
     import numba
     import bitnet_batch
     from bitnet_batch.engine.engine import Engine, EngineConfig
-    from bitnet_batch.engine.warmup import warm_up
+    from bitnet_batch.engine.warmup import kernel_cache_cold, warm_up
     import jit_kernels.activations, jit_kernels.attention, jit_kernels.embedding, jit_kernels.norms
     import jit_kernels.layer, jit_kernels.rope, jit_kernels.ternary
     m = bitnet_batch.load_model(sys.argv[1])
+    cold_before = kernel_cache_cold()
     compile_s = warm_up(Engine(m, EngineConfig(max_batch=2, max_seq_len=32, prefill_chunk=16)))
     hits, misses = {}, 0
     for mod in (jit_kernels.activations, jit_kernels.attention, jit_kernels.embedding, jit_kernels.layer,
@@ -22,7 +23,8 @@ CHILD = textwrap.dedent("""
             if isinstance(obj, numba.core.registry.CPUDispatcher) and obj.signatures:
                 hits[name] = sum(obj.stats.cache_hits.values())
                 misses += sum(obj.stats.cache_misses.values())
-    print(json.dumps({"compile_s": compile_s, "hits": hits, "misses": misses}))
+    print(json.dumps({"compile_s": compile_s, "hits": hits, "misses": misses, "cold_before": cold_before,
+                      "cold_after": kernel_cache_cold()}))
 """)
 
 
@@ -38,6 +40,7 @@ def test_second_process_loads_kernels_from_cache(small_model_path):
     second = _child(small_model_path)
     assert second["misses"] == 0, second     # every kernel the step uses came from the cache, the compiled layer
     assert second["hits"].get("bitnet_layer", 0) >= 1 and sum(second["hits"].values()) >= 5, second   # among them
+    assert not second["cold_before"] and not second["cold_after"]
 
 
 def test_a_cold_cache_is_filled_by_a_child_process(small_model_path, tmp_path):
@@ -46,4 +49,5 @@ def test_a_cold_cache_is_filled_by_a_child_process(small_model_path, tmp_path):
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
     cold = _child(small_model_path, env)
     assert cold["misses"] == 0 and cold["hits"].get("bitnet_layer", 0) >= 1, cold
+    assert cold["cold_before"] and not cold["cold_after"]      # what a job tells the user before compiling
     assert any((tmp_path / "numba-cache").rglob("*.nbi"))

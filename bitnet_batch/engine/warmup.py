@@ -31,7 +31,7 @@ def warm_up(engine: Engine) -> float:
     from jit_kernels._config import parallel_drivers
 
     t0 = time.perf_counter()
-    if _kernel_cache_cold():
+    if kernel_cache_cold():
         _compile_in_child(engine)
     slot = engine.kv.allocate()
     try:
@@ -50,15 +50,20 @@ def warm_up(engine: Engine) -> float:
     return time.perf_counter() - t0
 
 
-def _kernel_cache_cold() -> bool:
-    """Whether the on-disk cache lacks the compiled layer, the bulk of a first compile (read from Numba's cache
-    index, a private API: any surprise counts as warm, and the kernels compile in this process)."""
+COMPILE_NOTICE = ("compiling the kernels for this CPU into Numba's cache: about a minute on a first run, once "
+                  "(later runs load them in about a second)")
+
+
+def kernel_cache_cold(kernel=None) -> bool:
+    """Whether the on-disk cache lacks ``kernel`` (a cached ``@njit`` function; by default the compiled layer, the
+    bulk of a first compile), read from Numba's cache index, a private API: any surprise counts as warm, and the
+    kernels compile in this process."""
     from jit_kernels import _config, layer
 
     if not _config.CACHE or os.environ.get(_WARM_CHILD_ENV):
         return False
     try:
-        return not layer.bitnet_layer._cache._cache_file._load_index()
+        return not (kernel or layer.bitnet_layer)._cache._cache_file._load_index()
     except Exception:          # noqa: BLE001 - NUMBA_DISABLE_JIT, another Numba: compile here
         return False
 

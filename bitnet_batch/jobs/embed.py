@@ -31,6 +31,7 @@ import numpy as np
 from ..config import EngineConfig
 from ..embeddings import (POOLINGS, Embedder, accumulate_rows, embedding_config, finish, prepare_tokens,
                           quantize_binary, quantize_float16, quantize_int8)
+from ..engine.warmup import kernel_cache_cold
 from ..errors import ConfigError, ContextOverflowError, InputError
 from ..io import readers
 from ..io.readers import BadRecord
@@ -202,6 +203,12 @@ class EmbedKind(JobKind):
     @staticmethod
     def engine_for(model, config: EngineConfig) -> EmbedEngine:
         return EmbedEngine(model, config)
+
+    @staticmethod
+    def kernels_cold(engine: EmbedEngine) -> bool:
+        from jit_kernels.window_attention import _window_attention      # the embedding models' attention
+
+        return kernel_cache_cold(_window_attention if engine.embedder.embedding_model else None)
 
     @staticmethod
     def warm_up(engine: EmbedEngine) -> float:

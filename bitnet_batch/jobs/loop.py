@@ -18,7 +18,7 @@ from typing import Iterator
 
 from ..config import EngineConfig
 from ..engine.engine import Engine
-from ..engine.warmup import warm_up
+from ..engine.warmup import COMPILE_NOTICE, kernel_cache_cold, warm_up
 from ..interrupt import StopSignals
 from ..io import readers
 from ..io.readers import count_records
@@ -66,6 +66,12 @@ class JobKind:
     def engine_for(model, config: EngineConfig) -> Engine:
         """The engine this kind of job runs on (it refuses a model the kind cannot use)."""
         return Engine(model, config)
+
+    @staticmethod
+    def kernels_cold(engine) -> bool:
+        """Whether ``warm_up(engine)`` will compile (Numba's on-disk cache lacks its kernels): worth a word to the
+        user before a minute of silence."""
+        return kernel_cache_cold()
 
     @staticmethod
     def warm_up(engine) -> float:
@@ -211,6 +217,8 @@ def run_local(job, kind_class: type[JobKind], *, model=None, quiet: bool = False
         try:
             engine = kind_class.engine_for(model, job.engine)
             kind = kind_class(job, model, engine, sink)
+            if kind_class.kernels_cold(engine):
+                log(f"{COMPILE_NOTICE} ...")
             compile_s = kind_class.warm_up(engine) + kind.prepare()
             log(f"kernels ready in {compile_s:.2f}s (JIT compile / cache load, not counted in item timings)")
             t_run = time.perf_counter()
