@@ -168,9 +168,12 @@ def run_side_by_side(kernels, model_ref, batch_sizes=(1, 8, 32), prompt_tokens=6
                               f"{', '.join(_cpu.AVAILABLE)})")
     import jit_kernels
 
-    root = str(Path(jit_kernels.__file__).resolve().parent.parent)   # the children import these very packages
+    # the children import these very packages: they run in their root (``-m`` puts the working directory first
+    # on sys.path), so a local model path is made absolute
+    root = str(Path(jit_kernels.__file__).resolve().parent.parent)
+    model_arg = str(Path(model_ref).resolve()) if Path(model_ref).exists() else str(model_ref)
     args = ["--prompt-tokens", str(prompt_tokens), "--gen-tokens", str(gen_tokens), "--threads", str(threads),
-            "--prefill-chunk", str(prefill_chunk), "--kv-dtype", kv_dtype, "--json", "-m", str(model_ref)]
+            "--prefill-chunk", str(prefill_chunk), "--kv-dtype", kv_dtype, "--json", "-m", model_arg]
     args += ["--model-file", model_file] if model_file else []
     runs = {k: {} for k in kernels}
     for b in batch_sizes:
@@ -179,7 +182,7 @@ def run_side_by_side(kernels, model_ref, batch_sizes=(1, 8, 32), prompt_tokens=6
                 env = dict(os.environ, **{_cpu.KERNEL_ENV: k})
                 env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
                 res = subprocess.run([sys.executable, "-m", "bitnet_batch.cli", "bench", "--batch-sizes", str(b)]
-                                     + args, env=env, capture_output=True, text=True)
+                                     + args, env=env, cwd=root, capture_output=True, text=True)
                 if res.returncode != 0:
                     raise ConfigError(f"bench with kernels {k} failed: {res.stderr.strip()[-2000:]}")
                 child = json.loads(res.stdout)

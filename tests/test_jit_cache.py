@@ -6,7 +6,9 @@ import sys
 import textwrap
 
 CHILD = textwrap.dedent("""
-    import json, sys, time
+    import sys
+    sys.path = [p for p in sys.path if p not in ("", ".")]     # this child imports the packages under test
+    import json, time
     import numba
     import bitnet_batch
     from bitnet_batch.engine.engine import Engine, EngineConfig
@@ -28,9 +30,9 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def _child(model, env=None):
+def _child(model, env=None, cwd=None):
     res = subprocess.run([sys.executable, "-c", CHILD, str(model)], capture_output=True, text=True, timeout=600,
-                         env=env)
+                         env=env, cwd=cwd)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -47,7 +49,12 @@ def test_a_cold_cache_is_filled_by_a_child_process(small_model_path, tmp_path):
     """With an empty kernel cache, ``warm_up`` compiles in a child process (which writes the cache) and the
     process itself loads every kernel from the cache: it never holds the compiler's state (~200 MB for 2B4T)."""
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
-    cold = _child(small_model_path, env)
+    # run from a directory holding another jit_kernels (as another checkout would): the compiling child must
+    # still build the kernels of the packages this process imports
+    decoy = tmp_path / "elsewhere" / "jit_kernels"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text("raise ImportError('another checkout of jit_kernels')\n")
+    cold = _child(small_model_path, env, cwd=decoy.parent)
     assert cold["misses"] == 0 and cold["hits"].get("bitnet_layer", 0) >= 1, cold
     assert cold["cold_before"] and not cold["cold_after"]      # what a job tells the user before compiling
     assert any((tmp_path / "numba-cache").rglob("*.nbi"))

@@ -70,7 +70,10 @@ def kernel_cache_cold(kernel=None) -> bool:
 
 def _compile_in_child(engine: Engine) -> bool:
     """Run ``warm_up`` for the same model file and kernel-relevant settings in a child process (its kernels go to
-    the on-disk cache). The child imports these very packages. True when it succeeded."""
+    the on-disk cache). The child imports these very packages: it runs in their root directory, since ``python
+    -c`` puts its working directory first on ``sys.path``, where another checkout's ``jit_kernels`` would fill
+    the cache with kernels of other source files (and this process would compile everything again). True when
+    it succeeded."""
     import jit_kernels
 
     cfg = engine.config
@@ -78,8 +81,9 @@ def _compile_in_child(engine: Engine) -> bool:
     env = dict(os.environ, **{_WARM_CHILD_ENV: "1"})
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     code = "import sys; from bitnet_batch.engine.warmup import _warm_child; _warm_child(*sys.argv[1:])"
-    res = subprocess.run([sys.executable, "-c", code, str(engine.model.path), cfg.kv_dtype, str(cfg.prefill_chunk),
-                          str(cfg.threads)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    res = subprocess.run([sys.executable, "-c", code, str(Path(engine.model.path).resolve()), cfg.kv_dtype,
+                          str(cfg.prefill_chunk), str(cfg.threads)], env=env, cwd=root, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
     return res.returncode == 0
 
 
