@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 CHILD = textwrap.dedent("""
     import sys
@@ -58,3 +59,42 @@ def test_a_cold_cache_is_filled_by_a_child_process(small_model_path, tmp_path):
     assert cold["misses"] == 0 and cold["hits"].get("bitnet_layer", 0) >= 1, cold
     assert cold["cold_before"] and not cold["cold_after"]      # what a job tells the user before compiling
     assert any((tmp_path / "numba-cache").rglob("*.nbi"))
+
+
+def test_the_guard_looks_where_numba_caches_the_kernels():
+    from jit_kernels import _config, layer
+
+    assert _config.cache_dir() == Path(layer.bitnet_layer._cache._cache_path)
+
+
+def test_kernels_built_from_other_sources_are_dropped(tmp_path):
+    """Numba checks a cached function against its own file only, while the compiled layer holds the tiles of
+    other files: kernels built from any other version of the package's sources are deleted, the rest kept."""
+    from jit_kernels import _config
+
+    for name in ("layer.bitnet_layer-113.py311.nbi", "layer.bitnet_layer-113.py311.1.nbc", "layer.cpython-311.pyc"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / _config.SOURCES_STAMP).write_text("an older version")
+    assert _config.drop_stale_cache(tmp_path, "abc")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [_config.SOURCES_STAMP, "layer.cpython-311.pyc"]
+    assert (tmp_path / _config.SOURCES_STAMP).read_text() == "abc"
+    (tmp_path / "norms._rmsnorm-20.py311.nbi").write_bytes(b"x")
+    assert not _config.drop_stale_cache(tmp_path, "abc")          # built from these sources: kept
+    assert (tmp_path / "norms._rmsnorm-20.py311.nbi").exists()
+    empty = tmp_path / "new"
+    assert _config.drop_stale_cache(empty, "abc") and (empty / _config.SOURCES_STAMP).read_text() == "abc"
+
+
+def test_a_process_drops_a_cache_built_from_other_sources(tmp_path):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    where = "import jit_kernels._config as c; print(c.cache_dir())"
+    res = subprocess.run([sys.executable, "-c", where], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    cache = Path(res.stdout.strip().splitlines()[-1])
+    assert cache.is_relative_to(tmp_path / "cache")
+    stale = cache / "layer.bitnet_layer-113.py311.nbi"
+    stale.write_bytes(b"from another version")
+    (cache / "jit_kernels.sources").write_text("another version")
+    res = subprocess.run([sys.executable, "-c", where], capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert not stale.exists() and (cache / "jit_kernels.sources").read_text() != "another version"
