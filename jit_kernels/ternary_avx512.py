@@ -8,13 +8,14 @@ for K <= MAX_K), so there is no int16 stage. One 64-byte load holds block b of b
 64b .. 64b + 63); a 16-bit shift and the mask 0x0303 give the codes of input group j (inputs 32j .. 32j + 31 of
 the block) for both rows, and the 32 activations of group j, broadcast to both 256-bit halves (one
 ``vbroadcasti64x4`` load), are the signed operand. Accumulator lanes 0-7 sum row 2g's products, lanes 8-15 row
-2g + 1's; the tile ends in ``ternary``'s epilogues (the 2 x 4 vector one per row group for 4 tokens).
+2g + 1's; the tile ends in one vector epilogue per token row (``_emit_epilogue_rows``), the same IEEE operations
+as ``ternary``'s.
 
 Tiles: ``GROUPS`` = 4 row groups (8 weight rows) x C <= 4 token rows, 16 zmm accumulators, the block loop in
 one inline-assembly statement (``_emit_dots_asm``), prefetching each group's stream ``PREFETCH_GROUPS`` bytes
-ahead; one row group x C for the last groups of a task. One token row (decode) takes a one-group tile in IR on
-256-bit halves (``_emit_dots_one_token``) that prefetches ``PREFETCH_T1`` bytes ahead, like the AVX2 one-token
-tile.
+ahead; the AVX2 tiles for a task's last rows when they are not a multiple of 8. One token row (decode) takes a
+one-group tile in IR on 256-bit halves (``_emit_dots_one_token``) that prefetches ``PREFETCH_T1`` bytes ahead,
+like the AVX2 one-token tile.
 
 On Zen 4, ``vpdpbusd`` on zmm issues once per cycle (64 MACs) and ``vpmaddubsw`` on ymm twice (also 64), so the
 gain there is the instructions saved around the multiplies: one thread, T = 32, 2B4T shapes, 195-225 against
@@ -27,8 +28,8 @@ from numba.core import cgutils
 
 from ._config import JIT_EXACT, JIT_EXACT_PARALLEL
 from ._ir import I8, I16, I32, I64, const64
-from .ternary import (BLOCK, BLOCK_BYTES, GROUP_BYTES, PREFETCH_T1, ROW_GROUP, TASK_ROWS, _emit_epilogue,
-                      _emit_epilogue_2x4, _Emit, _epilogue_operands, _tile_operands, odd_row, tile_intrinsic)
+from .ternary import (BLOCK, BLOCK_BYTES, GROUP_BYTES, PREFETCH_T1, ROW_GROUP, TASK_ROWS, _emit_epilogue, _Emit,
+                      _epilogue_operands, _row_pairs_avx2, _tile_operands, odd_row, tile_intrinsic)
 
 GROUPS = 4           # row groups per tile of the batched kernel
 # bytes ahead in each row group's stream that the batched tiles prefetch: 4 streams per tile want more in flight
@@ -48,41 +49,33 @@ class _Emit512(_Emit):
         self.dpbusd256 = self.declare("llvm.x86.avx512.vpdpbusd.256", _V8I32, [_V8I32] * 3)
 
 
-def _emit_dots_one_token(e, groups, xp, xstride, nblk, prefetch):
-    """IR: the dots of P row groups with one token row over nblk blocks -> acc[p][0] (<16 x i32>: row 2p's lanes
-    0-7, row 2p + 1's 8-15, as the batched tiles leave them). Memory bound (decode), so in 256-bit halves: each
-    row's 32 code bytes and each input group's 32 activations are one ymm load, and ``vpdpbusd`` on ymm. The same
-    loop on zmm (one 64-byte load per block, activations broadcast) was 3-15% slower than the AVX2 one-token tile
-    with the weights streamed from DRAM by 2 threads; this one is 3-15% faster. Each row sums its 4 input groups
-    in 4 accumulators (one would chain its 4 ``vpdpbusd`` per block on their latency), added at the end (integer
-    adds: any order gives the same value)."""
+def _emit_dots_one_token(e, group, xp, xstride, nblk, prefetch):
+    """IR: the dots of the two rows of a row group with one token row over nblk blocks -> [row 0's, row 1's]
+    <8 x i32> lane vectors. Memory bound (decode), so in 256-bit halves: each row's 32 code bytes and each input
+    group's 32 activations are one ymm load, and ``vpdpbusd`` on ymm. The same loop on zmm (one 64-byte load per
+    block, activations broadcast) was 3-15% slower than the AVX2 one-token tile with the weights streamed from
+    DRAM by 2 threads; this one is 9-22% faster. Each row sums its 4 input groups in 4 accumulators (one would
+    chain its 4 ``vpdpbusd`` per block on their latency), added at the end (integer adds: any order gives the
+    same value)."""
     b = e.b
     zero = ir.Constant(_V8I32, None)
-    # accumulators [p][r][j]: allocas in the entry block, which SROA turns into registers
-    slots = [[[cgutils.alloca_once_value(b, zero) for _ in range(4)] for _ in range(ROW_GROUP)] for _ in groups]
+    # accumulators [r][j]: allocas in the entry block, which SROA turns into registers
+    slots = [[cgutils.alloca_once_value(b, zero) for _ in range(4)] for _ in range(ROW_GROUP)]
     mask = ir.Constant(_V16I16, [0x0303] * 16)
     with cgutils.for_range_slice(b, const64(0), nblk, const64(1)) as (blk, _):
         wofs = b.mul(blk, const64(GROUP_BYTES))
         xofs = b.mul(blk, const64(BLOCK))
-        for g in groups:
-            e.prefetch_read(b.add(b.add(g, wofs), const64(prefetch)))
-        # block b of row r of group g: the 32 bytes at g + GROUP_BYTES * b + BLOCK_BYTES * r
-        wv = [[e.load(b.add(b.add(g, wofs), const64(BLOCK_BYTES * r)), _V16I16) for r in range(ROW_GROUP)]
-              for g in groups]
+        e.prefetch_read(b.add(b.add(group, wofs), const64(prefetch)))
+        # block b of row r: the 32 bytes at group + GROUP_BYTES * b + BLOCK_BYTES * r
+        wv = [e.load(b.add(b.add(group, wofs), const64(BLOCK_BYTES * r)), _V16I16) for r in range(ROW_GROUP)]
         for j in range(4):                   # group j = inputs [32j, 32j + 32) of the block: bits 7-2j, 6-2j
             shift = ir.Constant(_V16I16, [6 - 2 * j] * 16)
             xv = b.bitcast(e.load(e.addr(xp, xstride, 0, xofs, 32 * j), _V32I8), _V8I32)
-            for rows, accs in zip(wv, slots):
-                for w, acc in zip(rows, accs):
-                    codes = b.bitcast(b.and_(b.lshr(w, shift) if j < 3 else w, mask), _V8I32)
-                    b.store(b.call(e.dpbusd256, [b.load(acc[j]), codes, xv]), acc[j])
-    both = ir.Constant(ir.VectorType(I32, 16), list(range(16)))
-    out = []
-    for accs in slots:
-        rows = [[b.load(a) for a in acc] for acc in accs]
-        sums = [b.add(b.add(a[0], a[1]), b.add(a[2], a[3])) for a in rows]
-        out.append([b.shuffle_vector(sums[0], sums[1], both)])
-    return out
+            for w, acc in zip(wv, slots):
+                codes = b.bitcast(b.and_(b.lshr(w, shift) if j < 3 else w, mask), _V8I32)
+                b.store(b.call(e.dpbusd256, [b.load(acc[j]), codes, xv]), acc[j])
+    rows = [[b.load(a) for a in acc] for acc in slots]
+    return [b.add(b.add(a[0], a[1]), b.add(a[2], a[3])) for a in rows]
 
 
 def _emit_dots_asm(e, groups, xp, xstride, nblk, C, prefetch):
@@ -179,72 +172,56 @@ def _emit_epilogue_rows(e, context, sig, args, acc, C, n0, t0):
         b.store(v, b.bitcast(ptr("out", t, n0), v.type.as_pointer()), align=1)
 
 
-def _tile_codegen(P, C, prefetch):
+def _tile_codegen(C, prefetch):
     def codegen(context, builder, sig, args):
         n0, t0 = args[2], args[3]
         e = _Emit512(builder)
         first, gstride, xp, xstride, nblk = _tile_operands(context, builder, sig, args)
-        groups = [builder.add(first, builder.mul(gstride, const64(p))) for p in range(P)]
         if C > 1:
+            groups = [builder.add(first, builder.mul(gstride, const64(p))) for p in range(GROUPS)]
             acc = _emit_dots_asm(e, groups, xp, xstride, nblk, C, prefetch)
-        else:
-            acc = _emit_dots_one_token(e, groups, xp, xstride, nblk, prefetch)
-        if P == GROUPS:
             _emit_epilogue_rows(e, context, sig, args, acc, C, n0, t0)
-            return context.get_dummy_value()
-
-        def half(v, h):               # lanes of row 2p + h: <8 x i32>
-            return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 8), list(range(8 * h, 8 * h + 8))))
-        for p in range(P):
-            n = builder.add(n0, const64(ROW_GROUP * p))
-            lanes = [[half(acc[p][c], h) for c in range(C)] for h in range(ROW_GROUP)]
-            if C == 4:
-                _emit_epilogue_2x4(e, context, sig, args, lanes, n, t0)
-            else:
-                dots = [[builder.call(e.hsum, [v]) for v in row] for row in lanes]
-                _emit_epilogue(context, builder, sig, args, dots, ROW_GROUP, C, n, t0)
+        else:
+            dots = [[builder.call(e.hsum, [v])] for v in _emit_dots_one_token(e, first, xp, xstride, nblk, prefetch)]
+            _emit_epilogue(context, builder, sig, args, dots, ROW_GROUP, 1, n0, t0)
         return context.get_dummy_value()
     return codegen
 
 
-def _tile(P, C, prefetch=PREFETCH_GROUPS):
-    """Weight rows [n0, n0 + 2P) (n0 even) against token rows [t0, t0 + C), prefetching ``prefetch`` bytes ahead
-    in each row group's stream."""
-    return tile_intrinsic(_tile_codegen(P, C, prefetch))
+def _tile(C, prefetch):
+    """C > 1: weight rows [n0, n0 + 2 GROUPS) against token rows [t0, t0 + C); C = 1: weight rows [n0, n0 + 2)
+    against token row t0 (n0 even). Each row group's stream is prefetched ``prefetch`` bytes ahead."""
+    return tile_intrinsic(_tile_codegen(C, prefetch))
 
 
-_g44, _g43, _g42 = _tile(GROUPS, 4), _tile(GROUPS, 3), _tile(GROUPS, 2)
-_g14, _g13, _g12 = _tile(1, 4), _tile(1, 3), _tile(1, 2)
-_g11 = _tile(1, 1, PREFETCH_T1)
+_g44, _g43, _g42 = _tile(4, PREFETCH_GROUPS), _tile(3, PREFETCH_GROUPS), _tile(2, PREFETCH_GROUPS)
+_g11 = _tile(1, PREFETCH_T1)
 
 
 @njit(**JIT_EXACT)
 def _rows_avx512(C, packed, xq, n_lo, n_hi, t, xscale, xsum, wscale, out):
-    """Token rows [t, t + C) (C <= 4) against weight rows [n_lo, n_hi) (n_lo even): GROUPS row groups per call
-    while they last, then one; an odd last row takes ``ternary.odd_row``. Consecutive calls share the C token
-    rows (in L1) and write along out's rows."""
+    """Token rows [t, t + C) (C <= 4) against weight rows [n_lo, n_hi) (n_lo even); consecutive calls share the C
+    token rows (in L1) and write along out's rows. One token row: a row group per call (the decode tile). More:
+    GROUPS row groups per call while they last; the last rows of a task whose rows are not a multiple of
+    2 * GROUPS (none in the 2B4T shapes) take the AVX2 tiles (``ternary._row_pairs_avx2``: the same integer dots
+    and epilogue, the same bits), which saves compiling one-group VNNI tiles for them."""
     n = n_lo
-    step = 2 * GROUPS
-    while n + step <= n_hi and C > 1:
+    if C == 1:
+        while n + 2 <= n_hi:
+            _g11(packed, xq, n, t, xscale, xsum, wscale, out)
+            n += 2
+        if n < n_hi:
+            odd_row(1, packed, xq, n, t, xscale, xsum, wscale, out)
+        return
+    while n + 2 * GROUPS <= n_hi:
         if C == 4:
             _g44(packed, xq, n, t, xscale, xsum, wscale, out)
         elif C == 3:
             _g43(packed, xq, n, t, xscale, xsum, wscale, out)
         else:
             _g42(packed, xq, n, t, xscale, xsum, wscale, out)
-        n += step
-    while n + 2 <= n_hi:
-        if C == 4:
-            _g14(packed, xq, n, t, xscale, xsum, wscale, out)
-        elif C == 3:
-            _g13(packed, xq, n, t, xscale, xsum, wscale, out)
-        elif C == 2:
-            _g12(packed, xq, n, t, xscale, xsum, wscale, out)
-        else:
-            _g11(packed, xq, n, t, xscale, xsum, wscale, out)
-        n += 2
-    if n < n_hi:
-        odd_row(C, packed, xq, n, t, xscale, xsum, wscale, out)
+        n += 2 * GROUPS
+    _row_pairs_avx2(C, packed, xq, n, n_hi, t, xscale, xsum, wscale, out)
 
 
 @njit(**JIT_EXACT_PARALLEL)
