@@ -78,6 +78,20 @@ def forward(w: Weights, cfg: ModelConfig, ws: Workspace, kv: KVCache, rt: RopeTa
     if T == 0 or T > ws.max_rows or R > ws.max_logit_rows:
         raise ValueError(f"forward: {T} rows / {R} logit rows exceed the workspace ({ws.max_rows}, "
                          f"{ws.max_logit_rows})")
+    xl = hidden(w, cfg, ws, kv, rt, batch, ws.xl)
+    xl32 = ws.xl32[:R]
+    xl32[:] = xl
+    out = ws.logits[:R]
+    emb_k.lm_head(xl32, w.output, w.output_kind, ws.lm_scratch, out)
+    return out
+
+
+def hidden(w: Weights, cfg: ModelConfig, ws: Workspace, kv: KVCache, rt: RopeTable, batch: StepBatch,
+           out: np.ndarray) -> np.ndarray:
+    """The layers of one step (the same compiled call per layer), then ``RMSNorm(x) * output_norm`` of
+    ``batch.logit_rows`` written into ``out`` (float64 [>= R, D]); returns ``out[:R]``. The caller checks the row
+    counts against the workspace."""
+    T, R = batch.n_rows, batch.logit_rows.shape[0]
     _check_layers(w, ws, kv, rt)
     layer_k.check_rows(T, batch.row_seq, batch.row_pos, kv.block_tables, kv.block_size, rt.cos, ws.att_scratch,
                        cfg.n_head // cfg.n_head_kv, cfg.head_dim)
@@ -88,11 +102,7 @@ def forward(w: Weights, cfg: ModelConfig, ws: Workspace, kv: KVCache, rt: RopeTa
         layer_k.bitnet_layer(x, ws.xq, ws.xscale, ws.xsum, ws.qkv, ws.att, ws.proj, ws.gate_up, ws.att_scratch,
                              *lw.kernel_args, *kv.layer(li), kv.block_tables, batch.row_seq, batch.row_pos, rt.cos,
                              rt.sin, *step)
-    xl = ws.xl[:R]
-    np.take(x, batch.logit_rows, axis=0, out=xl)
-    norms.rmsnorm(xl, w.output_norm, cfg.rms_eps, xl)
-    xl32 = ws.xl32[:R]
-    xl32[:] = xl
-    out = ws.logits[:R]
-    emb_k.lm_head(xl32, w.output, w.output_kind, ws.lm_scratch, out)
-    return out
+    rows = out[:R]
+    np.take(x, batch.logit_rows, axis=0, out=rows)
+    norms.rmsnorm(rows, w.output_norm, cfg.rms_eps, rows)
+    return rows

@@ -20,16 +20,13 @@ import numpy as np
 from jit_kernels import activations as act_k
 from jit_kernels import attention as att_k
 from jit_kernels import embedding as emb_k
-from jit_kernels import layer as layer_k
 from jit_kernels import norms, rope, ternary
-from jit_kernels._config import serial_max
-from jit_kernels._cpu import KERNEL, kernel_id
 from jit_kernels.buffers import aligned_zeros
 from jit_kernels.gelu import gelu_tanh_gated
 from jit_kernels.window_attention import window_attention
 
 from ..engine.kv_cache import KVCache
-from .bitnet import StepBatch, _check_layers
+from .bitnet import StepBatch, hidden
 from .embedding_models import EmbeddingModelConfig, EmbeddingWeights
 from .layout import padded
 
@@ -146,27 +143,12 @@ def embedding_hidden(w: EmbeddingWeights, cfg: EmbeddingModelConfig, ws: Embeddi
     return out
 
 
-_ACT = {"relu2": act_k.RELU2, "silu": act_k.SILU}
-
 
 def bitnet_hidden(w, cfg, ws, kv: KVCache, rt, batch: StepBatch, out: np.ndarray) -> np.ndarray:
-    """The generative BitNet b1.58 forward (``bitnet.forward``'s layers, the same compiled call per layer) up to
+    """The generative BitNet b1.58 forward (``bitnet.hidden``: ``bitnet.forward``'s layers) up to
     ``RMSNorm(x) * output_norm`` of ``batch.logit_rows``, written into ``out`` (float64 [>= R, D]); returns
     ``out[:R]``. ``ws`` is an engine ``Workspace``, ``rt`` a ``bitnet.RopeTable``."""
     T, R = batch.n_rows, batch.logit_rows.shape[0]
     if T == 0 or T > ws.max_rows or R > T or out.shape[0] < R:
         raise ValueError(f"bitnet_hidden: {T} rows / {R} output rows for a workspace of {ws.max_rows}")
-    _check_layers(w, ws, kv, rt)
-    layer_k.check_rows(T, batch.row_seq, batch.row_pos, kv.block_tables, kv.block_size, rt.cos, ws.att_scratch,
-                       cfg.n_head // cfg.n_head_kv, cfg.head_dim)
-    x = ws.x[:T]
-    emb_k.embed(batch.tokens, w.tok_embd, w.tok_kind, x)
-    step = (np.float32(cfg.rms_eps), _ACT[cfg.ffn_act], serial_max(), kernel_id(KERNEL))
-    for li, lw in enumerate(w.layers):
-        layer_k.bitnet_layer(x, ws.xq, ws.xscale, ws.xsum, ws.qkv, ws.att, ws.proj, ws.gate_up, ws.att_scratch,
-                             *lw.kernel_args, *kv.layer(li), kv.block_tables, batch.row_seq, batch.row_pos, rt.cos,
-                             rt.sin, *step)
-    rows = out[:R]
-    np.take(x, batch.logit_rows, axis=0, out=rows)
-    norms.rmsnorm(rows, w.output_norm, cfg.rms_eps, rows)
-    return rows
+    return hidden(w, cfg, ws, kv, rt, batch, out)
