@@ -34,7 +34,6 @@ from ..embeddings import (POOLINGS, Embedder, accumulate_rows, embedding_config,
 from ..engine.warmup import kernel_cache_cold
 from ..errors import ConfigError, ContextOverflowError, InputError
 from ..io import readers
-from ..io.readers import BadRecord
 from ..records import error_record, timing
 from ..scheduler import Part, Scheduler, Sequence
 from .common import JobBase, errors_in_output, peak_rss_mb, summary_head, summary_times
@@ -230,12 +229,7 @@ class EmbedKind(JobKind):
         return embed_spec(job.fields)
 
     def start(self, item) -> list[Sequence]:
-        self.stats.items += 1
-        if item.id in self.sink.done:
-            self.emit.skip()
-            return []
-        if isinstance(item, BadRecord):
-            self.emit.write(error_record(item.index, item.id, item.error))
+        if self.settled(item):
             return []
         try:
             ids = prepare_tokens(self.model, item.text, self.ecfg, instruction=item.instruction,

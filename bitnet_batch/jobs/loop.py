@@ -21,7 +21,8 @@ from ..engine.engine import Engine
 from ..engine.warmup import COMPILE_NOTICE, kernel_cache_cold, warm_up
 from ..interrupt import StopSignals
 from ..io import readers
-from ..io.readers import count_records
+from ..io.readers import BadRecord, count_records
+from ..records import error_record
 from ..scheduler import Part, Scheduler, Sequence
 from .common import job_logger, meta_path, open_job, progress_bar, raise_if_stopped, threads
 
@@ -52,6 +53,18 @@ class JobKind:
     def start(self, item) -> list[Sequence]:
         """The sequences still to run for one input item; error records and resume skips go to the emitter."""
         raise NotImplementedError
+
+    def settled(self, item) -> bool:
+        """Counts ``item``; True when it needs no sequence: the output holds it already (a resume skip) or it is
+        unusable (its error record is written). For kinds that write one record per item."""
+        self.stats.items += 1
+        if item.id in self.sink.done:
+            self.emit.skip()
+            return True
+        if isinstance(item, BadRecord):
+            self.emit.write(error_record(item.index, item.id, item.error))
+            return True
+        return False
 
     def want(self, part: Part):
         """Which logits of a planned part the kind needs: False, True (its last row's) or "all"."""

@@ -282,12 +282,7 @@ class ScoreKind(JobKind):
         return "all" if part.start + len(part.tokens) >= part.seq.state.first else False
 
     def start(self, item) -> list[Sequence]:
-        self.stats.items += 1
-        if item.id in self.sink.done:
-            self.emit.skip()
-            return []
-        if isinstance(item, BadRecord):
-            self.emit.write(error_record(item.index, item.id, item.error))
+        if self.settled(item):
             return []
         try:
             return [self.plan(item)]
