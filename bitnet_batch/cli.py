@@ -45,6 +45,16 @@ def _engine_options(batch_help: str, seq_len_help: str, exclude=(), **defaults):
                          help_for={"max_batch": batch_help, "max_seq_len": seq_len_help}, default_for=defaults)
 
 
+def _job_flags(f):
+    """--unordered, --overwrite, --strict and --quiet of a job verb."""
+    f = click.option("--quiet", "-q", is_flag=True, help="No progress bar or log (for cron).")(f)
+    f = click.option("--strict", is_flag=True,
+                     help=f"Exit with {EXIT_ITEM_ERRORS} when any item is an error record.")(f)
+    f = click.option("--overwrite", is_flag=True, help="Start fresh instead of resuming.")(f)
+    return click.option("--unordered", is_flag=True,
+                        help="Write records as they finish (JSONL) instead of input order.")(f)
+
+
 def _where_options(f):
     """--engine and the Ray options of a job verb (``_run_on`` reads them)."""
     f = click.option("--threads-per-actor", type=int, default=None,
@@ -107,10 +117,7 @@ def main():
 @_engine_options("Sequences decoded together.", "Longest prompt + generation (0 = model context).")
 @click.option("--truncate", type=click.Choice(["left", "right"]), default=None,
               help="Cut over-long prompts instead of writing an error record.")
-@click.option("--unordered", is_flag=True, help="Write records as they finish (JSONL) instead of input order.")
-@click.option("--overwrite", is_flag=True, help="Start fresh instead of resuming.")
-@click.option("--strict", is_flag=True, help=f"Exit with {EXIT_ITEM_ERRORS} when any item is an error record.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar or log (for cron).")
+@_job_flags
 @click.option("--response-format", default=None,
               help='Structured output for every item: inline JSON or a JSON file, {"type": "json_object"} or '
                    '{"type": "json_schema", "json_schema": {"schema": {...}}}. Records may override it.')
@@ -229,10 +236,7 @@ def _explicit_overrides(ctx: click.Context, inputs, constraint, limits) -> dict:
 @click.option("--id-field", default="id", show_default=True)
 @click.option("--token-logprobs", is_flag=True, help="Add every scored token's logprob to its record.")
 @_engine_options("Sequences in flight together.", "Longest scored sequence (0 = model context).")
-@click.option("--unordered", is_flag=True, help="Write records as they finish (JSONL) instead of input order.")
-@click.option("--overwrite", is_flag=True, help="Start fresh instead of resuming.")
-@click.option("--strict", is_flag=True, help=f"Exit with {EXIT_ITEM_ERRORS} when any item is an error record.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar or log.")
+@_job_flags
 @_where_options
 @_model_options
 def score(inputs, **opts):
@@ -274,10 +278,7 @@ def score(inputs, **opts):
               help="Cut over-long texts instead of writing an error record.")
 @_engine_options("Texts in flight together.", "Longest text (0 = the model's context, at most 8192).",
                  exclude=("kv_cache_mb", "prefix_cache"), max_batch=64, prefill_chunk=1024)
-@click.option("--unordered", is_flag=True, help="Write records as they finish (JSONL) instead of input order.")
-@click.option("--overwrite", is_flag=True, help="Start fresh instead of resuming.")
-@click.option("--strict", is_flag=True, help=f"Exit with {EXIT_ITEM_ERRORS} when any item is an error record.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar or log.")
+@_job_flags
 @_where_options
 @_model_options
 def embed(inputs, **opts):
