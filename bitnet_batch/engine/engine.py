@@ -107,22 +107,14 @@ class Engine:
             tokens[r:r + m] = toks
             row_seq[r:r + m] = slot
             row_pos[r:r + m] = np.arange(start, start + m, dtype=np.int32)
-            j = len(logit_rows)
-            if want == "all":
-                logit_rows.extend(range(r, r + m))
-                spans.append((j, j + m))
-            elif want:
-                logit_rows.append(r + m - 1)
-                spans.append(j)
-            else:
-                spans.append(None)
+            spans.append(wanted_rows(want, r, m, logit_rows))
             r += m
         t0 = time.perf_counter()
         logits = forward(self.model.weights, self.model.config, self.ws, self.kv, self.rope,
                          StepBatch(tokens, row_seq, row_pos, np.asarray(logit_rows, np.int32)))
         self.busy_s += time.perf_counter() - t0
         self.steps += 1
-        return [None if sp is None else logits[sp] if isinstance(sp, int) else logits[sp[0]:sp[1]] for sp in spans]
+        return part_outputs(logits, spans)
 
     def all_logits(self, slot: int, tokens: np.ndarray, start: int = 0) -> np.ndarray:
         """Logits at every position of tokens (prefill in chunks); float32 [len(tokens), n_vocab], a copy."""
@@ -138,3 +130,21 @@ class Engine:
                               np.arange(start + c0, start + c1, dtype=np.int32), np.arange(m, dtype=np.int32))
             out[c0:c1] = forward(self.model.weights, cfg, self.ws, self.kv, self.rope, batch)
         return out
+
+
+def wanted_rows(want, r: int, m: int, rows: list):
+    """Add to ``rows`` the rows of a part (its m rows start at step row r) whose outputs ``want`` asks for: "all",
+    True (its last row) or False (none). Returns where they lie in ``rows``: (j0, j1), j or None."""
+    j = len(rows)
+    if want == "all":
+        rows.extend(range(r, r + m))
+        return j, j + m
+    if want:
+        rows.append(r + m - 1)
+        return j
+    return None
+
+
+def part_outputs(out: np.ndarray, spans: list) -> list:
+    """Each part's outputs from a step's ``out`` (one row per wanted row): None, a row, or a block of rows."""
+    return [None if sp is None else out[sp] if isinstance(sp, int) else out[sp[0]:sp[1]] for sp in spans]

@@ -31,6 +31,7 @@ import numpy as np
 from ..config import EngineConfig
 from ..embeddings import (POOLINGS, Embedder, accumulate_rows, embedding_config, finish, prepare_tokens,
                           quantize_binary, quantize_float16, quantize_int8)
+from ..engine.engine import part_outputs, wanted_rows
 from ..engine.warmup import kernel_cache_cold
 from ..errors import ConfigError, ContextOverflowError, InputError
 from ..io import readers
@@ -146,18 +147,10 @@ class EmbedEngine:
     def step(self, parts) -> list:
         wanted, spans, r = [], [], 0
         for _, toks, _, want in parts:
-            m, j = len(toks), len(wanted)
-            if want == "all":
-                wanted.extend(range(r, r + m))
-                spans.append((j, j + m))
-            elif want:
-                wanted.append(r + m - 1)
-                spans.append(j)
-            else:
-                spans.append(None)
-            r += m
+            spans.append(wanted_rows(want, r, len(toks), wanted))
+            r += len(toks)
         hidden = self.embedder.step([(slot, toks, start) for slot, toks, start, _ in parts], wanted)
-        return [None if sp is None else hidden[sp] if isinstance(sp, int) else hidden[sp[0]:sp[1]] for sp in spans]
+        return part_outputs(hidden, spans)
 
 
 @dataclass
