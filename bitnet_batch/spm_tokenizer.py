@@ -24,7 +24,7 @@ import numpy as np
 from .errors import InputError, TokenizerError
 from .tokenizer import (KEY_ADD_BOS, KEY_BOS, KEY_CHAT_TEMPLATE, KEY_EOS, KEY_EOT, KEY_MODEL, KEY_TOKEN_TYPE,
                         KEY_TOKENS, TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_USER_DEFINED, IncrementalDecoder,
-                        _optional_id, _require_str_list, _validate_messages)
+                        _optional_id, _require_str_list, _validate_messages, check_token_id)
 
 KEY_SCORES = "tokenizer.ggml.scores"
 KEY_ADD_SPACE_PREFIX = "tokenizer.ggml.add_space_prefix"
@@ -196,10 +196,7 @@ class SpmTokenizer:
 
     # -- decoding -------------------------------------------------------------------------------
     def _check_id(self, token_id: int) -> int:
-        i = int(token_id)
-        if not 0 <= i < self.vocab_size:
-            raise TokenizerError(f"token id {i} out of range [0, {self.vocab_size})")
-        return i
+        return check_token_id(token_id, self.vocab_size)
 
     def token_bytes(self, token_id: int) -> bytes:
         """Raw bytes of one token: a byte token's byte, a normal token's text with U+2581 as space, a special

@@ -342,6 +342,14 @@ def _token_bytes_table(spec: VocabSpec) -> tuple[bytes, array]:
     return b"".join(parts), array("q", accumulate((len(b) for b in parts), initial=0))
 
 
+def check_token_id(token_id: int, vocab_size: int) -> int:
+    """``token_id`` as an int, or TokenizerError when it is outside the vocabulary."""
+    i = int(token_id)
+    if not 0 <= i < vocab_size:
+        raise TokenizerError(f"token id {i} out of range [0, {vocab_size})")
+    return i
+
+
 class IncrementalDecoder:
     """Turns a stream of token ids into text without ever splitting a UTF-8 character.
 
@@ -462,10 +470,7 @@ class Tokenizer:
 
     # -- decoding -------------------------------------------------------------------------------
     def _check_id(self, token_id: int) -> int:
-        i = int(token_id)
-        if not 0 <= i < self.vocab_size:
-            raise TokenizerError(f"token id {i} out of range [0, {self.vocab_size})")
-        return i
+        return check_token_id(token_id, self.vocab_size)
 
     def token_bytes(self, token_id: int) -> bytes:
         """Raw bytes of one token; a special token gives its text in UTF-8."""
