@@ -73,7 +73,12 @@ def _embed_u16(tokens, table, kind, out):
 
 
 VOCAB_TASK = 64     # vocabulary rows per parallel task of the AVX2 lm_head (64 F16 rows of 2560: 320 KB, in L2)
-LM_PREFETCH = 512   # bytes ahead in each vocabulary row that the one-token AVX2 tile prefetches
+# bytes ahead that the one-token tile prefetches in each of its 8 vocabulary rows: past the tile's own 8 rows
+# (40 KB of 2B4T F16 rows) into the next tile's, so each thread keeps more of its contiguous share of the table in
+# flight than the hardware prefetchers start on their own. One token row, 2B4T F16 table, 2 threads, AMD EPYC
+# Zen 4: 8 x 1 tiles 16.4-20.5 ms at 40-64 KB against 20.5-22.8 ms for 4 x 1 tiles 512 bytes ahead
+# (``docs/performance-avx512.md``); 4 KB ahead was slower than none.
+LM_PREFETCH = 49152
 
 
 def lm_head_scratch(n_threads, D):
@@ -91,8 +96,8 @@ def lm_head(x, table, kind, scratch, out, kernel=None):
     - ``avx2`` (D a multiple of 8): 8 float32 lanes per (token row, vocabulary row) pair, each lane an FMA
       chain over d = lane, lane + 8, ...; then a fixed pairwise sum of the lanes. F16 rows widen with
       ``vcvtph2ps``. Tiles: 3 vocabulary x 4 token rows (12 accumulators in registers) and, for the last
-      R % 4 rows and for decode of one stream, 4 vocabulary x 1 token row with prefetch (memory bound: the
-      F16 table is the largest single read of a decode step).
+      R % 4 rows and for decode of one stream, 8 vocabulary x 1 token row prefetching far ahead (memory bound:
+      the F16 table is the largest single read of a decode step).
     - ``avx512``: the same lanes, chains and sums as ``avx2`` (the same bits) in tiles of 6 vocabulary x 4
       token rows: 24 accumulators, which need AVX-512's 32 vector registers (ymm16-31 through AVX-512VL). One
       thread, F16 2B4T table: 32 rows 225 against 237 ms, 8 rows 74 against 92 ms.
@@ -213,7 +218,7 @@ def _lm_tile(RV, C, prefetch=0):
     return tile
 
 
-_t34, _t14, _t41, _t11 = _lm_tile(3, 4), _lm_tile(1, 4), _lm_tile(4, 1, LM_PREFETCH), _lm_tile(1, 1, LM_PREFETCH)
+_t34, _t14, _t81, _t11 = _lm_tile(3, 4), _lm_tile(1, 4), _lm_tile(8, 1, LM_PREFETCH), _lm_tile(1, 1, LM_PREFETCH)
 _t64 = _lm_tile(6, 4)
 
 
@@ -240,9 +245,9 @@ def _lm_head_avx2(x, table, kind, out, wide):
             t += 4
         while t < R:
             v = v_lo
-            while v + 4 <= v_hi:
-                _t41(table, x, v, t, kind, out)
-                v += 4
+            while v + 8 <= v_hi:
+                _t81(table, x, v, t, kind, out)
+                v += 8
             while v < v_hi:
                 _t11(table, x, v, t, kind, out)
                 v += 1
