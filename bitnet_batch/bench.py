@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from .engine.engine import Engine, EngineConfig
-from .engine.warmup import COMPILE_NOTICE, kernel_cache_cold, warm_up
+from .engine.warmup import COMPILE_NOTICE, engine_kernels_cold, warm_up
 from .errors import ConfigError
 from .jobs.common import peak_rss_mb
 from .model.model import load_model, release_free_heap
@@ -59,11 +59,11 @@ class BenchResult:
 
 
 def bench_batch(model, batch: int, prompt_tokens: int, gen_tokens: int, *, prefill_chunk: int = 128,
-                threads: int = 0, seed: int = 0, kv_dtype: str = "f32") -> BenchResult:
+                threads: int = 0, seed: int = 0, kv_dtype: str = "f32", lm_head_dtype: str = "f32") -> BenchResult:
     cfg = model.config
     eng = Engine(model, EngineConfig(max_batch=batch, max_seq_len=prompt_tokens + gen_tokens,
                                      prefill_chunk=max(prefill_chunk, batch), threads=threads, kv_dtype=kv_dtype,
-                                     prefault_kv=True))
+                                     lm_head_dtype=lm_head_dtype, prefault_kv=True))
     rng = np.random.default_rng(seed)
     prompts = rng.integers(0, cfg.n_vocab, size=(batch, prompt_tokens)).astype(np.int32)
     slots = [eng.kv.allocate() for _ in range(batch)]
@@ -116,15 +116,17 @@ def fresh_peak_rss() -> bool:
 
 
 def run_bench(model_ref, batch_sizes=(1, 8, 32), prompt_tokens=64, gen_tokens=64, threads=0, model_file=None,
-              prefill_chunk=128, kv_dtype="f32", repeat=1, log=print) -> dict:
+              prefill_chunk=128, kv_dtype="f32", lm_head_dtype="f32", repeat=1, log=print) -> dict:
     t0 = time.perf_counter()
     model = load_model(model_ref, filename=model_file)
     load_s = time.perf_counter() - t0
     rss_load = peak_rss_mb()
-    if kernel_cache_cold():
+    engine = Engine(model, EngineConfig(max_batch=1, max_seq_len=8, prefill_chunk=prefill_chunk, threads=threads,
+                                        kv_dtype=kv_dtype, lm_head_dtype=lm_head_dtype))
+    if engine_kernels_cold(engine):
         log(f"{COMPILE_NOTICE} ...")
-    compile_s = warm_up(Engine(model, EngineConfig(max_batch=1, max_seq_len=8, prefill_chunk=prefill_chunk,
-                                                   threads=threads, kv_dtype=kv_dtype)))
+    compile_s = warm_up(engine)
+    del engine
     import numba
     from jit_kernels._cpu import KERNEL
 
@@ -132,16 +134,17 @@ def run_bench(model_ref, batch_sizes=(1, 8, 32), prompt_tokens=64, gen_tokens=64
            "n_embd": model.config.n_embd, "kernel": KERNEL, "threads": numba.get_num_threads(),
            "threading_layer": numba.threading_layer(), "load_s": round(load_s, 3),
            "rss_after_load_mb": round(rss_load, 1), "compile_s": round(compile_s, 3), "kv_dtype": kv_dtype,
+           "lm_head_dtype": lm_head_dtype,
            "prefill_chunk": prefill_chunk, "repeat": repeat, "peak_rss_scope": "run", "results": []}
     log(f"model {model.path.name}: load {load_s:.2f}s (RSS {rss_load:.0f} MB), compile {compile_s:.2f}s, "
-        f"{out['threads']} threads, KV {kv_dtype}, kernels {KERNEL}")
+        f"{out['threads']} threads, KV {kv_dtype}, lm_head {lm_head_dtype}, kernels {KERNEL}")
     for b in batch_sizes:
         runs = []
         for _ in range(repeat):
             if not fresh_peak_rss():
                 out["peak_rss_scope"] = "process"
             runs.append(bench_batch(model, b, prompt_tokens, gen_tokens, prefill_chunk=prefill_chunk,
-                                    threads=threads, kv_dtype=kv_dtype))
+                                    threads=threads, kv_dtype=kv_dtype, lm_head_dtype=lm_head_dtype))
         r = max(runs, key=lambda run: run.total_tok_s)
         out["results"].append(dict(asdict(r), runs=[{"prefill_tok_s": x.prefill_tok_s, "decode_tok_s": x.decode_tok_s,
                                                       "total_tok_s": x.total_tok_s} for x in runs]))
@@ -154,7 +157,8 @@ def run_bench(model_ref, batch_sizes=(1, 8, 32), prompt_tokens=64, gen_tokens=64
 
 
 def run_side_by_side(kernels, model_ref, batch_sizes=(1, 8, 32), prompt_tokens=64, gen_tokens=64, threads=0,
-                     model_file=None, prefill_chunk=128, kv_dtype="f32", repeat=1, log=print) -> dict:
+                     model_file=None, prefill_chunk=128, kv_dtype="f32", lm_head_dtype="f32", repeat=1,
+                     log=print) -> dict:
     """``run_bench`` for each kernel family of ``kernels`` (``BITNET_BATCH_KERNEL`` values; the family is fixed
     when a process imports the kernels), each run in a child process of its own: for every batch size, ``repeat``
     rounds in which the families take turns, so a busy minute on a shared machine slows them all. Per family and
@@ -173,7 +177,7 @@ def run_side_by_side(kernels, model_ref, batch_sizes=(1, 8, 32), prompt_tokens=6
     root = str(Path(jit_kernels.__file__).resolve().parent.parent)
     model_arg = str(Path(model_ref).resolve()) if Path(model_ref).exists() else str(model_ref)
     args = ["--prompt-tokens", str(prompt_tokens), "--gen-tokens", str(gen_tokens), "--threads", str(threads),
-            "--prefill-chunk", str(prefill_chunk), "--kv-dtype", kv_dtype, "--json", "-m", model_arg]
+            "--prefill-chunk", str(prefill_chunk), "--kv-dtype", kv_dtype, "--lm-head-dtype", lm_head_dtype, "--json", "-m", model_arg]
     args += ["--model-file", model_file] if model_file else []
     runs = {k: {} for k in kernels}
     for b in batch_sizes:
@@ -207,7 +211,7 @@ def run_side_by_side(kernels, model_ref, batch_sizes=(1, 8, 32), prompt_tokens=6
         log(f"  batch {row['batch']:3d} {row['kernel']} / {row['vs']}: prefill {row['prefill_ratio']:.2f}x, "
             f"decode {row['decode_ratio']:.2f}x")
     return {"model": str(model_ref), "kernels": list(kernels), "repeat": repeat, "threads": threads,
-            "kv_dtype": kv_dtype, "results": best, "runs": {k: [x for b in batch_sizes for x in runs[k][b]]
+            "kv_dtype": kv_dtype, "lm_head_dtype": lm_head_dtype, "results": best, "runs": {k: [x for b in batch_sizes for x in runs[k][b]]
                                                               for k in kernels}, "ratios": ratios}
 
 

@@ -277,7 +277,7 @@ def score(inputs, **opts):
 @click.option("--truncate", type=click.Choice(["left", "right"]), default=None,
               help="Cut over-long texts instead of writing an error record.")
 @_engine_options("Texts in flight together.", "Longest text (0 = the model's context, at most 8192).",
-                 exclude=("kv_cache_mb", "prefix_cache"), max_batch=64, prefill_chunk=1024)
+                 exclude=("kv_cache_mb", "prefix_cache", "lm_head_dtype"), max_batch=64, prefill_chunk=1024)
 @_job_flags
 @_where_options
 @_model_options
@@ -389,7 +389,7 @@ def inspect(model, model_file, as_json):
 @click.option("--prompt-tokens", type=int, default=64, show_default=True)
 @click.option("--gen-tokens", type=int, default=64, show_default=True)
 @click.option("--prefill-chunk", type=int, default=128, show_default=True)
-@click_options(EngineConfig, ["kv_dtype", "threads"])
+@click_options(EngineConfig, ["kv_dtype", "lm_head_dtype", "threads"])
 @click.option("--repeat", type=int, default=1, show_default=True,
               help="Runs per batch size; the best (total tok/s) is reported, all are in the JSON.")
 @click.option("--baseline", default=None, type=click.Path(dir_okay=False),
@@ -399,8 +399,8 @@ def inspect(model, model_file, as_json):
               help="Comma list of kernel families (e.g. avx512,avx2) to run side by side, each in child processes "
                    "that take turns per batch size; prints each family's ratios to the last one.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with a 'results' list.")
-def bench(model, model_file, batch_sizes, prompt_tokens, gen_tokens, prefill_chunk, kv_dtype, threads, repeat,
-          baseline, kernels, as_json):
+def bench(model, model_file, batch_sizes, prompt_tokens, gen_tokens, prefill_chunk, kv_dtype, lm_head_dtype, threads,
+          repeat, baseline, kernels, as_json):
     """Measure prefill and batched decode throughput (random prompts, greedy decode)."""
     from .bench import compare, format_comparison, load_baselines, run_bench, run_side_by_side
 
@@ -415,10 +415,11 @@ def bench(model, model_file, batch_sizes, prompt_tokens, gen_tokens, prefill_chu
         if kernels:
             out = run_side_by_side([k.strip() for k in kernels.split(",") if k.strip()], model, sizes, prompt_tokens,
                                    gen_tokens, threads, model_file=model_file, prefill_chunk=prefill_chunk,
-                                   kv_dtype=kv_dtype, repeat=repeat, log=log)
+                                   kv_dtype=kv_dtype, lm_head_dtype=lm_head_dtype, repeat=repeat, log=log)
         else:
             out = run_bench(model, sizes, prompt_tokens, gen_tokens, threads, model_file=model_file,
-                            prefill_chunk=prefill_chunk, kv_dtype=kv_dtype, repeat=repeat, log=log)
+                            prefill_chunk=prefill_chunk, kv_dtype=kv_dtype, lm_head_dtype=lm_head_dtype,
+                            repeat=repeat, log=log)
         if baselines:
             out["comparisons"] = compare(out["results"], baselines)
             for line in format_comparison(out["comparisons"]):

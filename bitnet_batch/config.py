@@ -120,6 +120,9 @@ class ModelConfig:
 KV_DTYPES = {"f32": np.float32, "f16": np.uint16}      # KV cache storage; "f16": IEEE float16 bits
 
 
+LM_HEAD_DTYPES = ("f32", "bf16")
+
+
 def check_kv_dtype(kv_dtype) -> str:
     if kv_dtype not in KV_DTYPES:
         raise ConfigError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
@@ -151,6 +154,10 @@ class EngineConfig:
     kv_dtype: str = "f32"
     """KV cache storage: f32 = the BitNet spec's numerics; f16 = half the memory (llama.cpp's default)."""
 
+    lm_head_dtype: str = "f32"
+    """lm_head inputs: f32 = the spec's numerics (F16 table widened exactly); bf16 = table and rows rounded to
+    bfloat16, float32 sums: ~1.7x faster logits at 32 streams on CPUs with AVX512_BF16, logits within ~1e-2."""
+
     prefault_kv: bool = False
     """Write every page of the KV pool when the engine is built (see ``Engine``)."""
 
@@ -165,5 +172,8 @@ class EngineConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         check_kv_dtype(self.kv_dtype)
+        if self.lm_head_dtype not in LM_HEAD_DTYPES:
+            raise ConfigError(f"lm_head_dtype must be one of {', '.join(LM_HEAD_DTYPES)}, got "
+                              f"{self.lm_head_dtype!r}")
         if not isinstance(self.prefix_cache, bool):
             raise ConfigError(f"prefix_cache must be true or false, got {self.prefix_cache!r}")

@@ -59,6 +59,8 @@ _FEATURES = cpu_features()          # asked once: the feature query costs ~0.2 m
 AVAILABLE = runnable(_FEATURES, jit=not numba_config.DISABLE_JIT)
 HAS_AVX2 = "avx2" in AVAILABLE
 HAS_AVX512 = "avx512" in AVAILABLE
+# vdpbf16ps, for the opt-in bf16 lm_head (``lm_head_bf16``) of the avx512 family
+HAS_AVX512_BF16 = HAS_AVX512 and "+avx512bf16" in _FEATURES
 KERNEL = select_kernel(os.environ.get(KERNEL_ENV, "auto"), AVAILABLE, all(f in _FEATURES for f in AMX_FEATURES))
 
 

@@ -43,6 +43,15 @@ def test_run_via_clirunner(tmp_path, small_model_path):
     assert res.exit_code == 0, res.output
     meta = json.loads((tmp_path / "f16.jsonl.meta.json").read_text())
     assert meta["parameters"]["engine"]["kv_dtype"] == "f16" and meta["items"]["ok"] == 6
+    # so is a bf16 lm_head: resuming the float32 output with it is refused, a fresh output records it
+    res = CliRunner().invoke(main, ["run", str(src), "-o", str(out), "-m", str(small_model_path), "--temperature",
+                                    "0.7", "--seed", "3", "--quiet", "--lm-head-dtype", "bf16"])
+    assert res.exit_code == 1 and "lm_head_dtype" in res.output and "overwrite" in res.output, res.output
+    res = CliRunner().invoke(main, ["run", str(src), "-o", str(tmp_path / "bf16.jsonl"), "-m", str(small_model_path),
+                                    "--temperature", "0.7", "--seed", "3", "--quiet", "--lm-head-dtype", "bf16"])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "bf16.jsonl.meta.json").read_text())
+    assert meta["parameters"]["engine"]["lm_head_dtype"] == "bf16" and meta["items"]["ok"] == 6
 
 
 def test_fatal_errors_exit_1_with_a_message(tmp_path, small_model_path):
@@ -122,14 +131,14 @@ def test_generate_inspect_and_chat(small_model_path):
     assert res.output.count("assistant>") == 2
 
 
-@pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
-def test_bench_json(small_model_path, kv_dtype):
+@pytest.mark.parametrize("kv_dtype, lm_head_dtype", [("f32", "f32"), ("f16", "bf16")])
+def test_bench_json(small_model_path, kv_dtype, lm_head_dtype):
     res = CliRunner().invoke(main, ["bench", "-m", str(small_model_path), "--batch-sizes", "1,2",
-                                    "--prompt-tokens", "8", "--gen-tokens", "4", "--kv-dtype", kv_dtype, "--repeat",
-                                    "2", "--json"])
+                                    "--prompt-tokens", "8", "--gen-tokens", "4", "--kv-dtype", kv_dtype,
+                                    "--lm-head-dtype", lm_head_dtype, "--repeat", "2", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert out["kv_dtype"] == kv_dtype and out["repeat"] == 2
+    assert out["kv_dtype"] == kv_dtype and out["lm_head_dtype"] == lm_head_dtype and out["repeat"] == 2
     for r in out["results"]:                 # the best of the 2 runs is reported
         assert len(r["runs"]) == 2 and r["total_tok_s"] == max(x["total_tok_s"] for x in r["runs"])
     assert [r["batch"] for r in out["results"]] == [1, 2]

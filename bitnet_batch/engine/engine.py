@@ -82,7 +82,10 @@ class Engine:
             self.kv.prefault()
             self.kv_prefault_s = time.perf_counter() - t0
         self.max_rows = max(config.prefill_chunk, config.max_batch)
-        self.ws = Workspace(cfg, self.max_rows, logit_rows or config.max_batch, self.max_seq_len)
+        # the lm_head table rounded to bfloat16 (opt-in numerics; shared by the model's engines)
+        self.lm_bf16 = model.bf16_lm_head() if config.lm_head_dtype == "bf16" else None
+        self.ws = Workspace(cfg, self.max_rows, logit_rows or config.max_batch, self.max_seq_len,
+                            lm_head_bf16=self.lm_bf16 is not None)
         self.rope = RopeTable(cfg, self.max_seq_len)
         self.steps = 0
         self.busy_s = 0.0
@@ -111,7 +114,7 @@ class Engine:
             r += m
         t0 = time.perf_counter()
         logits = forward(self.model.weights, self.model.config, self.ws, self.kv, self.rope,
-                         StepBatch(tokens, row_seq, row_pos, np.asarray(logit_rows, np.int32)))
+                         StepBatch(tokens, row_seq, row_pos, np.asarray(logit_rows, np.int32)), self.lm_bf16)
         self.busy_s += time.perf_counter() - t0
         self.steps += 1
         return part_outputs(logits, spans)
@@ -128,7 +131,7 @@ class Engine:
             self.kv.reserve(slot, start + c1)
             batch = StepBatch(np.ascontiguousarray(tokens[c0:c1], np.int32), np.full(m, slot, np.int32),
                               np.arange(start + c0, start + c1, dtype=np.int32), np.arange(m, dtype=np.int32))
-            out[c0:c1] = forward(self.model.weights, cfg, self.ws, self.kv, self.rope, batch)
+            out[c0:c1] = forward(self.model.weights, cfg, self.ws, self.kv, self.rope, batch, self.lm_bf16)
         return out
 
 

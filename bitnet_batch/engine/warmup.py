@@ -31,7 +31,7 @@ def warm_up(engine: Engine) -> float:
     from jit_kernels._config import parallel_drivers
 
     t0 = time.perf_counter()
-    if kernel_cache_cold():
+    if engine_kernels_cold(engine):
         _compile_in_child(engine)
     slot = engine.kv.allocate()
     try:
@@ -52,6 +52,13 @@ def warm_up(engine: Engine) -> float:
 
 COMPILE_NOTICE = ("compiling the kernels for this CPU into Numba's cache: about a minute on a first run, once "
                   "(later runs load them in about a second)")
+
+
+def engine_kernels_cold(engine: Engine) -> bool:
+    """Whether the on-disk cache lacks the compiled layer or, with the opt-in bf16 lm_head, its tiles."""
+    from jit_kernels.lm_head_bf16 import _lm_head_tiles
+
+    return kernel_cache_cold() or (engine.lm_bf16 is not None and kernel_cache_cold(_lm_head_tiles))
 
 
 def kernel_cache_cold(kernel=None) -> bool:
@@ -82,13 +89,14 @@ def _compile_in_child(engine: Engine) -> bool:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     code = "import sys; from bitnet_batch.engine.warmup import _warm_child; _warm_child(*sys.argv[1:])"
     res = subprocess.run([sys.executable, "-c", code, str(Path(engine.model.path).resolve()), cfg.kv_dtype,
-                          str(cfg.prefill_chunk), str(cfg.threads)], env=env, cwd=root, stdout=subprocess.DEVNULL,
+                          cfg.lm_head_dtype, str(cfg.prefill_chunk), str(cfg.threads)], env=env, cwd=root, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     return res.returncode == 0
 
 
-def _warm_child(path: str, kv_dtype: str, prefill_chunk: str, threads: str) -> None:
+def _warm_child(path: str, kv_dtype: str, lm_head_dtype: str, prefill_chunk: str, threads: str) -> None:
     from ..model.model import load_model
 
     warm_up(Engine(load_model(path), EngineConfig(max_batch=1, max_seq_len=8, prefill_chunk=int(prefill_chunk),
-                                                  threads=int(threads), kv_dtype=kv_dtype)))
+                                                  threads=int(threads), kv_dtype=kv_dtype,
+                                                  lm_head_dtype=lm_head_dtype)))

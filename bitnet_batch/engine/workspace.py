@@ -14,6 +14,7 @@ import numpy as np
 
 from jit_kernels.attention import attention_scratch
 from jit_kernels.buffers import aligned_zeros
+from jit_kernels import lm_head_bf16 as lm_head_bf16_k
 from jit_kernels.embedding import lm_head_scratch
 
 from ..config import ModelConfig
@@ -21,7 +22,8 @@ from ..model.layout import padded, part_starts
 
 
 class Workspace:
-    def __init__(self, cfg: ModelConfig, max_rows: int, max_logit_rows: int, max_seq_len: int):
+    def __init__(self, cfg: ModelConfig, max_rows: int, max_logit_rows: int, max_seq_len: int, *,
+                 lm_head_bf16: bool = False):
         T, D, F = max_rows, cfg.n_embd, cfg.n_ff
         qkv = part_starts((cfg.q_dim, cfg.kv_dim, cfg.kv_dim))[1]       # the fused projections' rows, parts
         gate_up = part_starts((F, F))[1]                                 # starting row pairs (Projection)
@@ -45,6 +47,11 @@ class Workspace:
         self.att_scratch = attention_scratch(numba.config.NUMBA_NUM_THREADS, max_seq_len, cfg.head_dim,
                                              cfg.n_head // cfg.n_head_kv)
         self.lm_scratch = lm_head_scratch(numba.config.NUMBA_NUM_THREADS, D)
+        if lm_head_bf16:            # the logit rows rounded to bfloat16: bits for the tiles, values for plain loops
+            Dp = lm_head_bf16_k.padded_dim(D)
+            self.xb = aligned_zeros((max_logit_rows, Dp), np.uint16)
+            self.xr = aligned_zeros((max_logit_rows, Dp), np.float32)
+            self.bf16_scratch = lm_head_bf16_k.scratch(numba.config.NUMBA_NUM_THREADS, D)
         for a in vars(self).values():     # fault the pages in now, not in the first full step (see Engine)
             if isinstance(a, np.ndarray):
                 a.fill(0)

@@ -18,7 +18,7 @@ from typing import Iterator
 
 from ..config import EngineConfig
 from ..engine.engine import Engine
-from ..engine.warmup import COMPILE_NOTICE, kernel_cache_cold, warm_up
+from ..engine.warmup import COMPILE_NOTICE, engine_kernels_cold, warm_up
 from ..interrupt import StopSignals
 from ..io import readers
 from ..io.readers import BadRecord, count_records
@@ -84,7 +84,7 @@ class JobKind:
     def kernels_cold(engine) -> bool:
         """Whether ``warm_up(engine)`` will compile (Numba's on-disk cache lacks its kernels): worth a word to the
         user before a minute of silence."""
-        return kernel_cache_cold()
+        return engine_kernels_cold(engine)
 
     @staticmethod
     def warm_up(engine) -> float:

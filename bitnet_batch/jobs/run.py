@@ -89,6 +89,8 @@ class JobConfig(JobBase):
             fp["template"] = self.template.describe()
         if self.engine.kv_dtype != "f32":
             fp["kv_dtype"] = self.engine.kv_dtype      # float16 K/V round differently: not the same outputs
+        if self.engine.lm_head_dtype != "f32":
+            fp["lm_head_dtype"] = self.engine.lm_head_dtype     # bfloat16 logits: not the same outputs either
         return fp
 
 

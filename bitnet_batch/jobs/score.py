@@ -160,6 +160,8 @@ class ScoreJobConfig(JobBase):
               "inputs": [Path(p).name for p in self.inputs]}
         if self.engine.kv_dtype != "f32":
             fp["kv_dtype"] = self.engine.kv_dtype
+        if self.engine.lm_head_dtype != "f32":
+            fp["lm_head_dtype"] = self.engine.lm_head_dtype
         return fp
 
 

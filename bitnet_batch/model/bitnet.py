@@ -26,6 +26,7 @@ import numpy as np
 from jit_kernels import activations as act_k
 from jit_kernels import embedding as emb_k
 from jit_kernels import layer as layer_k
+from jit_kernels import lm_head_bf16
 from jit_kernels import norms, rope
 from jit_kernels._config import serial_max
 from jit_kernels._cpu import KERNEL, kernel_id
@@ -72,8 +73,10 @@ def _check_layers(w: Weights, ws: Workspace, kv: KVCache, rt: RopeTable) -> None
 
 
 def forward(w: Weights, cfg: ModelConfig, ws: Workspace, kv: KVCache, rt: RopeTable,
-            batch: StepBatch) -> np.ndarray:
-    """Run one step; returns a view ``ws.logits[:R]`` (float32 [R, n_vocab]) for ``batch.logit_rows``."""
+            batch: StepBatch, lm_bf16: np.ndarray | None = None) -> np.ndarray:
+    """Run one step; returns a view ``ws.logits[:R]`` (float32 [R, n_vocab]) for ``batch.logit_rows``.
+    ``lm_bf16``: the model's bfloat16 lm_head table (``Model.bf16_lm_head``; the workspace then has the bf16
+    buffers) for the opt-in bf16 lm_head, else the spec's float32 one."""
     T, R = batch.n_rows, batch.logit_rows.shape[0]
     if T == 0 or T > ws.max_rows or R > ws.max_logit_rows:
         raise ValueError(f"forward: {T} rows / {R} logit rows exceed the workspace ({ws.max_rows}, "
@@ -82,7 +85,12 @@ def forward(w: Weights, cfg: ModelConfig, ws: Workspace, kv: KVCache, rt: RopeTa
     xl32 = ws.xl32[:R]
     xl32[:] = xl
     out = ws.logits[:R]
-    emb_k.lm_head(xl32, w.output, w.output_kind, ws.lm_scratch, out)
+    if lm_bf16 is None:
+        emb_k.lm_head(xl32, w.output, w.output_kind, ws.lm_scratch, out)
+    else:
+        xb, xr = ws.xb[:R], ws.xr[:R]
+        lm_head_bf16.round_rows(xl32, xb, xr)
+        lm_head_bf16.lm_head_bf16(xb, xr, lm_bf16, ws.bf16_scratch, out)
     return out
 
 

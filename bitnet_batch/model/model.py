@@ -35,6 +35,7 @@ class Model:
         self.load_s = load_s
         self._sha256 = None
         self._engine = None
+        self._bf16_lm_head = None
 
     @property
     def tokenizer(self):
@@ -66,6 +67,28 @@ class Model:
             ckpt = self.checkpoint
             self._sha256 = files_sha256([self.path] if ckpt is None else ckpt.files, named=ckpt is not None)
         return self._sha256
+
+    def bf16_lm_head(self) -> np.ndarray:
+        """The lm_head table rounded to bfloat16 (uint16 [V, D padded to 32], ``jit_kernels.lm_head_bf16``), built
+        once per model for the engines with ``lm_head_dtype="bf16"``. The file's table leaves this process's
+        resident pages as the copy is made, in slices (a tied table's rows fault back in as the embedding lookup
+        reads them), so the two never count twice."""
+        if self._bf16_lm_head is None:
+            from jit_kernels import lm_head_bf16
+            from jit_kernels.buffers import aligned_empty
+
+            w = self.weights
+            V, D = w.output.shape
+            table = aligned_empty((V, lm_head_bf16.padded_dim(D)), np.uint16)
+            name = "token_embd.weight" if self.config.tied_lm_head else "output.weight"
+            rows = max(1, (64 << 20) // (D * w.output.itemsize))          # 64 MB of the file's table at a time
+            for lo in range(0, V, rows):
+                hi = min(V, lo + rows)
+                lm_head_bf16.bf16_table(w.output[lo:hi], w.output_kind, table[lo:hi])
+                if self.gguf is not None:
+                    self.gguf.release(name, (lo * D * w.output.itemsize, hi * D * w.output.itemsize))
+            self._bf16_lm_head = table
+        return self._bf16_lm_head
 
     def logits(self, token_ids) -> np.ndarray:
         """Logits at every position of one sequence, computed with a fresh KV cache (prefill).
