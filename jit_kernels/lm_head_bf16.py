@@ -3,7 +3,9 @@ BF16's ``vdpbf16ps``, which does twice the multiply-adds per cycle of a float32 
 
 The spec's lm_head (``embedding.lm_head``) multiplies float32 rows by the F16 table widened exactly. This one
 rounds both to bfloat16 first (round to nearest even: the table once, when the engine is built; the rows each
-step) and is an opt-in numerics choice, like a float16 KV cache: logits move in their last ~3 significant bits.
+step) and is an opt-in numerics choice, like a float16 KV cache: each product's operands move by up to 2^-9
+relative (on the reference models and the shipped model: logits by up to 0.02-0.05 of a range of 24-36, the same
+top token at every position).
 
 Order of operations, the same on every path, so a row's logits are bit-identical whatever the path, the batch
 and the thread count: D is padded with zeros to a multiple of 32; lane l (0..15) of 16 float32 accumulators
