@@ -120,6 +120,7 @@ GOOD = """\
     (GOOD + "[outptu]\npath = 'x'\n", "unknown section 'outptu' (did you mean 'output'?)"),
     (GOOD + "[engine]\nmax_batch = '8'\n", "[engine] max_batch must be an integer, got '8'"),
     (GOOD + "[engine]\nmax_batch = 0\n", "[engine] max_batch must be >= 1, got 0"),
+    (GOOD + "[engine]\nlm_head_dtype = 'f16'\n", "[engine] lm_head_dtype must be one of f32, bf16, got 'f16'"),
     (GOOD.replace('path = "out.jsonl"', 'path = "o.jsonl"\nformat = "csv"'),
      "[output] format must be one of jsonl, parquet, openai, got 'csv'"),
     (GOOD + "[constraint]\nregex = 'a'\nchoice = ['a']\n", "[constraint] give only one of choice, regex"),
@@ -167,6 +168,8 @@ def test_paths_globs_schema_file_and_defaults(tmp_path):
         [output]
         path = "../out/x.parquet"
         ordered = false
+        [engine]
+        lm_head_dtype = "bf16"
     """)
     pipe = load_pipeline(path)
     assert pipe.inputs == (str(tmp_path / "data" / "a.jsonl"), str(tmp_path / "data" / "b.jsonl"))   # sorted, once
@@ -180,6 +183,7 @@ def test_paths_globs_schema_file_and_defaults(tmp_path):
         pipe.job({"prompt_field": "q"})
     fp = job.fingerprint("sha")
     assert fp["n"] == 2 and fp["template"]["text"] == "Say {word}" and "response_format" in fp["constraint"]
+    assert job.engine.lm_head_dtype == "bf16" and fp["lm_head_dtype"] == "bf16"
 
 
 # --------------------------------------------------------------------------------------------- templates
