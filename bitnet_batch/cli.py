@@ -159,8 +159,7 @@ def run(inputs, pipeline_file, **opts):
         summary = _run_on(job, RunKind, opts)
     except (BitnetBatchError, OSError) as e:
         _fail(e)
-    if opts["strict"] and summary["items"]["errors_in_output"]:
-        sys.exit(EXIT_ITEM_ERRORS)
+    _exit_if_strict(opts, summary)
 
 
 def _run_on(job, kind, opts) -> dict:
@@ -179,6 +178,12 @@ def _run_on(job, kind, opts) -> dict:
     from .jobs.loop import run_local
 
     return run_local(job, kind, quiet=opts["quiet"])
+
+
+def _exit_if_strict(opts, summary: dict) -> None:
+    """--strict: a job whose output holds error records exits EXIT_ITEM_ERRORS (for cron)."""
+    if opts["strict"] and summary["items"]["errors_in_output"]:
+        sys.exit(EXIT_ITEM_ERRORS)
 
 
 _CONSTRAINT_OPTIONS = ("response_format", "json_schema", "regex", "choice")
@@ -254,8 +259,7 @@ def score(inputs, **opts):
         _fail(e)
     if opts["quiet"]:
         click.echo(f"corpus perplexity: {summary['corpus']['perplexity']} over {summary['corpus']['tokens']} tokens")
-    if opts["strict"] and summary["items"]["errors_in_output"]:
-        sys.exit(EXIT_ITEM_ERRORS)
+    _exit_if_strict(opts, summary)
 
 
 @main.command()
@@ -295,8 +299,7 @@ def embed(inputs, **opts):
         summary = _run_on(job, EmbedKind, opts)
     except (BitnetBatchError, OSError) as e:
         _fail(e)
-    if opts["strict"] and summary["items"]["errors_in_output"]:
-        sys.exit(EXIT_ITEM_ERRORS)
+    _exit_if_strict(opts, summary)
 
 
 @main.command()

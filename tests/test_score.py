@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 import bitnet_batch
+from bitnet_batch.cli import EXIT_ITEM_ERRORS
 from bitnet_batch.cli import main as cli_main
 from bitnet_batch.engine.engine import Engine, EngineConfig
 from bitnet_batch.errors import ConfigError
@@ -278,3 +279,9 @@ def test_cli_score_writes_records_and_prints_the_corpus_perplexity(inputs, small
     bad = CliRunner().invoke(cli_main, ["score", str(inputs), "-o", str(tmp_path / "x.jsonl"), "--model",
                                         str(tmp_path / "nope.gguf"), "--quiet"])
     assert bad.exit_code == 1 and "error:" in bad.output
+    # --strict: an output holding error records exits 3 (for cron)
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"id": "ok", "text": TEXTS[0]}, {"id": "bad", "text": 7}])
+    strict = CliRunner().invoke(cli_main, ["score", str(rows), "-o", str(tmp_path / "s.jsonl"), "--model",
+                                           str(small_model_path), "--quiet", "--strict"])
+    assert strict.exit_code == EXIT_ITEM_ERRORS, strict.output
+    assert [r.get("error") is None for r in read_jsonl(tmp_path / "s.jsonl")] == [True, False]
