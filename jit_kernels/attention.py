@@ -240,7 +240,30 @@ def attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, out, scratch)
     if uses_g4(group, k_cache.shape[2]):
         _attention_g4(q, k_cache, v_cache, block_tables, row_seq, row_pos, 1.0 / np.sqrt(hd), scratch, out)
     else:
-        _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, 1.0 / np.sqrt(hd), scratch, out)
+        _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, np.int64(0), 1.0 / np.sqrt(hd), scratch,
+                   out)
+
+
+def window_attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, window, scale, out, scratch):
+    """``attention`` with an explicit score scale and an optional sliding window, for the embedding models
+    (``bitnet_batch.model.embedding_forward``): Gemma3's scale ``query_pre_attn_scalar ** -0.5`` and its
+    sliding-window layers, where the row at position p attends to max(0, p - window + 1) .. p only (transformers
+    ``sliding_window_overlay``: kv > q - W; ``window <= 0``: all of 0..p). q, out float64 [T, H, hd]; caches and
+    scratch as ``attention``. The same numerics, and a row's result never depends on the other rows."""
+    T, H, hd = q.shape
+    KVH = k_cache.shape[1]
+    _check_cache(k_cache, v_cache, "window_attention")
+    if H % KVH or k_cache.shape[3] != hd or out.shape != q.shape:
+        raise ValueError(f"window_attention: q {q.shape}, cache {k_cache.shape}, out {out.shape} do not match")
+    if q.dtype != np.float64 or out.dtype != np.float64:
+        raise TypeError(f"window_attention: q and out must be float64, got {q.dtype}, {out.dtype}")
+    n_pos = _check_rows(row_seq, row_pos, block_tables, k_cache.shape[2], T)
+    need = (H // KVH) * (n_pos + hd) + hd
+    if scratch.dtype != np.float64 or scratch.shape[0] < numba.config.NUMBA_NUM_THREADS or scratch.shape[1] < need:
+        raise ValueError(f"window_attention: scratch {scratch.shape} {scratch.dtype} must be float64 "
+                         f"[>= {numba.config.NUMBA_NUM_THREADS}, >= {need}]")
+    _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, np.int64(window), np.float64(scale), scratch,
+               out)
 
 
 @njit(inline="always", **JIT)
@@ -304,7 +327,9 @@ def _divide_by_mass(seg, acc):
 
 
 @njit(**JIT_PARALLEL)
-def _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, scratch, out):
+def _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, window, scale, scratch, out):
+    """Row t attends to positions lo .. p = row_pos[t], lo = max(0, p - window + 1) (0 when window <= 0: the
+    generative models; the embedding models' sliding-window layers pass their window)."""
     T, H, hd = q.shape
     KVH = k_cache.shape[1]
     bs = k_cache.shape[2]
@@ -314,27 +339,33 @@ def _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, scrat
         kvh = i % KVH
         h0 = kvh * G
         table = block_tables[row_seq[t]]
-        n = row_pos[t] + 1
+        last = row_pos[t]
+        lo = 0
+        if window > 0 and last - window + 1 > 0:
+            lo = last - window + 1
+        n = last + 1 - lo
         buf = scratch[numba.get_thread_id()]
         sc = buf[:G * n]                              # scores of head h0 + j at [j * n, j * n + n)
         qv = buf[G * n:G * (n + hd)]                  # contiguous copies of the G queries
         kvbuf = buf[G * (n + hd):G * (n + hd) + hd]   # a float16 cache row widened
         _gather_queries(q, t, h0, G, qv)
-        for p in range(n):
+        for i_p in range(n):
+            p = lo + i_p
             kr = _kv_row(k_cache, table[p // bs], kvh, p % bs, kvbuf)
             for j in range(G):
                 qj = qv[j * hd:(j + 1) * hd]
                 s = 0.0
                 for d in range(hd):
                     s += qj[d] * np.float64(kr[d])
-                sc[j * n + p] = s * scale
+                sc[j * n + i_p] = s * scale
         for j in range(G):
             _softmax_numerators(sc[j * n:j * n + n])
             out[t, h0 + j, :] = 0.0
-        for p in range(n):
+        for i_p in range(n):
+            p = lo + i_p
             vr = _kv_row(v_cache, table[p // bs], kvh, p % bs, kvbuf)
             for j in range(G):
-                w = sc[j * n + p]
+                w = sc[j * n + i_p]
                 acc = out[t, h0 + j]
                 for d in range(hd):
                     acc[d] += w * np.float64(vr[d])

@@ -142,7 +142,7 @@ def bitnet_layer(x, xq_flat, xscale, xsum, qkv_flat, att, proj, gu_flat, att_scr
     if attention.uses_g4(H // KVH, k_cache.shape[2]):
         attention._attention_g4(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, att_scratch, a)
     else:
-        attention._attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, att_scratch, a)
+        attention._attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, 0, scale, att_scratch, a)
     # x += W_o(int8(RMSNorm(a) * attn_sub_norm))
     p = proj[:T]
     xq = _norm_quantize(a.reshape((T, H * hd)), attn_sub_norm, eps, xq_flat, xscale, xsum, wo_packed.shape[1] * 4,

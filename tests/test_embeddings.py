@@ -21,7 +21,7 @@ from bitnet_batch.testing.embedding_models import (build_embedding_writer, Embed
 from bitnet_batch.testing.models import write_test_model
 from jit_kernels import attention
 from jit_kernels.gelu import gelu_tanh_gated
-from jit_kernels.window_attention import window_attention
+from jit_kernels.attention import window_attention
 
 DATA = Path(__file__).parent / "data" / "embed"
 FIXTURES = ["tiny-qwen3-i2s", "tiny-gemma3-i2s"]

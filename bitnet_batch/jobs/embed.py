@@ -198,9 +198,9 @@ class EmbedKind(JobKind):
 
     @staticmethod
     def kernels_cold(engine: EmbedEngine) -> bool:
-        from jit_kernels.window_attention import _window_attention      # the embedding models' attention
+        from jit_kernels.attention import _attention     # the embedding models' attention
 
-        return kernel_cache_cold(_window_attention if engine.embedder.embedding_model else None)
+        return kernel_cache_cold(_attention if engine.embedder.embedding_model else None)
 
     @staticmethod
     def warm_up(engine: EmbedEngine) -> float:

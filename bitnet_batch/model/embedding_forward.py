@@ -23,7 +23,7 @@ from jit_kernels import embedding as emb_k
 from jit_kernels import norms, rope, ternary
 from jit_kernels.buffers import aligned_zeros
 from jit_kernels.gelu import gelu_tanh_gated
-from jit_kernels.window_attention import window_attention
+from jit_kernels.attention import window_attention
 
 from ..engine.kv_cache import KVCache
 from .bitnet import StepBatch, hidden
