@@ -176,3 +176,33 @@ def test_engine_bf16_lm_head(model):
         np.testing.assert_array_equal(got[0], full[p])
     with pytest.raises(ConfigError, match="lm_head_dtype must be one of f32, bf16"):
         EngineConfig(lm_head_dtype="f16")
+
+
+def _present_pages(a) -> int:
+    """How many of the whole pages inside array ``a``'s bytes are resident (``/proc/self/pagemap``)."""
+    import mmap
+
+    page = mmap.PAGESIZE
+    lo = -(-a.ctypes.data // page) * page
+    hi = (a.ctypes.data + a.nbytes) // page * page
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(lo // page * 8)
+        entries = np.frombuffer(f.read((hi - lo) // page * 8), np.uint64)
+    return int(((entries >> np.uint64(63)) & np.uint64(1)).sum())
+
+
+@pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="reads page residency from /proc (Linux)")
+@pytest.mark.parametrize("path", [REF / "tiny-i2s-b158.gguf", REF.parent / "hf" / "tiny-packed-gqa"])
+def test_the_bf16_table_replaces_the_files_pages(path):
+    """Building the bf16 table drops the file's table from the process's resident pages (GGUF and safetensors),
+    so the copy is not counted twice; the embedding lookup still reads the file's rows."""
+    fresh = bitnet_batch.load_model(path)
+    w = fresh.weights
+    np.asarray(w.output).sum()                  # read every page of it
+    assert _present_pages(w.output) > 0
+    fresh.bf16_lm_head()
+    assert _present_pages(w.output) == 0
+    eng = Engine(fresh, EngineConfig(max_batch=1, max_seq_len=16, prefill_chunk=8, lm_head_dtype="bf16"))
+    out = eng.step([(eng.kv.allocate(), np.array([1, 2, 3], np.int32), 0, True)])[0]
+    f32 = fresh.logits([1, 2, 3])[-1]
+    assert np.abs(out - f32).max() < 0.05 * np.abs(f32).max()

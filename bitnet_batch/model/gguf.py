@@ -295,6 +295,16 @@ def release_mapped_range(data: np.memmap | None, offset: int, nbytes: int) -> No
         mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
+def release_array_pages(a: np.ndarray) -> None:
+    """``release_mapped_range`` for the bytes of ``a``, a C-contiguous view of a read-only ``np.memmap`` (a GGUF's
+    or a safetensors shard's): drop its resident pages once it has been copied out. A no-op for other arrays."""
+    mm = getattr(a, "_mmap", None)
+    if mm is None or not a.flags.c_contiguous:
+        return
+    start = np.frombuffer(mm, np.uint8).ctypes.data       # the address of the map's first byte
+    release_mapped_range(a, a.ctypes.data - start, a.nbytes)
+
+
 class GGUFFile:
     """A parsed GGUF file. Tensor data stays on disk: ``raw(name)`` is a view of a read-only memory map.
 
@@ -432,17 +442,16 @@ class GGUFFile:
 
     # ---- access --------------------------------------------------------------------------------------
 
-    def release(self, name: str, part: tuple[int, int] | None = None) -> None:
+    def release(self, name: str) -> None:
         """Drop the resident pages of a tensor's bytes from this process's memory map once the tensor has been
         copied out, so the process is not charged twice for it (the pages stay in the OS page cache and fault
         back in if read again). The range is first marked as not for huge pages: where the page cache holds the
         file in large folios, the kernel otherwise maps them back in whole (~190 MB of the 2B4T file's released
         tensors counted in RSS again during the first steps, seen on a 6.18 kernel). A no-op where madvise is
-        unavailable. ``part``: bytes [lo, hi) of the tensor only."""
+        unavailable."""
         info = self.tensors.get(name)
         if info is not None:
-            lo, hi = part or (0, info.nbytes)
-            release_mapped_range(self._data, info.offset + lo, min(hi, info.nbytes) - lo)
+            release_mapped_range(self._data, info.offset, info.nbytes)
 
     def raw(self, name: str) -> np.ndarray:
         """uint8 view (no copy) of exactly the tensor's ``nbytes`` bytes."""

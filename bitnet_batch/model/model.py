@@ -15,7 +15,7 @@ from ..config import ModelConfig
 from ..errors import ConfigError, ContextOverflowError, ModelFormatError, TokenizerError
 from . import hf
 from .embedding_models import EmbeddingModelConfig, is_embedding_arch, load_embedding_weights
-from .gguf import GGUFFile
+from .gguf import GGUFFile, release_array_pages
 from .hf import Checkpoint
 from .hub import resolve_model_path
 from .weights import Weights, load_weights
@@ -80,13 +80,11 @@ class Model:
             w = self.weights
             V, D = w.output.shape
             table = aligned_empty((V, lm_head_bf16.padded_dim(D)), np.uint16)
-            name = "token_embd.weight" if self.config.tied_lm_head else "output.weight"
             rows = max(1, (64 << 20) // (D * w.output.itemsize))          # 64 MB of the file's table at a time
             for lo in range(0, V, rows):
-                hi = min(V, lo + rows)
-                lm_head_bf16.bf16_table(w.output[lo:hi], w.output_kind, table[lo:hi])
-                if self.gguf is not None:
-                    self.gguf.release(name, (lo * D * w.output.itemsize, hi * D * w.output.itemsize))
+                part = w.output[lo:lo + rows]
+                lm_head_bf16.bf16_table(part, w.output_kind, table[lo:lo + rows])
+                release_array_pages(part)           # a no-op for a table in memory (dequantized, converted)
             self._bf16_lm_head = table
         return self._bf16_lm_head
 
