@@ -177,7 +177,8 @@ def run_side_by_side(kernels, model_ref, batch_sizes=(1, 8, 32), prompt_tokens=6
     root = str(Path(jit_kernels.__file__).resolve().parent.parent)
     model_arg = str(Path(model_ref).resolve()) if Path(model_ref).exists() else str(model_ref)
     args = ["--prompt-tokens", str(prompt_tokens), "--gen-tokens", str(gen_tokens), "--threads", str(threads),
-            "--prefill-chunk", str(prefill_chunk), "--kv-dtype", kv_dtype, "--lm-head-dtype", lm_head_dtype, "--json", "-m", model_arg]
+            "--prefill-chunk", str(prefill_chunk), "--kv-dtype", kv_dtype, "--lm-head-dtype", lm_head_dtype, "--json",
+            "-m", model_arg]
     args += ["--model-file", model_file] if model_file else []
     runs = {k: {} for k in kernels}
     for b in batch_sizes:
@@ -211,8 +212,8 @@ def run_side_by_side(kernels, model_ref, batch_sizes=(1, 8, 32), prompt_tokens=6
         log(f"  batch {row['batch']:3d} {row['kernel']} / {row['vs']}: prefill {row['prefill_ratio']:.2f}x, "
             f"decode {row['decode_ratio']:.2f}x")
     return {"model": str(model_ref), "kernels": list(kernels), "repeat": repeat, "threads": threads,
-            "kv_dtype": kv_dtype, "lm_head_dtype": lm_head_dtype, "results": best, "runs": {k: [x for b in batch_sizes for x in runs[k][b]]
-                                                              for k in kernels}, "ratios": ratios}
+            "kv_dtype": kv_dtype, "lm_head_dtype": lm_head_dtype, "results": best,
+            "runs": {k: [x for b in batch_sizes for x in runs[k][b]] for k in kernels}, "ratios": ratios}
 
 
 def _positive(value, where: str) -> float:

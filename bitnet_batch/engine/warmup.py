@@ -89,8 +89,8 @@ def _compile_in_child(engine: Engine) -> bool:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     code = "import sys; from bitnet_batch.engine.warmup import _warm_child; _warm_child(*sys.argv[1:])"
     res = subprocess.run([sys.executable, "-c", code, str(Path(engine.model.path).resolve()), cfg.kv_dtype,
-                          cfg.lm_head_dtype, str(cfg.prefill_chunk), str(cfg.threads)], env=env, cwd=root, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
+                          cfg.lm_head_dtype, str(cfg.prefill_chunk), str(cfg.threads)], env=env, cwd=root,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return res.returncode == 0
 
 
