@@ -381,8 +381,14 @@ def inspect(model, model_file, as_json):
     except (BitnetBatchError, OSError) as e:
         _fail(e)
     from jit_kernels._cpu import AVAILABLE, KERNEL          # the kernel family a job would run here
-    click.echo(json.dumps(dict(info, kernel=KERNEL), indent=2) if as_json else
-               f"{format_description(info)}\nkernels   {KERNEL} (this CPU runs {', '.join(AVAILABLE)})")
+    from jit_kernels.lm_head_bf16 import has_fast_path
+
+    fast = has_fast_path()                                  # whether --lm-head-dtype bf16 pays here
+    bf16 = ("vdpbf16ps, faster for many streams" if fast else
+            "same results, no faster here (vdpbf16ps: the avx512 kernels on an AVX512_BF16 CPU)")
+    click.echo(json.dumps(dict(info, kernel=KERNEL, lm_head_bf16_fast=fast), indent=2) if as_json else
+               f"{format_description(info)}\nkernels   {KERNEL} (this CPU runs {', '.join(AVAILABLE)}); "
+               f"--lm-head-dtype bf16: {bf16}")
 
 
 @main.command()

@@ -58,8 +58,11 @@ def test_bench_inspect_and_job_summary_name_the_kernel_family(tmp_path, small_mo
     assert json.loads(res.stdout.strip().splitlines()[-1])["kernel"] == _cpu.KERNEL
     res = r.invoke(main, ["inspect", str(small_model_path)])
     assert res.exit_code == 0 and f"kernels   {_cpu.KERNEL} (this CPU runs {', '.join(_cpu.AVAILABLE)})" in res.output
+    fast = _cpu.KERNEL == "avx512" and _cpu.HAS_AVX512_BF16
+    assert ("bf16: vdpbf16ps" if fast else "bf16: same results, no faster") in res.output
     res = r.invoke(main, ["inspect", str(small_model_path), "--json"])
-    assert json.loads(res.output)["kernel"] == _cpu.KERNEL
+    out = json.loads(res.output)
+    assert out["kernel"] == _cpu.KERNEL and out["lm_head_bf16_fast"] is fast
     src = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "apple river"}])
     res = r.invoke(main, ["run", str(src), "-o", str(tmp_path / "out.jsonl"), "-m", str(small_model_path),
                           "--max-tokens", "2", "--quiet"])
