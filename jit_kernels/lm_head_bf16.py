@@ -46,7 +46,7 @@ def padded_dim(D: int) -> int:
 
 def has_fast_path(kernel=None) -> bool:
     """Whether ``lm_head_bf16`` takes the ``vdpbf16ps`` tiles here (the ``avx512`` family on an AVX512_BF16
-    CPU); elsewhere it gives the same bits from plain loops."""
+    CPU); elsewhere it gives the same bits from FMA tiles (SIMD families) or plain loops (``portable``)."""
     return (KERNEL if kernel is None else kernel) == "avx512" and HAS_AVX512_BF16
 
 
