@@ -46,7 +46,7 @@ def read_cases(models: Path, name: str) -> list[tuple[str, list[int]]]:
 def qwen2_subset(models: Path) -> dict:
     gf = GGUFFile(models / "ggml-vocab-qwen2.gguf")
     md = gf.metadata
-    tokens, types, merges = md["tokenizer.ggml.tokens"], md["tokenizer.ggml.token_type"], md["tokenizer.ggml.merges"]
+    tokens, types = md["tokenizer.ggml.tokens"], md["tokenizer.ggml.token_type"]
     cases = read_cases(models, "qwen2")
     b2u = bytes_to_unicode()
     pieces = set()
@@ -57,10 +57,17 @@ def qwen2_subset(models: Path) -> dict:
     for i, t in enumerate(tokens):
         if types[i] != TOKEN_NORMAL or len(t) == 1 or any(t in p for p in pieces):
             keep[i] = t
+    return _subset("ggml-vocab-qwen2.gguf", md, keep, cases)
+
+
+def _subset(file: str, md: dict, keep: dict, cases) -> dict:
+    """The fixture of a vocabulary file's subset: the kept tokens (id -> text), the types of the kept non-normal
+    ones, the merges between kept tokens, the tokenizer metadata (scalars, no chat template) and the test cases."""
+    tokens, types, merges = md["tokenizer.ggml.tokens"], md["tokenizer.ggml.token_type"], md["tokenizer.ggml.merges"]
     kept_text = set(keep.values())
     sub_merges = [m for m in merges if m.replace(" ", "", 1) in kept_text
                   and all(part in kept_text for part in m.split(" ", 1))]
-    return {"source": "llama.cpp models/ggml-vocab-qwen2.gguf (subset, see scripts/make_tokenizer_fixtures.py)",
+    return {"source": f"llama.cpp models/{file} (subset, see scripts/make_tokenizer_fixtures.py)",
             "n_vocab": len(tokens), "tokens": {str(i): t for i, t in keep.items()},
             "token_types": {str(i): int(types[i]) for i in keep if types[i] != TOKEN_NORMAL},
             "merges": sub_merges,
@@ -73,23 +80,14 @@ def gemma_subset(models: Path) -> dict:
     """The same for ``ggml-vocab-gemma-4.gguf`` (SentencePiece-style BPE over the whole text, spaces as U+2581): the
     tokens that are substrings of a normalised test string, the byte and special tokens, the merges between them."""
     md = GGUFFile(models / "ggml-vocab-gemma-4.gguf").metadata
-    tokens, types, merges = md["tokenizer.ggml.tokens"], md["tokenizer.ggml.token_type"], md["tokenizer.ggml.merges"]
+    tokens, types = md["tokenizer.ggml.tokens"], md["tokenizer.ggml.token_type"]
     cases = read_cases(models, "gemma-4")
     texts = [t.replace(" ", "\u2581") for t, _ in cases]
     keep = {}
     for i, t in enumerate(tokens):
         if types[i] != TOKEN_NORMAL or (t.startswith("<0x") and len(t) == 6) or any(t in x for x in texts):
             keep[i] = t
-    kept_text = set(keep.values())
-    sub_merges = [m for m in merges if m.replace(" ", "", 1) in kept_text
-                  and all(part in kept_text for part in m.split(" ", 1))]
-    return {"source": "llama.cpp models/ggml-vocab-gemma-4.gguf (subset, see scripts/make_tokenizer_fixtures.py)",
-            "n_vocab": len(tokens), "tokens": {str(i): t for i, t in keep.items()},
-            "token_types": {str(i): int(types[i]) for i in keep if types[i] != TOKEN_NORMAL},
-            "merges": sub_merges,
-            "metadata": {k: v for k, v in md.items() if k.startswith("tokenizer.") and isinstance(v, (int, str, bool))
-                         and k != "tokenizer.chat_template"},
-            "cases": [{"text": t, "ids": ids} for t, ids in cases]}
+    return _subset("ggml-vocab-gemma-4.gguf", md, keep, cases)
 
 
 def main() -> int:

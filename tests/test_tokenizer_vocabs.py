@@ -23,18 +23,8 @@ SEPARATOR = "\n__ggml_vocab_test__\n"
 
 @pytest.fixture(scope="module")
 def qwen2():
-    sub = json.loads((TOK / "qwen2-vocab-subset.json").read_text(encoding="utf-8"))
-    n = sub["n_vocab"]
-    tokens = [f"<unused-{i}>" for i in range(n)]
-    types = np.full(n, TOKEN_UNUSED, np.int32)
-    for i, t in sub["tokens"].items():
-        tokens[int(i)] = t
-        types[int(i)] = TOKEN_NORMAL
-    for i, typ in sub["token_types"].items():
-        types[int(i)] = typ
-    md = dict(sub["metadata"], **{"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
-                                  "tokenizer.ggml.merges": sub["merges"]})
-    return tokenizer_from_metadata(md, source="qwen2-subset"), sub["cases"]
+    md, cases = _subset_metadata("qwen2-vocab-subset.json")
+    return tokenizer_from_metadata(md, source="qwen2-subset"), cases
 
 
 def test_qwen2_matches_llama_cpp_cases(qwen2):
