@@ -29,6 +29,7 @@ import gc
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -100,6 +101,17 @@ def bench_batch(model, batch: int, prompt_tokens: int, gen_tokens: int, *, prefi
                        total_tok_s=round(batch * (prompt_tokens + gen_tokens) / (t2 - t0), 2),
                        step_ms=round(1000 * (t2 - t1) / steps, 2), peak_rss_mb=round(peak_rss_mb(), 1),
                        kv_prefault_s=round(eng.kv_prefault_s, 3))
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; elsewhere what ``platform`` knows), to name beside a measurement."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def fresh_peak_rss() -> bool:

@@ -15,22 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> int:
@@ -52,6 +41,7 @@ def main() -> int:
     import numpy as np
 
     import bitnet_batch
+    from bitnet_batch.bench import cpu_model
     from bitnet_batch.embeddings import Embedder
     from bitnet_batch.testing.embedding_models import write_embedding_test_model
 
@@ -86,7 +76,7 @@ def main() -> int:
             best = dt if best is None else min(best, dt)
         results.append({"tokens_per_text": n_tok, "texts": n_texts, "seconds": round(best, 3),
                         "tokens_per_s": round(n_tok * n_texts / best, 1), "texts_per_s": round(n_texts / best, 2)})
-    info = {"model": str(path), "config": repr(model), "cpu": cpu_name(), "threads": numba.get_num_threads(),
+    info = {"model": str(path), "config": repr(model), "cpu": cpu_model(), "threads": numba.get_num_threads(),
             "max_rows": a.max_rows, "pooling": a.pooling, "load_s": round(load_s, 1),
             "compile_s": round(compile_s, 1), "load_avg": os.getloadavg()[0], "results": results}
     if a.json:

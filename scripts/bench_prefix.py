@@ -26,6 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bitnet_batch.bench import cpu_model  # noqa: E402
 from bitnet_batch.engine.engine import Engine, EngineConfig  # noqa: E402
 from bitnet_batch.model.model import load_model  # noqa: E402
 from bitnet_batch.engine.warmup import warm_up  # noqa: E402
@@ -97,7 +98,7 @@ def main(argv=None) -> dict:
               "speedup_wall": round(best[False]["wall_s"] / best[True]["wall_s"], 2),
               "prefill_token_ratio": round(best[False]["prompt_tokens_computed"]
                                            / max(1, best[True]["prompt_tokens_computed"]), 2),
-              "records_identical": outputs[True] == outputs[False], "cpu": _cpu_model()}
+              "records_identical": outputs[True] == outputs[False], "cpu": cpu_model()}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -116,16 +117,6 @@ def _comparable(rec: dict) -> dict:
     rec.pop("timing")
     rec["usage"].pop("cached_tokens", None)
     return rec
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 if __name__ == "__main__":

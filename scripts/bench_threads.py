@@ -11,20 +11,13 @@ model; the table is printed as markdown at the end (and with ``--json`` as one J
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from bitnet_batch.bench import cpu_model  # noqa: E402
 
 
 def run_once(args, threads: int) -> dict:
