@@ -38,7 +38,7 @@ from ..io import readers
 from ..records import error_record, timing
 from ..scheduler import Part, Scheduler, Sequence
 from .common import JobBase, errors_in_output, peak_rss_mb, summary_head, summary_times
-from .loop import JobKind, run_local
+from .loop import ItemStats, JobKind, run_local
 
 DTYPES = ("float32", "float16", "int8", "binary")
 TRUNCATE_MODES = (None, "left", "right")
@@ -160,21 +160,13 @@ class _EmbedState:
 
 
 @dataclass
-class EmbedStats:
-    items: int = 0
-    ok: int = 0
-    errors: int = 0
-    skipped: int = 0
+class EmbedStats(ItemStats):
     tokens: int = 0             # tokens embedded (this run's records)
     engine_s: float = 0.0
     steps: int = 0
 
-    def count(self, record: dict) -> None:
-        if record["finish_reason"] == "error":
-            self.errors += 1
-        else:
-            self.ok += 1
-            self.tokens += record["usage"]["prompt_tokens"]
+    def tally(self, record: dict) -> None:
+        self.tokens += record["usage"]["prompt_tokens"]
 
 
 class EmbedKind(JobKind):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import Iterator
 
 from ..config import EngineConfig
@@ -27,10 +27,31 @@ from ..scheduler import Part, Scheduler, Sequence
 from .common import job_logger, meta_path, open_job, progress_bar, raise_if_stopped, threads
 
 
+@dataclass
+class ItemStats:
+    """The counters of every kind of job (the loop, the summary and the Ray driver read them); a kind's stats
+    subclass adds its own and tallies them from each good record in ``tally``."""
+    items: int = 0
+    ok: int = 0
+    errors: int = 0
+    skipped: int = 0          # finished by an earlier run (resume)
+
+    def count(self, record: dict) -> None:
+        """Tally one written output record."""
+        if record["finish_reason"] == "error":
+            self.errors += 1
+            return
+        self.ok += 1
+        self.tally(record)
+
+    def tally(self, record: dict) -> None:
+        """The kind's own counts of a good record."""
+
+
 class JobKind:
     """What a kind of job adds to the loop. A subclass is built as ``Kind(job, model, engine, sink)`` (``sink``:
-    the output, what it holds already tells resume what to skip) and names its ``stats_class`` (a dataclass of
-    counters with ``items``, ``ok``, ``errors``, ``skipped`` and a ``count(record)`` tally of written records).
+    the output, what it holds already tells resume what to skip) and names its ``stats_class`` (an ``ItemStats``
+    dataclass).
 
     The classmethods are what a job needs without a model: the Ray driver (``distributed.driver``) reads,
     resumes, counts and summarizes a job with them while its actors build the kind and run the loop."""

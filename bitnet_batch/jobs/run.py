@@ -30,7 +30,7 @@ from ..sampling.params import SamplingParams, resolve_seed
 from ..scheduler import Part, Scheduler, Sequence
 from .common import (JobBase, errors_in_output, peak_rss_mb, prefix_cache_line, prefix_cache_summary, summary_head,
                      summary_times)
-from .loop import JobKind, run_local
+from .loop import ItemStats, JobKind, run_local
 
 TRUNCATE_MODES = (None, "left", "right")
 
@@ -131,11 +131,7 @@ class _Group:
 
 
 @dataclass
-class JobStats:
-    items: int = 0
-    ok: int = 0
-    errors: int = 0
-    skipped: int = 0          # finished by an earlier run (resume)
+class JobStats(ItemStats):
     prompt_tokens: int = 0
     cached_tokens: int = 0    # prompt tokens served from the prefix cache (of prompt_tokens)
     completion_tokens: int = 0
@@ -147,12 +143,7 @@ class JobStats:
     incomplete: int = 0       # ... of which the grammar was not complete (max_tokens or a stop string)
     dropped: int = 0          # samples dropped by dedupe
 
-    def count(self, record: dict) -> None:
-        """Tally one written output record."""
-        if record["finish_reason"] == "error":
-            self.errors += 1
-            return
-        self.ok += 1
+    def tally(self, record: dict) -> None:
         self.prompt_tokens += record["usage"]["prompt_tokens"]
         self.cached_tokens += record["usage"].get("cached_tokens", 0)
         self.completion_tokens += record["usage"]["completion_tokens"]

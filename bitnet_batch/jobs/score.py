@@ -48,7 +48,7 @@ from ..io.readers import BadRecord
 from ..records import error_record, read_records, timing
 from ..scheduler import Part, Scheduler, Sequence
 from .common import JobBase, peak_rss_mb, prefix_cache_line, prefix_cache_summary, summary_head, summary_times
-from .loop import JobKind, run_local
+from .loop import ItemStats, JobKind, run_local
 
 FORMATS = ("jsonl", "parquet")
 SCORE_KEYS = ("logprob", "tokens", "mean_nll", "perplexity")
@@ -174,11 +174,7 @@ class _ScoreState:
 
 
 @dataclass
-class ScoreStats:
-    items: int = 0
-    ok: int = 0
-    errors: int = 0
-    skipped: int = 0
+class ScoreStats(ItemStats):
     rows: int = 0               # tokens run through the model
     cached: int = 0             # tokens served from the prefix cache instead (this run)
     scored: int = 0             # tokens scored (this run)
@@ -186,12 +182,7 @@ class ScoreStats:
     engine_s: float = 0.0
     steps: int = 0
 
-    def count(self, record: dict) -> None:
-        """Tally one written output record."""
-        if record["finish_reason"] == "error":
-            self.errors += 1
-            return
-        self.ok += 1
+    def tally(self, record: dict) -> None:
         self.cached += record["usage"]["cached_tokens"]
         self.scored += record["tokens"]
         self.logprob += record["logprob"]
