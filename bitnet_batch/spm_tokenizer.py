@@ -24,7 +24,7 @@ import numpy as np
 from .errors import InputError, TokenizerError
 from .tokenizer import (KEY_ADD_BOS, KEY_BOS, KEY_CHAT_TEMPLATE, KEY_EOS, KEY_EOT, KEY_MODEL, KEY_TOKEN_TYPE,
                         KEY_TOKENS, TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_USER_DEFINED, IncrementalDecoder,
-                        _optional_id, _require_str_list, _validate_messages, check_token_id)
+                        _optional_id, _require_str_list, _validate_messages, bos_prefix, check_token_id)
 
 KEY_SCORES = "tokenizer.ggml.scores"
 KEY_ADD_SPACE_PREFIX = "tokenizer.ggml.add_space_prefix"
@@ -127,11 +127,7 @@ class SpmTokenizer:
         return [self.encode(t, add_bos) for t in texts]
 
     def _bos_prefix(self, add_bos: bool) -> list[int]:
-        if not add_bos:
-            return []
-        if self.bos_id is None:
-            raise TokenizerError(f"{self.source}: add_bos requested but the vocabulary has no BOS token")
-        return [self.bos_id]
+        return bos_prefix(self.bos_id, add_bos, self.source)
 
     def _encode_fragment(self, text: str, prev_special: bool) -> list[int]:
         if self.add_space_prefix and prev_special:

@@ -342,6 +342,15 @@ def _token_bytes_table(spec: VocabSpec) -> tuple[bytes, array]:
     return b"".join(parts), array("q", accumulate((len(b) for b in parts), initial=0))
 
 
+def bos_prefix(bos_id: int | None, add_bos: bool, source: str) -> list[int]:
+    """The ids an encoding starts with: [BOS] when asked for (an error naming ``source`` if there is none)."""
+    if not add_bos:
+        return []
+    if bos_id is None:
+        raise TokenizerError(f"{source}: add_bos requested but the vocabulary has no BOS token")
+    return [bos_id]
+
+
 def check_token_id(token_id: int, vocab_size: int) -> int:
     """``token_id`` as an int, or TokenizerError when it is outside the vocabulary."""
     i = int(token_id)
@@ -462,11 +471,7 @@ class Tokenizer:
             raise _unencodable(text, exc) from exc
 
     def _bos_prefix(self, add_bos: bool) -> list[int]:
-        if not add_bos:
-            return []
-        if self.bos_id is None:
-            raise TokenizerError(f"{self.source}: add_bos requested but the vocabulary has no BOS token")
-        return [self.bos_id]
+        return bos_prefix(self.bos_id, add_bos, self.source)
 
     # -- decoding -------------------------------------------------------------------------------
     def _check_id(self, token_id: int) -> int:
