@@ -41,18 +41,9 @@ def rope_neox(x, pos, n_rot, base):
 
 
 def causal_attention(q, k, v):
-    """One sequence: q [T, H, hd], k/v [S, KVH, hd] for positions 0..S-1, row t at position S-T+t."""
-    T, H, hd = q.shape
-    S, KVH, _ = k.shape
-    g = H // KVH
-    out = np.zeros((T, H, hd))
-    for t in range(T):
-        p = S - T + t
-        for h in range(H):
-            sc = (k[:p + 1, h // g] @ q[t, h]) / np.sqrt(hd)
-            w = np.exp(sc - sc.max())
-            out[t, h] = (w / w.sum()) @ v[:p + 1, h // g]
-    return out
+    """One sequence: q [T, H, hd], k/v [S, KVH, hd] for positions 0..S-1, row t at position S-T+t (all of 0..p,
+    scores times 1 / sqrt(hd))."""
+    return causal_attention_window(q, k, v, 0, 1.0 / np.sqrt(q.shape[2]))
 
 
 def gated(g, u, kind):
