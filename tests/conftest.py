@@ -38,6 +38,22 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def kill_when_journaled(proc, journal: Path, lines: int = 10, timeout: float = 120) -> None:
+    """SIGKILL a job subprocess once its journal holds ``lines`` records (it must still be running then)."""
+    import os
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if journal.exists() and journal.read_text().count("\n") >= lines:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the job finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def small_kv(n_blocks=16, max_seqs=4, prefix_cache=True, block_size=4):
     """A KV cache of one tiny layer for bookkeeping tests: n_blocks blocks of block_size tokens, sequences of up
     to 8 blocks."""

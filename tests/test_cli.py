@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from bitnet_batch.cli import EXIT_ITEM_ERRORS, main
-from conftest import read_jsonl, write_jsonl
+from conftest import kill_when_journaled, read_jsonl, write_jsonl
 
 
 def _prompts(n):
@@ -233,14 +233,7 @@ def test_subprocess_sigkill_then_resume_equals_uninterrupted(tmp_path, small_mod
     out = tmp_path / "crash.jsonl"
     journal = tmp_path / "crash.jsonl.partial.jsonl"
     proc = subprocess.Popen(_cli("run", src, "-o", out, *common), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if journal.exists() and journal.read_text().count("\n") >= 10:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the job finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when_journaled(proc, journal)
     assert not out.exists() and journal.exists()
     done_before = journal.read_text().count("\n")
     assert 10 <= done_before < 60

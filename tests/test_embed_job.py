@@ -3,10 +3,8 @@ columns, the same vectors whatever the batching, queries with an instruction, a 
 and resume after kill -9."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ from bitnet_batch.config import EngineConfig
 from bitnet_batch.embeddings import (Embedder, embedding_config, prepare_tokens, quantize_binary, quantize_float16,
                                      quantize_int8)
 from bitnet_batch.jobs.embed import EmbedJobConfig, embed_job
-from conftest import read_jsonl, write_jsonl
+from conftest import kill_when_journaled, read_jsonl, write_jsonl
 
 MODEL = Path(__file__).parent / "data" / "embed" / "tiny-qwen3-i2s.gguf"
 WORDS = "apple river stone cloud seven orange window quiet music paper".split()
@@ -138,14 +136,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert ref.returncode == 0, ref.stderr
     out, journal = tmp_path / "out.jsonl", tmp_path / "out.jsonl.partial.jsonl"
     proc = subprocess.Popen(cli + ["-o", str(out), *common], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if journal.exists() and journal.read_text().count("\n") >= 10:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the job finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when_journaled(proc, journal)
     again = subprocess.run(cli + ["-o", str(out), *common], capture_output=True, text=True, env=env)
     assert again.returncode == 0, again.stderr
     strip = lambda recs: [{k: v for k, v in r.items() if k != "timing"} for r in recs]  # noqa: E731
