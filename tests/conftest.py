@@ -26,6 +26,20 @@ def small_model(small_model_path):
     return bitnet_batch.load_model(small_model_path)
 
 
+@pytest.fixture(scope="module")
+def tok(small_model):
+    """The small model's tokenizer (tests/test_tokenizer.py has a ``tok`` of its own)."""
+    return small_model.tokenizer
+
+
+@pytest.fixture(scope="module")
+def compiler(tok):
+    """A grammar constraint compiler for ``tok``."""
+    from bitnet_batch.sampling.constraints import ConstraintCompiler
+
+    return ConstraintCompiler.for_tokenizer(tok)
+
+
 def write_jsonl(path: Path, records) -> Path:
     with open(path, "w") as f:
         for r in records:

@@ -14,7 +14,7 @@ from bitnet_batch.engine.engine import EngineConfig
 from bitnet_batch.errors import ConfigError, InputError
 from bitnet_batch.jobs.run import JobConfig, run_job
 from bitnet_batch.sampling.chain import make_sampler
-from bitnet_batch.sampling.constraints import (ConstraintCompiler, MaskBatch, choice_constraint, constraint_from_fields,
+from bitnet_batch.sampling.constraints import (MaskBatch, choice_constraint, constraint_from_fields,
                                                job_constraint, load_json_arg,
                                                regex_constraint, request_constraint, response_format_constraint)
 from bitnet_batch.sampling.params import SamplingParams
@@ -39,16 +39,6 @@ SCHEMA = {                     # required string / integer / boolean / enum, a n
 RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
 REGEX = r"[a-z]{2,5}-[0-9]{2,3}( [A-Z][a-z]{0,3})?"
 CHOICES = ["apple", "banana split", "cherry", "kiwi"]
-
-
-@pytest.fixture(scope="module")
-def tok(small_model):
-    return small_model.tokenizer
-
-
-@pytest.fixture(scope="module")
-def compiler(tok):
-    return ConstraintCompiler.for_tokenizer(tok)
 
 
 def job(tmp_path, src, model_path, out="out.jsonl", **kw):

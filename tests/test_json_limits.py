@@ -14,7 +14,7 @@ from bitnet_batch.engine.engine import EngineConfig
 from bitnet_batch.errors import ConfigError
 from bitnet_batch.pipeline import load_pipeline
 from bitnet_batch.jobs.run import JobConfig, run_job
-from bitnet_batch.sampling.constraints import (DEFAULT_LIMITS, ConstraintCompiler, JsonLimits, job_constraint,
+from bitnet_batch.sampling.constraints import (DEFAULT_LIMITS, JsonLimits, job_constraint,
                                                json_schema_constraint, request_constraint)
 from bitnet_batch.sampling.params import SamplingParams
 from bitnet_batch.sampling.steps import as_allowed_mask
@@ -36,16 +36,6 @@ OPEN = {                        # a string and arrays with no bound: the documen
     "additionalProperties": False,
 }
 NUMBER_LITERAL = re.compile(r'(?<![\w".])-?(\d+)(?:\.(\d+))?(?:[eE][+-]?(\d+))?')
-
-
-@pytest.fixture(scope="module")
-def tok(small_model):
-    return small_model.tokenizer
-
-
-@pytest.fixture(scope="module")
-def compiler(tok):
-    return ConstraintCompiler.for_tokenizer(tok)
 
 
 def job(tmp_path, model_path, schema, n=30, out="out.jsonl", max_tokens=200, **kw):
