@@ -2,8 +2,13 @@
 
 Cache layout of one layer (owned and allocated by ``bitnet_batch.engine.kv_cache``)::
 
-    k_cache, v_cache  float32 or uint16 [n_blocks, n_kv_heads, block_size, head_dim]
+    k_cache, v_cache  float32 or uint16 [n_kv_heads, n_blocks, block_size, head_dim]
     block_tables      int32   [n_seqs, max_blocks_per_seq]   # logical block j of sequence s -> physical block
+
+KV head major: one KV head's rows of consecutive blocks are one run in memory, so a sequence whose blocks are
+consecutive (the scheduler reserves a request's blocks at once) is read as one stream per KV head. Attention
+at long contexts is bound by reading K/V, and short runs read slower: in the block-major layout every
+16-position block was an 8 KB run 40 KB from the next (docs/performance-avx512.md).
 
 A float32 cache holds K/V rounded to float32 (the BitNet spec's numerics). A uint16 cache holds IEEE
 float16 bits (as llama.cpp / bitnet.cpp by default; half the memory): values are rounded to float32, then to
@@ -106,19 +111,19 @@ def _to_f64_impl(x):
 
 
 def _kv_row(cache, blk, h, off, buf):
-    """The cache row at (blk, h, off) as floats: a view of a float32 cache, or widened into buf (float64)."""
+    """The cache row of KV head h at (blk, off) as floats: a view of a float32 cache, or widened into buf (float64)."""
 
 
 @overload(_kv_row, jit_options=dict(JIT))
 def _kv_row_impl(cache, blk, h, off, buf):
     if cache.dtype == types.uint16:
         def widen(cache, blk, h, off, buf):
-            row = cache[blk, h, off]
+            row = cache[h, blk, off]
             for d in range(row.shape[0]):
                 buf[d] = _to_f64(row[d])
             return buf
         return widen
-    return lambda cache, blk, h, off, buf: cache[blk, h, off]
+    return lambda cache, blk, h, off, buf: cache[h, blk, off]
 
 
 def _store_row(src, dst, buf):
@@ -168,7 +173,7 @@ def kv_write(k, v, k_cache, v_cache, block_tables, row_seq, row_pos, scratch):
     (float64 [>= n_threads, >= hd]), a temporary row per worker thread for the float16 rounding."""
     T, _, hd = k.shape
     _check_cache(k_cache, v_cache, "kv_write")
-    if k.shape != v.shape or k.shape[1:] != (k_cache.shape[1], k_cache.shape[3]):
+    if k.shape != v.shape or k.shape[1:] != (k_cache.shape[0], k_cache.shape[3]):
         raise ValueError(f"kv_write: k {k.shape} / v {v.shape} do not match cache {k_cache.shape}")
     _check_rows(row_seq, row_pos, block_tables, k_cache.shape[2], T)
     if scratch.dtype != np.float64 or scratch.shape[0] < numba.config.NUMBA_NUM_THREADS or scratch.shape[1] < hd \
@@ -188,8 +193,8 @@ def _kv_write_row(k, v, k_cache, v_cache, block_tables, row_seq, row_pos, buf, t
     blk = block_tables[row_seq[t], p // bs]
     off = p % bs
     for h in range(k.shape[1]):
-        _store_row(k[t, h], k_cache[blk, h, off], buf)
-        _store_row(v[t, h], v_cache[blk, h, off], buf)
+        _store_row(k[t, h], k_cache[h, blk, off], buf)
+        _store_row(v[t, h], v_cache[h, blk, off], buf)
 
 
 @njit(**JIT_PARALLEL)
@@ -227,7 +232,7 @@ def attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, out, scratch)
     per worker thread for the group's scores, contiguous copies of its queries and a widened K/V row (float16
     caches)."""
     T, H, hd = q.shape
-    KVH = k_cache.shape[1]
+    KVH = k_cache.shape[0]
     _check_cache(k_cache, v_cache, "attention")
     if H % KVH or k_cache.shape[3] != hd or out.shape != q.shape or v_cache.shape != k_cache.shape:
         raise ValueError(f"attention: q {q.shape}, cache {k_cache.shape}, out {out.shape} do not match")
@@ -251,7 +256,7 @@ def window_attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, window
     ``sliding_window_overlay``: kv > q - W; ``window <= 0``: all of 0..p). q, out float64 [T, H, hd]; caches and
     scratch as ``attention``. The same numerics, and a row's result never depends on the other rows."""
     T, H, hd = q.shape
-    KVH = k_cache.shape[1]
+    KVH = k_cache.shape[0]
     _check_cache(k_cache, v_cache, "window_attention")
     if H % KVH or k_cache.shape[3] != hd or out.shape != q.shape:
         raise ValueError(f"window_attention: q {q.shape}, cache {k_cache.shape}, out {out.shape} do not match")
@@ -331,7 +336,7 @@ def _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, window, scal
     """Row t attends to positions lo .. p = row_pos[t], lo = max(0, p - window + 1) (0 when window <= 0: the
     generative models; the embedding models' sliding-window layers pass their window)."""
     T, H, hd = q.shape
-    KVH = k_cache.shape[1]
+    KVH = k_cache.shape[0]
     bs = k_cache.shape[2]
     G = H // KVH
     for i in prange(T * KVH):
@@ -382,7 +387,7 @@ def _attention_g4(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, sc
     prefetched ``PREFETCH_ROWS`` ahead. 32 streams at position ~96, 30 layers, K/V streaming from memory:
     ~30% less time than ``_attention`` (60 -> 42 ms)."""
     T, H, hd = q.shape
-    KVH = k_cache.shape[1]
+    KVH = k_cache.shape[0]
     bs = k_cache.shape[2]
     for i in prange(T * KVH):
         t = i // KVH
@@ -397,8 +402,8 @@ def _attention_g4(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, sc
         q0, q1, q2, q3 = qv[:hd], qv[hd:2 * hd], qv[2 * hd:3 * hd], qv[3 * hd:]
         for p in range(n):
             if p + PREFETCH_ROWS < n:
-                prefetch_row(k_cache[table[(p + PREFETCH_ROWS) // bs], kvh, (p + PREFETCH_ROWS) % bs])
-            kr = k_cache[table[p // bs], kvh, p % bs]
+                prefetch_row(k_cache[kvh, table[(p + PREFETCH_ROWS) // bs], (p + PREFETCH_ROWS) % bs])
+            kr = k_cache[kvh, table[p // bs], p % bs]
             s0 = s1 = s2 = s3 = 0.0
             for d in range(hd):
                 kd = _to_f64(kr[d])
@@ -413,10 +418,10 @@ def _attention_g4(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, sc
         a0, a1, a2, a3 = out[t, h0], out[t, h0 + 1], out[t, h0 + 2], out[t, h0 + 3]
         p = 0
         while p < n:
-            vb = v_cache[table[p // bs], kvh]
+            vb = v_cache[kvh, table[p // bs]]
             off = p % bs
             for ahead in range(p + PREFETCH_ROWS, min(p + PREFETCH_ROWS + 4, n)):
-                prefetch_row(v_cache[table[ahead // bs], kvh, ahead % bs])
+                prefetch_row(v_cache[kvh, table[ahead // bs], ahead % bs])
             if p + 4 <= n:                            # 4 positions of one block (4 divides the block size)
                 w00, w01, w02, w03 = sc[p], sc[p + 1], sc[p + 2], sc[p + 3]
                 w10, w11, w12, w13 = sc[n + p], sc[n + p + 1], sc[n + p + 2], sc[n + p + 3]

@@ -121,7 +121,7 @@ def bitnet_layer(x, xq_flat, xscale, xsum, qkv_flat, att, proj, gu_flat, att_scr
     ``activations.RELU2`` / ``SILU``, ``kernel`` the ternary kernel family (``_cpu.kernel_id``)."""
     T = x.shape[0]
     H, hd = att.shape[1], att.shape[2]
-    KVH = k_cache.shape[1]
+    KVH = k_cache.shape[0]
     # q|k|v, RoPE, the cache, attention
     xq = _norm_quantize(x, attn_norm, eps, xq_flat, xscale, xsum, qkv_packed.shape[1] * 4, serial_max)
     _project_parts(kernel, xq, xscale, xsum, qkv_packed, qkv_scale, qkv_starts, qkv_sizes, qkv_flat)
@@ -188,8 +188,8 @@ def check_layer(max_rows, x, xq_flat, xscale, xsum, qkv_flat, att, proj, gu_flat
           and xsum.shape[0] >= max_rows, "xscale / xsum")
     attention._check_cache(k_cache, v_cache, "bitnet_layer")
     _need(k_cache.ndim == 4 and k_cache.flags.c_contiguous and v_cache.flags.c_contiguous and k_cache.shape[3] == hd
-          and H % k_cache.shape[1] == 0, f"caches {k_cache.shape} for {H} heads of {hd}")
-    KVH = k_cache.shape[1]
+          and H % k_cache.shape[0] == 0, f"caches {k_cache.shape} for {H} heads of {hd}")
+    KVH = k_cache.shape[0]
     _need(_c(block_tables, np.int32, 2), "block_tables")
     _need(cos.dtype == np.float32 and cos.ndim == 2 and sin.shape == cos.shape and 2 * cos.shape[1] <= hd,
           f"RoPE table {cos.shape}")

@@ -290,7 +290,7 @@ def test_window_attention_matches_twin(H, KVH, hd, window, cache):
     """Several sequences in one step, positions beyond the window, float32 and float16 caches."""
     lens, bs = [9, 1, 23], 4
     n_blocks = sum(-(-n // bs) for n in lens) + 2
-    kc = np.zeros((n_blocks, KVH, bs, hd), cache)
+    kc = np.zeros((KVH, n_blocks, bs, hd), cache)
     vc = np.zeros_like(kc)
     tables = np.full((len(lens), 6), -1, np.int32)
     free = list(RNG.permutation(n_blocks))

@@ -527,7 +527,7 @@ def test_gated_activation(kind):
 
 def _paged(S, KVH, hd, bs, n_blocks, seqs_len, dtype=np.float32):
     """Random K/V for len(seqs_len) sequences scattered over a shuffled block pool."""
-    kc = np.zeros((n_blocks, KVH, bs, hd), dtype)
+    kc = np.zeros((KVH, n_blocks, bs, hd), dtype)
     vc = np.zeros_like(kc)
     mb = max(-(-n // bs) for n in seqs_len)
     tables = np.full((len(seqs_len), mb), -1, np.int32)
@@ -560,7 +560,7 @@ def test_kv_write_and_attention_match_twin(H, KVH, hd, bs, cache):
     ref = np.concatenate([naive.causal_attention(qs[s], ks[s], vs[s]) for s in range(len(lens))])
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
     if cache == np.uint16:        # stored exactly as numpy's float16 bits
-        np.testing.assert_array_equal(kc[tables[2, 0], :, 3], ks[2][3].astype(np.float16).view(np.uint16))
+        np.testing.assert_array_equal(kc[:, tables[2, 0], 3], ks[2][3].astype(np.float16).view(np.uint16))
     # a decode row (last position only) gives the same values as its row in the prefill
     last = np.zeros((1, H, hd), np.float32)
     attention.attention(qs[2][-1:].copy(), kc, vc, tables, np.array([2], np.int32), np.array([22], np.int32), last,
@@ -598,7 +598,7 @@ def test_row_kernels_give_the_same_row_serial_or_parallel():
     np.testing.assert_array_equal(xq[0], xq[7])
     for cache in (np.float32, np.uint16):
         kv = RNG.standard_normal((T, 2, hd))
-        kc, vc = np.zeros((T, 2, 1, hd), cache), np.zeros((T, 2, 1, hd), cache)
+        kc, vc = np.zeros((2, T, 1, hd), cache), np.zeros((2, T, 1, hd), cache)
         tables = np.arange(T, dtype=np.int32).reshape(T, 1)
         scratch = attention.attention_scratch(numba.config.NUMBA_NUM_THREADS, 1, hd)
         attention.kv_write(kv, kv, kc, vc, tables, np.arange(T, dtype=np.int32), np.zeros(T, np.int32), scratch)
@@ -608,7 +608,7 @@ def test_row_kernels_give_the_same_row_serial_or_parallel():
         with pytest.raises(ValueError, match="scratch"):
             attention.kv_write(kv, kv, kc, vc, tables, np.arange(T, dtype=np.int32), np.zeros(T, np.int32),
                                scratch[:, :hd - 1])
-        np.testing.assert_array_equal(kc[7], kc1[7])
+        np.testing.assert_array_equal(kc[:, 7], kc1[:, 7])
 
 
 def test_softmax_numerators_match_numpy_exp_within_2_ulp():

@@ -32,7 +32,7 @@ def test_cached_blocks_hold_what_a_fresh_prefill_writes_and_are_never_written(sm
     fresh = eng.step([(p.seq.slot, p.tokens, p.start, p.want_logits) for p in parts])[0].copy()
     sched.commit(parts)
     shared = cache.block_tables[first.slot, :2].tolist()
-    before = cache.k[:, shared].copy(), cache.v[:, shared].copy()
+    before = cache.k[:, :, shared].copy(), cache.v[:, :, shared].copy()
     sched.retire(first)                                                 # its registered blocks stay cached
     second = seq(1, other, max_new=1)
     sched.add(second)
@@ -42,7 +42,7 @@ def test_cached_blocks_hold_what_a_fresh_prefill_writes_and_are_never_written(sm
     parts = sched.plan()
     assert [(p.start, len(p.tokens)) for p in parts] == [(32, 17)]
     cached = eng.step([(p.seq.slot, p.tokens, p.start, p.want_logits) for p in parts])[0].copy()
-    assert np.array_equal(cache.k[:, shared], before[0]) and np.array_equal(cache.v[:, shared], before[1])
+    assert np.array_equal(cache.k[:, :, shared], before[0]) and np.array_equal(cache.v[:, :, shared], before[1])
     # the same two prompts on a fresh engine without the cache
     plain = Engine(small_model, EngineConfig(max_batch=2, max_seq_len=128, prefill_chunk=128, prefix_cache=False))
     s0, s1 = plain.kv.allocate(), plain.kv.allocate()

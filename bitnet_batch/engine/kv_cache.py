@@ -4,7 +4,7 @@ Memory is a pool of fixed-size blocks shared by all sequences; a sequence holds 
 ``block_tables``), grown as it advances. The pool is sized once (from a token budget) so admission control can
 be exact: a request is admitted only when the blocks it will need are available.
 
-    k, v          float32 or uint16 [n_layer, n_blocks, n_kv_heads, block_size, head_dim]
+    k, v          float32 or uint16 [n_layer, n_kv_heads, n_blocks, block_size, head_dim]
     block_tables  int32   [max_seqs, max_blocks_per_seq]   (-1 = unassigned)
 
 ``dtype`` "f32" (default) keeps K/V in float32, the BitNet spec's numerics; "f16" keeps IEEE float16 bits in
@@ -64,7 +64,7 @@ class KVCache:
         self.salt = bytes(salt)
         self.max_blocks_per_seq = -(-max_seq_len // block_size)
         self.n_blocks = max(-(-n_tokens // block_size), self.max_blocks_per_seq)
-        shape = (n_layer, self.n_blocks, n_kv_heads, block_size, head_dim)
+        shape = (n_layer, n_kv_heads, self.n_blocks, block_size, head_dim)    # KV head major (jit_kernels.attention)
         self.k = aligned_zeros(shape, KV_DTYPES[dtype])
         self.v = aligned_zeros(shape, KV_DTYPES[dtype])
         self.block_tables = np.full((max_seqs, self.max_blocks_per_seq), -1, np.int32)
@@ -214,5 +214,5 @@ class KVCache:
         self.v.fill(0)
 
     def layer(self, i: int):
-        """(k, v) views of layer i: [n_blocks, n_kv_heads, block_size, head_dim] (float32 or float16 bits)."""
+        """(k, v) views of layer i: [n_kv_heads, n_blocks, block_size, head_dim] (float32 or float16 bits)."""
         return self.k[i], self.v[i]
