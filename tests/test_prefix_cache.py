@@ -10,7 +10,6 @@ from bitnet_batch.engine.engine import Engine, EngineConfig
 from bitnet_batch.engine.kv_cache import KVCache
 from bitnet_batch.pipeline import load_pipeline
 from bitnet_batch.jobs.run import JobConfig, run_job
-from bitnet_batch.sampling.constraints import ConstraintSpec
 from bitnet_batch.sampling.params import SamplingParams
 from bitnet_batch.scheduler import Scheduler
 from bitnet_batch.jobs.score import ScoreJobConfig, score_job
