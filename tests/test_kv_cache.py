@@ -28,6 +28,22 @@ def test_blocks_are_reserved_as_sequences_grow_and_come_back_when_freed():
     assert cache.can_admit(8 * 4)
 
 
+def test_a_request_reserved_at_once_gets_consecutive_blocks_also_after_churn():
+    """The cache is KV-head major so that consecutive blocks are one run per KV head (attention streams them):
+    reserving a request's blocks at once takes a run, and a finished request's blocks come back as one."""
+    cache = kv(n_blocks=16, max_seqs=3, prefix_cache=False)
+    a, b = cache.allocate(), cache.allocate()
+    cache.reserve(a, 4 * 5)
+    cache.reserve(b, 4 * 6)
+    run = lambda s, n: cache.block_tables[s, :n].tolist()               # noqa: E731
+    assert run(a, 5) == list(range(5)) and run(b, 6) == list(range(5, 11))
+    cache.free(a)
+    c = cache.allocate()
+    cache.reserve(c, 4 * 4)
+    assert run(c, 4) == list(range(4))
+    assert cache.k.shape == (1, 1, 16, 4, 2)                            # [layer, KV head, block, position, dim]
+
+
 def test_block_hashes_are_chained_over_full_blocks():
     a = block_hashes(list(range(10)), 4)
     assert len(a) == 2                                                  # the partial third block has none

@@ -7,6 +7,10 @@ be exact: a request is admitted only when the blocks it will need are available.
     k, v          float32 or uint16 [n_layer, n_kv_heads, n_blocks, block_size, head_dim]
     block_tables  int32   [max_seqs, max_blocks_per_seq]   (-1 = unassigned)
 
+KV head major, so that consecutive blocks are one run of each KV head's rows: the free list hands out low ids
+first and takes a finished sequence's blocks back as a run, and the scheduler reserves a request's blocks at
+once, so a request's rows are mostly a few long runs, which attention streams (jit_kernels.attention).
+
 ``dtype`` "f32" (default) keeps K/V in float32, the BitNet spec's numerics; "f16" keeps IEEE float16 bits in
 uint16 (half the memory; what llama.cpp and bitnet.cpp use by default; rounding rules in
 ``jit_kernels.attention``).
