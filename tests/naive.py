@@ -89,6 +89,18 @@ def gelu_tanh(g, u):
     return 0.5 * g * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (g + 0.044715 * g ** 3))) * u
 
 
+def paged_cache(kvh, hd, bs, n_blocks, lens, dtype, rng):
+    """Empty K/V caches in the kernels' layout (float32, or uint16 float16 bits) [kvh, n_blocks, bs, hd] and a
+    block table giving sequences of ``lens`` positions blocks drawn from a shuffled pool (-1: none)."""
+    kc = np.zeros((kvh, n_blocks, bs, hd), dtype)
+    tables = np.full((len(lens), max(-(-n // bs) for n in lens)), -1, np.int32)
+    free = list(rng.permutation(n_blocks))
+    for s, n in enumerate(lens):
+        for j in range(-(-n // bs)):
+            tables[s, j] = free.pop()
+    return kc, np.zeros_like(kc), tables
+
+
 def causal_attention_window(q, k, v, window, scale):
     """One sequence: q [T, H, hd], k/v [S, KVH, hd]; row t at position S-T+t attends to positions
     max(0, p - window + 1)..p (all of 0..p when window <= 0), scores times ``scale``."""

@@ -289,14 +289,7 @@ def test_gelu_tanh_gated_matches_twin(T):
 def test_window_attention_matches_twin(H, KVH, hd, window, cache):
     """Several sequences in one step, positions beyond the window, float32 and float16 caches."""
     lens, bs = [9, 1, 23], 4
-    n_blocks = sum(-(-n // bs) for n in lens) + 2
-    kc = np.zeros((KVH, n_blocks, bs, hd), cache)
-    vc = np.zeros_like(kc)
-    tables = np.full((len(lens), 6), -1, np.int32)
-    free = list(RNG.permutation(n_blocks))
-    for s, n in enumerate(lens):
-        for j in range(-(-n // bs)):
-            tables[s, j] = free.pop()
+    kc, vc, tables = naive.paged_cache(KVH, hd, bs, sum(-(-n // bs) for n in lens) + 2, lens, cache, RNG)
     ks = [RNG.standard_normal((n, KVH, hd)) for n in lens]
     vs = [RNG.standard_normal((n, KVH, hd)) for n in lens]
     if cache == np.uint16:

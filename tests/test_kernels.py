@@ -525,24 +525,11 @@ def test_gated_activation(kind):
     np.testing.assert_allclose(out, naive.gated(g, u, kind), rtol=1e-5, atol=1e-6)
 
 
-def _paged(S, KVH, hd, bs, n_blocks, seqs_len, dtype=np.float32):
-    """Random K/V for len(seqs_len) sequences scattered over a shuffled block pool."""
-    kc = np.zeros((KVH, n_blocks, bs, hd), dtype)
-    vc = np.zeros_like(kc)
-    mb = max(-(-n // bs) for n in seqs_len)
-    tables = np.full((len(seqs_len), mb), -1, np.int32)
-    free = list(RNG.permutation(n_blocks))
-    for s, n in enumerate(seqs_len):
-        for j in range(-(-n // bs)):
-            tables[s, j] = free.pop()
-    return kc, vc, tables
-
-
 @pytest.mark.parametrize("cache", [np.float32, np.uint16])
 @pytest.mark.parametrize("H,KVH,hd,bs", [(4, 2, 64, 16), (4, 4, 32, 8), (6, 1, 16, 4), (8, 2, 32, 16), (4, 1, 16, 4)])
 def test_kv_write_and_attention_match_twin(H, KVH, hd, bs, cache):
     lens = [9, 1, 23]
-    kc, vc, tables = _paged(None, KVH, hd, bs, 32, lens, cache)
+    kc, vc, tables = naive.paged_cache(KVH, hd, bs, 32, lens, cache, RNG)
     ks = [RNG.standard_normal((n, KVH, hd)).astype(np.float32) for n in lens]
     vs = [RNG.standard_normal((n, KVH, hd)).astype(np.float32) for n in lens]
     if cache == np.uint16:        # float16 cache: the twin attends over the float16-rounded K/V
@@ -684,7 +671,7 @@ def test_index_range_checks():
 
 
 def test_attention_rejects_position_beyond_table():
-    kc, vc, tables = _paged(None, 1, 8, 4, 4, [4])
+    kc, vc, tables = naive.paged_cache(1, 8, 4, 4, [4], np.float32, RNG)
     with pytest.raises(ValueError):
         attention.attention(np.zeros((1, 1, 8), np.float32), kc, vc, tables, np.array([0], np.int32),
                             np.array([4], np.int32), np.zeros((1, 1, 8), np.float32),
