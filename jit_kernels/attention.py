@@ -272,6 +272,14 @@ def window_attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, window
 
 
 @njit(inline="always", **JIT)
+def _interleaved(j, T):
+    """The j-th of T rows in the order 0, T-1, 1, T-2, ...: the prange's equal contiguous shares of tasks then
+    hold as many early as late rows, and a prefill chunk's later rows attend to more positions (a 128-row
+    chunk at position 896: 22.1 -> 19.3 ms with 2 threads; one thread had had the chunk's later half)."""
+    return j // 2 if j % 2 == 0 else T - 1 - j // 2
+
+
+@njit(inline="always", **JIT)
 def _gather_queries(q, t, h0, G, qv):
     """qv[j * hd:(j + 1) * hd] <- q[t, h0 + j] for the G query heads of one KV head (contiguous float64)."""
     hd = q.shape[2]
@@ -340,7 +348,7 @@ def _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, window, scal
     bs = k_cache.shape[2]
     G = H // KVH
     for i in prange(T * KVH):
-        t = i // KVH
+        t = _interleaved(i // KVH, T)
         kvh = i % KVH
         h0 = kvh * G
         table = block_tables[row_seq[t]]
@@ -391,7 +399,7 @@ def _attention_g4(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, sc
     KVH = k_cache.shape[0]
     bs = k_cache.shape[2]
     for i in prange(T * KVH):
-        t = i // KVH
+        t = _interleaved(i // KVH, T)
         kvh = i % KVH
         h0 = kvh * 4
         table = block_tables[row_seq[t]]
