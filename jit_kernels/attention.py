@@ -275,7 +275,7 @@ def window_attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, window
 def _interleaved(j, T):
     """The j-th of T rows in the order 0, T-1, 1, T-2, ...: the prange's equal contiguous shares of tasks then
     hold as many early as late rows, and a prefill chunk's later rows attend to more positions (a 128-row
-    chunk at position 896: 22.1 -> 19.3 ms with 2 threads; one thread had had the chunk's later half)."""
+    chunk at position 896: 22.1 -> 19.3 ms with 2 threads, where one thread took the chunk's later half)."""
     return j // 2 if j % 2 == 0 else T - 1 - j // 2
 
 
@@ -390,7 +390,7 @@ def _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, window, scal
 def _attention_g4(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, scratch, out):
     """``_attention`` for 4 query heads per KV head (the 2B4T shapes) over a float32 or float16 cache with blocks
     of a multiple of 4 positions: each K element is widened once for the 4 heads' dots, two positions' dots share
-    each query load (32 streams at position 1000: ~10% less time; a prefill chunk's rows: 5-8%), and the weighted
+    each query load (32 streams at position 1000: ~8% less time; a prefill chunk's rows: 1-6%), and the weighted
     sum takes 4 positions per pass over the 4 heads' output rows (a quarter of the loads and stores of the
     accumulators, the loop's limit), adding them in position order as the one-position loop does; K and V rows are
     prefetched ``PREFETCH_ROWS`` ahead. 32 streams at position ~96, 30 layers, K/V streaming from memory:
