@@ -19,7 +19,7 @@ every stored value reads back exactly.
 A step holds T rows (tokens) from any number of sequences: row t belongs to sequence ``row_seq[t]`` at
 position ``row_pos[t]``. Its K/V are written first (``kv_write``), then every row attends to positions
 0..row_pos[t] of its own sequence, so prefill chunks and decode steps use the same code.
-Scores, softmax (two passes over a per-thread score buffer; exp is ``_exp_nonpositive``, a vectorised float64
+Scores, softmax (two passes over a per-thread score buffer; exp is ``exp.exp_nonpositive``, a vectorised float64
 exp within 2 ulp of numpy's) and the weighted sum are computed in float64 from the cache; query head h reads KV
 head h // (H / KVH), and the query heads of one KV head are computed together so each K / V row is read once per
 step (at 32 streams of the 2B4T shapes: 55 -> 45 ms per step; the vectorised exp then took ~8 ms more off, and
@@ -27,7 +27,8 @@ what is left, ~40 ms, is mostly the ~30 ms that reading ~0.5 GB of float32 K/V f
 Four query heads per KV head (the 2B4T shapes) take ``_attention_g4``, which shares each K/V element's widening
 among the 4 heads, sums 4 positions per pass and prefetches rows across blocks; with a float16 cache it reads half
 the bytes and widens each element with F16C under the SIMD kernels (32 streams of the 2B4T shapes, 30 layers:
-~34 ms against ~41 for float32, and ~95 before it took float16 caches).
+~34 ms against ~41 for float32, and ~95 before it took float16 caches). Two query heads per KV head (the Qwen3
+embedding model) take ``_attention_g2``, the same loops for 2 heads; both take sliding windows (Gemma3's layers).
 """
 import numba
 import numpy as np
@@ -39,7 +40,8 @@ from ._bounds import in_range, min_max
 from ._config import JIT, JIT_CONTRACT, JIT_PARALLEL, serial
 from ._cpu import KERNEL
 from ._ir import prefetch_row
-from .bits import f64_bits, f64_from_bits
+from .bits import f64_from_bits
+from .exp import exp_nonpositive as _exp_nonpositive
 from .buffers import aligned_zeros
 
 _CACHE_DTYPES = (np.float32, np.uint16)
@@ -212,10 +214,11 @@ def _kv_write_serial(k, v, k_cache, v_cache, block_tables, row_seq, row_pos, scr
 
 
 @register_jitable
-def uses_g4(group, block_size):
-    """Whether ``attention`` takes ``_attention_g4`` for ``group`` query heads per KV head and cache blocks of
-    ``block_size`` positions (plain Python, and callable from jitted code: ``jit_kernels.layer`` asks it too)."""
-    return group == 4 and block_size % 4 == 0
+def grouped_kernel(group, block_size):
+    """4 or 2 when ``group`` query heads per KV head over cache blocks of ``block_size`` positions take
+    ``_attention_g4`` / ``_attention_g2`` (whose weighted sums step 4 positions within a block), else 0: the general
+    ``_attention`` (plain Python, and callable from jitted code)."""
+    return group if (group == 4 or group == 2) and block_size % 4 == 0 else 0
 
 
 def attention_scratch(n_threads, max_pos, head_dim, group=1):
@@ -242,11 +245,7 @@ def attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, out, scratch)
     if scratch.dtype != np.float64 or scratch.shape[0] < numba.config.NUMBA_NUM_THREADS or scratch.shape[1] < need:
         raise ValueError(f"attention: scratch {scratch.shape} {scratch.dtype} must be float64 "
                          f"[>= {numba.config.NUMBA_NUM_THREADS}, >= {need}]")
-    if uses_g4(group, k_cache.shape[2]):
-        _attention_g4(q, k_cache, v_cache, block_tables, row_seq, row_pos, 1.0 / np.sqrt(hd), scratch, out)
-    else:
-        _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, np.int64(0), 1.0 / np.sqrt(hd), scratch,
-                   out)
+    _run(q, k_cache, v_cache, block_tables, row_seq, row_pos, 0, 1.0 / np.sqrt(hd), scratch, out)
 
 
 def window_attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, window, scale, out, scratch):
@@ -267,8 +266,14 @@ def window_attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, window
     if scratch.dtype != np.float64 or scratch.shape[0] < numba.config.NUMBA_NUM_THREADS or scratch.shape[1] < need:
         raise ValueError(f"window_attention: scratch {scratch.shape} {scratch.dtype} must be float64 "
                          f"[>= {numba.config.NUMBA_NUM_THREADS}, >= {need}]")
-    _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, np.int64(window), np.float64(scale), scratch,
-               out)
+    _run(q, k_cache, v_cache, block_tables, row_seq, row_pos, window, scale, scratch, out)
+
+
+def _run(q, k_cache, v_cache, block_tables, row_seq, row_pos, window, scale, scratch, out):
+    """The kernel for the shapes (``grouped_kernel``), called from Python (the compiled layer has ``_attend``)."""
+    kernel = {4: _attention_g4, 2: _attention_g2}.get(grouped_kernel(q.shape[1] // k_cache.shape[0],
+                                                                      k_cache.shape[2]), _attention)
+    kernel(q, k_cache, v_cache, block_tables, row_seq, row_pos, np.int64(window), np.float64(scale), scratch, out)
 
 
 @njit(inline="always", **JIT)
@@ -280,40 +285,19 @@ def _interleaved(j, T):
 
 
 @njit(inline="always", **JIT)
+def _window_start(last, window):
+    """The first position a row at position ``last`` attends to: 0, or with a sliding window (``window`` > 0) the
+    window's first position."""
+    return last - window + 1 if window > 0 and last - window + 1 > 0 else 0
+
+
+@njit(inline="always", **JIT)
 def _gather_queries(q, t, h0, G, qv):
     """qv[j * hd:(j + 1) * hd] <- q[t, h0 + j] for the G query heads of one KV head (contiguous float64)."""
     hd = q.shape[2]
     for j in range(G):
         for d in range(hd):
             qv[j * hd + d] = q[t, h0 + j, d]
-
-
-# float64 exp of t <= 0: Cephes exp (Cody-Waite range reduction t = n ln2 + r, |r| <= ln2 / 2, and Cephes' rational
-# form e^r = 1 + 2 r P(r^2) / (Q(r^2) - r P(r^2))), 2^n built from its exponent bits. Within 2 ulp of numpy's exp
-# (measured over 2.2 million arguments) and exactly 1 at 0; below ln(2^-1022) the result is 0 (no subnormals: a softmax
-# weight under 1e-308 of the largest one adds nothing).
-# Vectorises 4-wide, where numpy's exp is a call per element (the softmax was a quarter of the attention's time).
-_LOG2E = 1.4426950408889634074
-_LN2_HI = 6.93145751953125e-1                     # ln 2 = _LN2_HI + _LN2_LO; n * _LN2_HI is exact
-_LN2_LO = 1.42860682030941723212e-6
-_EXP_MIN = -7.08396418532264106224e2              # ln(2^-1022)
-_TWO52_PLUS_BIAS = 4503599627371519.0              # 2^52 + 1023: adding it puts n + 1023 in the low bits
-_P0, _P1, _P2 = 1.26177193074810590878e-4, 3.02994407707441961300e-2, 9.99999999999999999910e-1
-_Q0, _Q1, _Q2, _Q3 = 3.00198505138664455042e-6, 2.52448340349684104192e-3, 2.27265548208155028766e-1, 2.0
-
-
-@njit(inline="always", **JIT_CONTRACT)
-def _exp_nonpositive(t):
-    """exp(t) for float64 t <= 0 (positive t is treated as 0); NaN stays NaN."""
-    c = min(max(t, _EXP_MIN), 0.0)
-    n = np.floor(c * _LOG2E + 0.5)
-    r = c - n * _LN2_HI
-    r = r - n * _LN2_LO
-    rr = r * r
-    px = r * ((_P0 * rr + _P1) * rr + _P2)
-    e = 1.0 + 2.0 * (px / ((((_Q0 * rr + _Q1) * rr + _Q2) * rr + _Q3) - px))
-    v = e * f64_from_bits(f64_bits(n + _TWO52_PLUS_BIAS) << np.uint64(52)) if t >= _EXP_MIN else 0.0
-    return t if t != t else v
 
 
 @njit(**JIT_CONTRACT)
@@ -353,9 +337,7 @@ def _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, window, scal
         h0 = kvh * G
         table = block_tables[row_seq[t]]
         last = row_pos[t]
-        lo = 0
-        if window > 0 and last - window + 1 > 0:
-            lo = last - window + 1
+        lo = _window_start(last, window)
         n = last + 1 - lo
         buf = scratch[numba.get_thread_id()]
         sc = buf[:G * n]                              # scores of head h0 + j at [j * n, j * n + n)
@@ -387,14 +369,14 @@ def _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, window, scal
 
 
 @njit(**JIT_PARALLEL)
-def _attention_g4(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, scratch, out):
-    """``_attention`` for 4 query heads per KV head (the 2B4T shapes) over a float32 or float16 cache with blocks
-    of a multiple of 4 positions: each K element is widened once for the 4 heads' dots, two positions' dots share
-    each query load (32 streams at position 1000: ~8% less time; a prefill chunk's rows: 1-6%), and the weighted
-    sum takes 4 positions per pass over the 4 heads' output rows (a quarter of the loads and stores of the
-    accumulators, the loop's limit), adding them in position order as the one-position loop does; K and V rows are
-    prefetched ``PREFETCH_ROWS`` ahead. 32 streams at position ~96, 30 layers, K/V streaming from memory:
-    ~30% less time than ``_attention`` (60 -> 42 ms)."""
+def _attention_g4(q, k_cache, v_cache, block_tables, row_seq, row_pos, window, scale, scratch, out):
+    """``_attention`` for 4 query heads per KV head (the 2B4T shapes, Gemma3's embedding models) over a float32 or
+    float16 cache with blocks of a multiple of 4 positions: each K element is widened once for the 4 heads' dots,
+    two positions' dots share each query load (32 streams at position 1000: ~8% less time; a prefill chunk's
+    rows: 1-6%), and the weighted sum takes 4 positions of a block per pass over the 4 heads' output rows (a quarter
+    of the loads and stores of the accumulators, the loop's limit), adding them in position order as the
+    one-position loop does; K and V rows are prefetched ``PREFETCH_ROWS`` ahead. 32 streams at position ~96, 30
+    layers, K/V streaming from memory: ~30% less time than ``_attention`` (60 -> 42 ms)."""
     T, H, hd = q.shape
     KVH = k_cache.shape[0]
     bs = k_cache.shape[2]
@@ -403,15 +385,18 @@ def _attention_g4(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, sc
         kvh = i % KVH
         h0 = kvh * 4
         table = block_tables[row_seq[t]]
-        n = row_pos[t] + 1
+        last = row_pos[t]
+        lo = _window_start(last, window)
+        n = last + 1 - lo
         buf = scratch[numba.get_thread_id()]
         sc = buf[:4 * n]                              # scores of head h0 + j at [j * n, j * n + n)
         qv = buf[4 * n:4 * (n + hd)]                  # contiguous copies of the 4 queries
         _gather_queries(q, t, h0, 4, qv)
         q0, q1, q2, q3 = qv[:hd], qv[hd:2 * hd], qv[2 * hd:3 * hd], qv[3 * hd:]
-        p = 0
-        while p + 2 <= n:                             # two positions per pass share the queries' loads
-            for ahead in range(p + PREFETCH_ROWS, min(p + PREFETCH_ROWS + 2, n)):
+        i_p = 0                                       # scores of positions lo + i_p
+        while i_p + 2 <= n:                           # two positions per pass share the queries' loads
+            p = lo + i_p
+            for ahead in range(p + PREFETCH_ROWS, min(p + PREFETCH_ROWS + 2, last + 1)):
                 prefetch_row(k_cache[kvh, table[ahead // bs], ahead % bs])
             ka = k_cache[kvh, table[p // bs], p % bs]
             kb = k_cache[kvh, table[(p + 1) // bs], (p + 1) % bs]
@@ -427,11 +412,12 @@ def _attention_g4(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, sc
                 u1 += q1[d] * y
                 u2 += q2[d] * y
                 u3 += q3[d] * y
-            sc[p], sc[n + p], sc[2 * n + p], sc[3 * n + p] = s0 * scale, s1 * scale, s2 * scale, s3 * scale
-            p += 1
-            sc[p], sc[n + p], sc[2 * n + p], sc[3 * n + p] = u0 * scale, u1 * scale, u2 * scale, u3 * scale
-            p += 1
-        if p < n:
+            sc[i_p], sc[n + i_p], sc[2 * n + i_p], sc[3 * n + i_p] = s0 * scale, s1 * scale, s2 * scale, s3 * scale
+            i_p += 1
+            sc[i_p], sc[n + i_p], sc[2 * n + i_p], sc[3 * n + i_p] = u0 * scale, u1 * scale, u2 * scale, u3 * scale
+            i_p += 1
+        if i_p < n:
+            p = lo + i_p
             kr = k_cache[kvh, table[p // bs], p % bs]
             s0 = s1 = s2 = s3 = 0.0
             for d in range(hd):
@@ -440,22 +426,23 @@ def _attention_g4(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, sc
                 s1 += q1[d] * kd
                 s2 += q2[d] * kd
                 s3 += q3[d] * kd
-            sc[p], sc[n + p], sc[2 * n + p], sc[3 * n + p] = s0 * scale, s1 * scale, s2 * scale, s3 * scale
+            sc[i_p], sc[n + i_p], sc[2 * n + i_p], sc[3 * n + i_p] = s0 * scale, s1 * scale, s2 * scale, s3 * scale
         for j in range(4):
             _softmax_numerators(sc[j * n:j * n + n])
             out[t, h0 + j, :] = 0.0
         a0, a1, a2, a3 = out[t, h0], out[t, h0 + 1], out[t, h0 + 2], out[t, h0 + 3]
-        p = 0
-        while p < n:
+        i_p = 0
+        while i_p < n:
+            p = lo + i_p
             vb = v_cache[kvh, table[p // bs]]
             off = p % bs
-            for ahead in range(p + PREFETCH_ROWS, min(p + PREFETCH_ROWS + 4, n)):
+            for ahead in range(p + PREFETCH_ROWS, min(p + PREFETCH_ROWS + 4, last + 1)):
                 prefetch_row(v_cache[kvh, table[ahead // bs], ahead % bs])
-            if p + 4 <= n:                            # 4 positions of one block (4 divides the block size)
-                w00, w01, w02, w03 = sc[p], sc[p + 1], sc[p + 2], sc[p + 3]
-                w10, w11, w12, w13 = sc[n + p], sc[n + p + 1], sc[n + p + 2], sc[n + p + 3]
-                w20, w21, w22, w23 = sc[2 * n + p], sc[2 * n + p + 1], sc[2 * n + p + 2], sc[2 * n + p + 3]
-                w30, w31, w32, w33 = sc[3 * n + p], sc[3 * n + p + 1], sc[3 * n + p + 2], sc[3 * n + p + 3]
+            if off % 4 == 0 and i_p + 4 <= n:         # 4 positions of one block (4 divides the block size)
+                w00, w01, w02, w03 = sc[i_p], sc[i_p + 1], sc[i_p + 2], sc[i_p + 3]
+                w10, w11, w12, w13 = sc[n + i_p], sc[n + i_p + 1], sc[n + i_p + 2], sc[n + i_p + 3]
+                w20, w21, w22, w23 = sc[2 * n + i_p], sc[2 * n + i_p + 1], sc[2 * n + i_p + 2], sc[2 * n + i_p + 3]
+                w30, w31, w32, w33 = sc[3 * n + i_p], sc[3 * n + i_p + 1], sc[3 * n + i_p + 2], sc[3 * n + i_p + 3]
                 for d in range(hd):
                     x0, x1 = _to_f64(vb[off, d]), _to_f64(vb[off + 1, d])
                     x2, x3 = _to_f64(vb[off + 2, d]), _to_f64(vb[off + 3, d])
@@ -463,15 +450,118 @@ def _attention_g4(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, sc
                     a1[d] = (((a1[d] + w10 * x0) + w11 * x1) + w12 * x2) + w13 * x3
                     a2[d] = (((a2[d] + w20 * x0) + w21 * x1) + w22 * x2) + w23 * x3
                     a3[d] = (((a3[d] + w30 * x0) + w31 * x1) + w32 * x2) + w33 * x3
-                p += 4
+                i_p += 4
             else:
-                w0, w1, w2, w3 = sc[p], sc[n + p], sc[2 * n + p], sc[3 * n + p]
+                w0, w1, w2, w3 = sc[i_p], sc[n + i_p], sc[2 * n + i_p], sc[3 * n + i_p]
                 for d in range(hd):
                     x0 = _to_f64(vb[off, d])
                     a0[d] += w0 * x0
                     a1[d] += w1 * x0
                     a2[d] += w2 * x0
                     a3[d] += w3 * x0
-                p += 1
+                i_p += 1
         for j in range(4):
             _divide_by_mass(sc[j * n:j * n + n], out[t, h0 + j])
+
+
+@njit(**JIT_PARALLEL)
+def _attention_g2(q, k_cache, v_cache, block_tables, row_seq, row_pos, window, scale, scratch, out):
+    """``_attention_g4`` for 2 query heads per KV head (BitNet-embedding-0.6B on Qwen3: 16 / 8): the dots take
+    four positions per pass (eight sums, as ``_attention_g4``'s two positions of four heads), the weighted sum 4
+    positions of a block per pass over the 2 heads' output rows. A 512-token text in the 0.6B shapes (16 / 8 heads
+    of 128, 2 threads): 34.4 -> 22.9 ms against ``_attention`` (four positions per pass of the dots: 24.2 ms
+    with two)."""
+    T, H, hd = q.shape
+    KVH = k_cache.shape[0]
+    bs = k_cache.shape[2]
+    for i in prange(T * KVH):
+        t = _interleaved(i // KVH, T)
+        kvh = i % KVH
+        h0 = kvh * 2
+        table = block_tables[row_seq[t]]
+        last = row_pos[t]
+        lo = _window_start(last, window)
+        n = last + 1 - lo
+        buf = scratch[numba.get_thread_id()]
+        sc = buf[:2 * n]                              # scores of head h0 + j at [j * n, j * n + n)
+        qv = buf[2 * n:2 * (n + hd)]                  # contiguous copies of the 2 queries
+        _gather_queries(q, t, h0, 2, qv)
+        q0, q1 = qv[:hd], qv[hd:]
+        i_p = 0                                       # scores of positions lo + i_p
+        while i_p + 4 <= n:                           # four positions per pass share the queries' loads
+            p = lo + i_p
+            for ahead in range(p + PREFETCH_ROWS, min(p + PREFETCH_ROWS + 4, last + 1)):
+                prefetch_row(k_cache[kvh, table[ahead // bs], ahead % bs])
+            ka = k_cache[kvh, table[p // bs], p % bs]
+            kb = k_cache[kvh, table[(p + 1) // bs], (p + 1) % bs]
+            kc = k_cache[kvh, table[(p + 2) // bs], (p + 2) % bs]
+            kd = k_cache[kvh, table[(p + 3) // bs], (p + 3) % bs]
+            s0 = s1 = s2 = s3 = 0.0
+            u0 = u1 = u2 = u3 = 0.0
+            for d in range(hd):
+                x0, x1, x2, x3 = _to_f64(ka[d]), _to_f64(kb[d]), _to_f64(kc[d]), _to_f64(kd[d])
+                s0 += q0[d] * x0
+                s1 += q0[d] * x1
+                s2 += q0[d] * x2
+                s3 += q0[d] * x3
+                u0 += q1[d] * x0
+                u1 += q1[d] * x1
+                u2 += q1[d] * x2
+                u3 += q1[d] * x3
+            sc[i_p], sc[i_p + 1], sc[i_p + 2], sc[i_p + 3] = s0 * scale, s1 * scale, s2 * scale, s3 * scale
+            sc[n + i_p], sc[n + i_p + 1], sc[n + i_p + 2], sc[n + i_p + 3] = u0 * scale, u1 * scale, u2 * scale, \
+                u3 * scale
+            i_p += 4
+        while i_p < n:
+            p = lo + i_p
+            kr = k_cache[kvh, table[p // bs], p % bs]
+            s0 = s1 = 0.0
+            for d in range(hd):
+                x0 = _to_f64(kr[d])
+                s0 += q0[d] * x0
+                s1 += q1[d] * x0
+            sc[i_p], sc[n + i_p] = s0 * scale, s1 * scale
+            i_p += 1
+        for j in range(2):
+            _softmax_numerators(sc[j * n:j * n + n])
+            out[t, h0 + j, :] = 0.0
+        a0, a1 = out[t, h0], out[t, h0 + 1]
+        i_p = 0
+        while i_p < n:
+            p = lo + i_p
+            vb = v_cache[kvh, table[p // bs]]
+            off = p % bs
+            for ahead in range(p + PREFETCH_ROWS, min(p + PREFETCH_ROWS + 4, last + 1)):
+                prefetch_row(v_cache[kvh, table[ahead // bs], ahead % bs])
+            if off % 4 == 0 and i_p + 4 <= n:         # 4 positions of one block (4 divides the block size)
+                w00, w01, w02, w03 = sc[i_p], sc[i_p + 1], sc[i_p + 2], sc[i_p + 3]
+                w10, w11, w12, w13 = sc[n + i_p], sc[n + i_p + 1], sc[n + i_p + 2], sc[n + i_p + 3]
+                for d in range(hd):
+                    x0, x1 = _to_f64(vb[off, d]), _to_f64(vb[off + 1, d])
+                    x2, x3 = _to_f64(vb[off + 2, d]), _to_f64(vb[off + 3, d])
+                    a0[d] = (((a0[d] + w00 * x0) + w01 * x1) + w02 * x2) + w03 * x3
+                    a1[d] = (((a1[d] + w10 * x0) + w11 * x1) + w12 * x2) + w13 * x3
+                i_p += 4
+            else:
+                w0, w1 = sc[i_p], sc[n + i_p]
+                for d in range(hd):
+                    x0 = _to_f64(vb[off, d])
+                    a0[d] += w0 * x0
+                    a1[d] += w1 * x0
+                i_p += 1
+        for j in range(2):
+            _divide_by_mass(sc[j * n:j * n + n], out[t, h0 + j])
+
+
+@njit(inline="always", **JIT_PARALLEL)
+def _attend(q, k_cache, v_cache, block_tables, row_seq, row_pos, window, scale, scratch, out):
+    """The attention kernel for the shapes: ``_attention_g4`` / ``_attention_g2`` for 4 / 2 query heads per KV head
+    (``grouped_kernel``), else ``_attention``."""
+    G = q.shape[1] // k_cache.shape[0]
+    g = grouped_kernel(G, k_cache.shape[2])
+    if g == 4:
+        _attention_g4(q, k_cache, v_cache, block_tables, row_seq, row_pos, window, scale, scratch, out)
+    elif g == 2:
+        _attention_g2(q, k_cache, v_cache, block_tables, row_seq, row_pos, window, scale, scratch, out)
+    else:
+        _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, window, scale, scratch, out)

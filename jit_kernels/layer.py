@@ -144,10 +144,7 @@ def bitnet_layer(x, xq_flat, xscale, xsum, qkv_flat, att, proj, gu_flat, att_scr
         attention._kv_write(k, v, k_cache, v_cache, block_tables, row_seq, row_pos, att_scratch)
     a = att[:T]
     scale = 1.0 / np.sqrt(hd)
-    if attention.uses_g4(H // KVH, k_cache.shape[2]):
-        attention._attention_g4(q, k_cache, v_cache, block_tables, row_seq, row_pos, scale, att_scratch, a)
-    else:
-        attention._attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, 0, scale, att_scratch, a)
+    attention._attend(q, k_cache, v_cache, block_tables, row_seq, row_pos, 0, scale, att_scratch, a)
     # x += W_o(int8(RMSNorm(a) * attn_sub_norm))
     p = proj[:T]
     xq = _norm_quantize(a.reshape((T, H * hd)), attn_sub_norm, eps, xq_flat, xscale, xsum, wo_packed.shape[1] * 4,

@@ -285,7 +285,8 @@ def test_gelu_tanh_gated_matches_twin(T):
 
 
 @pytest.mark.parametrize("cache", [np.float32, np.uint16])
-@pytest.mark.parametrize("H,KVH,hd,window", [(4, 2, 32, 0), (4, 1, 16, 5), (2, 2, 16, 1), (6, 3, 8, 40)])
+@pytest.mark.parametrize("H,KVH,hd,window", [(4, 2, 32, 0), (4, 1, 16, 5), (2, 2, 16, 1), (6, 3, 8, 40),
+                                              (4, 2, 16, 6), (8, 2, 8, 7)])
 def test_window_attention_matches_twin(H, KVH, hd, window, cache):
     """Several sequences in one step, positions beyond the window, float32 and float16 caches."""
     lens, bs = [9, 1, 23], 4

@@ -555,6 +555,28 @@ def test_kv_write_and_attention_match_twin(H, KVH, hd, bs, cache):
     np.testing.assert_array_equal(last[0], out[-1])
 
 
+@pytest.mark.parametrize("cache", [np.float32, np.uint16])
+@pytest.mark.parametrize("H,KVH,window", [(8, 2, 0), (8, 2, 13), (4, 2, 0), (4, 2, 13), (4, 2, 1)])
+def test_grouped_attention_kernels_match_the_general_one(H, KVH, window, cache):
+    """``_attention_g4`` / ``_attention_g2`` (4 / 2 query heads per KV head) against ``_attention`` on the same cache:
+    prefill rows of several sequences over 16-position blocks (many 4-position passes, odd tails) and sliding
+    windows whose first position is not a multiple of 4; the same values up to the sums' order."""
+    hd, bs, lens = 24, 16, [37, 1, 70]
+    kc, vc, tables = naive.paged_cache(KVH, hd, bs, 16, lens, cache, RNG)
+    row_seq = np.concatenate([np.full(n, s, np.int32) for s, n in enumerate(lens)])
+    row_pos = np.concatenate([np.arange(n, dtype=np.int32) for n in lens])
+    kv = RNG.standard_normal((2, len(row_seq), KVH, hd))
+    scratch = attention.attention_scratch(numba.config.NUMBA_NUM_THREADS, 70, hd, H // KVH)
+    attention.kv_write(kv[0], kv[1], kc, vc, tables, row_seq, row_pos, scratch)
+    q = RNG.standard_normal((len(row_seq), H, hd))
+    grouped, general = np.zeros_like(q), np.zeros_like(q)
+    kernel = {4: attention._attention_g4, 2: attention._attention_g2}[attention.grouped_kernel(H // KVH, bs)]
+    kernel(q, kc, vc, tables, row_seq, row_pos, np.int64(window), 0.3, scratch, grouped)
+    attention._attention(q, kc, vc, tables, row_seq, row_pos, np.int64(window), 0.3, scratch, general)
+    np.testing.assert_allclose(grouped, general, rtol=1e-12, atol=1e-13)
+    assert attention.grouped_kernel(4, 6) == attention.grouped_kernel(3, 16) == 0
+
+
 def test_row_kernels_give_the_same_row_serial_or_parallel():
     """Small inputs take a serial driver, large ones a parallel one: a row's result is bit-identical in both."""
     from jit_kernels._config import SERIAL_MAX
