@@ -2,7 +2,8 @@
 import numpy as np
 from numba import njit, prange
 
-from ._config import JIT, JIT_PARALLEL, serial
+from ._config import JIT, JIT_CONTRACT, JIT_PARALLEL, serial
+from .exp import exp_nonpositive
 
 RELU2 = 0
 SILU = 1
@@ -31,9 +32,24 @@ def _gated_row(g, u, kind, out, t):
             a = a if a > 0 else 0.0 * a
             out[t, f] = a * a * u[t, f]
     else:
+        # into a row of its own, then copied: with out aliasing g (in place) LLVM's overlap check would take the
+        # scalar loop (15 against 3 ms for 2048 rows of 3072)
+        row = np.empty(F, np.float64)
+        _silu_row(g[t], u[t], row)
         for f in range(F):
-            a = g[t, f]
-            out[t, f] = a / (1.0 + np.exp(-a)) * u[t, f]
+            out[t, f] = row[f]
+
+
+@njit(**JIT_CONTRACT)
+def _silu_row(g, u, out):
+    """out = silu(g) * u for one row: g / (1 + e^-g) as g / (1 + e) for g >= 0 and g e / (1 + e) below, e = e^-|g|
+    (the exp of a non-positive argument: vectorised, where ``np.exp`` is a call per element; within a few ulp of
+    ``g / (1 + np.exp(-g))``). Its own function: the exp's range reduction must not be reassociated."""
+    for f in range(g.shape[0]):
+        a = np.float64(g[f])
+        e = exp_nonpositive(-abs(a))
+        s = a / (1.0 + e) if a >= 0.0 else a * e / (1.0 + e)
+        out[f] = s * u[f]
 
 
 @njit(**JIT_PARALLEL)
