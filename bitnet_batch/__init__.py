@@ -12,6 +12,30 @@ def load_model(path_or_repo_id, *, filename=None, **kwargs):
     return _load(path_or_repo_id, filename=filename, **kwargs)
 
 
+def generate(records, model, **options):
+    """Completions of records held in memory (dicts shaped like JSONL input lines, or prompt strings): the records
+    a `run` job writes. See :func:`bitnet_batch.api.generate`."""
+    from .api import generate as _generate
+
+    return _generate(records, model, **options)
+
+
+def score(records, model, **options):
+    """Log-likelihoods of records held in memory: the records a `score` job writes. See
+    :func:`bitnet_batch.api.score`."""
+    from .api import score as _score
+
+    return _score(records, model, **options)
+
+
+def embed(records, model, **options):
+    """Embedding vectors of records held in memory: the records an `embed` job writes. See
+    :func:`bitnet_batch.api.embed`."""
+    from .api import embed as _embed
+
+    return _embed(records, model, **options)
+
+
 def load_tokenizer(gguf_path):
     """Build the tokenizer of a GGUF file (also works on weightless tokenizer-only GGUFs)."""
     from .tokenizer import load_tokenizer as _load
@@ -19,5 +43,5 @@ def load_tokenizer(gguf_path):
     return _load(gguf_path)
 
 
-__all__ = ["load_model", "load_tokenizer", "BitnetBatchError", "ConfigError", "ContextOverflowError", "InputError",
+__all__ = ["load_model", "load_tokenizer", "generate", "score", "embed", "BitnetBatchError", "ConfigError", "ContextOverflowError", "InputError",
            "ModelFormatError", "ModelNotFoundError", "TokenizerError", "__version__"]

@@ -301,6 +301,10 @@ class IdRegistry:
 
 
 def location(path: Path, fmt: str, pos: int) -> str:
+    """Where record ``pos`` of an input is: file:line (JSONL), file:row N (Parquet), records[i] (a list in memory,
+    ``bitnet_batch.api``)."""
+    if fmt == "records":
+        return f"{path}[{pos}]"
     return f"{path}:row {pos}" if fmt == "parquet" else f"{path}:{pos}"
 
 
