@@ -292,6 +292,23 @@ def _window_start(last, window):
 
 
 @njit(inline="always", **JIT)
+def _task(i, q, KVH, G, block_tables, row_seq, row_pos, window, scratch):
+    """Task i of a step's (row, KV head) pairs (rows in ``_interleaved`` order): its row t, KV head, the row's block
+    table, last and first positions and their count n, and this thread's scratch row, whose start holds the G
+    heads' scores (head h0 + j at [j * n, j * n + n)) and then contiguous copies of their queries (filled here)."""
+    T, hd = q.shape[0], q.shape[2]
+    t = _interleaved(i // KVH, T)
+    kvh = i % KVH
+    last = row_pos[t]
+    lo = _window_start(last, window)
+    n = last + 1 - lo
+    buf = scratch[numba.get_thread_id()]
+    qv = buf[G * n:G * (n + hd)]
+    _gather_queries(q, t, kvh * G, G, qv)
+    return t, kvh, block_tables[row_seq[t]], last, lo, n, buf, buf[:G * n], qv
+
+
+@njit(inline="always", **JIT)
 def _gather_queries(q, t, h0, G, qv):
     """qv[j * hd:(j + 1) * hd] <- q[t, h0 + j] for the G query heads of one KV head (contiguous float64)."""
     hd = q.shape[2]
@@ -332,18 +349,9 @@ def _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, window, scal
     bs = k_cache.shape[2]
     G = H // KVH
     for i in prange(T * KVH):
-        t = _interleaved(i // KVH, T)
-        kvh = i % KVH
+        t, kvh, table, last, lo, n, buf, sc, qv = _task(i, q, KVH, G, block_tables, row_seq, row_pos, window, scratch)
         h0 = kvh * G
-        table = block_tables[row_seq[t]]
-        last = row_pos[t]
-        lo = _window_start(last, window)
-        n = last + 1 - lo
-        buf = scratch[numba.get_thread_id()]
-        sc = buf[:G * n]                              # scores of head h0 + j at [j * n, j * n + n)
-        qv = buf[G * n:G * (n + hd)]                  # contiguous copies of the G queries
         kvbuf = buf[G * (n + hd):G * (n + hd) + hd]   # a float16 cache row widened
-        _gather_queries(q, t, h0, G, qv)
         for i_p in range(n):
             p = lo + i_p
             kr = _kv_row(k_cache, table[p // bs], kvh, p % bs, kvbuf)
@@ -381,17 +389,8 @@ def _attention_g4(q, k_cache, v_cache, block_tables, row_seq, row_pos, window, s
     KVH = k_cache.shape[0]
     bs = k_cache.shape[2]
     for i in prange(T * KVH):
-        t = _interleaved(i // KVH, T)
-        kvh = i % KVH
+        t, kvh, table, last, lo, n, _, sc, qv = _task(i, q, KVH, 4, block_tables, row_seq, row_pos, window, scratch)
         h0 = kvh * 4
-        table = block_tables[row_seq[t]]
-        last = row_pos[t]
-        lo = _window_start(last, window)
-        n = last + 1 - lo
-        buf = scratch[numba.get_thread_id()]
-        sc = buf[:4 * n]                              # scores of head h0 + j at [j * n, j * n + n)
-        qv = buf[4 * n:4 * (n + hd)]                  # contiguous copies of the 4 queries
-        _gather_queries(q, t, h0, 4, qv)
         q0, q1, q2, q3 = qv[:hd], qv[hd:2 * hd], qv[2 * hd:3 * hd], qv[3 * hd:]
         i_p = 0                                       # scores of positions lo + i_p
         while i_p + 2 <= n:                           # two positions per pass share the queries' loads
@@ -475,17 +474,8 @@ def _attention_g2(q, k_cache, v_cache, block_tables, row_seq, row_pos, window, s
     KVH = k_cache.shape[0]
     bs = k_cache.shape[2]
     for i in prange(T * KVH):
-        t = _interleaved(i // KVH, T)
-        kvh = i % KVH
+        t, kvh, table, last, lo, n, _, sc, qv = _task(i, q, KVH, 2, block_tables, row_seq, row_pos, window, scratch)
         h0 = kvh * 2
-        table = block_tables[row_seq[t]]
-        last = row_pos[t]
-        lo = _window_start(last, window)
-        n = last + 1 - lo
-        buf = scratch[numba.get_thread_id()]
-        sc = buf[:2 * n]                              # scores of head h0 + j at [j * n, j * n + n)
-        qv = buf[2 * n:2 * (n + hd)]                  # contiguous copies of the 2 queries
-        _gather_queries(q, t, h0, 2, qv)
         q0, q1 = qv[:hd], qv[hd:]
         i_p = 0                                       # scores of positions lo + i_p
         while i_p + 4 <= n:                           # four positions per pass share the queries' loads
