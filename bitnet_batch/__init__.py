@@ -43,5 +43,6 @@ def load_tokenizer(gguf_path):
     return _load(gguf_path)
 
 
-__all__ = ["load_model", "load_tokenizer", "generate", "score", "embed", "BitnetBatchError", "ConfigError", "ContextOverflowError", "InputError",
-           "ModelFormatError", "ModelNotFoundError", "TokenizerError", "__version__"]
+__all__ = ["load_model", "load_tokenizer", "generate", "score", "embed", "BitnetBatchError", "ConfigError",
+           "ContextOverflowError", "InputError", "ModelFormatError", "ModelNotFoundError", "TokenizerError",
+           "__version__"]

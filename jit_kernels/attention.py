@@ -41,8 +41,8 @@ from ._config import JIT, JIT_CONTRACT, JIT_PARALLEL, serial
 from ._cpu import KERNEL
 from ._ir import prefetch_row
 from .bits import f64_from_bits
-from .exp import exp_nonpositive as _exp_nonpositive
 from .buffers import aligned_zeros
+from .exp import exp_nonpositive as _exp_nonpositive
 
 _CACHE_DTYPES = (np.float32, np.uint16)
 PREFETCH_ROWS = 8      # K/V rows ahead that _attention_g4 asks for (its reads cross blocks, which the hardware

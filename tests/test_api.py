@@ -24,7 +24,7 @@ def untimed(records):
     for r in records:
         r = {k: v for k, v in r.items() if k != "timing"}
         if r["error"] is not None:
-            r["error"] = dict(r["error"], message=re.sub(r"records\[(\d+)\]|\S+\.jsonl:(\d+)", "<where>",
+            r["error"] = dict(r["error"], message=re.sub(r"records\[\d+\]|\S+\.jsonl:\d+", "<where>",
                                                         r["error"]["message"]))
         out.append(r)
     return out
@@ -40,7 +40,8 @@ def file_records(tmp_path, run, config_class, records, model, **options):
 
 def test_generate_gives_the_file_jobs_records(tmp_path, small_model):
     records = [{"id": "a", "prompt": "the cat"}, {"id": "b", "prompt": "a dog", "max_tokens": 3, "n": 2},
-               {"prompt": "no id here", "temperature": 0.0}, {"id": "d", "messages": [{"role": "user", "content": "hi"}]},
+               {"prompt": "no id here", "temperature": 0.0},
+               {"id": "d", "messages": [{"role": "user", "content": "hi"}]},
                {"id": "e", "prompt": 7}, {"id": "a", "prompt": "duplicate id"}, {"id": "f", "max_tokens": 2}]
     options = dict(sampling=SamplingParams(max_tokens=6, temperature=0.9, top_k=20), seed=5,
                    engine=EngineConfig(max_batch=2, prefill_chunk=16, max_seq_len=128))
