@@ -12,12 +12,12 @@ def load_model(path_or_repo_id, *, filename=None, **kwargs):
     return _load(path_or_repo_id, filename=filename, **kwargs)
 
 
-def generate(records, model, **options):
+def run(records, model, **options):
     """Completions of records held in memory (dicts shaped like JSONL input lines, or prompt strings): the records
-    a `run` job writes. See :func:`bitnet_batch.api.generate`."""
-    from .api import generate as _generate
+    a `run` job writes. See :func:`bitnet_batch.api.run`."""
+    from .api import run as _run
 
-    return _generate(records, model, **options)
+    return _run(records, model, **options)
 
 
 def score(records, model, **options):
@@ -43,6 +43,6 @@ def load_tokenizer(gguf_path):
     return _load(gguf_path)
 
 
-__all__ = ["load_model", "load_tokenizer", "generate", "score", "embed", "BitnetBatchError", "ConfigError",
+__all__ = ["load_model", "load_tokenizer", "run", "score", "embed", "BitnetBatchError", "ConfigError",
            "ContextOverflowError", "InputError", "ModelFormatError", "ModelNotFoundError", "TokenizerError",
            "__version__"]

@@ -1,4 +1,4 @@
-"""Jobs on records held in memory: ``generate``, ``score`` and ``embed`` return the records a `bitnet-batch run`,
+"""Jobs on records held in memory: ``run``, ``score`` and ``embed`` (the verbs' names) return the records a `bitnet-batch run`,
 `score` or `embed` job would write, without input or output files.
 
 Each takes a list of records (dicts with the fields of a JSONL input line, or plain strings for the main text
@@ -33,7 +33,7 @@ class _Collect:
         self.records.append(record)
 
 
-def generate(records: Iterable, model, **options) -> list[dict]:
+def run(records: Iterable, model, **options) -> list[dict]:
     """Completions of ``records`` (``prompt`` or ``messages`` per record, or strings: prompts; per-record sampling
     overrides and constraints as in a JSONL input) with ``model`` (a path, repo id or loaded ``Model``);
     ``options``: ``jobs.run.JobConfig`` fields. Returns the job's records."""

@@ -1,4 +1,4 @@
-"""Jobs on records in memory (``bitnet_batch.generate`` / ``score`` / ``embed``): the records a file job writes for
+"""Jobs on records in memory (``bitnet_batch.run`` / ``score`` / ``embed``): the records a file job writes for
 the same input lines (timing aside), in input order, error records for unusable entries, and the options that a job
 without files refuses."""
 import re
@@ -38,14 +38,14 @@ def file_records(tmp_path, run, config_class, records, model, **options):
     return read_jsonl(out)
 
 
-def test_generate_gives_the_file_jobs_records(tmp_path, small_model):
+def test_run_gives_the_file_jobs_records(tmp_path, small_model):
     records = [{"id": "a", "prompt": "the cat"}, {"id": "b", "prompt": "a dog", "max_tokens": 3, "n": 2},
                {"prompt": "no id here", "temperature": 0.0},
                {"id": "d", "messages": [{"role": "user", "content": "hi"}]},
                {"id": "e", "prompt": 7}, {"id": "a", "prompt": "duplicate id"}, {"id": "f", "max_tokens": 2}]
     options = dict(sampling=SamplingParams(max_tokens=6, temperature=0.9, top_k=20), seed=5,
                    engine=EngineConfig(max_batch=2, prefill_chunk=16, max_seq_len=128))
-    got = bitnet_batch.generate(records, small_model, **options)
+    got = bitnet_batch.run(records, small_model, **options)
     want = file_records(tmp_path, run_job, JobConfig, records, small_model, **options)
     assert untimed(got) == untimed(want)
     assert [(r["id"], r.get("sample_index")) for r in got] == [
@@ -58,9 +58,9 @@ def test_generate_gives_the_file_jobs_records(tmp_path, small_model):
 
 
 def test_strings_are_prompts_and_a_path_loads_the_model(small_model_path, small_model):
-    by_path = bitnet_batch.generate(["the cat", "a dog"], str(small_model_path),
+    by_path = bitnet_batch.run(["the cat", "a dog"], str(small_model_path),
                                     sampling=SamplingParams(max_tokens=4))
-    loaded = bitnet_batch.generate([{"prompt": "the cat"}, {"prompt": "a dog"}], small_model,
+    loaded = bitnet_batch.run([{"prompt": "the cat"}, {"prompt": "a dog"}], small_model,
                                    sampling=SamplingParams(max_tokens=4), engine=EngineConfig(max_batch=1))
     assert untimed(by_path) == untimed(loaded)
     assert [r["id"] for r in by_path] == ["row-0", "row-1"] and all(r["usage"]["completion_tokens"] == 4
@@ -92,4 +92,17 @@ def test_embed_gives_the_file_jobs_records(tmp_path):
 @pytest.mark.parametrize("option", ["inputs", "output", "overwrite", "ordered", "output_format"])
 def test_file_options_are_refused(small_model, option):
     with pytest.raises(bitnet_batch.ConfigError, match=f"'{option}' is not an option of a job in memory"):
-        bitnet_batch.generate(["x"], small_model, **{option: "x"})
+        bitnet_batch.run(["x"], small_model, **{option: "x"})
+
+
+def test_no_module_of_the_package_shadows_the_functions():
+    """``bitnet_batch.run`` / ``score`` / ``embed`` stay the functions once every module of the package is imported
+    (importing a submodule sets an attribute of its package: a module named like a function would replace it)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    for info in pkgutil.iter_modules(bitnet_batch.__path__):
+        if not info.ispkg:
+            importlib.import_module(f"bitnet_batch.{info.name}")
+    assert all(inspect.isfunction(getattr(bitnet_batch, name)) for name in ("run", "score", "embed", "load_model"))
