@@ -62,7 +62,7 @@ def _run(kind_class, config_class, records, model, options: dict, text_field) ->
     from .jobs.loop import run_loop
     from .model.model import Model, load_model
 
-    for name in ("inputs", "output", "model", "output_format", "input_format", "ordered", "overwrite"):
+    for name in ("inputs", "output", "output_format", "input_format", "ordered", "overwrite"):
         if name in options:
             raise ConfigError(f"{name!r} is not an option of a job in memory (records in, records out)")
     loaded = isinstance(model, Model)
