@@ -1,5 +1,5 @@
-"""Jobs on records held in memory: ``run``, ``score`` and ``embed`` (the verbs' names) return the records a `bitnet-batch run`,
-`score` or `embed` job would write, without input or output files.
+"""Jobs on records held in memory: ``run``, ``score`` and ``embed`` (the verbs' names) return the records a
+`bitnet-batch run`, `score` or `embed` job would write, without input or output files.
 
 Each takes a list of records (dicts with the fields of a JSONL input line, or plain strings for the main text
 field) and the job's options as the job configuration's own fields (``sampling=SamplingParams(...)``,
@@ -17,20 +17,6 @@ from .errors import ConfigError
 from .io.readers import IdRegistry, location, parse_record
 
 RECORDS = "records"        # the input's name in error records: records[i]
-
-
-class _Collect:
-    """The sink of an in-memory job: nothing done before, every record kept."""
-
-    def __init__(self):
-        self.done: dict = {}
-        self.records: list[dict] = []
-
-    def is_done(self, record_id, sample_index: int | None = None) -> bool:
-        return False
-
-    def write(self, record: dict) -> None:
-        self.records.append(record)
 
 
 def run(records: Iterable, model, **options) -> list[dict]:
@@ -59,7 +45,7 @@ def embed(records: Iterable, model, **options) -> list[dict]:
 
 
 def _run(kind_class, config_class, records, model, options: dict, text_field) -> list[dict]:
-    from .jobs.loop import run_loop
+    from .jobs.loop import CollectSink, run_loop
     from .model.model import Model, load_model
 
     for name in ("inputs", "output", "output_format", "input_format", "ordered", "overwrite"):
@@ -74,7 +60,7 @@ def _run(kind_class, config_class, records, model, options: dict, text_field) ->
         model = load_model(job.model, filename=job.model_file, ffn_act=job.ffn_act)
     items = list(parse_records(records, kind_class.record_spec(job), text_field(job)))
     engine = kind_class.engine_for(model, job.engine)
-    sink = _Collect()
+    sink = CollectSink()
     kind = kind_class(job, model, engine, sink)
     kind_class.warm_up(engine)
     kind.prepare()

@@ -24,24 +24,7 @@ from dataclasses import replace
 from .. import errors
 from ..errors import BitnetBatchError
 from ..jobs.common import peak_rss_mb
-from ..jobs.loop import JobKind, run_loop, uncounted
-
-
-class _TaskSink:
-    """The slice of ``OutputSink`` a job uses, for one task: what is done already, and the new records."""
-
-    def __init__(self, done: dict, samples: set):
-        self.done = done                # id -> index of items with something written (resume)
-        self._samples = samples         # (id, sample_index) already written
-        self.records: list[dict] = []
-
-    def is_done(self, record_id, sample_index: int | None = None) -> bool:
-        if record_id not in self.done:
-            return False
-        return sample_index is None or (record_id, sample_index) in self._samples
-
-    def write(self, record: dict) -> None:
-        self.records.append(record)
+from ..jobs.loop import CollectSink, JobKind, run_loop, uncounted
 
 
 class EngineWorker:
@@ -68,7 +51,7 @@ class EngineWorker:
         self.job = replace(job, engine=replace(job.engine, threads=self.threads))
         self.model = load_model(job.model, filename=job.model_file, ffn_act=job.ffn_act)
         self.engine = self.kind.engine_for(self.model, self.job.engine)    # refuses a model the kind cannot use
-        first = self.kind(self.job, self.model, self.engine, _TaskSink({}, set()))
+        first = self.kind(self.job, self.model, self.engine, CollectSink())
         # the kernels, and the job grammar (kept by the tokenizer's compiler), once per actor
         compile_s = self.kind.warm_up(self.engine) + first.prepare()
         cfg = self.model.config
@@ -102,7 +85,7 @@ class EngineWorker:
             if done_samples is not None:
                 done[item.id] = item.index
                 samples.update((item.id, k) for k in done_samples)
-        sink = _TaskSink(done, samples)
+        sink = CollectSink(done, samples)
         kind = self.kind(self.job, self.model, self.engine, sink)
         t0 = time.perf_counter()
         try:

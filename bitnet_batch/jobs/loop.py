@@ -214,6 +214,25 @@ class Emitter:
             self.progress.update(records)
 
 
+class CollectSink:
+    """The slice of ``OutputSink`` a job uses, keeping the records in memory: what is done already (``done``: id ->
+    index of items with something written; ``samples``: (id, sample_index) written) and the new records. A Ray
+    actor's task (its items' resume state) and a job on records in memory (``bitnet_batch.api``: nothing done)."""
+
+    def __init__(self, done: dict | None = None, samples: set | None = None):
+        self.done = {} if done is None else done
+        self._samples = set() if samples is None else samples
+        self.records: list[dict] = []
+
+    def is_done(self, record_id, sample_index: int | None = None) -> bool:
+        if record_id not in self.done:
+            return False
+        return sample_index is None or (record_id, sample_index) in self._samples
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+
+
 def run_loop(kind: JobKind, engine: Engine, items, stop: StopSignals | None = None) -> None:
     """Run every item through the engine with continuous batching; returns early, after a whole step, once
     ``stop`` is requested."""
