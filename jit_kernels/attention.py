@@ -340,6 +340,31 @@ def _divide_by_mass(seg, acc):
         acc[d] *= inv
 
 
+@njit(inline="always", **JIT)
+def _softmax_heads(sc, n, G, out, t, h0):
+    """Between the dots and the weighted sum of a task: the G heads' scores -> softmax numerators, their output
+    rows out[t, h0 .. h0 + G) zeroed (the weighted sums' accumulators)."""
+    for j in range(G):
+        _softmax_numerators(sc[j * n:j * n + n])
+        out[t, h0 + j, :] = 0.0
+
+
+@njit(inline="always", **JIT)
+def _normalize_heads(sc, n, G, out, t, h0):
+    """After the weighted sum: each of the G heads' output rows divided by its softmax mass."""
+    for j in range(G):
+        _divide_by_mass(sc[j * n:j * n + n], out[t, h0 + j])
+
+
+@njit(inline="always", **JIT)
+def _v_block(v_cache, kvh, table, p, last, bs):
+    """The grouped kernels' weighted sum at position p: the 4 V rows from p + PREFETCH_ROWS on (up to ``last``)
+    asked for, and (the KV head's block holding p, p's offset in it)."""
+    for ahead in range(p + PREFETCH_ROWS, min(p + PREFETCH_ROWS + 4, last + 1)):
+        prefetch_row(v_cache[kvh, table[ahead // bs], ahead % bs])
+    return v_cache[kvh, table[p // bs]], p % bs
+
+
 @njit(**JIT_PARALLEL)
 def _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, window, scale, scratch, out):
     """Row t attends to positions lo .. p = row_pos[t], lo = max(0, p - window + 1) (0 when window <= 0: the
@@ -361,9 +386,7 @@ def _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, window, scal
                 for d in range(hd):
                     s += qj[d] * np.float64(kr[d])
                 sc[j * n + i_p] = s * scale
-        for j in range(G):
-            _softmax_numerators(sc[j * n:j * n + n])
-            out[t, h0 + j, :] = 0.0
+        _softmax_heads(sc, n, G, out, t, h0)
         for i_p in range(n):
             p = lo + i_p
             vr = _kv_row(v_cache, table[p // bs], kvh, p % bs, kvbuf)
@@ -372,8 +395,7 @@ def _attention(q, k_cache, v_cache, block_tables, row_seq, row_pos, window, scal
                 acc = out[t, h0 + j]
                 for d in range(hd):
                     acc[d] += w * np.float64(vr[d])
-        for j in range(G):
-            _divide_by_mass(sc[j * n:j * n + n], out[t, h0 + j])
+        _normalize_heads(sc, n, G, out, t, h0)
 
 
 @njit(**JIT_PARALLEL)
@@ -426,17 +448,11 @@ def _attention_g4(q, k_cache, v_cache, block_tables, row_seq, row_pos, window, s
                 s2 += q2[d] * kd
                 s3 += q3[d] * kd
             sc[i_p], sc[n + i_p], sc[2 * n + i_p], sc[3 * n + i_p] = s0 * scale, s1 * scale, s2 * scale, s3 * scale
-        for j in range(4):
-            _softmax_numerators(sc[j * n:j * n + n])
-            out[t, h0 + j, :] = 0.0
+        _softmax_heads(sc, n, 4, out, t, h0)
         a0, a1, a2, a3 = out[t, h0], out[t, h0 + 1], out[t, h0 + 2], out[t, h0 + 3]
         i_p = 0
         while i_p < n:
-            p = lo + i_p
-            vb = v_cache[kvh, table[p // bs]]
-            off = p % bs
-            for ahead in range(p + PREFETCH_ROWS, min(p + PREFETCH_ROWS + 4, last + 1)):
-                prefetch_row(v_cache[kvh, table[ahead // bs], ahead % bs])
+            vb, off = _v_block(v_cache, kvh, table, lo + i_p, last, bs)
             if off % 4 == 0 and i_p + 4 <= n:         # 4 positions of one block (4 divides the block size)
                 w00, w01, w02, w03 = sc[i_p], sc[i_p + 1], sc[i_p + 2], sc[i_p + 3]
                 w10, w11, w12, w13 = sc[n + i_p], sc[n + i_p + 1], sc[n + i_p + 2], sc[n + i_p + 3]
@@ -459,8 +475,7 @@ def _attention_g4(q, k_cache, v_cache, block_tables, row_seq, row_pos, window, s
                     a2[d] += w2 * x0
                     a3[d] += w3 * x0
                 i_p += 1
-        for j in range(4):
-            _divide_by_mass(sc[j * n:j * n + n], out[t, h0 + j])
+        _normalize_heads(sc, n, 4, out, t, h0)
 
 
 @njit(**JIT_PARALLEL)
@@ -512,17 +527,11 @@ def _attention_g2(q, k_cache, v_cache, block_tables, row_seq, row_pos, window, s
                 s1 += q1[d] * x0
             sc[i_p], sc[n + i_p] = s0 * scale, s1 * scale
             i_p += 1
-        for j in range(2):
-            _softmax_numerators(sc[j * n:j * n + n])
-            out[t, h0 + j, :] = 0.0
+        _softmax_heads(sc, n, 2, out, t, h0)
         a0, a1 = out[t, h0], out[t, h0 + 1]
         i_p = 0
         while i_p < n:
-            p = lo + i_p
-            vb = v_cache[kvh, table[p // bs]]
-            off = p % bs
-            for ahead in range(p + PREFETCH_ROWS, min(p + PREFETCH_ROWS + 4, last + 1)):
-                prefetch_row(v_cache[kvh, table[ahead // bs], ahead % bs])
+            vb, off = _v_block(v_cache, kvh, table, lo + i_p, last, bs)
             if off % 4 == 0 and i_p + 4 <= n:         # 4 positions of one block (4 divides the block size)
                 w00, w01, w02, w03 = sc[i_p], sc[i_p + 1], sc[i_p + 2], sc[i_p + 3]
                 w10, w11, w12, w13 = sc[n + i_p], sc[n + i_p + 1], sc[n + i_p + 2], sc[n + i_p + 3]
@@ -539,8 +548,7 @@ def _attention_g2(q, k_cache, v_cache, block_tables, row_seq, row_pos, window, s
                     a0[d] += w0 * x0
                     a1[d] += w1 * x0
                 i_p += 1
-        for j in range(2):
-            _divide_by_mass(sc[j * n:j * n + n], out[t, h0 + j])
+        _normalize_heads(sc, n, 2, out, t, h0)
 
 
 @njit(inline="always", **JIT_PARALLEL)
