@@ -62,9 +62,13 @@ def test_fatal_errors_exit_1_with_a_message(tmp_path, small_model_path):
     bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x01" * 7)
     res = CliRunner().invoke(main, ["run", str(src), "-o", str(tmp_path / "o.jsonl"), "-m", str(bad)])
     assert res.exit_code == 1 and "bad.gguf" in res.output and "Traceback" not in res.output
-    res = CliRunner().invoke(main, ["run", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "o.jsonl"),
+    res = CliRunner().invoke(main, ["run", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "out" / "m.jsonl"),
                                     "-m", str(small_model_path)])
-    assert res.exit_code == 1 and "missing.jsonl" in res.output
+    assert res.exit_code == 1 and "missing.jsonl: input file not found" in res.output
+    assert not (tmp_path / "out").exists()       # checked before the output is locked or the model loaded
+    res = CliRunner().invoke(main, ["run", str(src), "-o", str(tmp_path / "out" / "m.jsonl"), "-m",
+                                    str(small_model_path), "--max-tokens", "4"])
+    assert res.exit_code == 0 and len(read_jsonl(tmp_path / "out" / "m.jsonl")) == 2
 
 
 def _records(path):

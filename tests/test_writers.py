@@ -309,6 +309,28 @@ def test_fingerprint_change_is_refused_and_overwrite_starts_fresh(tmp_path):
     again.close()
 
 
+@pytest.mark.parametrize("name, ordered", [("o.jsonl", True), ("u.jsonl", False), ("p.parquet", True)])
+def test_an_unfinished_job_that_wrote_nothing_gives_way_to_a_different_one(tmp_path, name, ordered):
+    """A job stopped before its first record (interrupted while compiling, say) leaves a state and an empty
+    journal: a different job on that output starts afresh (nothing is lost) and says what differed; once a
+    record is written, a different job is refused as before."""
+    path = tmp_path / name
+    OutputSink(path, fingerprint=FP, ordered=ordered).close()
+    changed = {**FP, "max_tokens": 8}
+    sink = OutputSink(path, fingerprint=changed, ordered=ordered)
+    assert sink.replaced == ["max_tokens: 16 -> 8"] and sink.done == {}
+    assert json.loads(state_of(path).read_text())["fingerprint"] == changed
+    sink.write(record(0))
+    sink.close()
+    with pytest.raises(ConfigError, match="the existing partial output was made by a different job"):
+        OutputSink(path, fingerprint=FP, ordered=ordered)
+    again = OutputSink(path, fingerprint=changed, ordered=ordered)
+    assert again.replaced == [] and list(again.done) == [record(0)["id"]]
+    again.finalize()
+    with pytest.raises(ConfigError, match="the existing output was made by a different job"):
+        OutputSink(path, fingerprint=FP, ordered=ordered)
+
+
 def test_existing_foreign_output_or_bad_state_is_refused(tmp_path):
     path = tmp_path / "o.jsonl"
     path.write_text("someone else's file\n")

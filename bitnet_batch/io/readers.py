@@ -121,10 +121,17 @@ def request_spec(*, prompt_field: str = "prompt", id_field: str = "id", messages
 def read_items(paths: str | Path | list, spec: RecordSpec, *, fmt: str | None = None) -> Iterator[Item | BadRecord]:
     """The reading every job shares: stream the records of ``paths`` (checked up front, as in
     ``read_requests``) through ``parse_record`` with one ``IdRegistry`` for all files."""
+    return _iter_items(check_inputs(paths, fmt), spec)
+
+
+def check_inputs(paths: str | Path | list, fmt: str | None = None) -> list[tuple[Path, str]]:
+    """Every input's format (``resolve_format``) and readability (``check_readable``), checked before a job
+    touches its output or loads its model: a mistyped path stops it at once, with nothing to clean up.
+    Returns [(path, format)]."""
     files = [(path, resolve_format(path, fmt)) for path in _as_path_list(paths)]
     for path, file_fmt in files:
         check_readable(path, file_fmt)
-    return _iter_items(files, spec)
+    return files
 
 
 def parse_record(raw, index: int, where: str, spec: RecordSpec, ids: IdRegistry, file_no: int,

@@ -168,6 +168,7 @@ class OutputSink:
             self._offset = 0                                     # journal size = offset of the next line
             self._state: dict = {}
             self._complete = False
+            self.replaced: list[str] = []   # what differed in an earlier job on this output that wrote nothing
 
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if overwrite:
@@ -308,8 +309,14 @@ class OutputSink:
 
     def _resume(self, state: dict) -> None:
         changes = _state_changes(state, self.fingerprint, self.fmt, self.ordered)
+        if changes and self._wrote_nothing(state):
+            self._remove_previous()
+            self.replaced = changes
+            self._start_fresh()
+            return
         if changes:
-            raise ConfigError(f"{self.path}: the existing partial output was made by a different job "
+            what = "output" if state.get("complete") else "partial output"
+            raise ConfigError(f"{self.path}: the existing {what} was made by a different job "
                               f"({'; '.join(changes)}); use --overwrite to start fresh (deletes it)")
         self._state = state
         if not state.get("complete"):
@@ -322,6 +329,12 @@ class OutputSink:
             self.journal_path.unlink(missing_ok=True)
         self.done = _DONE_READERS[self.fmt](self)
         self._complete = True
+
+    def _wrote_nothing(self, state: dict) -> bool:
+        """An unfinished earlier job that stopped before its first record (e.g. interrupted while compiling):
+        replacing it loses nothing. Its journal was either file (whatever this job's format and order)."""
+        return not state.get("complete") and all(not f.exists() or f.stat().st_size == 0
+                                                 for f in (self.path, _sibling(self.path, JOURNAL_SUFFIX)))
 
     def _remove_previous(self) -> None:
         """--overwrite: delete the previous job's files (this process holds the output's lock)."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..config import EngineConfig
 from ..errors import ConfigError, JobInterrupted
-from ..io.readers import count_records
+from ..io.readers import check_inputs, count_records
 from ..io.writers import OutputLock, OutputSink
 from ..records import count_errors
 
@@ -43,7 +43,8 @@ def open_job(job, model, log):
     fingerprint, and say whether it resumes. Returns (model, model sha256, OutputSink)."""
     from ..model.model import load_model
 
-    lock = OutputLock(job.output)        # first: a second job on this output stops here, having touched nothing
+    check_inputs(list(job.inputs), job.input_format)    # a mistyped input stops the job before it touches anything
+    lock = OutputLock(job.output)        # then: a second job on this output stops here, having touched nothing
     try:
         if model is None:
             model = load_model(job.model, filename=job.model_file, ffn_act=job.ffn_act)
@@ -56,6 +57,9 @@ def open_job(job, model, log):
     except BaseException:
         lock.release()                   # the sink owns it once opened: released by sink.close()
         raise
+    if sink.replaced:
+        log(f"{job.output}: an unfinished earlier job on this output ({'; '.join(sink.replaced)}) had written "
+            f"nothing; starting afresh")
     if sink.done:
         log(f"resuming: {len(sink.done)} items already done")
     return model, sha, sink
