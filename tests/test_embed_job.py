@@ -75,6 +75,21 @@ def test_records_errors_and_the_parquet_column(tmp_path, model):
     assert not np.array_equal(want[3], bare[0])
 
 
+def test_a_job_of_errors_keeps_the_embedding_column_and_hints_at_the_field(tmp_path, model):
+    """Records without the text field (a prompts file, say) are errors naming the fields they have; a Parquet
+    output of errors only still has the typed embedding column, so shards of one dataset share a schema."""
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "apple river", "n": 3}, {"id": "b"}])
+    embed_job(job(tmp_path, src, dtype="int8"), model=model, quiet=True)
+    table = pq.read_table(tmp_path / "out.parquet")
+    assert table.schema.field("embedding").type == pa.list_(pa.int8(), model.config.n_embd)
+    assert table.schema.field("scale").type == pa.float32()
+    rows = table.to_pylist()
+    assert [r["embedding"] for r in rows] == [None, None]
+    assert rows[0]["error"]["message"] == (f"{src}:1: field 'text' must be a non-empty string, got missing (its "
+                                           f"string fields: 'prompt'; see --text-field)")
+    assert rows[1]["error"]["message"] == f"{src}:2: field 'text' must be a non-empty string, got missing"
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int8", "binary"])
 def test_every_dtype_and_dimensions_in_jsonl_and_parquet(tmp_path, model, dtype):
     items = [{"id": i, "text": t} for i, t in enumerate(texts(6, seed=1))]

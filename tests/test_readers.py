@@ -279,7 +279,8 @@ def test_field_mapping_and_stop_normalisation(tmp_path):
     assert items[0].fields["note"] == 1 and items[0].fields["id"] == "ignored"
     assert items[1].id == "q2" and items[1].messages == [{"role": "user", "content": "hey"}]
     assert isinstance(items[2], BadRecord) and items[2].error.field == "question"
-    assert "neither field 'question' nor field 'conv'" in str(items[2].error)
+    assert str(items[2].error).endswith("neither field 'question' nor field 'conv' (its string fields: 'prompt'; "
+                                        "see --prompt-field)")
 
 
 # ------------------------------------------------------------------------------------------------ streaming

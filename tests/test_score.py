@@ -139,7 +139,7 @@ def test_bad_records_become_error_records_and_the_job_goes_on(tmp_path, small_mo
         {"id": "ok", "text": "A good line."},
         "{not json",
         {"id": "empty", "text": ""},
-        {"id": "none"},
+        {"id": "none", "body": "a text under another name"},
         {"id": "both", "text": "x", "completion": "y"},
         {"id": "num", "text": 42},
         {"id": "long", "text": "river " * 200},
@@ -156,7 +156,8 @@ def test_bad_records_become_error_records_and_the_job_goes_on(tmp_path, small_mo
     msg = {i: recs[i]["error"]["message"] for i in range(1, 11)}
     assert msg[1].startswith(f"{src}:2: invalid JSON") and recs[1]["id"] == "row-1"
     assert msg[2] == f"{src}:3: field 'text' is empty: there is nothing to score"
-    assert msg[3].startswith(f"{src}:4: missing text") and "'completion'" in msg[3]
+    assert msg[3] == (f"{src}:4: missing text: record has neither field 'text' nor field 'completion' (its string "
+                      f"fields: 'body'; see --text-field)")
     assert msg[4].startswith(f"{src}:5: record has both field 'text' and field 'completion'")
     assert msg[5] == f"{src}:6: field 'text' must be a string, got int (42)"
     assert recs[6]["error"]["type"] == "ContextOverflowError" and msg[6].startswith(f"{src}:7: ")

@@ -359,7 +359,7 @@ def _read_prompt(record: dict, names: _FieldNames) -> tuple[str | None, list[dic
         return None, _check_messages(record[names.messages], names.messages)
     if not has_prompt:
         raise InputError(f"missing prompt: record has neither field {names.prompt!r} nor field "
-                         f"{names.messages!r}", field=names.prompt)
+                         f"{names.messages!r}{other_fields(record, '--prompt-field', names.id)}", field=names.prompt)
     prompt = record[names.prompt]
     if not isinstance(prompt, str):
         raise InputError(f"field {names.prompt!r} must be a string, got {type_name(prompt)} ({short(prompt)})",
@@ -433,6 +433,16 @@ def _openai_overrides(body: dict) -> dict:
 
 
 # -------------------------------------------------------------------------------------------------- helpers
+
+def other_fields(record: dict, option: str, id_field: str | None = None) -> str:
+    """A hint for a record that lacks the field a job reads: its string fields, which ``option`` can name
+    (" (its string fields: 'body', 'title'; see --text-field)"), or "" when it has none."""
+    names = [k for k, v in record.items() if isinstance(v, str) and v and k != id_field]
+    if not names:
+        return ""
+    listed = ", ".join(repr(k) for k in names[:5]) + (", ..." if len(names) > 5 else "")
+    return f" (its string fields: {listed}; see {option})"
+
 
 def type_name(value) -> str:
     return "null" if value is None else type(value).__name__

@@ -442,7 +442,7 @@ class OutputSink:
     def _finalize_parquet(self, tmp: Path) -> dict:
         import pyarrow.parquet as pq
 
-        extra = sorted(self._extra_keys)
+        extra = sorted(self._extra_keys | self._columns.keys())   # typed columns even where no record has one
         schema = _parquet_schema(extra, self._columns)
         int_ids, n_ids = [], 0
         with pq.ParquetWriter(tmp, schema) as writer:

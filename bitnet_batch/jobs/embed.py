@@ -77,7 +77,9 @@ def embed_spec(fields: EmbedFields = EmbedFields()) -> readers.RecordSpec:
         text = record.get(fields.text)
         if not isinstance(text, str) or not text:
             what = "missing" if fields.text not in record else f"a {readers.type_name(text)}"
-            raise InputError(f"field {fields.text!r} must be a non-empty string, got {what}", field=fields.text)
+            hint = readers.other_fields(record, "--text-field", fields.id) if fields.text not in record else ""
+            raise InputError(f"field {fields.text!r} must be a non-empty string, got {what}{hint}",
+                             field=fields.text)
         instruction = record.get(fields.instruction)
         if instruction is not None and (not isinstance(instruction, str) or not instruction.strip()):
             raise InputError(f"field {fields.instruction!r} must be a non-empty string (a one-sentence task)",

@@ -114,7 +114,8 @@ def _read_texts(record: dict, fields: ScoreFields) -> tuple[str | None, str | No
         raise InputError(f"record has both field {fields.text!r} and field {other!r}; give {fields.text!r} "
                          f"alone or {fields.prompt!r} + {fields.completion!r}", field=fields.text)
     if not has_text and not has_completion:
-        hint = f" ({fields.prompt!r} needs {fields.completion!r})" if fields.prompt in record else ""
+        hint = f" ({fields.prompt!r} needs {fields.completion!r})" if fields.prompt in record else \
+            readers.other_fields(record, "--text-field", fields.id)
         raise InputError(f"missing text: record has neither field {fields.text!r} nor field "
                          f"{fields.completion!r}{hint}", field=fields.text)
     if has_text:
