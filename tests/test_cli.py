@@ -66,6 +66,11 @@ def test_fatal_errors_exit_1_with_a_message(tmp_path, small_model_path):
                                     "-m", str(small_model_path)])
     assert res.exit_code == 1 and "missing.jsonl: input file not found" in res.output
     assert not (tmp_path / "out").exists()       # checked before the output is locked or the model loaded
+    res = CliRunner().invoke(main, ["run", str(src), "-o", str(tmp_path / "out" / "m.csv"), "-m", str(small_model_path)])
+    assert res.exit_code == 1 and "m.csv: unknown output extension '.csv'" in res.output
+    assert not (tmp_path / "out").exists()
+    res = CliRunner().invoke(main, ["run", str(src), "-o", "/proc/m.jsonl", "-m", str(small_model_path)])
+    assert res.exit_code == 1 and "/proc/m.jsonl: cannot create the output's lock file m.jsonl.lock" in res.output
     res = CliRunner().invoke(main, ["run", str(src), "-o", str(tmp_path / "out" / "m.jsonl"), "-m",
                                     str(small_model_path), "--max-tokens", "4"])
     assert res.exit_code == 0 and len(read_jsonl(tmp_path / "out" / "m.jsonl")) == 2

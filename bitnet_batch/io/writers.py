@@ -64,6 +64,12 @@ _MAX_READ_BYTES = 1 << 20         # finalize reads adjacent journal lines in blo
 _KNOWN_SET = frozenset(KNOWN_KEYS)
 
 
+def check_output_format(output, fmt: str | None = None) -> str:
+    """The format of an output path (its extension, or ``fmt``), checked before the job takes the output's lock:
+    a wrong extension stops the job before it creates anything."""
+    return resolve_format(Path(output), fmt, formats=FORMATS, what="output")
+
+
 class OutputLock:
     """The one-writer lock of an output (a file or a directory of part files): an exclusive, non-blocking
     ``flock`` on ``<output>.lock``, taken before anything else of the job is touched.
@@ -77,8 +83,12 @@ class OutputLock:
     def __init__(self, output):
         self.output = Path(output)
         self.path = _sibling(self.output, LOCK_SUFFIX)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as e:
+            raise ConfigError(f"{self.output}: cannot create the output's lock file {self.path.name} in "
+                              f"{self.path.parent} ({e.strerror or e})") from e
         try:
             self._acquire(fd)
         except BaseException:
@@ -153,7 +163,7 @@ class OutputSink:
             if self._lock.path != _sibling(self.path, LOCK_SUFFIX) or not self._lock.held:
                 raise ConfigError(f"{self.path}: the lock given is not this output's held lock "
                                   f"({self._lock.path})")
-            self.fmt = resolve_format(self.path, fmt, formats=FORMATS, what="output")
+            self.fmt = check_output_format(self.path, fmt)
             self.ordered = bool(ordered)
             self.model_name = model_name
             self.fingerprint = _plain_fingerprint(fingerprint)

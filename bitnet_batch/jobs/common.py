@@ -11,7 +11,7 @@ from pathlib import Path
 from ..config import EngineConfig
 from ..errors import ConfigError, JobInterrupted
 from ..io.readers import check_inputs, count_records
-from ..io.writers import OutputLock, OutputSink
+from ..io.writers import OutputLock, OutputSink, check_output_format
 from ..records import count_errors
 
 
@@ -43,7 +43,8 @@ def open_job(job, model, log):
     fingerprint, and say whether it resumes. Returns (model, model sha256, OutputSink)."""
     from ..model.model import load_model
 
-    check_inputs(list(job.inputs), job.input_format)    # a mistyped input stops the job before it touches anything
+    check_inputs(list(job.inputs), job.input_format)    # a mistyped path stops the job before it touches anything
+    check_output_format(job.output, job.output_format)
     lock = OutputLock(job.output)        # then: a second job on this output stops here, having touched nothing
     try:
         if model is None:
