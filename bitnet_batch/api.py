@@ -59,7 +59,7 @@ def _run(kind_class, config_class, records, model, options: dict, text_field) ->
     if not loaded:
         model = load_model(job.model, filename=job.model_file, ffn_act=job.ffn_act)
     items = list(parse_records(records, kind_class.record_spec(job), text_field(job)))
-    engine = kind_class.engine_for(model, job.engine)
+    engine = kind_class.engine_for(model, kind_class.engine_config(job))
     sink = CollectSink()
     kind = kind_class(job, model, engine, sink)
     kind_class.warm_up(engine)

@@ -60,11 +60,12 @@ class BenchResult:
 
 
 def bench_batch(model, batch: int, prompt_tokens: int, gen_tokens: int, *, prefill_chunk: int = 128,
-                threads: int = 0, seed: int = 0, kv_dtype: str = "f32", lm_head_dtype: str = "f32") -> BenchResult:
+                threads: int = 0, seed: int = 0, kv_dtype: str = "f32", lm_head_dtype: str = "f32",
+                argmax_head: str = "auto") -> BenchResult:
     cfg = model.config
     eng = Engine(model, EngineConfig(max_batch=batch, max_seq_len=prompt_tokens + gen_tokens,
                                      prefill_chunk=max(prefill_chunk, batch), threads=threads, kv_dtype=kv_dtype,
-                                     lm_head_dtype=lm_head_dtype, prefault_kv=True))
+                                     lm_head_dtype=lm_head_dtype, argmax_head=argmax_head, prefault_kv=True))
     rng = np.random.default_rng(seed)
     prompts = rng.integers(0, cfg.n_vocab, size=(batch, prompt_tokens)).astype(np.int32)
     slots = [eng.kv.allocate() for _ in range(batch)]
@@ -78,7 +79,8 @@ def bench_batch(model, batch: int, prompt_tokens: int, gen_tokens: int, *, prefi
             if n <= 0:
                 nxt.append((b, start))
                 continue
-            parts.append((slots[b], prompts[b, start:start + n], start, start + n == prompt_tokens))
+            parts.append((slots[b], prompts[b, start:start + n], start, "argmax" if start + n == prompt_tokens
+                          else False))
             budget -= n
             if start + n < prompt_tokens:
                 nxt.append((b, start + n))
@@ -90,7 +92,7 @@ def bench_batch(model, batch: int, prompt_tokens: int, gen_tokens: int, *, prefi
     t1 = time.perf_counter()
     tokens = np.array(last, np.int32)
     for g in range(gen_tokens - 1):
-        outs = eng.step([(slots[b], tokens[b:b + 1], prompt_tokens + g, True) for b in range(batch)])
+        outs = eng.step([(slots[b], tokens[b:b + 1], prompt_tokens + g, "argmax") for b in range(batch)])
         tokens = np.array([int(np.argmax(o)) for o in outs], np.int32)
     t2 = time.perf_counter()
     steps = max(gen_tokens - 1, 1)
@@ -128,16 +130,19 @@ def fresh_peak_rss() -> bool:
 
 
 def run_bench(model_ref, batch_sizes=(1, 8, 32), prompt_tokens=64, gen_tokens=64, threads=0, model_file=None,
-              prefill_chunk=128, kv_dtype="f32", lm_head_dtype="f32", repeat=1, log=print) -> dict:
+              prefill_chunk=128, kv_dtype="f32", lm_head_dtype="f32", repeat=1, argmax_head="auto",
+              log=print) -> dict:
     t0 = time.perf_counter()
     model = load_model(model_ref, filename=model_file)
     load_s = time.perf_counter() - t0
     rss_load = peak_rss_mb()
-    engine = Engine(model, EngineConfig(max_batch=1, max_seq_len=8, prefill_chunk=prefill_chunk, threads=threads,
-                                        kv_dtype=kv_dtype, lm_head_dtype=lm_head_dtype))
+    engine = Engine(model, EngineConfig(max_batch=max(batch_sizes), max_seq_len=8, prefill_chunk=prefill_chunk,
+                                        threads=threads, kv_dtype=kv_dtype, lm_head_dtype=lm_head_dtype,
+                                        argmax_head=argmax_head))
     if engine_kernels_cold(engine):
         log(f"{COMPILE_NOTICE} ...")
     compile_s = warm_up(engine)
+    greedy_head = engine.argmax_head is not None
     del engine
     import numba
     from jit_kernels._cpu import KERNEL
@@ -146,17 +151,19 @@ def run_bench(model_ref, batch_sizes=(1, 8, 32), prompt_tokens=64, gen_tokens=64
            "n_embd": model.config.n_embd, "kernel": KERNEL, "threads": numba.get_num_threads(),
            "threading_layer": numba.threading_layer(), "load_s": round(load_s, 3),
            "rss_after_load_mb": round(rss_load, 1), "compile_s": round(compile_s, 3), "kv_dtype": kv_dtype,
-           "lm_head_dtype": lm_head_dtype,
+           "lm_head_dtype": lm_head_dtype, "argmax_head": greedy_head,
            "prefill_chunk": prefill_chunk, "repeat": repeat, "peak_rss_scope": "run", "results": []}
     log(f"model {model.path.name}: load {load_s:.2f}s (RSS {rss_load:.0f} MB), compile {compile_s:.2f}s, "
-        f"{out['threads']} threads, KV {kv_dtype}, lm_head {lm_head_dtype}, kernels {KERNEL}")
+        f"{out['threads']} threads, KV {kv_dtype}, lm_head {lm_head_dtype}"
+        f"{' (greedy rows: argmax lm_head)' if greedy_head else ''}, kernels {KERNEL}")
     for b in batch_sizes:
         runs = []
         for _ in range(repeat):
             if not fresh_peak_rss():
                 out["peak_rss_scope"] = "process"
             runs.append(bench_batch(model, b, prompt_tokens, gen_tokens, prefill_chunk=prefill_chunk,
-                                    threads=threads, kv_dtype=kv_dtype, lm_head_dtype=lm_head_dtype))
+                                    threads=threads, kv_dtype=kv_dtype, lm_head_dtype=lm_head_dtype,
+                                    argmax_head=argmax_head))
         r = max(runs, key=lambda run: run.total_tok_s)
         out["results"].append(dict(asdict(r), runs=[{"prefill_tok_s": x.prefill_tok_s, "decode_tok_s": x.decode_tok_s,
                                                       "total_tok_s": x.total_tok_s} for x in runs]))
@@ -170,7 +177,7 @@ def run_bench(model_ref, batch_sizes=(1, 8, 32), prompt_tokens=64, gen_tokens=64
 
 def run_side_by_side(kernels, model_ref, batch_sizes=(1, 8, 32), prompt_tokens=64, gen_tokens=64, threads=0,
                      model_file=None, prefill_chunk=128, kv_dtype="f32", lm_head_dtype="f32", repeat=1,
-                     log=print) -> dict:
+                     argmax_head="auto", log=print) -> dict:
     """``run_bench`` for each kernel family of ``kernels`` (``BITNET_BATCH_KERNEL`` values; the family is fixed
     when a process imports the kernels), each run in a child process of its own: for every batch size, ``repeat``
     rounds in which the families take turns, so a busy minute on a shared machine slows them all. Per family and
@@ -189,8 +196,8 @@ def run_side_by_side(kernels, model_ref, batch_sizes=(1, 8, 32), prompt_tokens=6
     root = str(Path(jit_kernels.__file__).resolve().parent.parent)
     model_arg = str(Path(model_ref).resolve()) if Path(model_ref).exists() else str(model_ref)
     args = ["--prompt-tokens", str(prompt_tokens), "--gen-tokens", str(gen_tokens), "--threads", str(threads),
-            "--prefill-chunk", str(prefill_chunk), "--kv-dtype", kv_dtype, "--lm-head-dtype", lm_head_dtype, "--json",
-            "-m", model_arg]
+            "--prefill-chunk", str(prefill_chunk), "--kv-dtype", kv_dtype, "--lm-head-dtype", lm_head_dtype,
+            "--argmax-head", argmax_head, "--json", "-m", model_arg]
     args += ["--model-file", model_file] if model_file else []
     runs = {k: {} for k in kernels}
     for b in batch_sizes:
@@ -224,7 +231,7 @@ def run_side_by_side(kernels, model_ref, batch_sizes=(1, 8, 32), prompt_tokens=6
         log(f"  batch {row['batch']:3d} {row['kernel']} / {row['vs']}: prefill {row['prefill_ratio']:.2f}x, "
             f"decode {row['decode_ratio']:.2f}x")
     return {"model": str(model_ref), "kernels": list(kernels), "repeat": repeat, "threads": threads,
-            "kv_dtype": kv_dtype, "lm_head_dtype": lm_head_dtype, "results": best,
+            "kv_dtype": kv_dtype, "lm_head_dtype": lm_head_dtype, "argmax_head": argmax_head, "results": best,
             "runs": {k: [x for b in batch_sizes for x in runs[k][b]] for k in kernels}, "ratios": ratios}
 
 

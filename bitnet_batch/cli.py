@@ -240,7 +240,8 @@ def _explicit_overrides(ctx: click.Context, inputs, constraint, limits) -> dict:
 @click.option("--completion-field", default="completion", show_default=True, help="Scored given the prompt.")
 @click.option("--id-field", default="id", show_default=True)
 @click.option("--token-logprobs", is_flag=True, help="Add every scored token's logprob to its record.")
-@_engine_options("Sequences in flight together.", "Longest scored sequence (0 = model context).")
+@_engine_options("Sequences in flight together.", "Longest scored sequence (0 = model context).",
+                 exclude=("argmax_head",))
 @_job_flags
 @_where_options
 @_model_options
@@ -253,7 +254,7 @@ def score(inputs, **opts):
         fields = ScoreFields(**{k: opts[f"{k}_field"] for k in ("text", "prompt", "completion", "id")})
         job = ScoreJobConfig(inputs=tuple(inputs), **{k: opts[k] for k in _BASE_OPTIONS}, fields=fields,
                              token_logprobs=opts["token_logprobs"], ordered=not opts["unordered"],
-                             engine=pick(EngineConfig, opts, ENGINE_OPTIONS))
+                             engine=pick(EngineConfig, opts, [o for o in ENGINE_OPTIONS if o in opts]))
         summary = _run_on(job, ScoreKind, opts)
     except (BitnetBatchError, OSError) as e:
         _fail(e)
@@ -281,7 +282,8 @@ def score(inputs, **opts):
 @click.option("--truncate", type=click.Choice(["left", "right"]), default=None,
               help="Cut over-long texts instead of writing an error record.")
 @_engine_options("Texts in flight together.", "Longest text (0 = the model's context, at most 8192).",
-                 exclude=("kv_cache_mb", "prefix_cache", "lm_head_dtype"), max_batch=64, prefill_chunk=1024)
+                 exclude=("kv_cache_mb", "prefix_cache", "lm_head_dtype", "argmax_head"), max_batch=64,
+                 prefill_chunk=1024)
 @_job_flags
 @_where_options
 @_model_options
@@ -398,7 +400,7 @@ def inspect(model, model_file, as_json):
 @click.option("--prompt-tokens", type=int, default=64, show_default=True)
 @click.option("--gen-tokens", type=int, default=64, show_default=True)
 @click.option("--prefill-chunk", type=int, default=128, show_default=True)
-@click_options(EngineConfig, ["kv_dtype", "lm_head_dtype", "threads"])
+@click_options(EngineConfig, ["kv_dtype", "lm_head_dtype", "argmax_head", "threads"])
 @click.option("--repeat", type=int, default=1, show_default=True,
               help="Runs per batch size; the best (total tok/s) is reported, all are in the JSON.")
 @click.option("--baseline", default=None, type=click.Path(dir_okay=False),
@@ -408,8 +410,8 @@ def inspect(model, model_file, as_json):
               help="Comma list of kernel families (e.g. avx512,avx2) to run side by side, each in child processes "
                    "that take turns per batch size; prints each family's ratios to the last one.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with a 'results' list.")
-def bench(model, model_file, batch_sizes, prompt_tokens, gen_tokens, prefill_chunk, kv_dtype, lm_head_dtype, threads,
-          repeat, baseline, kernels, as_json):
+def bench(model, model_file, batch_sizes, prompt_tokens, gen_tokens, prefill_chunk, kv_dtype, lm_head_dtype,
+          argmax_head, threads, repeat, baseline, kernels, as_json):
     """Measure prefill and batched decode throughput (random prompts, greedy decode)."""
     from .bench import compare, format_comparison, load_baselines, run_bench, run_side_by_side
 
@@ -424,11 +426,12 @@ def bench(model, model_file, batch_sizes, prompt_tokens, gen_tokens, prefill_chu
         if kernels:
             out = run_side_by_side([k.strip() for k in kernels.split(",") if k.strip()], model, sizes, prompt_tokens,
                                    gen_tokens, threads, model_file=model_file, prefill_chunk=prefill_chunk,
-                                   kv_dtype=kv_dtype, lm_head_dtype=lm_head_dtype, repeat=repeat, log=log)
+                                   kv_dtype=kv_dtype, lm_head_dtype=lm_head_dtype, repeat=repeat,
+                                   argmax_head=argmax_head, log=log)
         else:
             out = run_bench(model, sizes, prompt_tokens, gen_tokens, threads, model_file=model_file,
                             prefill_chunk=prefill_chunk, kv_dtype=kv_dtype, lm_head_dtype=lm_head_dtype,
-                            repeat=repeat, log=log)
+                            repeat=repeat, argmax_head=argmax_head, log=log)
         if baselines:
             out["comparisons"] = compare(out["results"], baselines)
             for line in format_comparison(out["comparisons"]):

@@ -35,6 +35,11 @@ class Completion:
         return "".join(self.pieces)
 
     @property
+    def argmax_only(self) -> bool:
+        """The next token is the argmax of the logits and nothing else of them is used (no constraint mask)."""
+        return self.params.argmax_only and self.constraint is None
+
+    @property
     def done(self) -> bool:
         return self.finish_reason is not None
 

@@ -13,16 +13,17 @@ from functools import lru_cache
 
 import click
 
-from .config import KV_DTYPES, LM_HEAD_DTYPES, EngineConfig
+from .config import ARGMAX_HEADS, KV_DTYPES, LM_HEAD_DTYPES, EngineConfig
 from .sampling.params import SamplingParams
 
 #: the engine settings a user sets (command line, pipeline [engine]); the rest are the engine's own
-ENGINE_OPTIONS = ("max_batch", "prefill_chunk", "kv_cache_mb", "kv_dtype", "lm_head_dtype", "max_seq_len",
-                  "prefix_cache", "threads")
+ENGINE_OPTIONS = ("max_batch", "prefill_chunk", "kv_cache_mb", "kv_dtype", "lm_head_dtype", "argmax_head",
+                  "max_seq_len", "prefix_cache", "threads")
 #: the sampling options of the command line: SamplingParams' fields but the per-request seed (``--seed`` is the
 #: job seed from which request seeds derive)
 SAMPLING_OPTIONS = tuple(f.name for f in dataclasses.fields(SamplingParams) if f.name != "seed")
-_CHOICES = {(EngineConfig, "kv_dtype"): tuple(KV_DTYPES), (EngineConfig, "lm_head_dtype"): LM_HEAD_DTYPES}
+_CHOICES = {(EngineConfig, "kv_dtype"): tuple(KV_DTYPES), (EngineConfig, "lm_head_dtype"): LM_HEAD_DTYPES,
+            (EngineConfig, "argmax_head"): ARGMAX_HEADS}
 _TYPES = {"int": int, "float": float, "str": str}
 
 

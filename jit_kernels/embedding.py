@@ -220,6 +220,7 @@ def _lm_tile(RV, C, prefetch=0):
 
 _t34, _t14, _t81, _t11 = _lm_tile(3, 4), _lm_tile(1, 4), _lm_tile(8, 1, LM_PREFETCH), _lm_tile(1, 1, LM_PREFETCH)
 _t64 = _lm_tile(6, 4)
+_t11_entry = _lm_tile(1, 1)     # single logits of scattered vocabulary rows: nothing ahead worth prefetching
 
 
 @njit(**JIT_EXACT_PARALLEL)
@@ -252,6 +253,38 @@ def _lm_head_avx2(x, table, kind, out, wide):
                 _t11(table, x, v, t, kind, out)
                 v += 1
             t += 1
+
+
+def lm_head_entries(x, table, kind, rows, cols, out, dest=None, kernel=None):
+    """out[rows[i], dest[i]] = x[rows[i]] . table[cols[i]] for every i (``dest`` defaults to ``cols``): single
+    logits with the bits ``lm_head`` gives them on the SIMD families (its 1 x 1 tile: the same lane chains and lane
+    sum), whether ``table`` is the whole lm_head table or a copy of some of its rows. x float32 [R, D] with D a
+    multiple of 8; rows, cols, dest int64 [n]; out float32 [>= R, V]."""
+    R, D = x.shape
+    V = out.shape[1]
+    dest = cols if dest is None else dest
+    kernel = KERNEL if kernel is None else kernel
+    if kernel not in AVAILABLE or kernel == "portable":
+        raise ValueError(f"lm_head_entries: needs a SIMD kernel family on this CPU, got {kernel!r}")
+    if table.shape[1] != D or D % 8 or x.dtype != np.float32 or x.strides[1] != 4 or out.dtype != np.float32 \
+            or out.shape[0] < R or table.strides[1] != table.itemsize:
+        raise ValueError(f"lm_head_entries: x {x.shape} {x.dtype}, table {table.shape}, out {out.shape} "
+                         f"{out.dtype} do not match")
+    if table.dtype != (np.float32 if kind == F32 else np.uint16):
+        raise TypeError(f"lm_head_entries: table dtype {table.dtype} does not match kind {kind}")
+    if not rows.shape == cols.shape == dest.shape or not rows.dtype == cols.dtype == dest.dtype == np.int64:
+        raise ValueError("lm_head_entries: rows, cols and dest must be int64 arrays of one shape")
+    n = rows.shape[0]
+    if not (in_range(rows, n, R) and in_range(cols, n, table.shape[0]) and in_range(dest, n, V)):
+        raise ValueError(f"lm_head_entries: an entry lies outside the rows ({R}), the table ({table.shape[0]}) or "
+                         f"the logits ({V})")
+    _lm_head_entries(x, table, kind, rows, cols, dest, out)
+
+
+@njit(**JIT_EXACT_PARALLEL)
+def _lm_head_entries(x, table, kind, rows, cols, dest, out):
+    for i in prange(rows.shape[0]):
+        _t11_entry(table[cols[i]:cols[i] + 1], x, 0, rows[i], kind, out[:, dest[i]:dest[i] + 1])
 
 
 # ---- portable kernel -------------------------------------------------------------------------------------

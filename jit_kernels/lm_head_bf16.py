@@ -30,7 +30,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
-from ._config import JIT_EXACT, JIT_EXACT_PARALLEL
+from ._config import JIT, JIT_EXACT, JIT_EXACT_PARALLEL, JIT_PARALLEL
 from ._cpu import AVAILABLE, FAMILIES, HAS_AVX512_BF16, KERNEL
 from ._ir import I16, I32, Emit, const64
 from .embedding import BF16, F16, F32, LM_PREFETCH, VOCAB_TASK, _widen_row
@@ -323,3 +323,102 @@ def _lm_head_tiles(xb, table, out, native):
                     _f11(table, xb, v, t, out)
                 v += 1
             t += 1
+
+
+# ---- the exact argmax through bf16 logits ----------------------------------------------------------------
+#
+# Greedy decoding needs only the argmax of a row's float32 logits. The bf16 logits A_v are within
+# eps_v = c ||x|| ||w_v|| of the float32 logits R_v (``argmax_bound``), so the argmax of R is among the
+# candidates {v : A_v + eps_v >= max_u (A_u - eps_u)}: every other row's R_v lies below some candidate's. Computing
+# R exactly for the candidates alone (a few dozen rows of a vocabulary of 128k) gives the same argmax, and the same
+# first index among equal maxima, as the whole float32 lm_head, at the bf16 lm_head's speed.
+
+U_BF16 = 2.0 ** -8              # unit roundoff of bfloat16 (8 significant bits, round to nearest even)
+_ABS_SLACK = 1e-20              # covers vdpbf16ps treating subnormal inputs and results as zero (< Dp * 2^-126 |w|)
+_REL_SLACK = 1e-12              # covers float64 rounding in A_v +- eps_v
+
+
+def argmax_bound(D: int) -> float:
+    """c with |A - R| <= c ||x|| ||w|| for one row x and one table row w of width D, where A is the bf16 logit
+    (x and w rounded to bfloat16, each product exact in float32, float32 sums) and R the float32 one (``embedding``
+    lm_head: float32 products and sums). Each rounding to bfloat16 moves a value by at most U_BF16 relative, so a
+    product by at most (2u + u^2) |x_i w_i|; each sum of at most n = padded_dim(D) roundings (float32, unit
+    2^-24) moves by gamma_n = n 2^-24 / (1 - n 2^-24) times the sum of the magnitudes, for A (of the rounded
+    products, at most (1 + u)^2 |x_i w_i|) and for R; and sum |x_i w_i| <= ||x|| ||w|| (Cauchy-Schwarz). Times
+    1.001 for the float64 arithmetic that evaluates the bound."""
+    n = padded_dim(D)
+    gamma = n * 2.0 ** -24 / (1 - n * 2.0 ** -24)
+    return (2 * U_BF16 + U_BF16 ** 2 + gamma * (1 + (1 + U_BF16) ** 2)) * 1.001
+
+
+def row_norm_bounds(table, out):
+    """out[v] >= ||w_v|| (float64) for the table row whose bfloat16 rounding is ``table[v]`` (``bf16_table``'s uint16
+    [V, Dp]): each |w_i| <= |w~_i| / (1 - U_BF16), so ||w|| <= ||w~|| / (1 - U_BF16). Computed from the rounded
+    table (in memory) rather than the file's (whose pages ``Model.bf16_lm_head`` released)."""
+    if table.dtype != np.uint16 or table.ndim != 2 or out.dtype != np.float64 or out.shape != (table.shape[0],):
+        raise ValueError(f"row_norm_bounds: table {table.shape} {table.dtype}, out {out.shape} {out.dtype}")
+    _row_norm_bounds(table, out)
+
+
+@njit(**JIT_PARALLEL)
+def _row_norm_bounds(table, out):
+    V, Dp = table.shape
+    for task in prange((V + VOCAB_TASK - 1) // VOCAB_TASK):
+        row = np.empty(Dp, np.float32)
+        for v in range(task * VOCAB_TASK, min(V, (task + 1) * VOCAB_TASK)):
+            _widen_bf16(table[v], row)
+            s = 0.0
+            for d in range(Dp):
+                s += np.float64(row[d]) * np.float64(row[d])
+            out[v] = np.sqrt(s) / (1.0 - U_BF16) * (1.0 + _REL_SLACK)
+
+
+def argmax_candidates(approx, xnorm, wnorm, c, cand, counts):
+    """For each row r < R = len(counts) of ``approx`` (float32 [>= R, V], the bf16 logits): the vocabulary rows v
+    with A_v + eps_v >= max_u (A_u - eps_u), eps_v = c xnorm[r] wnorm[v] (``argmax_bound``, ``row_norm_bounds``;
+    xnorm[r] >= ||x_r||), into cand[r, :counts[r]] in increasing order; then the row of ``approx`` is set to -inf,
+    ready for the candidates' exact logits. counts[r] = -1 (and the row left as it is) where a value is not finite
+    or more than cand.shape[1] rows qualify: that row wants the whole float32 lm_head."""
+    R = counts.shape[0]
+    V = wnorm.shape[0]
+    if approx.dtype != np.float32 or approx.ndim != 2 or approx.shape[0] < R or approx.shape[1] != V \
+            or xnorm.dtype != np.float64 or xnorm.shape[0] < R or wnorm.dtype != np.float64 \
+            or cand.dtype != np.int64 or cand.ndim != 2 or cand.shape[0] < R or counts.dtype != np.int64:
+        raise ValueError(f"argmax_candidates: approx {approx.shape} {approx.dtype}, xnorm {xnorm.shape}, wnorm "
+                         f"{wnorm.shape}, cand {cand.shape} {cand.dtype}, counts {counts.shape} {counts.dtype}")
+    _argmax_candidates(approx, xnorm, wnorm, np.float64(c), cand, counts)
+
+
+@njit(inline="always", **JIT)
+def _slack(a, e):
+    return e + _REL_SLACK * abs(a) + _ABS_SLACK
+
+
+@njit(**JIT_PARALLEL)
+def _argmax_candidates(approx, xnorm, wnorm, c, cand, counts):
+    V = wnorm.shape[0]
+    cap = cand.shape[1]
+    for r in prange(counts.shape[0]):
+        row = approx[r]
+        e = c * xnorm[r]
+        bad = 0 if np.isfinite(e) else 1
+        lo = -np.inf
+        for v in range(V):
+            a = np.float64(row[v])
+            bad += 0 if np.isfinite(a) else 1
+            lo = max(lo, a - _slack(a, e * wnorm[v]))
+        if bad:
+            counts[r] = -1
+            continue
+        n = 0
+        for v in range(V):
+            a = np.float64(row[v])
+            if a + _slack(a, e * wnorm[v]) >= lo:
+                if n < cap:
+                    cand[r, n] = v
+                n += 1
+        if n > cap:
+            counts[r] = -1
+            continue
+        counts[r] = n
+        row[:] = -np.inf

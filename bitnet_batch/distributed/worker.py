@@ -50,7 +50,7 @@ class EngineWorker:
         self._set_threads()
         self.job = replace(job, engine=replace(job.engine, threads=self.threads))
         self.model = load_model(job.model, filename=job.model_file, ffn_act=job.ffn_act)
-        self.engine = self.kind.engine_for(self.model, self.job.engine)    # refuses a model the kind cannot use
+        self.engine = self.kind.engine_for(self.model, self.kind.engine_config(self.job))    # refuses a model the kind cannot use
         first = self.kind(self.job, self.model, self.engine, CollectSink())
         # the kernels, and the job grammar (kept by the tokenizer's compiler), once per actor
         compile_s = self.kind.warm_up(self.engine) + first.prepare()

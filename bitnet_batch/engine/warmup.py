@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jit_kernels import embedding as emb_k
+
 from ..config import EngineConfig
 from ..sampling.chain import make_sampler
 from ..sampling.params import SamplingParams
@@ -33,14 +35,21 @@ def warm_up(engine: Engine) -> float:
     t0 = time.perf_counter()
     if engine_kernels_cold(engine):
         _compile_in_child(engine)
+    want = True if engine.argmax_head is None else "argmax"
     slot = engine.kv.allocate()
     try:
-        engine.step([(slot, np.array([0, 1], np.int32), 0, True)])
-        engine.step([(slot, np.array([2], np.int32), 2, True)])
+        engine.step([(slot, np.array([0, 1], np.int32), 0, want)])
+        engine.step([(slot, np.array([2], np.int32), 2, want)])
         with parallel_drivers():          # the drivers that large steps (prefill chunks) take
-            engine.step([(slot, np.array([3, 4], np.int32), 3, True)])
+            engine.step([(slot, np.array([3, 4], np.int32), 3, want)])
     finally:
         engine.kv.free(slot)
+    if engine.argmax_head is not None:
+        # the float32 lm_head of the other rows, compiled on a slice of the table: the file's table, whose pages
+        # the bf16 table's making released, stays out of memory until such a row comes
+        table = engine.model.weights.output
+        emb_k.lm_head(engine.ws.xl32[:1], table[:8], engine.model.weights.output_kind, engine.ws.lm_scratch,
+                      np.empty((1, 8), np.float32))
     n_vocab = engine.model.config.n_vocab
     sampler = make_sampler(SamplingParams(temperature=1.0, top_k=5, top_p=0.9, min_p=0.01, repetition_penalty=1.1),
                            0, n_vocab)
@@ -55,10 +64,12 @@ COMPILE_NOTICE = ("compiling the kernels for this CPU into Numba's cache: about 
 
 
 def engine_kernels_cold(engine: Engine) -> bool:
-    """Whether the on-disk cache lacks the compiled layer or, with the opt-in bf16 lm_head, its tiles."""
-    from jit_kernels.lm_head_bf16 import _lm_head_tiles
+    """Whether the on-disk cache lacks the compiled layer or, with the opt-in bf16 lm_head or the argmax lm_head,
+    the bf16 tiles (and the argmax lm_head's candidate search)."""
+    from jit_kernels.lm_head_bf16 import _argmax_candidates, _lm_head_tiles
 
-    return kernel_cache_cold() or (engine.lm_bf16 is not None and kernel_cache_cold(_lm_head_tiles))
+    return kernel_cache_cold() or (engine.lm_bf16 is not None and kernel_cache_cold(_lm_head_tiles)) or (
+        engine.argmax_head is not None and (kernel_cache_cold(_lm_head_tiles) or kernel_cache_cold(_argmax_candidates)))
 
 
 def kernel_cache_cold(kernel=None) -> bool:
@@ -89,14 +100,18 @@ def _compile_in_child(engine: Engine) -> bool:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     code = "import sys; from bitnet_batch.engine.warmup import _warm_child; _warm_child(*sys.argv[1:])"
     res = subprocess.run([sys.executable, "-c", code, str(Path(engine.model.path).resolve()), cfg.kv_dtype,
-                          cfg.lm_head_dtype, str(cfg.prefill_chunk), str(cfg.threads)], env=env, cwd=root,
+                          cfg.lm_head_dtype, str(cfg.prefill_chunk), str(cfg.threads),
+                          "on" if engine.argmax_head is not None else "off"], env=env, cwd=root,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return res.returncode == 0
 
 
-def _warm_child(path: str, kv_dtype: str, lm_head_dtype: str, prefill_chunk: str, threads: str) -> None:
+def _warm_child(path: str, kv_dtype: str, lm_head_dtype: str, prefill_chunk: str, threads: str,
+                argmax_head: str = "off") -> None:
     from ..model.model import load_model
 
-    warm_up(Engine(load_model(path), EngineConfig(max_batch=1, max_seq_len=8, prefill_chunk=int(prefill_chunk),
-                                                  threads=int(threads), kv_dtype=kv_dtype,
-                                                  lm_head_dtype=lm_head_dtype)))
+    # an argmax lm_head exists in engines of several streams only
+    warm_up(Engine(load_model(path), EngineConfig(max_batch=2 if argmax_head == "on" else 1, max_seq_len=8,
+                                                  prefill_chunk=int(prefill_chunk), threads=int(threads),
+                                                  kv_dtype=kv_dtype, lm_head_dtype=lm_head_dtype,
+                                                  argmax_head=argmax_head)))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Iterator
 
 from ..config import EngineConfig
@@ -100,6 +100,14 @@ class JobKind:
     def engine_for(model, config: EngineConfig) -> Engine:
         """The engine this kind of job runs on (it refuses a model the kind cannot use)."""
         return Engine(model, config)
+
+    @classmethod
+    def engine_config(cls, job) -> EngineConfig:
+        """The configuration of the job's engine: ``job.engine``, with no argmax lm_head unless the kind asks for
+        argmax rows (``RunKind``): its bfloat16 table would only take memory."""
+        if job.engine.argmax_head == "auto":
+            return replace(job.engine, argmax_head="off")
+        return job.engine
 
     @staticmethod
     def kernels_cold(engine) -> bool:
@@ -268,7 +276,7 @@ def run_local(job, kind_class: type[JobKind], *, model=None, quiet: bool = False
         t_start = time.perf_counter()
         model, sha, sink = open_job(job, model, log)
         try:
-            engine = kind_class.engine_for(model, job.engine)
+            engine = kind_class.engine_for(model, kind_class.engine_config(job))
             kind = kind_class(job, model, engine, sink)
             if kind_class.kernels_cold(engine):
                 log(f"{COMPILE_NOTICE} ...")

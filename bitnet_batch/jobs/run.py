@@ -16,12 +16,13 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from ..completion import Completion
+from ..config import EngineConfig
 from ..errors import BitnetBatchError, ConfigError, ContextOverflowError, InputError
 from ..io.readers import BadRecord, RecordSpec, Request, request_spec
 from ..records import error_record, timing
@@ -142,6 +143,9 @@ class JobStats(ItemStats):
     constrained: int = 0      # records of constrained requests (errors excluded)
     incomplete: int = 0       # ... of which the grammar was not complete (max_tokens or a stop string)
     dropped: int = 0          # samples dropped by dedupe
+    argmax_rows: int = 0      # logit rows of greedy steps through the argmax lm_head ...
+    argmax_candidates: int = 0    # ... the float32 logits computed for them ...
+    argmax_full_rows: int = 0     # ... and the rows among them that took the whole float32 lm_head
 
     def tally(self, record: dict) -> None:
         self.prompt_tokens += record["usage"]["prompt_tokens"]
@@ -159,11 +163,21 @@ class RunKind(JobKind):
     stats_class = JobStats
     config_class = JobConfig
 
+    @classmethod
+    def engine_config(cls, job: JobConfig) -> EngineConfig:
+        """An argmax lm_head ("auto": where it is faster) when the job's own sampling wants argmax rows (greedy, no
+        penalties, bans, logprobs or job constraint); records that override it take the float32 lm_head."""
+        if job.engine.argmax_head == "auto" and not (job.sampling.argmax_only and job.constraint is None):
+            return replace(job.engine, argmax_head="off")
+        return job.engine
+
     def __init__(self, job: JobConfig, model, engine, sink):
         super().__init__(job, model, engine, sink)
         self._compiler: ConstraintCompiler | None = None    # built on the first constrained request
         self._masks: MaskBatch | None = None                # parallel grammar masks, ditto
         self._keys = 0                                      # scheduler keys, unique per sequence
+        head = engine.argmax_head
+        self._head_seen = (0, 0, 0) if head is None else (head.rows, head.candidates, head.full_rows)
 
     @classmethod
     def record_spec(cls, job: JobConfig) -> RecordSpec:
@@ -227,6 +241,9 @@ class RunKind(JobKind):
             "steps": stats.steps,
             "structured": {"records": stats.constrained, "incomplete": stats.incomplete},
             "samples": {"n": job.sampling.n, "dedupe": job.dedupe, "dropped_duplicates": stats.dropped},
+            "argmax_head": {"rows": stats.argmax_rows, "full_rows": stats.argmax_full_rows,
+                            "candidates_per_row": round(stats.argmax_candidates
+                                                        / max(1, stats.argmax_rows - stats.argmax_full_rows), 2)},
             "peak_rss_mb": round(peak_rss_mb(), 1),
         }
 
@@ -338,7 +355,9 @@ class RunKind(JobKind):
             return job.template.requests(list(job.inputs), fmt=job.input_format, id_field=job.id_field)
         return super().items()
 
-    def want(self, part: Part) -> bool:
+    def want(self, part: Part) -> bool | str:
+        if part.want_logits and part.seq.state.completion.argmax_only:
+            return "argmax"              # greedy: the engine may compute the logits near the maximum alone
         return part.want_logits
 
     def advance(self, sched: Scheduler, parts: list[Part], outs: list, t0: float, t1: float) -> None:
@@ -350,6 +369,12 @@ class RunKind(JobKind):
         stats.prefill_s += (t1 - t0) * n_prefill / n_rows
         stats.decode_s += (t1 - t0) * (n_rows - n_prefill) / n_rows
         stats.steps += 1
+        head = self.engine.argmax_head
+        if head is not None:
+            stats.argmax_rows, stats.argmax_candidates, stats.argmax_full_rows = (
+                stats.argmax_rows + head.rows - self._head_seen[0], stats.argmax_candidates + head.candidates
+                - self._head_seen[1], stats.argmax_full_rows + head.full_rows - self._head_seen[2])
+            self._head_seen = (head.rows, head.candidates, head.full_rows)
         self._fill_masks([p.seq for p, logits in zip(parts, outs) if logits is not None])
         for p, logits in zip(parts, outs):
             if logits is not None:

@@ -305,6 +305,15 @@ def release_array_pages(a: np.ndarray) -> None:
     release_mapped_range(a, a.ctypes.data - start, a.nbytes)
 
 
+def mapped_file_range(a: np.ndarray) -> tuple[str, int] | None:
+    """(file path, byte offset) of ``a``'s bytes when it is a C-contiguous view of a read-only ``np.memmap`` of a
+    whole file (a GGUF's or a safetensors shard's, mapped from offset 0), else None."""
+    mm, path = getattr(a, "_mmap", None), getattr(a, "filename", None)
+    if mm is None or path is None or not a.flags.c_contiguous or getattr(a, "offset", 0):
+        return None
+    return path, a.ctypes.data - np.frombuffer(mm, np.uint8).ctypes.data
+
+
 class GGUFFile:
     """A parsed GGUF file. Tensor data stays on disk: ``raw(name)`` is a view of a read-only memory map.
 

@@ -36,6 +36,7 @@ class Model:
         self._sha256 = None
         self._engine = None
         self._bf16_lm_head = None
+        self._bf16_row_norms = None
 
     @property
     def tokenizer(self):
@@ -87,6 +88,18 @@ class Model:
                 release_array_pages(part)           # a no-op for a table in memory (dequantized, converted)
             self._bf16_lm_head = table
         return self._bf16_lm_head
+
+    def bf16_row_norms(self) -> np.ndarray:
+        """Upper bounds of the lm_head table's row norms (float64 [V], ``lm_head_bf16.row_norm_bounds``), from
+        ``bf16_lm_head``; built once per model for the argmax lm_head (``argmax_head``)."""
+        if self._bf16_row_norms is None:
+            from jit_kernels import lm_head_bf16
+
+            table = self.bf16_lm_head()
+            norms = np.empty(table.shape[0], np.float64)
+            lm_head_bf16.row_norm_bounds(table, norms)
+            self._bf16_row_norms = norms
+        return self._bf16_row_norms
 
     def logits(self, token_ids) -> np.ndarray:
         """Logits at every position of one sequence, computed with a fresh KV cache (prefill).

@@ -1,0 +1,114 @@
+"""The lm_head for logit rows of which only the argmax is wanted (greedy sampling without penalties, masks,
+bans or logprobs): the float32 argmax at the speed of the bfloat16 lm_head.
+
+The bf16 logits (``jit_kernels.lm_head_bf16``) are within a proven bound of the float32 ones
+(``lm_head_bf16.argmax_bound``), which leaves a few candidates for the maximum (``argmax_candidates``); their
+float32 logits are computed exactly as the whole lm_head would compute them (``embedding.lm_head_entries``), and
+every other entry of the row is -inf. So the row's argmax, first index among equal maxima included, is the float32
+lm_head's: the same greedy tokens, bit for bit. Worth it where ``vdpbf16ps`` runs (AVX512_BF16: Zen 4,
+Sapphire Rapids and later), which does twice the multiply-adds of a float32 FMA: the lm_head of a 32-stream decode
+step of the 2B4T model is ~40% of the step.
+"""
+from __future__ import annotations
+
+import os
+import weakref
+
+import numba
+import numpy as np
+
+from jit_kernels import embedding as emb_k
+from jit_kernels import lm_head_bf16
+from jit_kernels._cpu import KERNEL
+from jit_kernels.buffers import aligned_zeros
+
+from .gguf import mapped_file_range
+
+MAX_CANDIDATES = 1024      # per row; more (a nearly flat row) and that row takes the whole float32 lm_head
+
+
+def argmax_head_wanted(setting: str, model) -> bool:
+    """Whether an engine on ``model`` uses the argmax lm_head: ``setting`` (``EngineConfig.argmax_head``, checked
+    there) "auto" (where ``vdpbf16ps`` runs and the table is one the SIMD lm_head takes), "on" (wherever that
+    table is, e.g. to test it) or "off"."""
+    table = model.weights.output
+    usable = KERNEL != "portable" and table.shape[1] % 8 == 0 and table.strides[1] == table.itemsize
+    if setting == "off" or not usable:
+        return False
+    return setting == "on" or lm_head_bf16.has_fast_path()
+
+
+class _FileRows:
+    """Rows of a table that lives in a file mapping, read with ``pread`` into a buffer of this process's: the
+    candidates of a step are a few hundred scattered rows, and reading them through the mapping would map the
+    pages around each (the kernel's fault-around, 64 KB) until the file's table, whose pages the bf16 table's
+    making released, is resident again beside its bf16 copy."""
+
+    def __init__(self, table: np.ndarray, path: str, offset: int):
+        self.row_bytes = table.shape[1] * table.itemsize
+        self.offset = offset
+        self.dtype, self.width = table.dtype, table.shape[1]
+        self.buf = np.empty((0, self.width), self.dtype)
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        weakref.finalize(self, os.close, self.fd)
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """The table rows ``rows`` (sorted, unique), as a [len(rows), D] array (valid until the next call)."""
+        n = len(rows)
+        if n > len(self.buf):        # grows, never shrinks: the pages are touched once
+            self.buf = np.empty((max(n, 2 * len(self.buf)), self.width), self.dtype)
+        buf = self.buf[:n]
+        for i, v in enumerate(rows.tolist()):
+            got = os.preadv(self.fd, [buf[i]], self.offset + v * self.row_bytes)
+            if got != self.row_bytes:
+                raise OSError(f"short read of lm_head row {v} ({got} of {self.row_bytes} bytes)")
+        return buf
+
+
+class ArgmaxHead:
+    """Buffers and tables for up to ``max_rows`` argmax rows per step (one engine's)."""
+
+    def __init__(self, model, max_rows: int):
+        w = model.weights
+        self.table, self.kind = w.output, w.output_kind
+        self.bf16 = model.bf16_lm_head()
+        self.wnorm = model.bf16_row_norms()
+        mapped = mapped_file_range(self.table)
+        self.file_rows = _FileRows(self.table, *mapped) if mapped is not None else None
+        D = self.table.shape[1]
+        Dp = lm_head_bf16.padded_dim(D)
+        n_threads = numba.config.NUMBA_NUM_THREADS
+        self.c = lm_head_bf16.argmax_bound(D)
+        self.xb = aligned_zeros((max_rows, Dp), np.uint16)
+        self.xr = aligned_zeros((max_rows, Dp), np.float32)
+        self.scratch = lm_head_bf16.scratch(n_threads, D)
+        self.lm_scratch = emb_k.lm_head_scratch(n_threads, D)
+        self.cand = np.zeros((max_rows, MAX_CANDIDATES), np.int64)
+        self.counts = np.zeros(max_rows, np.int64)
+        self.rows = 0              # argmax rows computed, candidates computed exactly, rows that took the
+        self.candidates = 0        # whole float32 lm_head
+        self.full_rows = 0
+
+    def __call__(self, x: np.ndarray, out: np.ndarray) -> None:
+        """out[:R] <- for each row of x (float32 [R, D]), its float32 logits at the argmax candidates and -inf
+        elsewhere (or all of them, for a row whose candidates could not be narrowed)."""
+        R = x.shape[0]
+        xb, xr, counts, cand = self.xb[:R], self.xr[:R], self.counts[:R], self.cand[:R]
+        lm_head_bf16.round_rows(x, xb, xr)
+        lm_head_bf16.lm_head_bf16(xb, xr, self.bf16, self.scratch, out)
+        xnorm = np.sqrt(np.einsum("rd,rd->r", x, x, dtype=np.float64)) * (1.0 + 1e-12)
+        lm_head_bf16.argmax_candidates(out, xnorm, self.wnorm, self.c, cand, counts)
+        for r in np.flatnonzero(counts < 0):
+            emb_k.lm_head(x[r:r + 1], self.table, self.kind, self.lm_scratch, out[r:r + 1])
+        n = np.maximum(counts, 0)
+        rows = np.repeat(np.arange(R, dtype=np.int64), n)
+        cols = cand[np.arange(MAX_CANDIDATES)[None, :] < n[:, None]]
+        if self.file_rows is None:
+            emb_k.lm_head_entries(x, self.table, self.kind, rows, cols, out)
+        else:
+            unique, index = np.unique(cols, return_inverse=True)
+            emb_k.lm_head_entries(x, self.file_rows.read(unique), self.kind, rows, index.astype(np.int64), out,
+                                  dest=cols)
+        self.rows += R
+        self.candidates += int(n.sum())
+        self.full_rows += int((counts < 0).sum())

@@ -1,0 +1,190 @@
+"""The argmax lm_head (``bitnet_batch.model.argmax_head``): the float32 argmax of a row through its bf16 logits and
+the float32 logits of a few candidates. The bound holds entry by entry, the candidates' logits are the float32
+lm_head's bit for bit, the argmax (first index among equal maxima) is the float32 lm_head's on rows made to tie
+and nearly tie, rows it cannot narrow take the whole float32 lm_head, and greedy jobs write the same records with it
+and without."""
+import json
+from pathlib import Path
+
+import numba
+import numpy as np
+import pytest
+
+import bitnet_batch
+from bitnet_batch.config import EngineConfig
+from bitnet_batch.engine.engine import Engine
+from bitnet_batch.jobs.run import JobConfig, RunKind, run_job
+from bitnet_batch.jobs.score import ScoreJobConfig, ScoreKind
+from bitnet_batch.model import argmax_head as A
+from bitnet_batch.sampling.params import SamplingParams
+from conftest import read_jsonl, write_jsonl
+from jit_kernels import embedding
+from jit_kernels import lm_head_bf16 as L
+from jit_kernels._cpu import KERNEL
+
+REF = Path(__file__).parent / "data" / "reference"
+pytestmark = pytest.mark.skipif(KERNEL == "portable", reason="the argmax lm_head needs the SIMD lm_head (AVX2 "
+                                                              "or AVX-512); this process runs the portable kernels")
+
+
+def f16_table(V, D, rng):
+    """An F16 table (uint16 bits) whose rows tie and nearly tie: row 7 repeats row 3 (equal logits), row 11 is
+    row 5 with its last element one F16 step away (logits a few ulp apart), the rest random."""
+    w = (rng.standard_normal((V, D)) * 0.05).astype(np.float16)
+    w[7] = w[3]
+    w[11] = w[5]
+    w[11, -1] = np.nextafter(w[5, -1], np.float16(1))
+    return w.view(np.uint16)
+
+
+def head_of(table, kind, rows):
+    """What ``ArgmaxHead`` needs of a model, for a bare table."""
+    class Weights:
+        output, output_kind = table, kind
+
+    class Model:
+        weights = Weights
+
+        def bf16_lm_head(self):
+            out = np.zeros((table.shape[0], L.padded_dim(table.shape[1])), np.uint16)
+            L.bf16_table(table, kind, out)
+            return out
+
+        def bf16_row_norms(self):
+            out = np.empty(table.shape[0], np.float64)
+            L.row_norm_bounds(self.bf16_lm_head(), out)
+            return out
+    return A.ArgmaxHead(Model(), rows)
+
+
+def full_logits(x, table, kind):
+    out = np.zeros((x.shape[0], table.shape[0]), np.float32)
+    embedding.lm_head(x, table, kind, embedding.lm_head_scratch(numba.config.NUMBA_NUM_THREADS, x.shape[1]), out)
+    return out
+
+
+def test_the_bound_holds_for_every_entry():
+    rng = np.random.default_rng(1)
+    V, D = 701, 264                                       # D: 8 columns of padding in the bf16 table
+    table = f16_table(V, D, rng)
+    x = (rng.standard_normal((9, D)) * 10.0 ** rng.integers(-3, 3, (9, 1))).astype(np.float32)
+    head = head_of(table, embedding.F16, 9)
+    exact = full_logits(x, table, embedding.F16)
+    xb, xr = np.zeros((9, L.padded_dim(D)), np.uint16), np.zeros((9, L.padded_dim(D)), np.float32)
+    L.round_rows(x, xb, xr)
+    approx = np.zeros_like(exact)
+    L.lm_head_bf16(xb, xr, head.bf16, head.scratch, approx)
+    w = table.view(np.float16).astype(np.float64)
+    assert np.all(head.wnorm >= np.linalg.norm(w, axis=1))
+    eps = L.argmax_bound(D) * np.linalg.norm(x.astype(np.float64), axis=1)[:, None] * head.wnorm[None, :]
+    gap = np.abs(approx.astype(np.float64) - exact)
+    assert np.all(gap <= eps) and gap.max() > 0          # the bf16 logits do differ, within the bound
+    assert 0.01 < (gap / eps).max() < 1                   # and the bound is not vacuous
+
+
+@pytest.mark.parametrize("kind", [embedding.F16, embedding.F32])
+def test_argmax_and_candidates_are_the_float32_lm_heads(kind):
+    rng = np.random.default_rng(2)
+    V, D = 1203, 256
+    table = f16_table(V, D, rng)
+    if kind == embedding.F32:
+        table = table.view(np.float16).astype(np.float32)
+    x = rng.standard_normal((40, D)).astype(np.float32)
+    w = table.view(np.float16).astype(np.float32) if kind == embedding.F16 else table
+    x[0] = w[3] * 40                                      # rows whose maximum is the tie 3 / 7 ...
+    x[1] = w[5] * 40 + w[11] * 40                         # ... or the near tie 5 / 11
+    x[2] = 0                                              # every logit 0: the first index, through the fallback
+    x[3, 5] = np.nan                                      # a NaN row: the whole float32 row
+    exact = full_logits(x, table, kind)
+    head = head_of(table, kind, 40)
+    got = np.full_like(exact, 7.0)
+    head(x, got)
+    assert np.array_equal(np.argmax(got, 1), np.argmax(exact, 1))
+    assert np.argmax(got[0]) == 3 and exact[0, 3] == exact[0, 7] and np.isfinite(got[0, 7])
+    assert set(np.flatnonzero(np.isfinite(got[1]))) >= {5, 11}
+    finite = np.isfinite(got)
+    np.testing.assert_array_equal(got[finite], exact[finite])          # candidates: the float32 bits
+    narrowed_rows = [0, 1] + list(range(4, 40))
+    assert np.all(got[narrowed_rows][~finite[narrowed_rows]] == -np.inf)
+    np.testing.assert_array_equal(got[2], exact[2])                    # V candidates > MAX_CANDIDATES: full row
+    np.testing.assert_array_equal(got[3], exact[3])                    # NaN: full row (NaN included)
+    assert head.full_rows == 2 and head.rows == 40
+    narrowed = finite[4:].sum(1)
+    assert narrowed.max() < V // 10 and head.candidates == int(finite[narrowed_rows].sum())
+    # a row's result does not depend on the rows beside it
+    alone = np.zeros((1, V), np.float32)
+    head(x[20:21], alone)
+    np.testing.assert_array_equal(alone[0], got[20])
+
+
+def test_entries_and_candidates_check_their_inputs():
+    x = np.zeros((2, 16), np.float32)
+    table = np.zeros((5, 16), np.uint16)
+    out = np.zeros((2, 5), np.float32)
+    rows, cols = np.array([0, 1]), np.array([4, 5])
+    with pytest.raises(ValueError, match="outside"):
+        embedding.lm_head_entries(x, table, embedding.F16, rows, cols, out)
+    with pytest.raises(ValueError, match="int64"):
+        embedding.lm_head_entries(x, table, embedding.F16, rows.astype(np.int32), cols.astype(np.int32), out)
+    with pytest.raises(ValueError, match="SIMD"):
+        embedding.lm_head_entries(x, table, embedding.F16, rows, cols - 1, out, kernel="portable")
+    with pytest.raises(ValueError, match="argmax_candidates"):
+        L.argmax_candidates(out, np.zeros(2), np.zeros(4), 0.01, np.zeros((2, 3), np.int64), np.zeros(2, np.int64))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return bitnet_batch.load_model(REF / "tiny-i2s-b158.gguf")
+
+
+def test_engine_argmax_rows(model):
+    """want "argmax": the candidates' logits are those of want True, the rest -inf, the argmax the same; cached
+    decode steps too; one-stream engines and "off" have no argmax lm_head."""
+    ids = np.array(json.loads((REF / "tiny-i2s-b158.json").read_text())["sequences"]["s2_len40"]["ids"], np.int32)
+    eng = Engine(model, EngineConfig(max_batch=3, max_seq_len=64, prefill_chunk=32, block_size=8, argmax_head="on"))
+    assert eng.argmax_head is not None and eng.argmax_head.file_rows is not None    # rows read from the file
+    assert Engine(model, EngineConfig(max_batch=1, argmax_head="on")).argmax_head is None
+    assert Engine(model, EngineConfig(max_batch=3, argmax_head="off")).argmax_head is None
+    slot = eng.kv.allocate()
+    full = eng.all_logits(slot, ids)
+    eng.kv.free(slot)
+    a, b, c = eng.kv.allocate(), eng.kv.allocate(), eng.kv.allocate()
+    got = eng.step([(a, ids[:10], 0, "argmax"), (b, ids[:6], 0, True), (c, ids[:8], 0, "argmax")])
+    np.testing.assert_array_equal(got[1], full[5])
+    for row, want in ((got[0], full[9]), (got[2], full[7])):
+        finite = np.isfinite(row)
+        assert np.argmax(row) == np.argmax(want) and 0 < finite.sum() < len(row)
+        np.testing.assert_array_equal(row[finite], want[finite])
+    for p in range(10, 30):
+        got = eng.step([(a, ids[p:p + 1], p, "argmax"), (c, ids[p - 2:p - 1], p - 2, "argmax")])
+        assert np.argmax(got[0]) == np.argmax(full[p]) and np.argmax(got[1]) == np.argmax(full[p - 2])
+        finite = np.isfinite(got[0])
+        np.testing.assert_array_equal(got[0][finite], full[p][finite])
+
+
+def test_greedy_jobs_write_the_same_records_with_it_and_without(tmp_path, small_model_path, small_model):
+    """The argmax lm_head in a job: greedy records, bit for bit the float32 lm_head's, whatever the batch; a job
+    that samples, or one with penalties, does not build it (nor does a score job)."""
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": f"KING {'HENRY' if i % 2 else 'LEAR'}. {i}"}
+                                              for i in range(10)]
+                      + [{"id": "hot", "prompt": "ROMEO.", "temperature": 0.9}])   # a record that samples
+    texts = {}
+    for setting, batch in (("off", 4), ("on", 4), ("on", 3)):
+        job = JobConfig(inputs=(str(src),), output=str(tmp_path / f"{setting}{batch}.jsonl"),
+                        model=str(small_model_path), sampling=SamplingParams(max_tokens=24),
+                        engine=EngineConfig(max_batch=batch, prefill_chunk=32, argmax_head=setting))
+        summary = run_job(job, model=small_model, quiet=True)
+        texts[setting, batch] = [(r["id"], r["text"]) for r in read_jsonl(tmp_path / f"{setting}{batch}.jsonl")]
+        head = summary["argmax_head"]
+        assert (head["rows"] > 0 and head["candidates_per_row"] >= 1) if setting == "on" else head["rows"] == 0
+    assert texts["off", 4] == texts["on", 4] == texts["on", 3]
+    base = dict(inputs=("x.jsonl",), output=str(tmp_path / "y.jsonl"), model="m", engine=EngineConfig(max_batch=4))
+    assert RunKind.engine_config(JobConfig(**base)).argmax_head == "auto"
+    assert RunKind.engine_config(JobConfig(**base, sampling=SamplingParams(temperature=0.7))).argmax_head == "off"
+    assert RunKind.engine_config(JobConfig(**base, sampling=SamplingParams(repetition_penalty=1.1))
+                                 ).argmax_head == "off"
+    assert RunKind.engine_config(JobConfig(**base, sampling=SamplingParams(logprobs=2))).argmax_head == "off"
+    assert ScoreKind.engine_config(ScoreJobConfig(**base)).argmax_head == "off"
+    forced = EngineConfig(max_batch=4, argmax_head="on")
+    assert RunKind.engine_config(JobConfig(**dict(base, engine=forced), sampling=SamplingParams(temperature=0.7))
+                                 ).argmax_head == "on"
