@@ -54,7 +54,9 @@ def head_of(table, kind, rows):
             out = np.empty(table.shape[0], np.float64)
             L.row_norm_bounds(self.bf16_lm_head(), out)
             return out
-    return A.ArgmaxHead(Model(), rows)
+    head = A.ArgmaxHead(Model(), rows)
+    head.prepare()
+    return head
 
 
 def full_logits(x, table, kind):

@@ -2,7 +2,8 @@
 
 A step takes parts ``(slot, tokens, start_pos, want_logits)``: a prefill chunk or a single decode token
 of one sequence each. All parts run as one batch of rows through every kernel (each weight matrix is read
-once per step) and the logits of the last row of each part that wants them come back in order.
+once per step) and the logits of the last row of each part that wants them come back in order (for a part that
+wants only their argmax, greedy sampling: the float32 logits of the candidates for it, ``model.argmax_head``).
 """
 from __future__ import annotations
 

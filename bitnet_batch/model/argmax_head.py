@@ -66,13 +66,15 @@ class _FileRows:
 
 
 class ArgmaxHead:
-    """Buffers and tables for up to ``max_rows`` argmax rows per step (one engine's)."""
+    """Buffers and tables for up to ``max_rows`` argmax rows per step (one engine's). The bf16 table and its row
+    norms (the model's, shared by its engines) are made on the first call (``prepare``): in a job that is the
+    warm-up, after the kernels that make them were compiled or loaded from the cache."""
 
     def __init__(self, model, max_rows: int):
         w = model.weights
+        self.model = model
         self.table, self.kind = w.output, w.output_kind
-        self.bf16 = model.bf16_lm_head()
-        self.wnorm = model.bf16_row_norms()
+        self.bf16 = self.wnorm = None
         mapped = mapped_file_range(self.table)
         self.file_rows = _FileRows(self.table, *mapped) if mapped is not None else None
         D = self.table.shape[1]
@@ -89,9 +91,16 @@ class ArgmaxHead:
         self.candidates = 0        # whole float32 lm_head
         self.full_rows = 0
 
+    def prepare(self) -> None:
+        """Make (or take the model's) bf16 table and row norms."""
+        if self.bf16 is None:
+            self.bf16 = self.model.bf16_lm_head()
+            self.wnorm = self.model.bf16_row_norms()
+
     def __call__(self, x: np.ndarray, out: np.ndarray) -> None:
         """out[:R] <- for each row of x (float32 [R, D]), its float32 logits at the argmax candidates and -inf
         elsewhere (or all of them, for a row whose candidates could not be narrowed)."""
+        self.prepare()
         R = x.shape[0]
         xb, xr, counts, cand = self.xb[:R], self.xr[:R], self.counts[:R], self.cand[:R]
         lm_head_bf16.round_rows(x, xb, xr)
