@@ -22,7 +22,7 @@ from jit_kernels import lm_head_bf16
 from jit_kernels._cpu import KERNEL
 from jit_kernels.buffers import aligned_zeros
 
-from .gguf import mapped_file_range
+from .gguf import mapped_file_range, release_array_pages
 
 MAX_CANDIDATES = 1024      # per row; more (a nearly flat row) and that row takes the whole float32 lm_head
 
@@ -96,6 +96,7 @@ class ArgmaxHead:
         if self.bf16 is None:
             self.bf16 = self.model.bf16_lm_head()
             self.wnorm = self.model.bf16_row_norms()
+            release_array_pages(self.table)     # the file's table, should a float32 lm_head have read it since
 
     def __call__(self, x: np.ndarray, out: np.ndarray) -> None:
         """out[:R] <- for each row of x (float32 [R, D]), its float32 logits at the argmax candidates and -inf

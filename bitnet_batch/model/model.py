@@ -89,6 +89,11 @@ class Model:
             self._bf16_lm_head = table
         return self._bf16_lm_head
 
+    def drop_bf16_tables(self) -> None:
+        """Forget ``bf16_lm_head`` and ``bf16_row_norms`` (their memory goes with the last engine that holds them):
+        the bench measures each batch size as a job of that size, which may not use them."""
+        self._bf16_lm_head = self._bf16_row_norms = None
+
     def bf16_row_norms(self) -> np.ndarray:
         """Upper bounds of the lm_head table's row norms (float64 [V], ``lm_head_bf16.row_norm_bounds``), from
         ``bf16_lm_head``; built once per model for the argmax lm_head (``argmax_head``)."""
