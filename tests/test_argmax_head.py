@@ -190,3 +190,24 @@ def test_greedy_jobs_write_the_same_records_with_it_and_without(tmp_path, small_
     forced = EngineConfig(max_batch=4, argmax_head="on")
     assert RunKind.engine_config(JobConfig(**dict(base, engine=forced), sampling=SamplingParams(temperature=0.7))
                                  ).argmax_head == "on"
+
+
+@pytest.mark.parametrize("path", sorted(REF.glob("tiny-*.gguf")) + [REF.parent / "hf" / "tiny-master-mha",
+                                                                    REF.parent / "hf" / "tiny-packed-gqa"],
+                         ids=lambda p: p.name)
+def test_every_table_kind_and_file(path):
+    """F32, F16 and BF16 tables (GGUF and safetensors mappings, rows read from either file): argmax rows give the
+    float32 lm_head's argmax and, at the candidates, its logits."""
+    model = bitnet_batch.load_model(path)
+    eng = Engine(model, EngineConfig(max_batch=4, max_seq_len=64, prefill_chunk=64, argmax_head="on"))
+    assert eng.argmax_head.file_rows is not None
+    ref = Engine(model, EngineConfig(max_batch=4, max_seq_len=64, prefill_chunk=64, argmax_head="off"))
+    rng = np.random.default_rng(3)
+    ids = [rng.integers(0, model.config.n_vocab, 12).astype(np.int32) for _ in range(4)]
+    for engine in (eng, ref):
+        slots = [engine.kv.allocate() for _ in ids]
+        engine.outs = [x.copy() for x in engine.step([(s, t, 0, "argmax") for s, t in zip(slots, ids)])]
+    for got, want in zip(eng.outs, ref.outs):
+        finite = np.isfinite(got)
+        assert np.argmax(got) == np.argmax(want) and finite.sum() < len(got)
+        np.testing.assert_array_equal(got[finite], want[finite])
