@@ -36,8 +36,9 @@ class Completion:
 
     @property
     def argmax_only(self) -> bool:
-        """The next token is the argmax of the logits and nothing else of them is used (no constraint mask)."""
-        return self.params.argmax_only and self.constraint is None
+        """The next token is the argmax of the logits (among the tokens the constraint allows, if any) and nothing
+        else of them is used."""
+        return self.params.argmax_only
 
     @property
     def done(self) -> bool:

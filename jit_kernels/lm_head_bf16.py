@@ -373,20 +373,25 @@ def _row_norm_bounds(table, out):
             out[v] = np.sqrt(s) / (1.0 - U_BF16) * (1.0 + _REL_SLACK)
 
 
-def argmax_candidates(approx, xnorm, wnorm, c, cand, counts):
+def argmax_candidates(approx, xnorm, wnorm, c, cand, counts, allowed):
     """For each row r < R = len(counts) of ``approx`` (float32 [>= R, V], the bf16 logits): the vocabulary rows v
-    with A_v + eps_v >= max_u (A_u - eps_u), eps_v = c xnorm[r] wnorm[v] (``argmax_bound``, ``row_norm_bounds``;
-    xnorm[r] >= ||x_r||), into cand[r, :counts[r]] in increasing order; then the row of ``approx`` is set to -inf,
-    ready for the candidates' exact logits. counts[r] = -1 (and the row left as it is) where a value is not finite
-    or more than cand.shape[1] rows qualify: that row wants the whole float32 lm_head."""
+    allowed by ``allowed[r]`` (int32 words [ceil(V/32)], bit j of word i: v = 32 i + j; all bits set: every row)
+    with A_v + eps_v >= max_u (A_u - eps_u) over the allowed u, eps_v = c xnorm[r] wnorm[v] (``argmax_bound``,
+    ``row_norm_bounds``; xnorm[r] >= ||x_r||), into cand[r, :counts[r]] in increasing order; then the row of
+    ``approx`` is set to -inf, ready for the candidates' exact logits (none where no row is allowed).
+    counts[r] = -1 (and the row left as it is) where a value is not finite or more than cand.shape[1] rows
+    qualify: that row wants the whole float32 lm_head."""
     R = counts.shape[0]
     V = wnorm.shape[0]
     if approx.dtype != np.float32 or approx.ndim != 2 or approx.shape[0] < R or approx.shape[1] != V \
             or xnorm.dtype != np.float64 or xnorm.shape[0] < R or wnorm.dtype != np.float64 \
-            or cand.dtype != np.int64 or cand.ndim != 2 or cand.shape[0] < R or counts.dtype != np.int64:
+            or cand.dtype != np.int64 or cand.ndim != 2 or cand.shape[0] < R or counts.dtype != np.int64 \
+            or allowed.dtype != np.int32 or allowed.ndim != 2 or allowed.shape[0] < R \
+            or allowed.shape[1] != -(-V // 32):
         raise ValueError(f"argmax_candidates: approx {approx.shape} {approx.dtype}, xnorm {xnorm.shape}, wnorm "
-                         f"{wnorm.shape}, cand {cand.shape} {cand.dtype}, counts {counts.shape} {counts.dtype}")
-    _argmax_candidates(approx, xnorm, wnorm, np.float64(c), cand, counts)
+                         f"{wnorm.shape}, cand {cand.shape} {cand.dtype}, counts {counts.shape} {counts.dtype}, "
+                         f"allowed {allowed.shape} {allowed.dtype}")
+    _argmax_candidates(approx, xnorm, wnorm, np.float64(c), cand, counts, allowed)
 
 
 @njit(inline="always", **JIT)
@@ -395,25 +400,26 @@ def _slack(a, e):
 
 
 @njit(**JIT_PARALLEL)
-def _argmax_candidates(approx, xnorm, wnorm, c, cand, counts):
+def _argmax_candidates(approx, xnorm, wnorm, c, cand, counts, allowed):
     V = wnorm.shape[0]
     cap = cand.shape[1]
     for r in prange(counts.shape[0]):
-        row = approx[r]
+        row, bits = approx[r], allowed[r]
         e = c * xnorm[r]
         bad = 0 if np.isfinite(e) else 1
         lo = -np.inf
         for v in range(V):
             a = np.float64(row[v])
             bad += 0 if np.isfinite(a) else 1
-            lo = max(lo, a - _slack(a, e * wnorm[v]))
+            if (bits[v >> 5] >> (v & 31)) & 1:
+                lo = max(lo, a - _slack(a, e * wnorm[v]))
         if bad:
             counts[r] = -1
             continue
         n = 0
         for v in range(V):
             a = np.float64(row[v])
-            if a + _slack(a, e * wnorm[v]) >= lo:
+            if (bits[v >> 5] >> (v & 31)) & 1 and a + _slack(a, e * wnorm[v]) >= lo:
                 if n < cap:
                     cand[r, n] = v
                 n += 1

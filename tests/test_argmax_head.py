@@ -16,6 +16,7 @@ from bitnet_batch.engine.engine import Engine
 from bitnet_batch.jobs.run import JobConfig, RunKind, run_job
 from bitnet_batch.jobs.score import ScoreJobConfig, ScoreKind
 from bitnet_batch.model import argmax_head as A
+from bitnet_batch.sampling.constraints import regex_constraint
 from bitnet_batch.sampling.params import SamplingParams
 from conftest import read_jsonl, write_jsonl
 from jit_kernels import embedding
@@ -119,6 +120,39 @@ def test_argmax_and_candidates_are_the_float32_lm_heads(kind):
     np.testing.assert_array_equal(alone[0], got[20])
 
 
+def test_masks_restrict_the_argmax_to_their_tokens():
+    """A row's bitmask (as a grammar gives it): the argmax of the allowed tokens' float32 logits, candidates among
+    them only; a mask of one token, of none (every entry -inf, as the sampler's mask makes it) and of all."""
+    rng = np.random.default_rng(4)
+    V, D = 1000, 128
+    table = f16_table(V, D, rng)
+    x = rng.standard_normal((6, D)).astype(np.float32)
+    exact = full_logits(x, table, embedding.F16)
+    allowed = rng.random((6, V)) < 0.1
+    allowed[1] = False
+    allowed[1, 777] = True
+    allowed[2] = False
+    allowed[3] = True
+    allowed[4, np.argmax(exact[4])] = False               # the unmasked winner excluded
+    words = np.packbits(np.pad(allowed, ((0, 0), (0, 24))), axis=1, bitorder="little").view(np.int32)
+    head = head_of(table, embedding.F16, 6)
+    got = np.zeros_like(exact)
+    head(x, got, [words[0], words[1], words[2], words[3], words[4], None])
+    for r in range(6):
+        want = np.where(allowed[r], exact[r], -np.inf) if r < 5 else exact[r]
+        finite = np.isfinite(got[r])
+        assert np.all(allowed[r][finite]) if r < 5 else True
+        if r == 2:
+            assert not finite.any()
+            continue
+        assert np.argmax(got[r]) == np.argmax(want)
+        np.testing.assert_array_equal(got[r][finite], exact[r][finite])
+    assert np.flatnonzero(np.isfinite(got[1])).tolist() == [777]
+    again = np.zeros_like(exact)
+    head(x, again)                                         # no masks: every token again
+    assert np.argmax(again[0]) == np.argmax(exact[0])
+
+
 def test_entries_and_candidates_check_their_inputs():
     x = np.zeros((2, 16), np.float32)
     table = np.zeros((5, 16), np.uint16)
@@ -131,7 +165,11 @@ def test_entries_and_candidates_check_their_inputs():
     with pytest.raises(ValueError, match="SIMD"):
         embedding.lm_head_entries(x, table, embedding.F16, rows, cols - 1, out, kernel="portable")
     with pytest.raises(ValueError, match="argmax_candidates"):
-        L.argmax_candidates(out, np.zeros(2), np.zeros(4), 0.01, np.zeros((2, 3), np.int64), np.zeros(2, np.int64))
+        L.argmax_candidates(out, np.zeros(2), np.zeros(4), 0.01, np.zeros((2, 3), np.int64), np.zeros(2, np.int64),
+                            np.full((2, 1), -1, np.int32))
+    with pytest.raises(ValueError, match="allowed"):
+        L.argmax_candidates(out, np.zeros(2), np.zeros(5), 0.01, np.zeros((2, 3), np.int64), np.zeros(2, np.int64),
+                            np.full((2, 2), -1, np.int32))
 
 
 @pytest.fixture(scope="module")
@@ -186,10 +224,35 @@ def test_greedy_jobs_write_the_same_records_with_it_and_without(tmp_path, small_
     assert RunKind.engine_config(JobConfig(**base, sampling=SamplingParams(repetition_penalty=1.1))
                                  ).argmax_head == "off"
     assert RunKind.engine_config(JobConfig(**base, sampling=SamplingParams(logprobs=2))).argmax_head == "off"
+    assert RunKind.engine_config(JobConfig(**base, constraint=regex_constraint("[a-z]+"))).argmax_head == "auto"
     assert ScoreKind.engine_config(ScoreJobConfig(**base)).argmax_head == "off"
     forced = EngineConfig(max_batch=4, argmax_head="on")
     assert RunKind.engine_config(JobConfig(**dict(base, engine=forced), sampling=SamplingParams(temperature=0.7))
                                  ).argmax_head == "on"
+
+
+def test_constrained_greedy_jobs_write_the_same_records_with_it_and_without(tmp_path, small_model_path,
+                                                                            small_model):
+    """A greedy job under a JSON schema (masks computed before the step, kept for the sampler) and a record with a
+    regex of its own: the same records with the argmax lm_head and without."""
+    from bitnet_batch.sampling.constraints import job_constraint
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "age": {"type": "integer"}}, "required": ["name", "age"]}
+    rows = [{"id": i, "prompt": f"Who is {'HAMLET' if i % 2 else 'LEAR'}? {i}"} for i in range(7)]
+    rows.append({"id": "re", "prompt": "Say a word.", "regex": "[a-z]{3,8}"})
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    records = {}
+    for setting in ("off", "on"):
+        job = JobConfig(inputs=(str(src),), output=str(tmp_path / f"{setting}.jsonl"), model=str(small_model_path),
+                        sampling=SamplingParams(max_tokens=40), constraint=job_constraint(json_schema=schema),
+                        engine=EngineConfig(max_batch=4, prefill_chunk=64, argmax_head=setting))
+        summary = run_job(job, model=small_model, quiet=True)
+        records[setting] = [{k: r[k] for k in ("id", "text", "parsed", "finish_reason")}
+                            for r in read_jsonl(tmp_path / f"{setting}.jsonl")]
+        assert (summary["argmax_head"]["rows"] > 0) == (setting == "on")
+    assert records["on"] == records["off"]
+    assert sum(r["parsed"] is not None for r in records["on"]) >= 1
 
 
 @pytest.mark.parametrize("path", sorted(REF.glob("tiny-*.gguf")) + [REF.parent / "hf" / "tiny-master-mha",

@@ -91,6 +91,10 @@ class JobKind:
         """Which logits of a planned part the kind needs: False, True (its last row's) or "all"."""
         raise NotImplementedError
 
+    def wants(self, parts: list[Part]) -> list:
+        """``want`` of every part of a step (``Engine.step``'s ``want`` values)."""
+        return [self.want(p) for p in parts]
+
     def advance(self, sched: Scheduler, parts: list[Part], outs: list, t0: float, t1: float) -> None:
         """After a step (run from ``t0`` to ``t1``): use its outputs, retire finished sequences, emit records."""
         raise NotImplementedError
@@ -262,7 +266,7 @@ def run_loop(kind: JobKind, engine: Engine, items, stop: StopSignals | None = No
                 return
             continue
         t0 = time.perf_counter()
-        outs = engine.step([(p.seq.slot, p.tokens, p.start, kind.want(p)) for p in parts])
+        outs = engine.step([(p.seq.slot, p.tokens, p.start, want) for p, want in zip(parts, kind.wants(parts))])
         t1 = time.perf_counter()
         sched.commit(parts)
         kind.advance(sched, parts, outs, t0, t1)

@@ -166,8 +166,8 @@ class RunKind(JobKind):
     @classmethod
     def engine_config(cls, job: JobConfig) -> EngineConfig:
         """An argmax lm_head ("auto": where it is faster) when the job's own sampling wants argmax rows (greedy, no
-        penalties, bans, logprobs or job constraint); records that override it take the float32 lm_head."""
-        if job.engine.argmax_head == "auto" and not (job.sampling.argmax_only and job.constraint is None):
+        penalties, bans or logprobs; constrained or not); records that override it take the float32 lm_head."""
+        if job.engine.argmax_head == "auto" and not job.sampling.argmax_only:
             return replace(job.engine, argmax_head="off")
         return job.engine
 
@@ -355,10 +355,29 @@ class RunKind(JobKind):
             return job.template.requests(list(job.inputs), fmt=job.input_format, id_field=job.id_field)
         return super().items()
 
-    def want(self, part: Part) -> bool | str:
-        if part.want_logits and part.seq.state.completion.argmax_only:
-            return "argmax"              # greedy: the engine may compute the logits near the maximum alone
+    def want(self, part: Part) -> bool:
         return part.want_logits
+
+    def wants(self, parts: list[Part]) -> list:
+        """A greedy sequence's logits as "argmax" (the engine may compute the float32 logits near the maximum alone),
+        with its constraint's mask for this position (computed here, together, then kept for the sampler)."""
+        if self.engine.argmax_head is None:
+            return [p.want_logits for p in parts]
+        greedy = [p.want_logits and p.seq.state.completion.argmax_only for p in parts]
+        self._fill_masks([p.seq for p, g in zip(parts, greedy) if g])
+        out = []
+        for p, g in zip(parts, greedy):
+            constraint = p.seq.state.completion.constraint
+            if not g:
+                out.append(p.want_logits)
+            elif constraint is None:
+                out.append("argmax")
+            else:
+                try:
+                    out.append(("argmax", constraint.allowed_tokens()))
+                except BitnetBatchError:          # a grammar in error: the sampler reports it, as without this
+                    out.append(True)
+        return out
 
     def advance(self, sched: Scheduler, parts: list[Part], outs: list, t0: float, t1: float) -> None:
         """Attribute the step's time to prompt and decode rows, then sample a token for each sequence that got
@@ -382,8 +401,10 @@ class RunKind(JobKind):
         stats.sample_s += time.perf_counter() - t1
 
     def _fill_masks(self, seqs: list[Sequence]) -> None:
-        """The grammar masks of this step's constrained requests, computed together in parallel."""
-        constraints = [s.state.completion.constraint for s in seqs if s.state.completion.constraint is not None]
+        """The grammar masks of this step's constrained requests, computed together in parallel (those computed
+        already, before the step, are kept)."""
+        constraints = [s.state.completion.constraint for s in seqs if s.state.completion.constraint is not None
+                       and not s.state.completion.constraint.mask_ready]
         if len(constraints) < 2:
             return
         if self._masks is None:

@@ -517,6 +517,7 @@ class GrammarConstraint:
         self._banned_bits = (np.int64(1) << (banned & 31)).astype(np.uint32).view(np.int32)   # [b]
         self._mask = np.empty(-(-vocab_size // 32), dtype=np.int32)   # [ceil(V/32)] bit j of word i: id 32i+j
         self._pre: np.ndarray | None = None     # this position's mask when a MaskBatch computed it already
+        self._final: np.ndarray | None = None   # this position's mask once allowed_tokens gave it
         self._bound_start = bound               # the bound at its start, for reset()
         self.bound = bound                      # the bound in step with the grammar, or None
         if bound is not None:
@@ -529,9 +530,17 @@ class GrammarConstraint:
         """Whether the number bound still applies to this output."""
         return self.bound is not None
 
+    @property
+    def mask_ready(self) -> bool:
+        """Whether this position's mask was computed already (``allowed_tokens`` returns it as it is)."""
+        return self._final is not None
+
     def allowed_tokens(self) -> np.ndarray:
-        """The bitmask of the tokens the grammar (and the number bound) allow next (EOG only where it accepts).
-        The array is reused by the next call: the sampler applies it at once."""
+        """The bitmask of the tokens the grammar (and the number bound) allow next (EOG only where it accepts):
+        computed once per position (the engine may ask before the sampler), the same array until ``accept`` or
+        ``reset``; a later position's may reuse it."""
+        if self._final is not None:
+            return self._final
         m, self._pre = self._pre, None
         b, self._pre_bound = self._pre_bound, None
         if m is None:
@@ -549,9 +558,14 @@ class GrammarConstraint:
                 self.bound = None
         if self._banned_words.size:
             m[self._banned_words] &= ~self._banned_bits
+        if m is not self._mask and m is not getattr(self, "_both", None):
+            np.copyto(self._mask, m)        # a MaskBatch row: the next fill reuses it
+            m = self._mask
+        self._final = m
         return m
 
     def accept(self, token: int) -> None:
+        self._final = self._pre = self._pre_bound = None
         if not self.matcher.consume_token(int(token)):
             raise SamplingError(f"{self.spec.field}: token {int(token)} does not fit the grammar "
                                 f"({_first_line(self.matcher.get_error())})")
@@ -560,7 +574,7 @@ class GrammarConstraint:
 
     def reset(self) -> None:
         self.matcher.reset()
-        self._pre = self._pre_bound = None
+        self._pre = self._pre_bound = self._final = None
         self.bound = self._bound_start
         if self.bound is not None:
             self.bound.reset()
@@ -606,7 +620,7 @@ class MaskBatch:
     def fill(self, constraints: list[GrammarConstraint]) -> None:
         """Compute the masks of ``constraints`` (this step's constrained requests, and their number bounds);
         fewer than two, or a matcher in an error state, are left to compute (and report) their own."""
-        ready = [c for c in constraints if not c.matcher.is_error()]
+        ready = [c for c in constraints if not c.matcher.is_error() and not c.mask_ready]
         if len(ready) < 2:
             return
         jobs = [(c.matcher, i) for i, c in enumerate(ready)]

@@ -80,9 +80,9 @@ class SamplingParams:
 
     @property
     def argmax_only(self) -> bool:
-        """True when a token is the argmax of the logits and nothing else of them is used: greedy, no penalties, no
-        banned ids, no logprobs (with no constraint mask either, an engine may compute the logits near the maximum
-        alone: ``EngineConfig.argmax_head``)."""
+        """True when a token is the argmax of the logits (among the tokens a constraint allows) and nothing else of
+        them is used: greedy, no penalties, no banned ids, no logprobs (an engine may then compute the logits near
+        the maximum alone: ``EngineConfig.argmax_head``)."""
         return (self.greedy and self.repetition_penalty == 1.0 and self.presence_penalty == 0.0
                 and self.frequency_penalty == 0.0 and not self.ignore_eos and self.logprobs is None)
 
