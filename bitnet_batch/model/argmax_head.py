@@ -1,5 +1,6 @@
-"""The lm_head for logit rows of which only the argmax is wanted (greedy sampling without penalties, masks,
-bans or logprobs): the float32 argmax at the speed of the bfloat16 lm_head.
+"""The lm_head for logit rows of which only the argmax is wanted (greedy sampling without penalties, bans or
+logprobs; under a constraint, the argmax among the tokens its mask allows): the float32 argmax at the speed of the
+bfloat16 lm_head.
 
 The bf16 logits (``jit_kernels.lm_head_bf16``) are within a proven bound of the float32 ones
 (``lm_head_bf16.argmax_bound``), which leaves a few candidates for the maximum (``argmax_candidates``); their
