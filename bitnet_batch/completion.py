@@ -41,6 +41,11 @@ class Completion:
         return self.params.argmax_only
 
     @property
+    def top_k_only(self) -> int:
+        """k when the next token is drawn from the k best logits alone (``SamplingParams.top_k_only``), else 0."""
+        return self.params.top_k_only
+
+    @property
     def done(self) -> bool:
         return self.finish_reason is not None
 

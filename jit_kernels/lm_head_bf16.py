@@ -373,25 +373,29 @@ def _row_norm_bounds(table, out):
             out[v] = np.sqrt(s) / (1.0 - U_BF16) * (1.0 + _REL_SLACK)
 
 
-def argmax_candidates(approx, xnorm, wnorm, c, cand, counts, allowed):
+def argmax_candidates(approx, xnorm, wnorm, c, cand, counts, allowed, ks, best):
     """For each row r < R = len(counts) of ``approx`` (float32 [>= R, V], the bf16 logits): the vocabulary rows v
     allowed by ``allowed[r]`` (int32 words [ceil(V/32)], bit j of word i: v = 32 i + j; all bits set: every row)
-    with A_v + eps_v >= max_u (A_u - eps_u) over the allowed u, eps_v = c xnorm[r] wnorm[v] (``argmax_bound``,
-    ``row_norm_bounds``; xnorm[r] >= ||x_r||), into cand[r, :counts[r]] in increasing order; then the row of
-    ``approx`` is set to -inf, ready for the candidates' exact logits (none where no row is allowed).
-    counts[r] = -1 (and the row left as it is) where a value is not finite or more than cand.shape[1] rows
-    qualify: that row wants the whole float32 lm_head."""
+    with A_v + eps_v >= L, L the ks[r]-th largest of A_u - eps_u over the allowed u (the maximum for ks[r] = 1;
+    -inf where fewer are allowed), eps_v = c xnorm[r] wnorm[v] (``argmax_bound``, ``row_norm_bounds``; xnorm[r]
+    >= ||x_r||), into cand[r, :counts[r]] in increasing order: they hold every row among the ks[r] largest
+    float32 logits (each of those is >= L, every other row's < L). Then the row of ``approx`` is set to -inf, ready
+    for the candidates' exact logits (none where no row is allowed). counts[r] = -1 (and the row left as it is)
+    where a value is not finite or more than cand.shape[1] rows qualify: that row wants the whole float32
+    lm_head. ks int64 [>= R], 1 <= ks[r] <= best.shape[1]; best: float64 [>= R, k max] scratch."""
     R = counts.shape[0]
     V = wnorm.shape[0]
     if approx.dtype != np.float32 or approx.ndim != 2 or approx.shape[0] < R or approx.shape[1] != V \
             or xnorm.dtype != np.float64 or xnorm.shape[0] < R or wnorm.dtype != np.float64 \
             or cand.dtype != np.int64 or cand.ndim != 2 or cand.shape[0] < R or counts.dtype != np.int64 \
             or allowed.dtype != np.int32 or allowed.ndim != 2 or allowed.shape[0] < R \
-            or allowed.shape[1] != -(-V // 32):
+            or allowed.shape[1] != -(-V // 32) or ks.dtype != np.int64 or ks.shape[0] < R \
+            or best.dtype != np.float64 or best.ndim != 2 or best.shape[0] < R \
+            or (R and not 1 <= ks[:R].min() <= ks[:R].max() <= best.shape[1]):
         raise ValueError(f"argmax_candidates: approx {approx.shape} {approx.dtype}, xnorm {xnorm.shape}, wnorm "
                          f"{wnorm.shape}, cand {cand.shape} {cand.dtype}, counts {counts.shape} {counts.dtype}, "
-                         f"allowed {allowed.shape} {allowed.dtype}")
-    _argmax_candidates(approx, xnorm, wnorm, np.float64(c), cand, counts, allowed)
+                         f"allowed {allowed.shape} {allowed.dtype}, ks {ks.shape} {ks.dtype}, best {best.shape}")
+    _argmax_candidates(approx, xnorm, wnorm, np.float64(c), cand, counts, allowed, ks, best)
 
 
 @njit(inline="always", **JIT)
@@ -400,19 +404,35 @@ def _slack(a, e):
 
 
 @njit(**JIT_PARALLEL)
-def _argmax_candidates(approx, xnorm, wnorm, c, cand, counts, allowed):
+def _argmax_candidates(approx, xnorm, wnorm, c, cand, counts, allowed, ks, best):
     V = wnorm.shape[0]
     cap = cand.shape[1]
     for r in prange(counts.shape[0]):
-        row, bits = approx[r], allowed[r]
+        row, bits, k = approx[r], allowed[r], ks[r]
         e = c * xnorm[r]
         bad = 0 if np.isfinite(e) else 1
         lo = -np.inf
-        for v in range(V):
-            a = np.float64(row[v])
-            bad += 0 if np.isfinite(a) else 1
-            if (bits[v >> 5] >> (v & 31)) & 1:
-                lo = max(lo, a - _slack(a, e * wnorm[v]))
+        if k == 1:
+            for v in range(V):
+                a = np.float64(row[v])
+                bad += 0 if np.isfinite(a) else 1
+                if (bits[v >> 5] >> (v & 31)) & 1:
+                    lo = max(lo, a - _slack(a, e * wnorm[v]))
+        else:                       # the k largest lower bounds, with their minimum at top[low]
+            top = best[r, :k]
+            top[:] = -np.inf
+            low = 0
+            for v in range(V):
+                a = np.float64(row[v])
+                bad += 0 if np.isfinite(a) else 1
+                if (bits[v >> 5] >> (v & 31)) & 1:
+                    b = a - _slack(a, e * wnorm[v])
+                    if b > top[low]:
+                        top[low] = b
+                        for j in range(k):
+                            if top[j] < top[low]:
+                                low = j
+            lo = top[low]
         if bad:
             counts[r] = -1
             continue

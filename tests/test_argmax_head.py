@@ -153,6 +153,38 @@ def test_masks_restrict_the_argmax_to_their_tokens():
     assert np.argmax(again[0]) == np.argmax(exact[0])
 
 
+def test_top_k_rows_hold_the_k_best_float32_logits():
+    """ks[r] = k: every token among the k largest float32 logits is a candidate, with its float32 value, so the
+    sampler's top-k (ties at the k-th to the lowest ids) keeps the same tokens with the same logits; with a mask,
+    the k best allowed ones."""
+    rng = np.random.default_rng(5)
+    V, D = 1500, 128
+    table = f16_table(V, D, rng)
+    x = rng.standard_normal((7, D)).astype(np.float32)
+    w = table.view(np.float16).astype(np.float32)
+    x[0] = w[3] * 30 + w[5] * 30                          # exact ties (rows 3 / 7) near the top
+    exact = full_logits(x, table, embedding.F16)
+    head = head_of(table, embedding.F16, 7)
+    ks = [40, 2, 256, 5, 1, 40, 3]
+    allowed = np.ones((7, V), bool)
+    allowed[5] = rng.random(V) < 0.2
+    allowed[6] = False
+    allowed[6, [10, 20]] = True                           # fewer allowed than k: both, and no others
+    words = np.packbits(np.pad(allowed, ((0, 0), (0, 4))), axis=1, bitorder="little").view(np.int32)
+    got = np.zeros_like(exact)
+    head(x, got, [None, None, None, None, None, words[5], words[6]], ks)
+    for r, k in enumerate(ks):
+        want = np.where(allowed[r], exact[r], -np.inf)
+        order = np.lexsort((np.arange(V), -want))[:k]      # value descending, ties by ascending id
+        order = order[np.isfinite(want[order])]
+        finite = np.isfinite(got[r])
+        assert set(order) <= set(np.flatnonzero(finite)) and np.all(allowed[r][finite])
+        np.testing.assert_array_equal(got[r][finite], exact[r][finite])
+        assert np.array_equal(np.lexsort((np.arange(V), -got[r]))[:len(order)], order)
+    assert np.flatnonzero(np.isfinite(got[6])).tolist() == [10, 20]
+    assert head.full_rows == 0
+
+
 def test_entries_and_candidates_check_their_inputs():
     x = np.zeros((2, 16), np.float32)
     table = np.zeros((5, 16), np.uint16)
@@ -164,12 +196,16 @@ def test_entries_and_candidates_check_their_inputs():
         embedding.lm_head_entries(x, table, embedding.F16, rows.astype(np.int32), cols.astype(np.int32), out)
     with pytest.raises(ValueError, match="SIMD"):
         embedding.lm_head_entries(x, table, embedding.F16, rows, cols - 1, out, kernel="portable")
+    ks, best = np.ones(2, np.int64), np.zeros((2, 4))
     with pytest.raises(ValueError, match="argmax_candidates"):
         L.argmax_candidates(out, np.zeros(2), np.zeros(4), 0.01, np.zeros((2, 3), np.int64), np.zeros(2, np.int64),
-                            np.full((2, 1), -1, np.int32))
+                            np.full((2, 1), -1, np.int32), ks, best)
     with pytest.raises(ValueError, match="allowed"):
         L.argmax_candidates(out, np.zeros(2), np.zeros(5), 0.01, np.zeros((2, 3), np.int64), np.zeros(2, np.int64),
-                            np.full((2, 2), -1, np.int32))
+                            np.full((2, 2), -1, np.int32), ks, best)
+    with pytest.raises(ValueError, match="ks"):
+        L.argmax_candidates(out, np.zeros(2), np.zeros(5), 0.01, np.zeros((2, 3), np.int64), np.zeros(2, np.int64),
+                            np.full((2, 1), -1, np.int32), np.array([1, 5]), best)
 
 
 @pytest.fixture(scope="module")
@@ -253,6 +289,28 @@ def test_constrained_greedy_jobs_write_the_same_records_with_it_and_without(tmp_
         assert (summary["argmax_head"]["rows"] > 0) == (setting == "on")
     assert records["on"] == records["off"]
     assert sum(r["parsed"] is not None for r in records["on"]) >= 1
+
+
+def test_top_k_sampling_jobs_write_the_same_records_with_it_and_without(tmp_path, small_model_path, small_model):
+    """Seeded top-k sampling (temperature, top-p, min-p after it) through the argmax lm_head's top-k rows: the same
+    records; a record with penalties takes the float32 lm_head."""
+    rows = [{"id": i, "prompt": f"KING {'HENRY' if i % 2 else 'LEAR'}. {i}"} for i in range(9)]
+    rows.append({"id": "pen", "prompt": "ROMEO.", "repetition_penalty": 1.2})
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    texts = {}
+    for setting in ("off", "on"):
+        job = JobConfig(inputs=(str(src),), output=str(tmp_path / f"{setting}.jsonl"), model=str(small_model_path),
+                        sampling=SamplingParams(max_tokens=30, temperature=0.9, top_k=20, top_p=0.95, min_p=0.02),
+                        seed=11, engine=EngineConfig(max_batch=4, prefill_chunk=32, argmax_head=setting))
+        summary = run_job(job, model=small_model, quiet=True)
+        texts[setting] = [(r["id"], r["text"]) for r in read_jsonl(tmp_path / f"{setting}.jsonl")]
+        assert (summary["argmax_head"]["rows"] > 0) == (setting == "on")
+    assert texts["on"] == texts["off"]
+    base = dict(inputs=("x.jsonl",), output=str(tmp_path / "y.jsonl"), model="m", engine=EngineConfig(max_batch=4))
+    assert RunKind.engine_config(JobConfig(**base, sampling=SamplingParams(temperature=0.8, top_k=40))
+                                 ).argmax_head == "auto"
+    assert RunKind.engine_config(JobConfig(**base, sampling=SamplingParams(temperature=0.8, top_k=300))
+                                 ).argmax_head == "off"
 
 
 @pytest.mark.parametrize("path", sorted(REF.glob("tiny-*.gguf")) + [REF.parent / "hf" / "tiny-master-mha",

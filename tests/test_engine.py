@@ -296,7 +296,8 @@ def test_compiled_layer_gives_the_wrapper_sequence_bits(tmp_path, monkeypatch, k
                                           kv_dtype=kv_dtype)) for _ in range(2)]
     compiled = bitnet.forward
 
-    def wrapper_forward(w, cfg, ws, kv, rt, batch, lm_bf16=None, argmax_head=None, n_argmax=0, argmax_masks=None):
+    def wrapper_forward(w, cfg, ws, kv, rt, batch, lm_bf16=None, argmax_head=None, n_argmax=0, argmax_masks=None,
+                        argmax_ks=None):
         assert lm_bf16 is None and n_argmax == 0
         T = batch.n_rows
         x = ws.x[:T]

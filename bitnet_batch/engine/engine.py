@@ -103,8 +103,9 @@ class Engine:
         logits of the part's last token: float32 [n_vocab]), "argmax" (the same, for a caller that takes only
         their argmax, first index among equal maxima: with ``argmax_head`` only the float32 logits of the
         candidates for it are computed, the others are -inf), ("argmax", mask) (the argmax among the tokens of a
-        bitmask, int32 words [ceil(V/32)], bit j of word i allowing id 32 i + j: the candidates are among them)
-        or "all" (every token's: float32 [n, n_vocab]).
+        bitmask, int32 words [ceil(V/32)], bit j of word i allowing id 32 i + j: the candidates are among them),
+        ("top_k", k, mask) (the same for a caller that takes the k largest logits alone: every token among them is
+        a candidate; mask None or a bitmask) or "all" (every token's: float32 [n, n_vocab]).
         Returns one entry per part (views valid until the next step) or None."""
         n = sum(len(p[1]) for p in parts)
         if n > self.max_rows:
@@ -112,7 +113,7 @@ class Engine:
         tokens = np.empty(n, np.int32)
         row_seq = np.empty(n, np.int32)
         row_pos = np.empty(n, np.int32)
-        logit_rows, argmax_rows, argmax_masks, spans, r = [], [], [], [], 0
+        logit_rows, argmax_rows, argmax_masks, argmax_ks, spans, r = [], [], [], [], [], 0
         for slot, toks, start, want in parts:
             m = len(toks)
             if start < self.kv.shared_tokens(slot):
@@ -122,13 +123,15 @@ class Engine:
             tokens[r:r + m] = toks
             row_seq[r:r + m] = slot
             row_pos[r:r + m] = np.arange(start, start + m, dtype=np.int32)
-            mask = None
-            if isinstance(want, tuple) and want[0] == "argmax":
-                want, mask = want
+            k, mask = 1, None
+            if isinstance(want, tuple):              # ("argmax", mask) or ("top_k", k, mask)
+                k, mask = (want[1], want[2]) if want[0] == "top_k" else (1, want[1])
+                want = "argmax"
             if want == "argmax" and self.argmax_head is not None:
                 spans.append(("argmax", len(argmax_rows)))
                 argmax_rows.append(r + m - 1)
                 argmax_masks.append(mask)
+                argmax_ks.append(k)
             else:
                 spans.append(wanted_rows(want, r, m, logit_rows))
             r += m
@@ -136,7 +139,7 @@ class Engine:
         t0 = time.perf_counter()
         logits = forward(self.model.weights, self.model.config, self.ws, self.kv, self.rope,
                          StepBatch(tokens, row_seq, row_pos, np.asarray(logit_rows + argmax_rows, np.int32)),
-                         self.lm_bf16, self.argmax_head, len(argmax_rows), argmax_masks)
+                         self.lm_bf16, self.argmax_head, len(argmax_rows), argmax_masks, argmax_ks)
         self.busy_s += time.perf_counter() - t0
         self.steps += 1
         return part_outputs(logits, spans)

@@ -165,9 +165,10 @@ class RunKind(JobKind):
 
     @classmethod
     def engine_config(cls, job: JobConfig) -> EngineConfig:
-        """An argmax lm_head ("auto": where it is faster) when the job's own sampling wants argmax rows (greedy, no
-        penalties, bans or logprobs; constrained or not); records that override it take the float32 lm_head."""
-        if job.engine.argmax_head == "auto" and not job.sampling.argmax_only:
+        """An argmax lm_head ("auto": where it is faster) when the job's own sampling needs only the largest logits
+        (greedy or top-k with k <= 256; no penalties, bans or logprobs; constrained or not); records that override
+        it otherwise take the float32 lm_head."""
+        if job.engine.argmax_head == "auto" and not (job.sampling.argmax_only or job.sampling.top_k_only):
             return replace(job.engine, argmax_head="off")
         return job.engine
 
@@ -359,24 +360,26 @@ class RunKind(JobKind):
         return part.want_logits
 
     def wants(self, parts: list[Part]) -> list:
-        """A greedy sequence's logits as "argmax" (the engine may compute the float32 logits near the maximum alone),
-        with its constraint's mask for this position (computed here, together, then kept for the sampler)."""
+        """A greedy sequence's logits as "argmax", a top-k one's as ("top_k", k, mask) (the engine may compute the
+        float32 logits near the largest alone), with its constraint's mask for this position (computed here,
+        together, then kept for the sampler)."""
         if self.engine.argmax_head is None:
             return [p.want_logits for p in parts]
-        greedy = [p.want_logits and p.seq.state.completion.argmax_only for p in parts]
-        self._fill_masks([p.seq for p, g in zip(parts, greedy) if g])
+        ks = [(1 if p.seq.state.completion.argmax_only else p.seq.state.completion.top_k_only) if p.want_logits
+              else 0 for p in parts]
+        self._fill_masks([p.seq for p, k in zip(parts, ks) if k])
         out = []
-        for p, g in zip(parts, greedy):
+        for p, k in zip(parts, ks):
             constraint = p.seq.state.completion.constraint
-            if not g:
+            if not k:
                 out.append(p.want_logits)
-            elif constraint is None:
-                out.append("argmax")
-            else:
-                try:
-                    out.append(("argmax", constraint.allowed_tokens()))
-                except BitnetBatchError:          # a grammar in error: the sampler reports it, as without this
-                    out.append(True)
+                continue
+            try:
+                mask = None if constraint is None else constraint.allowed_tokens()
+            except BitnetBatchError:              # a grammar in error: the sampler reports it, as without this
+                out.append(True)
+                continue
+            out.append(("top_k", k, mask) if k > 1 else "argmax" if mask is None else ("argmax", mask))
         return out
 
     def advance(self, sched: Scheduler, parts: list[Part], outs: list, t0: float, t1: float) -> None:

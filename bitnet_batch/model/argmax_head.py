@@ -23,6 +23,7 @@ from jit_kernels import lm_head_bf16
 from jit_kernels._cpu import KERNEL
 from jit_kernels.buffers import aligned_zeros
 
+from ..sampling.params import TOP_K_ONLY_MAX
 from .gguf import mapped_file_range, release_array_pages
 
 MAX_CANDIDATES = 1024      # per row; more (a nearly flat row) and that row takes the whole float32 lm_head
@@ -88,6 +89,8 @@ class ArgmaxHead:
         self.lm_scratch = emb_k.lm_head_scratch(n_threads, D)
         self.cand = np.zeros((max_rows, MAX_CANDIDATES), np.int64)
         self.allowed = np.full((max_rows, -(-self.table.shape[0] // 32)), -1, np.int32)   # all tokens
+        self.ks = np.ones(max_rows, np.int64)                                              # the argmax
+        self.best = np.zeros((max_rows, TOP_K_ONLY_MAX), np.float64)
         self.counts = np.zeros(max_rows, np.int64)
         self.rows = 0              # argmax rows computed, candidates computed exactly, rows that took the
         self.candidates = 0        # whole float32 lm_head
@@ -100,21 +103,23 @@ class ArgmaxHead:
             self.wnorm = self.model.bf16_row_norms()
             release_array_pages(self.table)     # the file's table, should a float32 lm_head have read it since
 
-    def __call__(self, x: np.ndarray, out: np.ndarray, masks=None) -> None:
-        """out[:R] <- for each row of x (float32 [R, D]), its float32 logits at the argmax candidates and -inf
-        elsewhere (or all of them, for a row whose candidates could not be narrowed). ``masks``: for each row None
-        or a bitmask (int32 words, bit j of word i: token 32 i + j) of the tokens its argmax is taken among."""
+    def __call__(self, x: np.ndarray, out: np.ndarray, masks=None, ks=None) -> None:
+        """out[:R] <- for each row of x (float32 [R, D]), its float32 logits at the candidates for its maximum (or
+        its ks[r] largest) and -inf elsewhere (or all of them, for a row whose candidates could not be narrowed).
+        ``masks``: for each row None or a bitmask (int32 words, bit j of word i: token 32 i + j) of the tokens the
+        maximum is taken among."""
         self.prepare()
         R = x.shape[0]
-        allowed = self.allowed[:R]
+        allowed, kk = self.allowed[:R], self.ks[:R]
         for r in range(R):
             mask = None if masks is None else masks[r]
             allowed[r] = -1 if mask is None else mask
+            kk[r] = 1 if ks is None else ks[r]
         xb, xr, counts, cand = self.xb[:R], self.xr[:R], self.counts[:R], self.cand[:R]
         lm_head_bf16.round_rows(x, xb, xr)
         lm_head_bf16.lm_head_bf16(xb, xr, self.bf16, self.scratch, out)
         xnorm = np.sqrt(np.einsum("rd,rd->r", x, x, dtype=np.float64)) * (1.0 + 1e-12)
-        lm_head_bf16.argmax_candidates(out, xnorm, self.wnorm, self.c, cand, counts, allowed)
+        lm_head_bf16.argmax_candidates(out, xnorm, self.wnorm, self.c, cand, counts, allowed, kk, self.best)
         for r in np.flatnonzero(counts < 0):
             emb_k.lm_head(x[r:r + 1], self.table, self.kind, self.lm_scratch, out[r:r + 1])
         n = np.maximum(counts, 0)

@@ -74,12 +74,13 @@ def _check_layers(w: Weights, ws: Workspace, kv: KVCache, rt: RopeTable) -> None
 
 def forward(w: Weights, cfg: ModelConfig, ws: Workspace, kv: KVCache, rt: RopeTable,
             batch: StepBatch, lm_bf16: np.ndarray | None = None, argmax_head=None, n_argmax: int = 0,
-            argmax_masks=None) -> np.ndarray:
+            argmax_masks=None, argmax_ks=None) -> np.ndarray:
     """Run one step; returns a view ``ws.logits[:R]`` (float32 [R, n_vocab]) for ``batch.logit_rows``.
     ``lm_bf16``: the model's bfloat16 lm_head table (``Model.bf16_lm_head``; the workspace then has the bf16
     buffers) for the opt-in bf16 lm_head, else the spec's float32 one. ``argmax_head`` (an ``ArgmaxHead``): the
     last ``n_argmax`` logit rows want only their argmax, and get the float32 logits of its candidates alone
-    (-inf elsewhere); ``argmax_masks``: for each of them None or the bitmask of the tokens it may take."""
+    (-inf elsewhere); ``argmax_masks``: for each of them None or the bitmask of the tokens it may take;
+    ``argmax_ks``: for each of them 1, or k for a row whose k largest logits are wanted (top-k sampling)."""
     T, R = batch.n_rows, batch.logit_rows.shape[0]
     if T == 0 or T > ws.max_rows or R > ws.max_logit_rows or not 0 <= n_argmax <= R:
         raise ValueError(f"forward: {T} rows / {R} logit rows ({n_argmax} argmax rows) exceed the workspace "
@@ -93,7 +94,7 @@ def forward(w: Weights, cfg: ModelConfig, ws: Workspace, kv: KVCache, rt: RopeTa
         if E:
             emb_k.lm_head(xl32[:E], w.output, w.output_kind, ws.lm_scratch, out[:E])
         if E < R:
-            argmax_head(xl32[E:], out[E:], argmax_masks)
+            argmax_head(xl32[E:], out[E:], argmax_masks, argmax_ks)
     else:
         xb, xr = ws.xb[:R], ws.xr[:R]
         lm_head_bf16.round_rows(xl32, xb, xr)

@@ -17,6 +17,7 @@ from ..errors import ConfigError
 MAX_LOGPROBS = 20       # vLLM's default cap on the number of top logprobs per token
 MAX_SAMPLES = 1024      # most samples per input (n)
 _SEED_LIMIT = 2 ** 64   # seeds are 64-bit so that every platform stores them the same way
+TOP_K_ONLY_MAX = 256    # largest top-k whose rows an engine computes near the k best only (``top_k_only``)
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,22 @@ class SamplingParams:
         """True when a token is the argmax of the logits (among the tokens a constraint allows) and nothing else of
         them is used: greedy, no penalties, no banned ids, no logprobs (an engine may then compute the logits near
         the maximum alone: ``EngineConfig.argmax_head``)."""
-        return (self.greedy and self.repetition_penalty == 1.0 and self.presence_penalty == 0.0
-                and self.frequency_penalty == 0.0 and not self.ignore_eos and self.logprobs is None)
+        return self.greedy and self._logits_unchanged
+
+    @property
+    def top_k_only(self) -> int:
+        """k when a token is drawn from the k best logits alone (top-k sampling, k <= TOP_K_ONLY_MAX, with no
+        penalties, banned ids or logprobs: the rest of the vocabulary never counts, not even for normalising),
+        else 0 (an engine may then compute the logits of the candidates for the k best alone)."""
+        if self.greedy or not 0 < self.top_k <= TOP_K_ONLY_MAX or not self._logits_unchanged:
+            return 0
+        return self.top_k
+
+    @property
+    def _logits_unchanged(self) -> bool:
+        """No step before the selection changes or reads other logits: no penalties, no banned ids, no logprobs."""
+        return (self.repetition_penalty == 1.0 and self.presence_penalty == 0.0 and self.frequency_penalty == 0.0
+                and not self.ignore_eos and self.logprobs is None)
 
     @classmethod
     def field_names(cls) -> frozenset[str]:
