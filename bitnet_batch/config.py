@@ -164,7 +164,8 @@ class EngineConfig:
     """Rows that want only their argmax (greedy sampling without penalties, bans or logprobs, constrained or not):
     "auto" computes the float32 logits of the bf16 lm_head's candidates for the maximum alone where the CPU has
     AVX512_BF16 (the same tokens, bit for bit, ~1.6x faster logits for many streams; +1 bfloat16 copy of the
-    lm_head table in memory); "on" wherever the SIMD lm_head runs; "off" never."""
+    lm_head table in memory); "on" wherever the SIMD lm_head runs, and for top-k sampling rows too (k <= 256; the
+    same tokens); "off" never."""
 
     prefault_kv: bool = False
     """Write every page of the KV pool when the engine is built (see ``Engine``)."""

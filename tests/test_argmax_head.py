@@ -292,8 +292,9 @@ def test_constrained_greedy_jobs_write_the_same_records_with_it_and_without(tmp_
 
 
 def test_top_k_sampling_jobs_write_the_same_records_with_it_and_without(tmp_path, small_model_path, small_model):
-    """Seeded top-k sampling (temperature, top-p, min-p after it) through the argmax lm_head's top-k rows: the same
-    records; a record with penalties takes the float32 lm_head."""
+    """Seeded top-k sampling (temperature, top-p, min-p after it) through the argmax lm_head's top-k rows ("on"):
+    the same records; a record with penalties takes the float32 lm_head; once top-k rows needed too many
+    candidates a row, they stop taking it."""
     rows = [{"id": i, "prompt": f"KING {'HENRY' if i % 2 else 'LEAR'}. {i}"} for i in range(9)]
     rows.append({"id": "pen", "prompt": "ROMEO.", "repetition_penalty": 1.2})
     src = write_jsonl(tmp_path / "in.jsonl", rows)
@@ -306,11 +307,16 @@ def test_top_k_sampling_jobs_write_the_same_records_with_it_and_without(tmp_path
         texts[setting] = [(r["id"], r["text"]) for r in read_jsonl(tmp_path / f"{setting}.jsonl")]
         assert (summary["argmax_head"]["rows"] > 0) == (setting == "on")
     assert texts["on"] == texts["off"]
+    head = A.ArgmaxHead(small_model, 4)
+    assert head.top_k_pays
+    head.top_k_rows, head.top_k_candidates = A.TOP_K_TRIAL, A.TOP_K_TRIAL * A.TOP_K_CANDIDATES
+    assert head.top_k_pays
+    head.top_k_candidates += 1
+    assert not head.top_k_pays
     base = dict(inputs=("x.jsonl",), output=str(tmp_path / "y.jsonl"), model="m", engine=EngineConfig(max_batch=4))
     assert RunKind.engine_config(JobConfig(**base, sampling=SamplingParams(temperature=0.8, top_k=40))
-                                 ).argmax_head == "auto"
-    assert RunKind.engine_config(JobConfig(**base, sampling=SamplingParams(temperature=0.8, top_k=300))
-                                 ).argmax_head == "off"
+                                 ).argmax_head == "off"           # top-k rows: only when asked for ("on")
+    assert SamplingParams(temperature=0.8, top_k=300).top_k_only == 0 and SamplingParams(top_k=5).top_k_only == 0
 
 
 @pytest.mark.parametrize("path", sorted(REF.glob("tiny-*.gguf")) + [REF.parent / "hf" / "tiny-master-mha",
