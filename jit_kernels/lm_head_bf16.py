@@ -411,28 +411,20 @@ def _argmax_candidates(approx, xnorm, wnorm, c, cand, counts, allowed, ks, best)
         row, bits, k = approx[r], allowed[r], ks[r]
         e = c * xnorm[r]
         bad = 0 if np.isfinite(e) else 1
-        lo = -np.inf
-        if k == 1:
-            for v in range(V):
-                a = np.float64(row[v])
-                bad += 0 if np.isfinite(a) else 1
-                if (bits[v >> 5] >> (v & 31)) & 1:
-                    lo = max(lo, a - _slack(a, e * wnorm[v]))
-        else:                       # the k largest lower bounds, with their minimum at top[low]
-            top = best[r, :k]
-            top[:] = -np.inf
-            low = 0
-            for v in range(V):
-                a = np.float64(row[v])
-                bad += 0 if np.isfinite(a) else 1
-                if (bits[v >> 5] >> (v & 31)) & 1:
-                    b = a - _slack(a, e * wnorm[v])
-                    if b > top[low]:
-                        top[low] = b
-                        for j in range(k):
-                            if top[j] < top[low]:
-                                low = j
-            lo = top[low]
+        top = best[r, :k]           # the k largest lower bounds, with their minimum at top[low]
+        top[:] = -np.inf
+        low = 0
+        for v in range(V):
+            a = np.float64(row[v])
+            bad += 0 if np.isfinite(a) else 1
+            if (bits[v >> 5] >> (v & 31)) & 1:
+                b = a - _slack(a, e * wnorm[v])
+                if b > top[low]:
+                    top[low] = b
+                    for j in range(k):
+                        if top[j] < top[low]:
+                            low = j
+        lo = top[low]
         if bad:
             counts[r] = -1
             continue
