@@ -86,6 +86,13 @@ def lm_head_scratch(n_threads, D):
     return aligned_zeros((n_threads, 2 * D), np.float32)
 
 
+def simd_table(table, kernel=None) -> bool:
+    """Whether ``lm_head`` takes its SIMD tiles for this table (given rows with contiguous elements): a SIMD
+    kernel family, rows a multiple of 8 wide with contiguous elements."""
+    return (KERNEL if kernel is None else kernel) != "portable" and table.shape[1] % 8 == 0 \
+        and table.strides[1] == table.itemsize
+
+
 def lm_head(x, table, kind, scratch, out, kernel=None):
     """out[r, v] = x[r] . table[v] for r < R. x float32 [R, D] (rows with contiguous elements); table [V, D]
     (uint16 F16/BF16 bits or float32); scratch from ``lm_head_scratch``; out float32 [>= R, V].
@@ -118,7 +125,7 @@ def lm_head(x, table, kind, scratch, out, kernel=None):
         raise ValueError(f"lm_head: kernel must be one of {', '.join(FAMILIES)}, got {kernel!r}")
     if kernel not in AVAILABLE:
         raise ValueError(f"lm_head: kernel {kernel!r} does not run on this CPU (it runs {', '.join(AVAILABLE)})")
-    if kernel != "portable" and D % 8 == 0 and x.strides[1] == 4 and table.strides[1] == table.itemsize:
+    if simd_table(table, kernel) and x.strides[1] == 4:
         _lm_head_avx2(x, table, kind, out, kernel == "avx512")
     else:
         if scratch.shape[0] < numba.config.NUMBA_NUM_THREADS or scratch.shape[1] != 2 * D:
@@ -266,8 +273,8 @@ def lm_head_entries(x, table, kind, rows, cols, out, dest=None, kernel=None):
     kernel = KERNEL if kernel is None else kernel
     if kernel not in AVAILABLE or kernel == "portable":
         raise ValueError(f"lm_head_entries: needs a SIMD kernel family on this CPU, got {kernel!r}")
-    if table.shape[1] != D or D % 8 or x.dtype != np.float32 or x.strides[1] != 4 or out.dtype != np.float32 \
-            or out.shape[0] < R or table.strides[1] != table.itemsize:
+    if table.shape[1] != D or not simd_table(table, kernel) or x.dtype != np.float32 or x.strides[1] != 4 \
+            or out.dtype != np.float32 or out.shape[0] < R:
         raise ValueError(f"lm_head_entries: x {x.shape} {x.dtype}, table {table.shape}, out {out.shape} "
                          f"{out.dtype} do not match")
     if table.dtype != (np.float32 if kind == F32 else np.uint16):

@@ -178,9 +178,7 @@ def count_records(paths: str | Path | list, fmt: str | None = None) -> int | Non
     None when unknown (an input that is not a regular file, e.g. a pipe, which must not be read twice).
     """
     total = 0
-    for path in _as_path_list(paths):
-        file_fmt = resolve_format(path, fmt)
-        check_readable(path, file_fmt)
+    for path, file_fmt in check_inputs(paths, fmt):
         if not path.is_file():
             return None
         if file_fmt == "parquet":

@@ -20,7 +20,6 @@ import numpy as np
 
 from jit_kernels import embedding as emb_k
 from jit_kernels import lm_head_bf16
-from jit_kernels._cpu import KERNEL
 from jit_kernels.buffers import aligned_zeros
 
 from ..sampling.params import TOP_K_ONLY_MAX
@@ -35,9 +34,7 @@ def argmax_head_wanted(setting: str, model) -> bool:
     """Whether an engine on ``model`` uses the argmax lm_head: ``setting`` (``EngineConfig.argmax_head``, checked
     there) "auto" (where ``vdpbf16ps`` runs and the table is one the SIMD lm_head takes), "on" (wherever that
     table is, e.g. to test it) or "off"."""
-    table = model.weights.output
-    usable = KERNEL != "portable" and table.shape[1] % 8 == 0 and table.strides[1] == table.itemsize
-    if setting == "off" or not usable:
+    if setting == "off" or not emb_k.simd_table(model.weights.output):
         return False
     return setting == "on" or lm_head_bf16.has_fast_path()
 
