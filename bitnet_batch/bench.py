@@ -42,6 +42,7 @@ from .engine.engine import Engine, EngineConfig
 from .engine.warmup import COMPILE_NOTICE, engine_kernels_cold, warm_up
 from .errors import ConfigError
 from .jobs.common import peak_rss_mb
+from .model.argmax_head import argmax_screen_for
 from .model.model import load_model, release_free_heap
 
 
@@ -139,14 +140,17 @@ def run_bench(model_ref, batch_sizes=(1, 8, 32), prompt_tokens=64, gen_tokens=64
     model = load_model(model_ref, filename=model_file)
     load_s = time.perf_counter() - t0
     rss_load = peak_rss_mb()
-    engine = Engine(model, EngineConfig(max_batch=max(batch_sizes), max_seq_len=8, prefill_chunk=prefill_chunk,
-                                        threads=threads, kv_dtype=kv_dtype, lm_head_dtype=lm_head_dtype,
-                                        argmax_head=argmax_head))
-    if engine_kernels_cold(engine):
-        log(f"{COMPILE_NOTICE} ...")
-    compile_s = warm_up(engine)
-    greedy_head = engine.argmax_head is not None
-    del engine
+    # the argmax lm_head's screen of each batch size (greedy rows): one warm-up per screen, so that each one's
+    # kernels are compiled before anything is timed
+    screens = {b: None if lm_head_dtype == "bf16" else argmax_screen_for(argmax_head, b, model) for b in batch_sizes}
+    compile_s = 0.0
+    for b in sorted({s: b for b, s in screens.items()}.values(), reverse=True):
+        engine = Engine(model, EngineConfig(max_batch=b, max_seq_len=8, prefill_chunk=prefill_chunk, threads=threads,
+                                            kv_dtype=kv_dtype, lm_head_dtype=lm_head_dtype, argmax_head=argmax_head))
+        if engine_kernels_cold(engine):
+            log(f"{COMPILE_NOTICE} ...")
+        compile_s += warm_up(engine)
+        del engine
     import numba
     from jit_kernels._cpu import KERNEL
 
@@ -154,16 +158,17 @@ def run_bench(model_ref, batch_sizes=(1, 8, 32), prompt_tokens=64, gen_tokens=64
            "n_embd": model.config.n_embd, "kernel": KERNEL, "threads": numba.get_num_threads(),
            "threading_layer": numba.threading_layer(), "load_s": round(load_s, 3),
            "rss_after_load_mb": round(rss_load, 1), "compile_s": round(compile_s, 3), "kv_dtype": kv_dtype,
-           "lm_head_dtype": lm_head_dtype, "argmax_head": greedy_head,
+           "lm_head_dtype": lm_head_dtype, "argmax_head": {str(b): s or "off" for b, s in screens.items()},
            "prefill_chunk": prefill_chunk, "repeat": repeat, "peak_rss_scope": "run", "results": []}
+    heads = ", ".join(f"{b}: {s}" for b, s in screens.items() if s)
     log(f"model {model.path.name}: load {load_s:.2f}s (RSS {rss_load:.0f} MB), compile {compile_s:.2f}s, "
         f"{out['threads']} threads, KV {kv_dtype}, lm_head {lm_head_dtype}"
-        f"{' (greedy rows: argmax lm_head)' if greedy_head else ''}, kernels {KERNEL}")
+        f"{f' (greedy rows: argmax lm_head, screen by batch size {heads})' if heads else ''}, kernels {KERNEL}")
     for b in batch_sizes:
         runs = []
         for _ in range(repeat):
-            if lm_head_dtype == "f32" and (b == 1 or argmax_head == "off"):
-                model.drop_bf16_tables()    # made for another batch size (an argmax lm_head): not this one's
+            # a copy of the lm_head table made for another batch size (another screen) is not this one's
+            model.drop_lm_head_copies("bf16" if lm_head_dtype == "bf16" else screens[b])
             if not fresh_peak_rss():
                 out["peak_rss_scope"] = "process"
             runs.append(bench_batch(model, b, prompt_tokens, gen_tokens, prefill_chunk=prefill_chunk,

@@ -14,14 +14,15 @@ from .sampling.params import SamplingParams
 class Generator:
     def __init__(self, model, engine_config: EngineConfig | None = None):
         self.model = model
-        self.engine = Engine(model, engine_config or EngineConfig(max_batch=1, prefill_chunk=128))
+        # every step asks for whole logits (no argmax rows), so no argmax lm_head and no copy of its table
+        self.engine = Engine(model, engine_config or EngineConfig(max_batch=1, prefill_chunk=128, argmax_head="off"))
 
     @classmethod
     def load(cls, model, *, model_file=None, ffn_act=None, threads=0) -> "Generator":
         from .model.model import load_model
 
         return cls(load_model(model, filename=model_file, ffn_act=ffn_act),
-                   EngineConfig(max_batch=1, prefill_chunk=128, threads=threads))
+                   EngineConfig(max_batch=1, prefill_chunk=128, threads=threads, argmax_head="off"))
 
     def stream(self, prompt_ids, params: SamplingParams, *, seed: int = 0, on_text=None) -> dict:
         """Generate for one prompt; ``on_text(piece)`` gets text as it becomes final. Returns a summary."""

@@ -30,7 +30,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.core.extending import intrinsic
 
-from ._config import JIT, JIT_EXACT, JIT_EXACT_PARALLEL, JIT_PARALLEL
+from ._config import JIT_EXACT, JIT_EXACT_PARALLEL, JIT_PARALLEL
 from ._cpu import AVAILABLE, FAMILIES, HAS_AVX512_BF16, KERNEL
 from ._ir import I16, I32, Emit, const64
 from .embedding import BF16, F16, F32, LM_PREFETCH, VOCAB_TASK, _widen_row
@@ -325,17 +325,13 @@ def _lm_head_tiles(xb, table, out, native):
             t += 1
 
 
-# ---- the exact argmax through bf16 logits ----------------------------------------------------------------
+# ---- the bound of the argmax lm_head's bf16 screen ---------------------------------------------------------
 #
-# Greedy decoding needs only the argmax of a row's float32 logits. The bf16 logits A_v are within
-# eps_v = c ||x|| ||w_v|| of the float32 logits R_v (``argmax_bound``), so the argmax of R is among the
-# candidates {v : A_v + eps_v >= max_u (A_u - eps_u)}: every other row's R_v lies below some candidate's. Computing
-# R exactly for the candidates alone (a few dozen rows of a vocabulary of 128k) gives the same argmax, and the same
-# first index among equal maxima, as the whole float32 lm_head, at the bf16 lm_head's speed.
+# The bf16 logits A_v are within eps_v = c ||x|| ||w_v|| of the float32 logits R_v (``argmax_bound``), so the
+# float32 argmax is among the candidates {v : A_v + eps_v >= max_u (A_u - eps_u)} (``argmax_screen``).
 
 U_BF16 = 2.0 ** -8              # unit roundoff of bfloat16 (8 significant bits, round to nearest even)
-_ABS_SLACK = 1e-20              # covers vdpbf16ps treating subnormal inputs and results as zero (< Dp * 2^-126 |w|)
-_REL_SLACK = 1e-12              # covers float64 rounding in A_v +- eps_v
+_REL_SLACK = 1e-12              # covers float64 rounding in the norms
 
 
 def argmax_bound(D: int) -> float:
@@ -371,72 +367,3 @@ def _row_norm_bounds(table, out):
             for d in range(Dp):
                 s += np.float64(row[d]) * np.float64(row[d])
             out[v] = np.sqrt(s) / (1.0 - U_BF16) * (1.0 + _REL_SLACK)
-
-
-def argmax_candidates(approx, xnorm, wnorm, c, cand, counts, allowed, ks, best):
-    """For each row r < R = len(counts) of ``approx`` (float32 [>= R, V], the bf16 logits): the vocabulary rows v
-    allowed by ``allowed[r]`` (int32 words [ceil(V/32)], bit j of word i: v = 32 i + j; all bits set: every row)
-    with A_v + eps_v >= L, L the ks[r]-th largest of A_u - eps_u over the allowed u (the maximum for ks[r] = 1;
-    -inf where fewer are allowed), eps_v = c xnorm[r] wnorm[v] (``argmax_bound``, ``row_norm_bounds``; xnorm[r]
-    >= ||x_r||), into cand[r, :counts[r]] in increasing order: they hold every row among the ks[r] largest
-    float32 logits (each of those is >= L, every other row's < L). Then the row of ``approx`` is set to -inf, ready
-    for the candidates' exact logits (none where no row is allowed). counts[r] = -1 (and the row left as it is)
-    where a value is not finite or more than cand.shape[1] rows qualify: that row wants the whole float32
-    lm_head. ks int64 [>= R], 1 <= ks[r] <= best.shape[1]; best: float64 [>= R, k max] scratch."""
-    R = counts.shape[0]
-    V = wnorm.shape[0]
-    if approx.dtype != np.float32 or approx.ndim != 2 or approx.shape[0] < R or approx.shape[1] != V \
-            or xnorm.dtype != np.float64 or xnorm.shape[0] < R or wnorm.dtype != np.float64 \
-            or cand.dtype != np.int64 or cand.ndim != 2 or cand.shape[0] < R or counts.dtype != np.int64 \
-            or allowed.dtype != np.int32 or allowed.ndim != 2 or allowed.shape[0] < R \
-            or allowed.shape[1] != -(-V // 32) or ks.dtype != np.int64 or ks.shape[0] < R \
-            or best.dtype != np.float64 or best.ndim != 2 or best.shape[0] < R \
-            or (R and not 1 <= ks[:R].min() <= ks[:R].max() <= best.shape[1]):
-        raise ValueError(f"argmax_candidates: approx {approx.shape} {approx.dtype}, xnorm {xnorm.shape}, wnorm "
-                         f"{wnorm.shape}, cand {cand.shape} {cand.dtype}, counts {counts.shape} {counts.dtype}, "
-                         f"allowed {allowed.shape} {allowed.dtype}, ks {ks.shape} {ks.dtype}, best {best.shape}")
-    _argmax_candidates(approx, xnorm, wnorm, np.float64(c), cand, counts, allowed, ks, best)
-
-
-@njit(inline="always", **JIT)
-def _slack(a, e):
-    return e + _REL_SLACK * abs(a) + _ABS_SLACK
-
-
-@njit(**JIT_PARALLEL)
-def _argmax_candidates(approx, xnorm, wnorm, c, cand, counts, allowed, ks, best):
-    V = wnorm.shape[0]
-    cap = cand.shape[1]
-    for r in prange(counts.shape[0]):
-        row, bits, k = approx[r], allowed[r], ks[r]
-        e = c * xnorm[r]
-        bad = 0 if np.isfinite(e) else 1
-        top = best[r, :k]           # the k largest lower bounds, with their minimum at top[low]
-        top[:] = -np.inf
-        low = 0
-        for v in range(V):
-            a = np.float64(row[v])
-            bad += 0 if np.isfinite(a) else 1
-            if (bits[v >> 5] >> (v & 31)) & 1:
-                b = a - _slack(a, e * wnorm[v])
-                if b > top[low]:
-                    top[low] = b
-                    for j in range(k):
-                        if top[j] < top[low]:
-                            low = j
-        lo = top[low]
-        if bad:
-            counts[r] = -1
-            continue
-        n = 0
-        for v in range(V):
-            a = np.float64(row[v])
-            if (bits[v >> 5] >> (v & 31)) & 1 and a + _slack(a, e * wnorm[v]) >= lo:
-                if n < cap:
-                    cand[r, n] = v
-                n += 1
-        if n > cap:
-            counts[r] = -1
-            continue
-        counts[r] = n
-        row[:] = -np.inf

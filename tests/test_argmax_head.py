@@ -1,8 +1,8 @@
-"""The argmax lm_head (``bitnet_batch.model.argmax_head``): the float32 argmax of a row through its bf16 logits and
-the float32 logits of a few candidates. The bound holds entry by entry, the candidates' logits are the float32
-lm_head's bit for bit, the argmax (first index among equal maxima) is the float32 lm_head's on rows made to tie
-and nearly tie, rows it cannot narrow take the whole float32 lm_head, and greedy jobs write the same records with it
-and without."""
+"""The argmax lm_head (``bitnet_batch.model.argmax_head``): the float32 argmax of a row through a screen's logits
+(bf16 or int8) and the float32 logits of a few candidates. The bounds hold entry by entry, the candidates' logits
+are the float32 lm_head's bit for bit, the argmax (first index among equal maxima) is the float32 lm_head's on rows
+made to tie and nearly tie, rows it cannot narrow take the whole float32 lm_head, and greedy jobs write the same
+records with it and without."""
 import json
 from pathlib import Path
 
@@ -16,11 +16,13 @@ from bitnet_batch.engine.engine import Engine
 from bitnet_batch.jobs.run import JobConfig, RunKind, run_job
 from bitnet_batch.jobs.score import ScoreJobConfig, ScoreKind
 from bitnet_batch.model import argmax_head as A
+from bitnet_batch.model.model import Int8Table
 from bitnet_batch.sampling.constraints import regex_constraint
 from bitnet_batch.sampling.params import SamplingParams
 from conftest import read_jsonl, write_jsonl
-from jit_kernels import embedding
+from jit_kernels import argmax_screen, embedding
 from jit_kernels import lm_head_bf16 as L
+from jit_kernels import lm_head_int8 as I
 from jit_kernels._cpu import KERNEL
 
 REF = Path(__file__).parent / "data" / "reference"
@@ -38,7 +40,7 @@ def f16_table(V, D, rng):
     return w.view(np.uint16)
 
 
-def head_of(table, kind, rows):
+def head_of(table, kind, rows, screen="bf16"):
     """What ``ArgmaxHead`` needs of a model, for a bare table."""
     class Weights:
         output, output_kind = table, kind
@@ -55,7 +57,13 @@ def head_of(table, kind, rows):
             out = np.empty(table.shape[0], np.float64)
             L.row_norm_bounds(self.bf16_lm_head(), out)
             return out
-    head = A.ArgmaxHead(Model(), rows)
+
+        def int8_lm_head(self):
+            V, D = table.shape
+            t = Int8Table(np.zeros((V, I.padded_dim(D)), np.uint8), *np.zeros((3, V)))
+            I.int8_table(table, kind, *t)
+            return t
+    head = A.ArgmaxHead(Model(), rows, screen)
     head.prepare()
     return head
 
@@ -85,10 +93,11 @@ def test_the_bound_holds_for_every_entry():
     assert 0.01 < (gap / eps).max() < 1                   # and the bound is not vacuous
 
 
+@pytest.mark.parametrize("screen", A.SCREENS)
 @pytest.mark.parametrize("kind", [embedding.F16, embedding.F32])
-def test_argmax_and_candidates_are_the_float32_lm_heads(kind):
+def test_argmax_and_candidates_are_the_float32_lm_heads(kind, screen):
     rng = np.random.default_rng(2)
-    V, D = 1203, 256
+    V, D = A.MAX_CANDIDATES[screen] + 179, 256
     table = f16_table(V, D, rng)
     if kind == embedding.F32:
         table = table.view(np.float16).astype(np.float32)
@@ -99,7 +108,7 @@ def test_argmax_and_candidates_are_the_float32_lm_heads(kind):
     x[2] = 0                                              # every logit 0: the first index, through the fallback
     x[3, 5] = np.nan                                      # a NaN row: the whole float32 row
     exact = full_logits(x, table, kind)
-    head = head_of(table, kind, 40)
+    head = head_of(table, kind, 40, screen)
     got = np.full_like(exact, 7.0)
     head(x, got)
     assert np.array_equal(np.argmax(got, 1), np.argmax(exact, 1))
@@ -113,14 +122,15 @@ def test_argmax_and_candidates_are_the_float32_lm_heads(kind):
     np.testing.assert_array_equal(got[3], exact[3])                    # NaN: full row (NaN included)
     assert head.full_rows == 2 and head.rows == 40
     narrowed = finite[4:].sum(1)
-    assert narrowed.max() < V // 10 and head.candidates == int(finite[narrowed_rows].sum())
+    assert narrowed.max() < V // 5 and head.candidates == int(finite[narrowed_rows].sum())
     # a row's result does not depend on the rows beside it
     alone = np.zeros((1, V), np.float32)
     head(x[20:21], alone)
     np.testing.assert_array_equal(alone[0], got[20])
 
 
-def test_masks_restrict_the_argmax_to_their_tokens():
+@pytest.mark.parametrize("screen", A.SCREENS)
+def test_masks_restrict_the_argmax_to_their_tokens(screen):
     """A row's bitmask (as a grammar gives it): the argmax of the allowed tokens' float32 logits, candidates among
     them only; a mask of one token, of none (every entry -inf, as the sampler's mask makes it) and of all."""
     rng = np.random.default_rng(4)
@@ -135,7 +145,7 @@ def test_masks_restrict_the_argmax_to_their_tokens():
     allowed[3] = True
     allowed[4, np.argmax(exact[4])] = False               # the unmasked winner excluded
     words = np.packbits(np.pad(allowed, ((0, 0), (0, 24))), axis=1, bitorder="little").view(np.int32)
-    head = head_of(table, embedding.F16, 6)
+    head = head_of(table, embedding.F16, 6, screen)
     got = np.zeros_like(exact)
     head(x, got, [words[0], words[1], words[2], words[3], words[4], None])
     for r in range(6):
@@ -153,7 +163,8 @@ def test_masks_restrict_the_argmax_to_their_tokens():
     assert np.argmax(again[0]) == np.argmax(exact[0])
 
 
-def test_top_k_rows_hold_the_k_best_float32_logits():
+@pytest.mark.parametrize("screen", A.SCREENS)
+def test_top_k_rows_hold_the_k_best_float32_logits(screen):
     """ks[r] = k: every token among the k largest float32 logits is a candidate, with its float32 value, so the
     sampler's top-k (ties at the k-th to the lowest ids) keeps the same tokens with the same logits; with a mask,
     the k best allowed ones."""
@@ -164,7 +175,7 @@ def test_top_k_rows_hold_the_k_best_float32_logits():
     w = table.view(np.float16).astype(np.float32)
     x[0] = w[3] * 30 + w[5] * 30                          # exact ties (rows 3 / 7) near the top
     exact = full_logits(x, table, embedding.F16)
-    head = head_of(table, embedding.F16, 7)
+    head = head_of(table, embedding.F16, 7, screen)
     ks = [40, 2, 256, 5, 1, 40, 3]
     allowed = np.ones((7, V), bool)
     allowed[5] = rng.random(V) < 0.2
@@ -196,16 +207,17 @@ def test_entries_and_candidates_check_their_inputs():
         embedding.lm_head_entries(x, table, embedding.F16, rows.astype(np.int32), cols.astype(np.int32), out)
     with pytest.raises(ValueError, match="SIMD"):
         embedding.lm_head_entries(x, table, embedding.F16, rows, cols - 1, out, kernel="portable")
-    ks, best = np.ones(2, np.int64), np.zeros((2, 4))
-    with pytest.raises(ValueError, match="argmax_candidates"):
-        L.argmax_candidates(out, np.zeros(2), np.zeros(4), 0.01, np.zeros((2, 3), np.int64), np.zeros(2, np.int64),
-                            np.full((2, 1), -1, np.int32), ks, best)
-    with pytest.raises(ValueError, match="allowed"):
-        L.argmax_candidates(out, np.zeros(2), np.zeros(5), 0.01, np.zeros((2, 3), np.int64), np.zeros(2, np.int64),
-                            np.full((2, 2), -1, np.int32), ks, best)
-    with pytest.raises(ValueError, match="ks"):
-        L.argmax_candidates(out, np.zeros(2), np.zeros(5), 0.01, np.zeros((2, 3), np.int64), np.zeros(2, np.int64),
-                            np.full((2, 1), -1, np.int32), np.array([1, 5]), best)
+    ks, best, cand, counts = np.ones(2, np.int64), np.zeros((2, 4)), np.zeros((2, 3), np.int64), np.zeros(2, np.int64)
+    xs, norms, words = np.zeros(2), np.zeros(5), np.full((2, 1), -1, np.int32)
+
+    def search(approx=out, wscale=norms[:0], E=norms, W=norms, allowed=words, k=ks):
+        argmax_screen.argmax_candidates(approx, xs, wscale, xs, E, xs, W, cand, counts, allowed, k, best, out)
+    search()
+    search(approx=out.view(np.int32), wscale=norms)
+    for bad in (dict(W=np.zeros(4)), dict(E=np.zeros(4)), dict(wscale=np.zeros(3)), dict(approx=out.astype(np.int64)),
+                dict(allowed=np.full((2, 2), -1, np.int32)), dict(k=np.array([1, 5]))):
+        with pytest.raises(ValueError, match="argmax_candidates"):
+            search(**bad)
 
 
 @pytest.fixture(scope="module")
@@ -213,13 +225,14 @@ def model():
     return bitnet_batch.load_model(REF / "tiny-i2s-b158.gguf")
 
 
-def test_engine_argmax_rows(model):
+@pytest.mark.parametrize("screen", A.SCREENS)
+def test_engine_argmax_rows(model, screen):
     """want "argmax": the candidates' logits are those of want True, the rest -inf, the argmax the same; cached
-    decode steps too; one-stream engines and "off" have no argmax lm_head."""
+    decode steps too; "off" has no argmax lm_head."""
     ids = np.array(json.loads((REF / "tiny-i2s-b158.json").read_text())["sequences"]["s2_len40"]["ids"], np.int32)
-    eng = Engine(model, EngineConfig(max_batch=3, max_seq_len=64, prefill_chunk=32, block_size=8, argmax_head="on"))
-    assert eng.argmax_head is not None and eng.argmax_head.file_rows is not None    # rows read from the file
-    assert Engine(model, EngineConfig(max_batch=1, argmax_head="on")).argmax_head is None
+    eng = Engine(model, EngineConfig(max_batch=3, max_seq_len=64, prefill_chunk=32, block_size=8,
+                                     argmax_head=screen))
+    assert eng.argmax_head.screen == screen and eng.argmax_head.file_rows is not None    # rows read from the file
     assert Engine(model, EngineConfig(max_batch=3, argmax_head="off")).argmax_head is None
     slot = eng.kv.allocate()
     full = eng.all_logits(slot, ids)
@@ -238,6 +251,40 @@ def test_engine_argmax_rows(model):
         np.testing.assert_array_equal(got[0][finite], full[p][finite])
 
 
+def test_which_screen_an_engine_takes(model):
+    """"auto": int8 for one stream where vpdpbusd runs, bf16 for several where vdpbf16ps does; "on" the same screens
+    on any SIMD family; a screen by name for any engine; none for "off" or the opt-in bf16 lm_head."""
+    def screen(setting, batch, **kw):
+        head = Engine(model, EngineConfig(max_batch=batch, max_seq_len=16, argmax_head=setting, **kw)).argmax_head
+        return None if head is None else head.screen
+    assert screen("auto", 1) == ("int8" if I.has_fast_path() else None)
+    assert screen("auto", 4) == ("bf16" if L.has_fast_path() else None)
+    assert (screen("on", 1), screen("on", 4), screen("int8", 4), screen("bf16", 1)) == ("int8", "bf16", "int8", "bf16")
+    assert screen("off", 1) is screen("off", 4) is screen("on", 4, lm_head_dtype="bf16") is None
+    assert A.argmax_screen_for("on", 1, model) == "int8"
+
+
+def test_one_stream_decode_through_the_int8_screen(model):
+    """A one-stream engine (the int8 screen under "on" / "auto"): greedy decode by argmax rows gives the tokens of
+    the float32 lm_head's logits, step after step, and the candidates' logits bit for bit."""
+    ids = np.array(json.loads((REF / "tiny-i2s-b158.json").read_text())["sequences"]["s2_len40"]["ids"], np.int32)
+    eng = Engine(model, EngineConfig(max_batch=1, max_seq_len=64, prefill_chunk=16, argmax_head="on"))
+    ref = Engine(model, EngineConfig(max_batch=1, max_seq_len=64, prefill_chunk=16, argmax_head="off"))
+    assert eng.argmax_head.screen == "int8" and ref.argmax_head is None
+    a, b = eng.kv.allocate(), ref.kv.allocate()
+    tok_a = np.argmax(eng.step([(a, ids[:12], 0, "argmax")])[0])
+    tok_b = np.argmax(ref.step([(b, ids[:12], 0, "argmax")])[0])
+    for p in range(12, 40):
+        assert tok_a == tok_b
+        got, want = eng.step([(a, np.array([tok_a], np.int32), p, "argmax")])[0], \
+            ref.step([(b, np.array([tok_b], np.int32), p, "argmax")])[0]
+        finite = np.isfinite(got)
+        assert 0 < finite.sum() < len(got)
+        np.testing.assert_array_equal(got[finite], want[finite])
+        tok_a, tok_b = np.argmax(got), np.argmax(want)
+    assert eng.argmax_head.rows == 29 and eng.argmax_head.full_rows == 0
+
+
 def test_greedy_jobs_write_the_same_records_with_it_and_without(tmp_path, small_model_path, small_model):
     """The argmax lm_head in a job: greedy records, bit for bit the float32 lm_head's, whatever the batch; a job
     that samples, or one with penalties, does not build it (nor does a score job)."""
@@ -245,15 +292,15 @@ def test_greedy_jobs_write_the_same_records_with_it_and_without(tmp_path, small_
                                               for i in range(10)]
                       + [{"id": "hot", "prompt": "ROMEO.", "temperature": 0.9}])   # a record that samples
     texts = {}
-    for setting, batch in (("off", 4), ("on", 4), ("on", 3)):
+    for setting, batch in (("off", 4), ("on", 4), ("on", 3), ("on", 1), ("int8", 4)):
         job = JobConfig(inputs=(str(src),), output=str(tmp_path / f"{setting}{batch}.jsonl"),
                         model=str(small_model_path), sampling=SamplingParams(max_tokens=24),
                         engine=EngineConfig(max_batch=batch, prefill_chunk=32, argmax_head=setting))
         summary = run_job(job, model=small_model, quiet=True)
         texts[setting, batch] = [(r["id"], r["text"]) for r in read_jsonl(tmp_path / f"{setting}{batch}.jsonl")]
         head = summary["argmax_head"]
-        assert (head["rows"] > 0 and head["candidates_per_row"] >= 1) if setting == "on" else head["rows"] == 0
-    assert texts["off", 4] == texts["on", 4] == texts["on", 3]
+        assert (head["rows"] > 0 and head["candidates_per_row"] >= 1) if setting != "off" else head["rows"] == 0
+    assert texts["off", 4] == texts["on", 4] == texts["on", 3] == texts["on", 1] == texts["int8", 4]
     base = dict(inputs=("x.jsonl",), output=str(tmp_path / "y.jsonl"), model="m", engine=EngineConfig(max_batch=4))
     assert RunKind.engine_config(JobConfig(**base)).argmax_head == "auto"
     assert RunKind.engine_config(JobConfig(**base, sampling=SamplingParams(temperature=0.7))).argmax_head == "off"
@@ -279,15 +326,15 @@ def test_constrained_greedy_jobs_write_the_same_records_with_it_and_without(tmp_
     rows.append({"id": "re", "prompt": "Say a word.", "regex": "[a-z]{3,8}"})
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     records = {}
-    for setting in ("off", "on"):
+    for setting in ("off", "on", "int8"):
         job = JobConfig(inputs=(str(src),), output=str(tmp_path / f"{setting}.jsonl"), model=str(small_model_path),
                         sampling=SamplingParams(max_tokens=40), constraint=job_constraint(json_schema=schema),
                         engine=EngineConfig(max_batch=4, prefill_chunk=64, argmax_head=setting))
         summary = run_job(job, model=small_model, quiet=True)
         records[setting] = [{k: r[k] for k in ("id", "text", "parsed", "finish_reason")}
                             for r in read_jsonl(tmp_path / f"{setting}.jsonl")]
-        assert (summary["argmax_head"]["rows"] > 0) == (setting == "on")
-    assert records["on"] == records["off"]
+        assert (summary["argmax_head"]["rows"] > 0) == (setting != "off")
+    assert records["on"] == records["off"] == records["int8"]
     assert sum(r["parsed"] is not None for r in records["on"]) >= 1
 
 
@@ -299,14 +346,14 @@ def test_top_k_sampling_jobs_write_the_same_records_with_it_and_without(tmp_path
     rows.append({"id": "pen", "prompt": "ROMEO.", "repetition_penalty": 1.2})
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     texts = {}
-    for setting in ("off", "on"):
+    for setting in ("off", "on", "int8"):
         job = JobConfig(inputs=(str(src),), output=str(tmp_path / f"{setting}.jsonl"), model=str(small_model_path),
                         sampling=SamplingParams(max_tokens=30, temperature=0.9, top_k=20, top_p=0.95, min_p=0.02),
                         seed=11, engine=EngineConfig(max_batch=4, prefill_chunk=32, argmax_head=setting))
         summary = run_job(job, model=small_model, quiet=True)
         texts[setting] = [(r["id"], r["text"]) for r in read_jsonl(tmp_path / f"{setting}.jsonl")]
-        assert (summary["argmax_head"]["rows"] > 0) == (setting == "on")
-    assert texts["on"] == texts["off"]
+        assert (summary["argmax_head"]["rows"] > 0) == (setting != "off")
+    assert texts["on"] == texts["off"] == texts["int8"]
     head = A.ArgmaxHead(small_model, 4)
     assert head.top_k_pays
     head.top_k_rows, head.top_k_candidates = A.TOP_K_TRIAL, A.TOP_K_TRIAL * A.TOP_K_CANDIDATES
@@ -322,11 +369,12 @@ def test_top_k_sampling_jobs_write_the_same_records_with_it_and_without(tmp_path
 @pytest.mark.parametrize("path", sorted(REF.glob("tiny-*.gguf")) + [REF.parent / "hf" / "tiny-master-mha",
                                                                     REF.parent / "hf" / "tiny-packed-gqa"],
                          ids=lambda p: p.name)
-def test_every_table_kind_and_file(path):
+@pytest.mark.parametrize("screen", A.SCREENS)
+def test_every_table_kind_and_file(path, screen):
     """F32, F16 and BF16 tables (GGUF and safetensors mappings, rows read from either file): argmax rows give the
     float32 lm_head's argmax and, at the candidates, its logits."""
     model = bitnet_batch.load_model(path)
-    eng = Engine(model, EngineConfig(max_batch=4, max_seq_len=64, prefill_chunk=64, argmax_head="on"))
+    eng = Engine(model, EngineConfig(max_batch=4, max_seq_len=64, prefill_chunk=64, argmax_head=screen))
     assert eng.argmax_head.file_rows is not None
     ref = Engine(model, EngineConfig(max_batch=4, max_seq_len=64, prefill_chunk=64, argmax_head="off"))
     rng = np.random.default_rng(3)

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..config import EngineConfig
 from ..errors import ConfigError
-from ..model.argmax_head import ArgmaxHead, argmax_head_wanted
+from ..model.argmax_head import ArgmaxHead, argmax_screen_for
 from ..model.bitnet import RopeTable, StepBatch, forward
 from .kv_cache import KVCache, kv_bytes_per_token
 from .workspace import Workspace
@@ -88,12 +88,11 @@ class Engine:
         self.lm_bf16 = model.bf16_lm_head() if config.lm_head_dtype == "bf16" else None
         self.ws = Workspace(cfg, self.max_rows, logit_rows or config.max_batch, self.max_seq_len,
                             lm_head_bf16=self.lm_bf16 is not None)
-        # rows that want only their argmax (greedy sampling): the exact argmax through the bf16 logits, for engines
-        # of several streams (2B4T table, Zen 4, 2 threads: 32 rows 70.9 against 114.4 ms, 2 rows 23.0 against
-        # 24.4); one row streams the table either way and the float32 one-row tile is the quicker (17.1 against
-        # 15.5 ms), so a one-stream engine keeps the float32 lm_head and never builds the bf16 table
-        self.argmax_head = ArgmaxHead(model, self.ws.max_logit_rows) if self.lm_bf16 is None \
-            and config.max_batch > 1 and argmax_head_wanted(config.argmax_head, model) else None
+        # rows that want only their argmax (greedy sampling): the exact argmax through a screen (``argmax_head``;
+        # 2B4T table, Zen 4, 2 threads: 32 rows 70.9 against 114.4 ms through bf16 logits, one row ~11 against
+        # 15-20 through int8 dots)
+        screen = argmax_screen_for(config.argmax_head, config.max_batch, model) if self.lm_bf16 is None else None
+        self.argmax_head = ArgmaxHead(model, self.ws.max_logit_rows, screen) if screen else None
         self.rope = RopeTable(cfg, self.max_seq_len)
         self.steps = 0
         self.busy_s = 0.0

@@ -65,11 +65,15 @@ COMPILE_NOTICE = ("compiling the kernels for this CPU into Numba's cache: about 
 
 def engine_kernels_cold(engine: Engine) -> bool:
     """Whether the on-disk cache lacks the compiled layer or, with the opt-in bf16 lm_head or the argmax lm_head,
-    the bf16 tiles (and the argmax lm_head's candidate search)."""
-    from jit_kernels.lm_head_bf16 import _argmax_candidates, _lm_head_tiles
+    the tiles of its screen (and the argmax lm_head's candidate search)."""
+    from jit_kernels import lm_head_bf16, lm_head_int8
+    from jit_kernels.argmax_screen import _argmax_candidates
 
-    return kernel_cache_cold() or (engine.lm_bf16 is not None and kernel_cache_cold(_lm_head_tiles)) or (
-        engine.argmax_head is not None and (kernel_cache_cold(_lm_head_tiles) or kernel_cache_cold(_argmax_candidates)))
+    head = engine.argmax_head
+    tiles = None if head is None else lm_head_int8._lm_head_tiles if head.screen == "int8" \
+        else lm_head_bf16._lm_head_tiles
+    return kernel_cache_cold() or (engine.lm_bf16 is not None and kernel_cache_cold(lm_head_bf16._lm_head_tiles)) \
+        or (head is not None and (kernel_cache_cold(tiles) or kernel_cache_cold(_argmax_candidates)))
 
 
 def kernel_cache_cold(kernel=None) -> bool:
@@ -101,7 +105,7 @@ def _compile_in_child(engine: Engine) -> bool:
     code = "import sys; from bitnet_batch.engine.warmup import _warm_child; _warm_child(*sys.argv[1:])"
     res = subprocess.run([sys.executable, "-c", code, str(Path(engine.model.path).resolve()), cfg.kv_dtype,
                           cfg.lm_head_dtype, str(cfg.prefill_chunk), str(cfg.threads),
-                          "on" if engine.argmax_head is not None else "off"], env=env, cwd=root,
+                          "off" if engine.argmax_head is None else engine.argmax_head.screen], env=env, cwd=root,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return res.returncode == 0
 
@@ -110,8 +114,7 @@ def _warm_child(path: str, kv_dtype: str, lm_head_dtype: str, prefill_chunk: str
                 argmax_head: str = "off") -> None:
     from ..model.model import load_model
 
-    # an argmax lm_head exists in engines of several streams only
-    warm_up(Engine(load_model(path), EngineConfig(max_batch=2 if argmax_head == "on" else 1, max_seq_len=8,
+    warm_up(Engine(load_model(path), EngineConfig(max_batch=1, max_seq_len=8,
                                                   prefill_chunk=int(prefill_chunk), threads=int(threads),
                                                   kv_dtype=kv_dtype, lm_head_dtype=lm_head_dtype,
                                                   argmax_head=argmax_head)))

@@ -167,7 +167,8 @@ class RunKind(JobKind):
     def engine_config(cls, job: JobConfig) -> EngineConfig:
         """An argmax lm_head ("auto": where it is faster) when the job's own sampling wants argmax rows (greedy, no
         penalties, bans or logprobs; constrained or not); records that override it take the float32 lm_head.
-        Top-k rows take it only when asked for ("on"): how many candidates they need depends on the model."""
+        Top-k rows take it only when asked for ("on", "bf16", "int8"): how many candidates they need depends on
+        the model."""
         if job.engine.argmax_head == "auto" and not job.sampling.argmax_only:
             return replace(job.engine, argmax_head="off")
         return job.engine
@@ -365,7 +366,7 @@ class RunKind(JobKind):
         together, then kept for the sampler)."""
         if self.engine.argmax_head is None:
             return [p.want_logits for p in parts]
-        top_k = self.engine.config.argmax_head == "on" and self.engine.argmax_head.top_k_pays
+        top_k = self.engine.config.argmax_head != "auto" and self.engine.argmax_head.top_k_pays
         ks = [(1 if p.seq.state.completion.argmax_only else top_k and p.seq.state.completion.top_k_only)
               if p.want_logits else 0 for p in parts]
         self._fill_masks([p.seq for p, k in zip(parts, ks) if k])

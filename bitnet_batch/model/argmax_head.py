@@ -1,14 +1,19 @@
 """The lm_head for logit rows of which only the argmax is wanted (greedy sampling without penalties, bans or
-logprobs; under a constraint, the argmax among the tokens its mask allows): the float32 argmax at the speed of the
-bfloat16 lm_head.
+logprobs; under a constraint, the argmax among the tokens its mask allows): the float32 argmax at the speed of a
+cheaper screen.
 
-The bf16 logits (``jit_kernels.lm_head_bf16``) are within a proven bound of the float32 ones
-(``lm_head_bf16.argmax_bound``), which leaves a few candidates for the maximum (``argmax_candidates``); their
-float32 logits are computed exactly as the whole lm_head would compute them (``embedding.lm_head_entries``), and
-every other entry of the row is -inf. So the row's argmax, first index among equal maxima included, is the float32
-lm_head's: the same greedy tokens, bit for bit. Worth it where ``vdpbf16ps`` runs (AVX512_BF16: Zen 4,
-Sapphire Rapids and later), which does twice the multiply-adds of a float32 FMA: the lm_head of a 32-stream decode
-step of the 2B4T model is ~40% of the step.
+A screen computes approximate logits within a proven bound of the float32 ones, which leaves a few candidates for
+the maximum (``jit_kernels.argmax_screen``); their float32 logits are computed exactly as the whole lm_head would
+compute them (``embedding.lm_head_entries``), and every other entry of the row is -inf. So the row's argmax,
+first index among equal maxima included, is the float32 lm_head's: the same greedy tokens, bit for bit. Screens:
+
+- ``bf16`` (``jit_kernels.lm_head_bf16``): bfloat16 logits, where ``vdpbf16ps`` runs (AVX512_BF16: Zen 4,
+  Sapphire Rapids and later) twice the multiply-adds of a float32 FMA: for engines of several streams, whose
+  lm_head of a 32-stream decode step of the 2B4T model is ~40% of the step.
+- ``int8`` (``jit_kernels.lm_head_int8``): exact integer dots of int8-quantized rows and table, half the F16
+  table's bytes (one-stream decode streams the table from memory: 2B4T, 9.8-11.5 against 15-20 ms) and, with
+  VNNI, twice ``vdpbf16ps``'s multiply-adds; its bound is about twice as wide, so a row has more candidates (a
+  random-weight 2B4T model: ~900 a row against ~35), which one row affords and 32 rows do not.
 """
 from __future__ import annotations
 
@@ -18,25 +23,36 @@ import weakref
 import numba
 import numpy as np
 
+from jit_kernels import argmax_screen
 from jit_kernels import embedding as emb_k
-from jit_kernels import lm_head_bf16
+from jit_kernels import lm_head_bf16, lm_head_int8
 from jit_kernels.buffers import aligned_zeros
 
 from ..sampling.params import TOP_K_ONLY_MAX
 from .gguf import mapped_file_range, release_array_pages
 
-MAX_CANDIDATES = 1024      # per row; more (a nearly flat row) and that row takes the whole float32 lm_head
+SCREENS = ("bf16", "int8")
+# candidates per row beyond which a row takes the whole float32 lm_head instead (~2.5 us a candidate against
+# ~3.5 ms for a row of 32 of the whole lm_head, ~15 ms for one row alone)
+MAX_CANDIDATES = {"bf16": 1024, "int8": 4096}
 TOP_K_TRIAL = 256          # top-k rows after which ``top_k_pays`` judges their candidates per row ...
 TOP_K_CANDIDATES = 200     # ... against this (32 rows of the 2B4T table: ~45 ms saved, ~2.5 us a candidate row)
 
 
-def argmax_head_wanted(setting: str, model) -> bool:
-    """Whether an engine on ``model`` uses the argmax lm_head: ``setting`` (``EngineConfig.argmax_head``, checked
-    there) "auto" (where ``vdpbf16ps`` runs and the table is one the SIMD lm_head takes), "on" (wherever that
-    table is, e.g. to test it) or "off"."""
+def argmax_screen_for(setting: str, max_batch: int, model) -> str | None:
+    """The screen of an engine's argmax lm_head (None: the engine has none). ``setting``
+    (``EngineConfig.argmax_head``): "auto" takes the one that pays here, by the engine's streams: int8 for one
+    (where ``vpdpbusd`` runs), bf16 for several (where ``vdpbf16ps`` runs); "on" the same screen on any CPU
+    where the SIMD lm_head runs (the same tokens, not always faster); "bf16" / "int8" that one; "off" none."""
     if setting == "off" or not emb_k.simd_table(model.weights.output):
-        return False
-    return setting == "on" or lm_head_bf16.has_fast_path()
+        return None
+    if setting in SCREENS:
+        return setting
+    screen = "int8" if max_batch == 1 else "bf16"
+    if setting == "on":
+        return screen
+    fast = lm_head_int8.has_fast_path() if screen == "int8" else lm_head_bf16.has_fast_path()
+    return screen if fast else None
 
 
 class _FileRows:
@@ -67,28 +83,36 @@ class _FileRows:
 
 
 class ArgmaxHead:
-    """Buffers and tables for up to ``max_rows`` argmax rows per step (one engine's). The bf16 table and its row
-    norms (the model's, shared by its engines) are made on the first call (``prepare``): in a job that is the
-    warm-up, after the kernels that make them were compiled or loaded from the cache."""
+    """Buffers and tables for up to ``max_rows`` argmax rows per step (one engine's), through ``screen``. The
+    screen's table (the model's, shared by its engines) is made on the first call (``prepare``): in a job that is
+    the warm-up, after the kernels that make it were compiled or loaded from the cache."""
 
-    def __init__(self, model, max_rows: int):
+    def __init__(self, model, max_rows: int, screen: str = "bf16"):
+        if screen not in SCREENS:
+            raise ValueError(f"argmax lm_head screen must be one of {', '.join(SCREENS)}, got {screen!r}")
         w = model.weights
-        self.model = model
+        self.model, self.screen = model, screen
         self.table, self.kind = w.output, w.output_kind
-        self.bf16 = self.wnorm = None
+        self.bf16 = self.wnorm = self.int8 = None
         mapped = mapped_file_range(self.table)
         self.file_rows = _FileRows(self.table, *mapped) if mapped is not None else None
-        D = self.table.shape[1]
-        Dp = lm_head_bf16.padded_dim(D)
+        V, D = self.table.shape
         n_threads = numba.config.NUMBA_NUM_THREADS
-        self.c = lm_head_bf16.argmax_bound(D)
-        self.xb = aligned_zeros((max_rows, Dp), np.uint16)
-        self.xr = aligned_zeros((max_rows, Dp), np.float32)
-        self.scratch = lm_head_bf16.scratch(n_threads, D)
         self.lm_scratch = emb_k.lm_head_scratch(n_threads, D)
-        self.cand = np.zeros((max_rows, MAX_CANDIDATES), np.int64)
-        self.allowed = np.full((max_rows, -(-self.table.shape[0] // 32)), -1, np.int32)   # all tokens
-        self.ks = np.ones(max_rows, np.int64)                                              # the argmax
+        if screen == "bf16":
+            Dp = lm_head_bf16.padded_dim(D)
+            self.c = lm_head_bf16.argmax_bound(D)
+            self.xb = aligned_zeros((max_rows, Dp), np.uint16)
+            self.xr = aligned_zeros((max_rows, Dp), np.float32)
+            self.scratch = lm_head_bf16.scratch(n_threads, D)
+            self.zeros = np.zeros(V)
+        else:
+            self.xq = aligned_zeros((max_rows, lm_head_int8.padded_dim(D)), np.int8)
+            self.xsum = np.zeros(max_rows, np.int32)
+        self.xscale, self.P, self.Q = np.zeros((3, max_rows))
+        self.cand = np.zeros((max_rows, MAX_CANDIDATES[screen]), np.int64)
+        self.allowed = np.full((max_rows, -(-V // 32)), -1, np.int32)   # all tokens
+        self.ks = np.ones(max_rows, np.int64)                            # the argmax
         self.best = np.zeros((max_rows, TOP_K_ONLY_MAX), np.float64)
         self.counts = np.zeros(max_rows, np.int64)
         self.rows = 0              # argmax rows computed, candidates computed exactly, rows that took the
@@ -98,11 +122,34 @@ class ArgmaxHead:
         self.top_k_candidates = 0
 
     def prepare(self) -> None:
-        """Make (or take the model's) bf16 table and row norms."""
-        if self.bf16 is None:
-            self.bf16 = self.model.bf16_lm_head()
-            self.wnorm = self.model.bf16_row_norms()
+        """Make (or take the model's) screen table."""
+        if self.bf16 is None and self.int8 is None:
+            if self.screen == "bf16":
+                self.bf16 = self.model.bf16_lm_head()
+                self.wnorm = self.model.bf16_row_norms()
+            else:
+                self.int8 = self.model.int8_lm_head()
             release_array_pages(self.table)     # the file's table, should a float32 lm_head have read it since
+
+    def _screen(self, x: np.ndarray, out: np.ndarray, cand, counts, allowed, ks) -> None:
+        """The screen's logits of x and its candidates (``argmax_screen.argmax_candidates``)."""
+        R = x.shape[0]
+        xscale, P, Q = self.xscale[:R], self.P[:R], self.Q[:R]
+        if self.screen == "bf16":
+            xb, xr = self.xb[:R], self.xr[:R]
+            lm_head_bf16.round_rows(x, xb, xr)
+            lm_head_bf16.lm_head_bf16(xb, xr, self.bf16, self.scratch, out)
+            xnorm = np.sqrt(np.einsum("rd,rd->r", x, x, dtype=np.float64)) * (1.0 + 1e-12)
+            xscale[:], P[:], Q[:] = 1.0, 0.0, self.c * xnorm
+            argmax_screen.argmax_candidates(out, xscale, self.zeros[:0], P, self.zeros, Q, self.wnorm, cand, counts,
+                                            allowed, ks, self.best, out)
+        else:
+            t = self.int8
+            xq, xsum, dots = self.xq[:R], self.xsum[:R], out[:R].view(np.int32)
+            lm_head_int8.quantize_rows(x, xq, xsum, xscale, P, Q)
+            lm_head_int8.lm_head_int8(xq, xsum, t.codes, dots)
+            argmax_screen.argmax_candidates(dots, xscale, t.scale, P, t.enorm, Q, t.wnorm, cand, counts, allowed,
+                                            ks, self.best, out)
 
     def __call__(self, x: np.ndarray, out: np.ndarray, masks=None, ks=None) -> None:
         """out[:R] <- for each row of x (float32 [R, D]), its float32 logits at the candidates for its maximum (or
@@ -116,16 +163,13 @@ class ArgmaxHead:
             mask = None if masks is None else masks[r]
             allowed[r] = -1 if mask is None else mask
             kk[r] = 1 if ks is None else ks[r]
-        xb, xr, counts, cand = self.xb[:R], self.xr[:R], self.counts[:R], self.cand[:R]
-        lm_head_bf16.round_rows(x, xb, xr)
-        lm_head_bf16.lm_head_bf16(xb, xr, self.bf16, self.scratch, out)
-        xnorm = np.sqrt(np.einsum("rd,rd->r", x, x, dtype=np.float64)) * (1.0 + 1e-12)
-        lm_head_bf16.argmax_candidates(out, xnorm, self.wnorm, self.c, cand, counts, allowed, kk, self.best)
+        counts, cand = self.counts[:R], self.cand[:R]
+        self._screen(x, out, cand, counts, allowed, kk)
         for r in np.flatnonzero(counts < 0):
             emb_k.lm_head(x[r:r + 1], self.table, self.kind, self.lm_scratch, out[r:r + 1])
         n = np.maximum(counts, 0)
         rows = np.repeat(np.arange(R, dtype=np.int64), n)
-        cols = cand[np.arange(MAX_CANDIDATES)[None, :] < n[:, None]]
+        cols = cand[np.arange(cand.shape[1])[None, :] < n[:, None]]
         if self.file_rows is None:
             emb_k.lm_head_entries(x, self.table, self.kind, rows, cols, out)
         else:
@@ -137,7 +181,7 @@ class ArgmaxHead:
         self.full_rows += int((counts < 0).sum())
         top = kk > 1
         self.top_k_rows += int(top.sum())
-        self.top_k_candidates += int(np.where(counts < 0, MAX_CANDIDATES, n)[top].sum())
+        self.top_k_candidates += int(np.where(counts < 0, cand.shape[1], n)[top].sum())
 
     @property
     def top_k_pays(self) -> bool:

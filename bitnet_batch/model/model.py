@@ -8,6 +8,7 @@ import ctypes
 import hashlib
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -19,6 +20,14 @@ from .gguf import GGUFFile, release_array_pages
 from .hf import Checkpoint
 from .hub import resolve_model_path
 from .weights import Weights, load_weights
+
+
+class Int8Table(NamedTuple):
+    """The lm_head table as the argmax lm_head's int8 screen reads it (``jit_kernels.lm_head_int8``)."""
+    codes: np.ndarray       # uint8 [V, D padded to 64]: q + 128
+    scale: np.ndarray       # float64 [V]: s, the row's quantization step
+    enorm: np.ndarray       # float64 [V]: >= ||w - s q||
+    wnorm: np.ndarray       # float64 [V]: >= ||w||
 
 
 class Model:
@@ -37,6 +46,7 @@ class Model:
         self._engine = None
         self._bf16_lm_head = None
         self._bf16_row_norms = None
+        self._int8_lm_head = None
 
     @property
     def tokenizer(self):
@@ -71,28 +81,52 @@ class Model:
 
     def bf16_lm_head(self) -> np.ndarray:
         """The lm_head table rounded to bfloat16 (uint16 [V, D padded to 32], ``jit_kernels.lm_head_bf16``), built
-        once per model for the engines with ``lm_head_dtype="bf16"``. The file's table leaves this process's
-        resident pages as the copy is made, in slices (a tied table's rows fault back in as the embedding lookup
-        reads them), so the two never count twice."""
+        once per model for the engines with ``lm_head_dtype="bf16"`` and the argmax lm_head's bf16 screen."""
         if self._bf16_lm_head is None:
             from jit_kernels import lm_head_bf16
             from jit_kernels.buffers import aligned_empty
 
-            w = self.weights
-            V, D = w.output.shape
+            V, D = self.weights.output.shape
             table = aligned_empty((V, lm_head_bf16.padded_dim(D)), np.uint16)
-            rows = max(1, (64 << 20) // (D * w.output.itemsize))          # 64 MB of the file's table at a time
-            for lo in range(0, V, rows):
-                part = w.output[lo:lo + rows]
-                lm_head_bf16.bf16_table(part, w.output_kind, table[lo:lo + rows])
-                release_array_pages(part)           # a no-op for a table in memory (dequantized, converted)
+            self._copy_table(lambda part, lo: lm_head_bf16.bf16_table(part, self.weights.output_kind,
+                                                                      table[lo:lo + len(part)]))
             self._bf16_lm_head = table
         return self._bf16_lm_head
 
-    def drop_bf16_tables(self) -> None:
-        """Forget ``bf16_lm_head`` and ``bf16_row_norms`` (their memory goes with the last engine that holds them):
-        the bench measures each batch size as a job of that size, which may not use them."""
-        self._bf16_lm_head = self._bf16_row_norms = None
+    def int8_lm_head(self) -> "Int8Table":
+        """The lm_head table quantized to int8 per row with its bounds (``jit_kernels.lm_head_int8.int8_table``),
+        built once per model for the argmax lm_head's int8 screen."""
+        if self._int8_lm_head is None:
+            from jit_kernels import lm_head_int8
+            from jit_kernels.buffers import aligned_empty
+
+            V, D = self.weights.output.shape
+            t = Int8Table(aligned_empty((V, lm_head_int8.padded_dim(D)), np.uint8), *np.empty((3, V)))
+            self._copy_table(lambda part, lo: lm_head_int8.int8_table(
+                part, self.weights.output_kind, *(a[lo:lo + len(part)] for a in t)))
+            self._int8_lm_head = t
+        return self._int8_lm_head
+
+    def _copy_table(self, convert) -> None:
+        """convert(part, first_row) over the lm_head table in slices of 64 MB. The file's table leaves this
+        process's resident pages as the copy is made (a tied table's rows fault back in as the embedding lookup
+        reads them), so the two never count twice."""
+        w = self.weights
+        V, D = w.output.shape
+        rows = max(1, (64 << 20) // (D * w.output.itemsize))
+        for lo in range(0, V, rows):
+            part = w.output[lo:lo + rows]
+            convert(part, lo)
+            release_array_pages(part)           # a no-op for a table in memory (dequantized, converted)
+
+    def drop_lm_head_copies(self, keep: str | None = None) -> None:
+        """Forget ``bf16_lm_head`` and ``bf16_row_norms`` (unless ``keep`` is "bf16") and ``int8_lm_head`` (unless it
+        is "int8"); their memory goes with the last engine that holds them: the bench measures each batch size as
+        a job of that size, which may use another copy or none."""
+        if keep != "bf16":
+            self._bf16_lm_head = self._bf16_row_norms = None
+        if keep != "int8":
+            self._int8_lm_head = None
 
     def bf16_row_norms(self) -> np.ndarray:
         """Upper bounds of the lm_head table's row norms (float64 [V], ``lm_head_bf16.row_norm_bounds``), from

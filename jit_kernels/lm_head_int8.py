@@ -1,0 +1,272 @@
+"""The int8 screen of the argmax lm_head: exact integer dots of int8-quantized logit rows with an int8-quantized copy
+of the lm_head table, half the bytes of the F16 table and, with AVX-512 VNNI, twice the multiply-adds per
+instruction of ``vdpbf16ps``.
+
+Each table row w (its exact float32 values) is stored as q = rint(w / s) in [-127, 127] with s = max|w| / 127
+(float64), as the bytes q + 128, with three float64 bounds per row: the scale s, E >= ||w - s q|| and W >= ||w||.
+A logit row x (float32) is quantized the same way per row (sx, qx). Then, exactly,
+
+    x . w = sx s (qx . q) + sx (qx . (w - s q)) + (x - sx qx) . w
+
+so the screen's logit A = sx s (qx . q) (an exact integer dot, scaled in float64) is within
+sx ||qx|| E + ||x - sx qx|| W of x . w (Cauchy-Schwarz), and the float32 lm_head's logit within gamma_n ||x|| W
+more (float32 sums of n products, ``f32_sum_bound``): eps = P E + Q W with P = sx ||qx|| and
+Q = ||x - sx qx|| + gamma_n ||x|| per logit row (``quantize_rows``). ``argmax_screen.argmax_candidates`` takes it
+from there. The bound uses the actual quantization residuals, so it is tight where the rows' values are spread
+evenly and loose where a few outliers set the scales.
+
+Paths (exact integers: every path gives the same dots): ``avx512`` LLVM-IR tiles with ``vpdpbusd`` (the table's
+unsigned bytes times the row's signed ones, 64 per instruction; 6 vocabulary x 4 token rows, 8 x 1 prefetching
+ahead for one-stream decode), the offset 128 taken off with the row's sum; other families a plain loop (correct,
+not fast: the screen is chosen only where VNNI runs, ``has_fast_path``).
+"""
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.core.extending import intrinsic
+
+from ._config import JIT_EXACT, JIT_EXACT_PARALLEL
+from ._cpu import AVAILABLE, FAMILIES, KERNEL
+from ._ir import I32, Emit, const64
+from .embedding import BF16, F16, F32, LM_PREFETCH, VOCAB_TASK, _widen_row
+
+CHUNK = 64            # bytes per vpdpbusd operand: D is padded to a multiple of it
+OFFSET = 128          # table bytes are q + OFFSET (vpdpbusd's unsigned operand)
+QMAX = 127
+_REL = 1e-12          # float64 rounding in the norms and scales (relative, far above the ~D 2^-53 it covers)
+
+
+def padded_dim(D: int) -> int:
+    """D rounded up to a multiple of CHUNK: the width of the int8 table and rows (padding: q = 0)."""
+    return -(-D // CHUNK) * CHUNK
+
+
+def has_fast_path(kernel=None) -> bool:
+    """Whether ``lm_head_int8`` takes the ``vpdpbusd`` tiles here (the ``avx512`` family)."""
+    return (KERNEL if kernel is None else kernel) == "avx512"
+
+
+def f32_sum_bound(D: int) -> float:
+    """gamma_n for the float32 lm_head's logit of width D: |R - x . w| <= gamma_n sum |x_i w_i| <= gamma_n ||x||
+    ||w||, n = D rounded up to 32 (every product and sum of a lane chain and of the lane sum rounds at most once
+    per element; unit roundoff 2^-24), with the same 1.001 margin as ``lm_head_bf16.argmax_bound``."""
+    n = -(-D // 32) * 32
+    return n * 2.0 ** -24 / (1 - n * 2.0 ** -24) * 1.001
+
+
+# ---- the table ---------------------------------------------------------------------------------------------
+
+def int8_table(table, kind, codes, scale, enorm, wnorm):
+    """codes[v] (uint8 [V, padded_dim(D)]) <- q + OFFSET for table row v (``kind`` from ``embedding``: F16 / BF16
+    bits as uint16, or float32), scale[v] <- s, enorm[v] >= ||w - s q||, wnorm[v] >= ||w|| (float64 [V]; module
+    docstring). A row of zeros has s = 0; a row with a value that is not finite has s = NaN and infinite norms,
+    so every logit row falls back to the float32 lm_head."""
+    V, D = table.shape
+    Dp = padded_dim(D)
+    if codes.shape != (V, Dp) or codes.dtype != np.uint8 or not codes.flags.c_contiguous:
+        raise ValueError(f"int8_table: codes {codes.shape} {codes.dtype} must be C-contiguous uint8 {(V, Dp)}")
+    if any(a.shape != (V,) or a.dtype != np.float64 for a in (scale, enorm, wnorm)):
+        raise ValueError(f"int8_table: scale, enorm and wnorm must be float64 [{V}]")
+    if table.dtype != (np.float32 if kind == F32 else np.uint16) or kind not in (F32, F16, BF16):
+        raise TypeError(f"int8_table: table dtype {table.dtype} does not match kind {kind}")
+    _int8_table(table, kind, codes, scale, enorm, wnorm)
+
+
+@njit(**JIT_EXACT)
+def _quantize(w, q, lo):
+    """q[:len(w)] <- rint(w / s) + lo (as the integer type of q), s = max|w| / QMAX; q[len(w):] <- lo. Returns
+    (s, ||w - s (q - lo)||, ||w||, ||q - lo||), the norms rounded up to cover float64 rounding; s NaN and
+    infinite norms when w holds a value that is not finite."""
+    D = w.shape[0]
+    amax = 0.0
+    for d in range(D):
+        amax = max(amax, abs(np.float64(w[d])))
+    q[:] = lo
+    if not np.isfinite(amax):
+        return np.nan, np.inf, np.inf, np.inf
+    if amax == 0.0:
+        return 0.0, 0.0, 0.0, 0.0
+    s = amax / QMAX
+    e2 = w2 = q2 = 0.0
+    for d in range(D):
+        v = np.float64(w[d])
+        k = min(max(np.rint(v / s), -QMAX), QMAX)
+        q[d] = k + lo
+        r = v - s * k
+        e2 += r * r
+        w2 += v * v
+        q2 += k * k
+    # each r is v - s k rounded once (|error| <= 2^-53 |s k| <= 2^-53 amax): the absolute term covers D of them
+    slack = np.sqrt(np.float64(D)) * amax * 2.0 ** -50
+    return s, np.sqrt(e2) * (1 + _REL) + slack, np.sqrt(w2) * (1 + _REL), np.sqrt(q2) * (1 + _REL)
+
+
+@njit(**JIT_EXACT_PARALLEL)
+def _int8_table(table, kind, codes, scale, enorm, wnorm):
+    V, D = table.shape
+    for task in prange((V + VOCAB_TASK - 1) // VOCAB_TASK):
+        row = np.empty(D, np.float32)
+        for v in range(task * VOCAB_TASK, min(V, (task + 1) * VOCAB_TASK)):
+            if kind == F32:
+                row[:] = table[v]
+            else:
+                _widen_row(table[v], kind, row)
+            scale[v], enorm[v], wnorm[v], _ = _quantize(row, codes[v], OFFSET)
+
+
+# ---- the logit rows -----------------------------------------------------------------------------------------
+
+def quantize_rows(x, xq, xsum, xscale, P, Q):
+    """For each row r of x (float32 [R, D]): xq[r] (int8 [>= R, padded_dim(D)]) <- its int8 values (padding 0),
+    xsum[r] (int32) <- their sum, xscale[r] <- sx, P[r] >= sx ||qx||, Q[r] >= ||x - sx qx|| + gamma_n ||x|| (float64
+    [>= R]; module docstring). A row with a value that is not finite gets NaN bounds."""
+    R, D = x.shape
+    if x.dtype != np.float32 or xq.dtype != np.int8 or xq.shape[0] < R or xq.shape[1] != padded_dim(D) \
+            or not xq.flags.c_contiguous or xsum.dtype != np.int32 or xsum.shape[0] < R \
+            or any(a.dtype != np.float64 or a.shape[0] < R for a in (xscale, P, Q)):
+        raise ValueError(f"quantize_rows: x {x.shape} {x.dtype}, xq {xq.shape} {xq.dtype}, xsum {xsum.shape} "
+                         f"{xsum.dtype}, xscale {xscale.shape}, P {P.shape}, Q {Q.shape} do not match")
+    _quantize_rows(x, xq, xsum, xscale, P, Q, f32_sum_bound(D))
+
+
+@njit(**JIT_EXACT)
+def _quantize_rows(x, xq, xsum, xscale, P, Q, gamma):
+    for r in range(x.shape[0]):
+        s, e, n, qn = _quantize(x[r], xq[r], 0)
+        xscale[r] = s
+        P[r] = s * qn * (1 + _REL)
+        Q[r] = (e + gamma * n) * (1 + _REL)
+        t = 0
+        for d in range(x.shape[1]):
+            t += np.int32(xq[r, d])
+        xsum[r] = t
+        if not np.isfinite(s):
+            P[r] = Q[r] = np.nan
+
+
+# ---- the dots -----------------------------------------------------------------------------------------------
+
+def lm_head_int8(xq, xsum, codes, out, kernel=None):
+    """out[r, v] (int32 [>= R, V]) <- sum_d (codes[v, d] - OFFSET) xq[r, d] for r < R = len(xq): exact (|dot| <=
+    Dp 127 127 < 2^31 for any width a model has). xq, xsum from ``quantize_rows``; codes from ``int8_table``."""
+    R, Dp = xq.shape
+    V = codes.shape[0]
+    if Dp % CHUNK or codes.shape[1] != Dp or out.shape[0] < R or out.shape[1] != V or xq.dtype != np.int8 \
+            or codes.dtype != np.uint8 or out.dtype != np.int32 or xsum.dtype != np.int32 or xsum.shape[0] < R \
+            or not (xq.flags.c_contiguous and codes.flags.c_contiguous) or Dp * QMAX * QMAX >= 2 ** 31:
+        raise ValueError(f"lm_head_int8: xq {xq.shape} {xq.dtype}, codes {codes.shape} {codes.dtype}, out "
+                         f"{out.shape} {out.dtype}, xsum {xsum.shape} {xsum.dtype} do not match")
+    kernel = KERNEL if kernel is None else kernel
+    if kernel not in FAMILIES:
+        raise ValueError(f"lm_head_int8: kernel must be one of {', '.join(FAMILIES)}, got {kernel!r}")
+    if kernel not in AVAILABLE:
+        raise ValueError(f"lm_head_int8: kernel {kernel!r} does not run on this CPU (it runs "
+                         f"{', '.join(AVAILABLE)})")
+    if R == 0:
+        return
+    if has_fast_path(kernel):
+        _lm_head_tiles(xq, xsum, codes, out)
+    else:
+        _lm_head_plain(xq, xsum, codes, out)
+
+
+@njit(**JIT_EXACT_PARALLEL)
+def _lm_head_plain(xq, xsum, codes, out):
+    R, Dp = xq.shape
+    V = codes.shape[0]
+    for task in prange((V + VOCAB_TASK - 1) // VOCAB_TASK):
+        for v in range(task * VOCAB_TASK, min(V, (task + 1) * VOCAB_TASK)):
+            w = codes[v]
+            for t in range(R):
+                x = xq[t]
+                acc = np.int32(0)
+                for d in range(Dp):
+                    acc += np.int32(w[d]) * np.int32(x[d])
+                out[t, v] = acc - np.int32(OFFSET) * xsum[t]
+
+
+_V16I32 = ir.VectorType(I32, 16)
+
+
+def _emit_tile(e, context, sig, args, RV, C, prefetch):
+    """IR: out[t0 + c, v0 + r] for r < RV, c < C: 16 int32 lanes per (r, c), one ``vpdpbusd`` per 64-byte chunk
+    (table bytes unsigned, row bytes signed), then the lane sum less OFFSET * xsum[t0 + c]."""
+    b = e.b
+    codes_t, x_t, xsum_t, out_t = sig.args[0], sig.args[1], sig.args[2], sig.args[5]
+    codes, x, xsum, v0, t0, out = args
+    tp, tstride, _ = e.data_address(context, codes_t, codes, v0)
+    xp, xstride, xshape = e.data_address(context, x_t, x, t0)
+    dp = e.declare("llvm.x86.avx512.vpdpbusd.512", _V16I32, [_V16I32] * 3)
+    total = e.declare("llvm.vector.reduce.add.v16i32", I32, [_V16I32])
+    acc = [[cgutils.alloca_once_value(b, ir.Constant(_V16I32, None)) for _ in range(C)] for _ in range(RV)]
+    with cgutils.for_range_slice(b, const64(0), xshape[1], const64(CHUNK)) as (d, _):
+        if prefetch:
+            for r in range(RV):
+                e.prefetch_read(e.addr(tp, tstride, r, d, prefetch))
+        w = [e.load(e.addr(tp, tstride, r, d), _V16I32) for r in range(RV)]
+        for c in range(C):
+            xv = e.load(e.addr(xp, xstride, c, d), _V16I32)
+            for r in range(RV):
+                b.store(b.call(dp, [b.load(acc[r][c]), w[r], xv]), acc[r][c])
+    ary = context.make_array(out_t)(context, b, out)
+    sums = context.make_array(xsum_t)(context, b, xsum)
+    for c in range(C):
+        t = b.add(t0, const64(c))
+        s = b.load(cgutils.get_item_pointer(context, b, xsum_t, sums, [t], wraparound=False))
+        offset = b.mul(s, ir.Constant(I32, OFFSET))
+        for r in range(RV):
+            ptr = cgutils.get_item_pointer(context, b, out_t, ary, [t, b.add(v0, const64(r))], wraparound=False)
+            b.store(b.sub(b.call(total, [b.load(acc[r][c])]), offset), ptr)
+
+
+def _tile(RV, C, prefetch=0):
+    """An intrinsic ``(codes, xq, xsum, v0, t0, out)``: vocabulary rows [v0, v0 + RV) against token rows
+    [t0, t0 + C)."""
+    @intrinsic
+    def tile(typingctx, codes, xq, xsum, v0, t0, out):
+        if not (all(isinstance(a, types.Array) for a in (codes, xq, xsum, out)) and codes.dtype == types.uint8
+                and xq.dtype == types.int8 and xsum.dtype == types.int32 and out.dtype == types.int32):
+            return None
+        sig = types.void(codes, xq, xsum, types.intp, types.intp, out)
+
+        def codegen(context, builder, sig, args):
+            _emit_tile(Emit(builder), context, sig, args, RV, C, prefetch)
+            return context.get_dummy_value()
+        return sig, codegen
+    return tile
+
+
+# one token row streams the table (memory bound): 8 rows a tile, each prefetched LM_PREFETCH bytes ahead (8 x 1,
+# 2B4T table, 2 threads, AMD Zen 4: 9.8-10.2 ms at 48-96 KB, 11.5 ms with none)
+_n64, _n14, _n81, _n11 = _tile(6, 4), _tile(1, 4), _tile(8, 1, LM_PREFETCH), _tile(1, 1, LM_PREFETCH)
+
+
+@njit(**JIT_EXACT_PARALLEL)
+def _lm_head_tiles(xq, xsum, codes, out):
+    """``lm_head_bf16._lm_head_tiles``' task split: a task's vocabulary rows stay in L2 while 4 token rows at a
+    time pass (6 vocabulary rows a tile: 24 zmm accumulators); the last R % 4 rows stream 8 at a time."""
+    R = xq.shape[0]
+    V = codes.shape[0]
+    for task in prange((V + VOCAB_TASK - 1) // VOCAB_TASK):
+        v_lo = task * VOCAB_TASK
+        v_hi = min(V, v_lo + VOCAB_TASK)
+        t = 0
+        while t + 4 <= R:
+            v = v_lo
+            while v + 6 <= v_hi:
+                _n64(codes, xq, xsum, v, t, out)
+                v += 6
+            while v < v_hi:
+                _n14(codes, xq, xsum, v, t, out)
+                v += 1
+            t += 4
+        while t < R:
+            v = v_lo
+            while v + 8 <= v_hi:
+                _n81(codes, xq, xsum, v, t, out)
+                v += 8
+            while v < v_hi:
+                _n11(codes, xq, xsum, v, t, out)
+                v += 1
+            t += 1
