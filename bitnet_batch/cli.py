@@ -382,15 +382,19 @@ def inspect(model, model_file, as_json):
         info = describe(model, filename=model_file)
     except (BitnetBatchError, OSError) as e:
         _fail(e)
+    from jit_kernels import lm_head_bf16, lm_head_int8
     from jit_kernels._cpu import AVAILABLE, KERNEL          # the kernel family a job would run here
-    from jit_kernels.lm_head_bf16 import has_fast_path
 
-    fast = has_fast_path()                                  # whether --lm-head-dtype bf16 pays here
+    fast = lm_head_bf16.has_fast_path()                     # whether --lm-head-dtype bf16 pays here
     bf16 = ("vdpbf16ps, faster for many streams" if fast else
             "same results, no faster here (vdpbf16ps: the avx512 kernels on an AVX512_BF16 CPU)")
-    click.echo(json.dumps(dict(info, kernel=KERNEL, lm_head_bf16_fast=fast), indent=2) if as_json else
+    # the argmax lm_head's screens that --argmax-head auto takes for greedy rows (model/argmax_head.py)
+    screens = {"one_stream": "int8" if lm_head_int8.has_fast_path() else "off", "several": "bf16" if fast else "off"}
+    click.echo(json.dumps(dict(info, kernel=KERNEL, lm_head_bf16_fast=fast, argmax_head_auto=screens), indent=2)
+               if as_json else
                f"{format_description(info)}\nkernels   {KERNEL} (this CPU runs {', '.join(AVAILABLE)}); "
-               f"--lm-head-dtype bf16: {bf16}")
+               f"--lm-head-dtype bf16: {bf16}; greedy rows (--argmax-head auto): {screens['one_stream']} screen "
+               f"for one stream, {screens['several']} for several")
 
 
 @main.command()
