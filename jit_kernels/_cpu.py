@@ -64,6 +64,18 @@ HAS_AVX512_BF16 = HAS_AVX512 and "+avx512bf16" in _FEATURES
 KERNEL = select_kernel(os.environ.get(KERNEL_ENV, "auto"), AVAILABLE, all(f in _FEATURES for f in AMX_FEATURES))
 
 
+def check_kernel(name: str, kernel: str) -> str:
+    """``kernel``, the family a kernel wrapper called ``name`` is to run (its module's ``KERNEL`` unless the caller
+    named one: tests set that attribute to run another family), if this build has it and this CPU runs it; a
+    ValueError naming the wrapper otherwise."""
+    if kernel not in FAMILIES:
+        raise ValueError(f"{name}: kernel must be one of {', '.join(FAMILIES)}, got {kernel!r}")
+    if kernel not in AVAILABLE:
+        raise ValueError(f"{name}: kernel {kernel!r} needs a CPU with {'/'.join(f[1:].upper() for f in NEEDS[kernel])} "
+                         f"and the JIT (this one runs {', '.join(AVAILABLE)})")
+    return kernel
+
+
 def available_kernels() -> tuple:
     """Kernels that can run here, fastest first (tests run each of them against the numpy twin)."""
     return AVAILABLE

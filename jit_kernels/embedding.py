@@ -14,7 +14,7 @@ from numba.core.extending import intrinsic
 
 from ._bounds import in_range
 from ._config import JIT, JIT_EXACT_PARALLEL, JIT_PARALLEL
-from ._cpu import AVAILABLE, FAMILIES, KERNEL
+from ._cpu import AVAILABLE, KERNEL, check_kernel
 from ._ir import I16, I32, Emit, const64
 from .buffers import aligned_zeros
 
@@ -120,11 +120,7 @@ def lm_head(x, table, kind, scratch, out, kernel=None):
         raise TypeError(f"lm_head: table dtype {table.dtype} does not match kind {kind}")
     if R == 0:
         return
-    kernel = KERNEL if kernel is None else kernel
-    if kernel not in FAMILIES:
-        raise ValueError(f"lm_head: kernel must be one of {', '.join(FAMILIES)}, got {kernel!r}")
-    if kernel not in AVAILABLE:
-        raise ValueError(f"lm_head: kernel {kernel!r} does not run on this CPU (it runs {', '.join(AVAILABLE)})")
+    kernel = check_kernel("lm_head", KERNEL if kernel is None else kernel)
     if simd_table(table, kernel) and x.strides[1] == 4:
         _lm_head_avx2(x, table, kind, out, kernel == "avx512")
     else:

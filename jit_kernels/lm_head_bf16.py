@@ -31,7 +31,7 @@ from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 from ._config import JIT_EXACT, JIT_EXACT_PARALLEL, JIT_PARALLEL
-from ._cpu import AVAILABLE, FAMILIES, HAS_AVX512_BF16, KERNEL
+from ._cpu import HAS_AVX512_BF16, KERNEL, check_kernel
 from ._ir import I16, I32, Emit, const64
 from .embedding import BF16, F16, F32, LM_PREFETCH, VOCAB_TASK, _widen_row
 
@@ -140,12 +140,7 @@ def lm_head_bf16(xb, xr, table, scratch_, out, kernel=None):
                                                and table.flags.c_contiguous):
         raise ValueError(f"lm_head_bf16: xb {xb.shape} {xb.dtype}, xr {xr.shape}, table {table.shape} "
                          f"{table.dtype}, out {out.shape} {out.dtype} do not match")
-    kernel = KERNEL if kernel is None else kernel
-    if kernel not in FAMILIES:
-        raise ValueError(f"lm_head_bf16: kernel must be one of {', '.join(FAMILIES)}, got {kernel!r}")
-    if kernel not in AVAILABLE:
-        raise ValueError(f"lm_head_bf16: kernel {kernel!r} does not run on this CPU (it runs "
-                         f"{', '.join(AVAILABLE)})")
+    kernel = check_kernel("lm_head_bf16", KERNEL if kernel is None else kernel)
     if R == 0:
         return
     if kernel != "portable":

@@ -27,7 +27,7 @@ from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 from ._config import JIT_EXACT, JIT_EXACT_PARALLEL
-from ._cpu import AVAILABLE, FAMILIES, KERNEL
+from ._cpu import KERNEL, check_kernel
 from ._ir import I32, Emit, const64
 from .embedding import BF16, F16, F32, LM_PREFETCH, VOCAB_TASK, _widen_row
 
@@ -157,12 +157,7 @@ def lm_head_int8(xq, xsum, codes, out, kernel=None):
             or not (xq.flags.c_contiguous and codes.flags.c_contiguous) or Dp * QMAX * QMAX >= 2 ** 31:
         raise ValueError(f"lm_head_int8: xq {xq.shape} {xq.dtype}, codes {codes.shape} {codes.dtype}, out "
                          f"{out.shape} {out.dtype}, xsum {xsum.shape} {xsum.dtype} do not match")
-    kernel = KERNEL if kernel is None else kernel
-    if kernel not in FAMILIES:
-        raise ValueError(f"lm_head_int8: kernel must be one of {', '.join(FAMILIES)}, got {kernel!r}")
-    if kernel not in AVAILABLE:
-        raise ValueError(f"lm_head_int8: kernel {kernel!r} does not run on this CPU (it runs "
-                         f"{', '.join(AVAILABLE)})")
+    kernel = check_kernel("lm_head_int8", KERNEL if kernel is None else kernel)
     if R == 0:
         return
     if has_fast_path(kernel):

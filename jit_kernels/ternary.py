@@ -67,7 +67,7 @@ from numba.core import cgutils
 from numba.core.extending import intrinsic, register_jitable
 
 from ._config import JIT, JIT_EXACT, JIT_EXACT_PARALLEL, JIT_PARALLEL, serial
-from ._cpu import AVAILABLE, FAMILIES, KERNEL, NEEDS
+from ._cpu import KERNEL, check_kernel
 from ._ir import I8, I16, I32, I64, Emit
 from .bits import F64_ABS_MASK, f64_bits, f64_from_bits
 from .norms import inv_rms
@@ -221,12 +221,7 @@ def ternary_matmul(xq, xscale, xsum, packed, wscale, out, kernel=None):
         raise ValueError("ternary_matmul: the rows of xq and out must be contiguous (unit element stride)")
     if not packed.flags.c_contiguous:
         raise ValueError("ternary_matmul: packed must be C-contiguous (its row groups are runs of bytes)")
-    kernel = KERNEL if kernel is None else kernel
-    if kernel not in FAMILIES:
-        raise ValueError(f"ternary_matmul: kernel must be one of {', '.join(FAMILIES)}, got {kernel!r}")
-    if kernel not in AVAILABLE:
-        needs = "/".join(f[1:].upper() for f in NEEDS[kernel])
-        raise ValueError(f"ternary_matmul: kernel {kernel!r} needs a CPU with {needs} and the JIT")
+    kernel = check_kernel("ternary_matmul", KERNEL if kernel is None else kernel)
     if kernel == "avx512":
         _matmul_avx512(xq, xscale, xsum, packed, wscale, out)
     elif kernel == "avx2":
