@@ -42,7 +42,6 @@ from .engine.engine import Engine, EngineConfig
 from .engine.warmup import COMPILE_NOTICE, engine_kernels_cold, warm_up
 from .errors import ConfigError
 from .jobs.common import peak_rss_mb
-from .model.argmax_head import argmax_screen_for
 from .model.model import load_model, release_free_heap
 
 
@@ -140,17 +139,14 @@ def run_bench(model_ref, batch_sizes=(1, 8, 32), prompt_tokens=64, gen_tokens=64
     model = load_model(model_ref, filename=model_file)
     load_s = time.perf_counter() - t0
     rss_load = peak_rss_mb()
-    # the argmax lm_head's screen of each batch size (greedy rows): one warm-up per screen, so that each one's
-    # kernels are compiled before anything is timed
-    screens = {b: None if lm_head_dtype == "bf16" else argmax_screen_for(argmax_head, b, model) for b in batch_sizes}
-    compile_s = 0.0
-    for b in sorted({s: b for b, s in screens.items()}.values(), reverse=True):
-        engine = Engine(model, EngineConfig(max_batch=b, max_seq_len=8, prefill_chunk=prefill_chunk, threads=threads,
-                                            kv_dtype=kv_dtype, lm_head_dtype=lm_head_dtype, argmax_head=argmax_head))
-        if engine_kernels_cold(engine):
-            log(f"{COMPILE_NOTICE} ...")
-        compile_s += warm_up(engine)
-        del engine
+    engine = Engine(model, EngineConfig(max_batch=max(batch_sizes), max_seq_len=8, prefill_chunk=prefill_chunk,
+                                        threads=threads, kv_dtype=kv_dtype, lm_head_dtype=lm_head_dtype,
+                                        argmax_head=argmax_head))
+    if engine_kernels_cold(engine):
+        log(f"{COMPILE_NOTICE} ...")
+    compile_s = warm_up(engine)
+    screen = None if engine.argmax_head is None else engine.argmax_head.screen     # of greedy rows
+    del engine
     import numba
     from jit_kernels._cpu import KERNEL
 
@@ -158,17 +154,14 @@ def run_bench(model_ref, batch_sizes=(1, 8, 32), prompt_tokens=64, gen_tokens=64
            "n_embd": model.config.n_embd, "kernel": KERNEL, "threads": numba.get_num_threads(),
            "threading_layer": numba.threading_layer(), "load_s": round(load_s, 3),
            "rss_after_load_mb": round(rss_load, 1), "compile_s": round(compile_s, 3), "kv_dtype": kv_dtype,
-           "lm_head_dtype": lm_head_dtype, "argmax_head": {str(b): s or "off" for b, s in screens.items()},
+           "lm_head_dtype": lm_head_dtype, "argmax_head": screen or "off",
            "prefill_chunk": prefill_chunk, "repeat": repeat, "peak_rss_scope": "run", "results": []}
-    heads = ", ".join(f"{b}: {s}" for b, s in screens.items() if s)
     log(f"model {model.path.name}: load {load_s:.2f}s (RSS {rss_load:.0f} MB), compile {compile_s:.2f}s, "
         f"{out['threads']} threads, KV {kv_dtype}, lm_head {lm_head_dtype}"
-        f"{f' (greedy rows: argmax lm_head, screen by batch size {heads})' if heads else ''}, kernels {KERNEL}")
+        f"{f' (greedy rows: argmax lm_head, {screen} screen)' if screen else ''}, kernels {KERNEL}")
     for b in batch_sizes:
         runs = []
         for _ in range(repeat):
-            # a copy of the lm_head table made for another batch size (another screen) is not this one's
-            model.drop_lm_head_copies("bf16" if lm_head_dtype == "bf16" else screens[b])
             if not fresh_peak_rss():
                 out["peak_rss_scope"] = "process"
             runs.append(bench_batch(model, b, prompt_tokens, gen_tokens, prefill_chunk=prefill_chunk,

@@ -252,16 +252,15 @@ def test_engine_argmax_rows(model, screen):
 
 
 def test_which_screen_an_engine_takes(model):
-    """"auto": int8 for one stream where vpdpbusd runs, bf16 for several where vdpbf16ps does; "on" the same screens
-    on any SIMD family; a screen by name for any engine; none for "off" or the opt-in bf16 lm_head."""
+    """"auto": int8 where vpdpbusd runs, whatever the streams; "on" int8 on any SIMD family; a screen by name for
+    any engine; none for "off" or with the opt-in bf16 lm_head."""
     def screen(setting, batch, **kw):
         head = Engine(model, EngineConfig(max_batch=batch, max_seq_len=16, argmax_head=setting, **kw)).argmax_head
         return None if head is None else head.screen
-    assert screen("auto", 1) == ("int8" if I.has_fast_path() else None)
-    assert screen("auto", 4) == ("bf16" if L.has_fast_path() else None)
-    assert (screen("on", 1), screen("on", 4), screen("int8", 4), screen("bf16", 1)) == ("int8", "bf16", "int8", "bf16")
+    auto = "int8" if I.has_fast_path() else None
+    assert screen("auto", 1) == screen("auto", 4) == auto
+    assert (screen("on", 1), screen("on", 4), screen("int8", 4), screen("bf16", 1)) == ("int8", "int8", "int8", "bf16")
     assert screen("off", 1) is screen("off", 4) is screen("on", 4, lm_head_dtype="bf16") is None
-    assert A.argmax_screen_for("on", 1, model) == "int8"
 
 
 def test_one_stream_decode_through_the_int8_screen(model):
@@ -292,7 +291,7 @@ def test_greedy_jobs_write_the_same_records_with_it_and_without(tmp_path, small_
                                               for i in range(10)]
                       + [{"id": "hot", "prompt": "ROMEO.", "temperature": 0.9}])   # a record that samples
     texts = {}
-    for setting, batch in (("off", 4), ("on", 4), ("on", 3), ("on", 1), ("int8", 4)):
+    for setting, batch in (("off", 4), ("on", 4), ("on", 3), ("on", 1), ("bf16", 4)):
         job = JobConfig(inputs=(str(src),), output=str(tmp_path / f"{setting}{batch}.jsonl"),
                         model=str(small_model_path), sampling=SamplingParams(max_tokens=24),
                         engine=EngineConfig(max_batch=batch, prefill_chunk=32, argmax_head=setting))
@@ -300,7 +299,7 @@ def test_greedy_jobs_write_the_same_records_with_it_and_without(tmp_path, small_
         texts[setting, batch] = [(r["id"], r["text"]) for r in read_jsonl(tmp_path / f"{setting}{batch}.jsonl")]
         head = summary["argmax_head"]
         assert (head["rows"] > 0 and head["candidates_per_row"] >= 1) if setting != "off" else head["rows"] == 0
-    assert texts["off", 4] == texts["on", 4] == texts["on", 3] == texts["on", 1] == texts["int8", 4]
+    assert texts["off", 4] == texts["on", 4] == texts["on", 3] == texts["on", 1] == texts["bf16", 4]
     base = dict(inputs=("x.jsonl",), output=str(tmp_path / "y.jsonl"), model="m", engine=EngineConfig(max_batch=4))
     assert RunKind.engine_config(JobConfig(**base)).argmax_head == "auto"
     assert RunKind.engine_config(JobConfig(**base, sampling=SamplingParams(temperature=0.7))).argmax_head == "off"
@@ -326,7 +325,7 @@ def test_constrained_greedy_jobs_write_the_same_records_with_it_and_without(tmp_
     rows.append({"id": "re", "prompt": "Say a word.", "regex": "[a-z]{3,8}"})
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     records = {}
-    for setting in ("off", "on", "int8"):
+    for setting in ("off", "on", "bf16"):
         job = JobConfig(inputs=(str(src),), output=str(tmp_path / f"{setting}.jsonl"), model=str(small_model_path),
                         sampling=SamplingParams(max_tokens=40), constraint=job_constraint(json_schema=schema),
                         engine=EngineConfig(max_batch=4, prefill_chunk=64, argmax_head=setting))
@@ -334,7 +333,7 @@ def test_constrained_greedy_jobs_write_the_same_records_with_it_and_without(tmp_
         records[setting] = [{k: r[k] for k in ("id", "text", "parsed", "finish_reason")}
                             for r in read_jsonl(tmp_path / f"{setting}.jsonl")]
         assert (summary["argmax_head"]["rows"] > 0) == (setting != "off")
-    assert records["on"] == records["off"] == records["int8"]
+    assert records["on"] == records["off"] == records["bf16"]
     assert sum(r["parsed"] is not None for r in records["on"]) >= 1
 
 
@@ -346,14 +345,14 @@ def test_top_k_sampling_jobs_write_the_same_records_with_it_and_without(tmp_path
     rows.append({"id": "pen", "prompt": "ROMEO.", "repetition_penalty": 1.2})
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     texts = {}
-    for setting in ("off", "on", "int8"):
+    for setting in ("off", "on", "bf16"):
         job = JobConfig(inputs=(str(src),), output=str(tmp_path / f"{setting}.jsonl"), model=str(small_model_path),
                         sampling=SamplingParams(max_tokens=30, temperature=0.9, top_k=20, top_p=0.95, min_p=0.02),
                         seed=11, engine=EngineConfig(max_batch=4, prefill_chunk=32, argmax_head=setting))
         summary = run_job(job, model=small_model, quiet=True)
         texts[setting] = [(r["id"], r["text"]) for r in read_jsonl(tmp_path / f"{setting}.jsonl")]
         assert (summary["argmax_head"]["rows"] > 0) == (setting != "off")
-    assert texts["on"] == texts["off"] == texts["int8"]
+    assert texts["on"] == texts["off"] == texts["bf16"]
     head = A.ArgmaxHead(small_model, 4)
     assert head.top_k_pays
     head.top_k_rows, head.top_k_candidates = A.TOP_K_TRIAL, A.TOP_K_TRIAL * A.TOP_K_CANDIDATES

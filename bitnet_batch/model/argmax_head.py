@@ -7,13 +7,14 @@ the maximum (``jit_kernels.argmax_screen``); their float32 logits are computed e
 compute them (``embedding.lm_head_entries``), and every other entry of the row is -inf. So the row's argmax,
 first index among equal maxima included, is the float32 lm_head's: the same greedy tokens, bit for bit. Screens:
 
-- ``bf16`` (``jit_kernels.lm_head_bf16``): bfloat16 logits, where ``vdpbf16ps`` runs (AVX512_BF16: Zen 4,
-  Sapphire Rapids and later) twice the multiply-adds of a float32 FMA: for engines of several streams, whose
-  lm_head of a 32-stream decode step of the 2B4T model is ~40% of the step.
-- ``int8`` (``jit_kernels.lm_head_int8``): exact integer dots of int8-quantized rows and table, half the F16
-  table's bytes (one-stream decode streams the table from memory: 2B4T, 9.8-11.5 against 15-20 ms) and, with
-  VNNI, twice ``vdpbf16ps``'s multiply-adds; its bound is about twice as wide, so a row has more candidates (a
-  random-weight 2B4T model: ~900 a row against ~35), which one row affords and 32 rows do not.
+- ``int8`` (``jit_kernels.lm_head_int8``; "auto" where ``vpdpbusd`` runs): exact integer dots of int8-quantized
+  rows and an int8 copy of the table, half the F16 table's bytes (one-stream decode streams the table from
+  memory) and 64 multiply-adds per instruction. Its bound is about twice the bf16 one's, so a row has more
+  candidates (~600 a row on the flat logits of a random-weight 2B4T model, ~2 on the shipped trained model).
+  2B4T table, 2 threads, Zen 4, that random model: 1 / 8 / 32 rows 12-14 / 25 / 58 ms against 15-24 / 39 / 113
+  for the float32 lm_head and 22 / 31 / 72 through the bf16 screen.
+- ``bf16`` (``jit_kernels.lm_head_bf16``): bfloat16 logits (``vdpbf16ps`` on AVX512_BF16 CPUs), a bound of
+  ~0.8% of ||x|| ||w|| whatever the values (the int8 one widens when a few outliers set a row's scale).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import numpy as np
 from jit_kernels import argmax_screen
 from jit_kernels import embedding as emb_k
 from jit_kernels import lm_head_bf16, lm_head_int8
-from jit_kernels.buffers import aligned_zeros
+from jit_kernels.buffers import aligned_zeros, read_rows
 
 from ..sampling.params import TOP_K_ONLY_MAX
 from .gguf import mapped_file_range, release_array_pages
@@ -39,31 +40,26 @@ TOP_K_TRIAL = 256          # top-k rows after which ``top_k_pays`` judges their 
 TOP_K_CANDIDATES = 200     # ... against this (32 rows of the 2B4T table: ~45 ms saved, ~2.5 us a candidate row)
 
 
-def argmax_screen_for(setting: str, max_batch: int, model) -> str | None:
+def argmax_screen_for(setting: str, model) -> str | None:
     """The screen of an engine's argmax lm_head (None: the engine has none). ``setting``
-    (``EngineConfig.argmax_head``): "auto" takes the one that pays here, by the engine's streams: int8 for one
-    (where ``vpdpbusd`` runs), bf16 for several (where ``vdpbf16ps`` runs); "on" the same screen on any CPU
-    where the SIMD lm_head runs (the same tokens, not always faster); "bf16" / "int8" that one; "off" none."""
+    (``EngineConfig.argmax_head``): "auto" int8 where ``vpdpbusd`` runs (the faster screen at every batch size
+    measured, and the smaller table); "on" int8 on any CPU where the SIMD lm_head runs (the same tokens, not
+    always faster); "bf16" / "int8" that one; "off" none."""
     if setting == "off" or not emb_k.simd_table(model.weights.output):
         return None
     if setting in SCREENS:
         return setting
-    screen = "int8" if max_batch == 1 else "bf16"
-    if setting == "on":
-        return screen
-    fast = lm_head_int8.has_fast_path() if screen == "int8" else lm_head_bf16.has_fast_path()
-    return screen if fast else None
+    return "int8" if setting == "on" or lm_head_int8.has_fast_path() else None
 
 
 class _FileRows:
     """Rows of a table that lives in a file mapping, read with ``pread`` into a buffer of this process's: the
     candidates of a step are a few hundred scattered rows, and reading them through the mapping would map the
-    pages around each (the kernel's fault-around, 64 KB) until the file's table, whose pages the bf16 table's
-    making released, is resident again beside its bf16 copy."""
+    pages around each (the kernel's fault-around, 64 KB) until the file's table, whose pages the screen table's
+    making released, is resident again beside that copy."""
 
     def __init__(self, table: np.ndarray, path: str, offset: int):
-        self.row_bytes = table.shape[1] * table.itemsize
-        self.offset = offset
+        self.path, self.offset = path, offset
         self.dtype, self.width = table.dtype, table.shape[1]
         self.buf = np.empty((0, self.width), self.dtype)
         self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -75,10 +71,9 @@ class _FileRows:
         if n > len(self.buf):        # grows, never shrinks: the pages are touched once
             self.buf = np.empty((max(n, 2 * len(self.buf)), self.width), self.dtype)
         buf = self.buf[:n]
-        for i, v in enumerate(rows.tolist()):
-            got = os.preadv(self.fd, [buf[i]], self.offset + v * self.row_bytes)
-            if got != self.row_bytes:
-                raise OSError(f"short read of lm_head row {v} ({got} of {self.row_bytes} bytes)")
+        short = read_rows(self.fd, self.offset, rows, buf)
+        if short:
+            raise OSError(f"{self.path}: {short} of {n} lm_head rows read short (the file changed or shrank?)")
         return buf
 
 

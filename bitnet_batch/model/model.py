@@ -119,15 +119,6 @@ class Model:
             convert(part, lo)
             release_array_pages(part)           # a no-op for a table in memory (dequantized, converted)
 
-    def drop_lm_head_copies(self, keep: str | None = None) -> None:
-        """Forget ``bf16_lm_head`` and ``bf16_row_norms`` (unless ``keep`` is "bf16") and ``int8_lm_head`` (unless it
-        is "int8"); their memory goes with the last engine that holds them: the bench measures each batch size as
-        a job of that size, which may use another copy or none."""
-        if keep != "bf16":
-            self._bf16_lm_head = self._bf16_row_norms = None
-        if keep != "int8":
-            self._int8_lm_head = None
-
     def bf16_row_norms(self) -> np.ndarray:
         """Upper bounds of the lm_head table's row norms (float64 [V], ``lm_head_bf16.row_norm_bounds``), from
         ``bf16_lm_head``; built once per model for the argmax lm_head (``argmax_head``)."""
