@@ -385,3 +385,25 @@ def test_every_table_kind_and_file(path, screen):
         finite = np.isfinite(got)
         assert np.argmax(got) == np.argmax(want) and finite.sum() < len(got)
         np.testing.assert_array_equal(got[finite], want[finite])
+
+
+@pytest.mark.parametrize("cap", [None, 0])
+def test_rows_from_the_file_a_few_at_a_time(model, monkeypatch, cap):
+    """Candidate rows read ROWS_AT_ONCE distinct ones at a time, and the whole rows of those the screen cannot
+    narrow (over ``cap`` candidates: every row here) read in spans of as many: the float32 lm_head's logits."""
+    monkeypatch.setattr(A, "ROWS_AT_ONCE", 5)
+    if cap is not None:
+        monkeypatch.setattr(A, "MAX_CANDIDATES", {s: cap for s in A.SCREENS})
+    rng = np.random.default_rng(6)
+    ids = [rng.integers(0, model.config.n_vocab, 9).astype(np.int32) for _ in range(3)]
+    outs = {}
+    for setting in ("int8", "off"):
+        eng = Engine(model, EngineConfig(max_batch=3, max_seq_len=32, prefill_chunk=32, argmax_head=setting))
+        slots = [eng.kv.allocate() for _ in ids]
+        outs[setting] = [x.copy() for x in eng.step([(s, t, 0, "argmax") for s, t in zip(slots, ids)])]
+    for got, want in zip(outs["int8"], outs["off"]):
+        finite = np.isfinite(got)
+        assert np.argmax(got) == np.argmax(want) and finite.all() == (cap is not None)
+        np.testing.assert_array_equal(got[finite], want[finite])
+    if cap is None:                                       # more distinct candidate rows than one read holds
+        assert len(set().union(*(np.flatnonzero(np.isfinite(o)) for o in outs["int8"]))) > 5

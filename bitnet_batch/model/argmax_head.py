@@ -52,28 +52,36 @@ def argmax_screen_for(setting: str, model) -> str | None:
     return "int8" if setting == "on" or lm_head_int8.has_fast_path() else None
 
 
+ROWS_AT_ONCE = 4096        # table rows read into memory at a time (20 MB of 2B4T F16 rows)
+
+
 class _FileRows:
-    """Rows of a table that lives in a file mapping, read with ``pread`` into a buffer of this process's: the
-    candidates of a step are a few hundred scattered rows, and reading them through the mapping would map the
-    pages around each (the kernel's fault-around, 64 KB) until the file's table, whose pages the screen table's
-    making released, is resident again beside that copy."""
+    """Rows of a table that lives in a file mapping, read with ``pread`` into a buffer of this process's (at most
+    ROWS_AT_ONCE rows): the candidates of a step are a few hundred to a few thousand scattered rows, and reading
+    them through the mapping would map the pages around each (the kernel's fault-around, 64 KB) until the file's
+    table, whose pages the screen table's making released, is resident again beside that copy."""
 
     def __init__(self, table: np.ndarray, path: str, offset: int):
         self.path, self.offset = path, offset
-        self.dtype, self.width = table.dtype, table.shape[1]
-        self.buf = np.empty((0, self.width), self.dtype)
+        self.row_bytes = table.shape[1] * table.itemsize
+        self.buf = np.empty((ROWS_AT_ONCE, table.shape[1]), table.dtype)    # pages touched as rows come
         self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         weakref.finalize(self, os.close, self.fd)
 
     def read(self, rows: np.ndarray) -> np.ndarray:
-        """The table rows ``rows`` (sorted, unique), as a [len(rows), D] array (valid until the next call)."""
-        n = len(rows)
-        if n > len(self.buf):        # grows, never shrinks: the pages are touched once
-            self.buf = np.empty((max(n, 2 * len(self.buf)), self.width), self.dtype)
-        buf = self.buf[:n]
+        """The table rows ``rows`` (int64, at most ROWS_AT_ONCE), as a [len(rows), D] array (valid until the next
+        call)."""
+        buf = self.buf[:len(rows)]
         short = read_rows(self.fd, self.offset, rows, buf)
         if short:
-            raise OSError(f"{self.path}: {short} of {n} lm_head rows read short (the file changed or shrank?)")
+            raise OSError(f"{self.path}: {short} of {len(rows)} lm_head rows read short (the file changed?)")
+        return buf
+
+    def span(self, lo: int, hi: int) -> np.ndarray:
+        """Table rows [lo, hi) (at most ROWS_AT_ONCE), in one read."""
+        buf = self.buf[:hi - lo]
+        if os.preadv(self.fd, [buf], self.offset + lo * self.row_bytes) != buf.nbytes:
+            raise OSError(f"{self.path}: lm_head rows {lo}-{hi} read short (the file changed?)")
         return buf
 
 
@@ -160,23 +168,49 @@ class ArgmaxHead:
             kk[r] = 1 if ks is None else ks[r]
         counts, cand = self.counts[:R], self.cand[:R]
         self._screen(x, out, cand, counts, allowed, kk)
-        for r in np.flatnonzero(counts < 0):
-            emb_k.lm_head(x[r:r + 1], self.table, self.kind, self.lm_scratch, out[r:r + 1])
+        full = np.flatnonzero(counts < 0)
+        if len(full):
+            self.full_logits(x[full], out, full)
         n = np.maximum(counts, 0)
         rows = np.repeat(np.arange(R, dtype=np.int64), n)
         cols = cand[np.arange(cand.shape[1])[None, :] < n[:, None]]
         if self.file_rows is None:
             emb_k.lm_head_entries(x, self.table, self.kind, rows, cols, out)
-        else:
+        else:           # the candidates' table rows, ROWS_AT_ONCE distinct ones at a time
             unique, index = np.unique(cols, return_inverse=True)
-            emb_k.lm_head_entries(x, self.file_rows.read(unique), self.kind, rows, index.astype(np.int64), out,
-                                  dest=cols)
+            order = np.argsort(index, kind="stable")
+            ends = np.searchsorted(index[order], np.arange(0, len(unique) + ROWS_AT_ONCE, ROWS_AT_ONCE)[1:])
+            start = 0
+            for c, end in enumerate(ends):
+                sel = order[start:end]
+                part = self.file_rows.read(unique[c * ROWS_AT_ONCE:(c + 1) * ROWS_AT_ONCE])
+                emb_k.lm_head_entries(x, part, self.kind, rows[sel], index[sel] - c * ROWS_AT_ONCE, out,
+                                      dest=cols[sel])
+                start = end
         self.rows += R
         self.candidates += int(n.sum())
         self.full_rows += int((counts < 0).sum())
         top = kk > 1
         self.top_k_rows += int(top.sum())
         self.top_k_candidates += int(np.where(counts < 0, cand.shape[1], n)[top].sum())
+
+    def full_logits(self, x: np.ndarray, out: np.ndarray, rows) -> None:
+        """out[rows[i]] <- the float32 logits of x[i] (float32 [n, D]), every one: for the rows the screen could not
+        narrow. A table in a file is read ROWS_AT_ONCE rows at a time (the same logits: each is one dot in a fixed
+        order), so that its pages, released when the screen table was made, stay out of memory."""
+        x = np.ascontiguousarray(x)
+        if self.file_rows is None:
+            part = np.empty((len(x), out.shape[1]), np.float32)
+            emb_k.lm_head(x, self.table, self.kind, self.lm_scratch, part)
+            out[rows] = part
+            return
+        V = self.table.shape[0]
+        buf = np.empty(len(x) * ROWS_AT_ONCE, np.float32)
+        for lo in range(0, V, ROWS_AT_ONCE):
+            hi = min(V, lo + ROWS_AT_ONCE)
+            part = buf[:len(x) * (hi - lo)].reshape(len(x), hi - lo)       # C-contiguous, as every other call's
+            emb_k.lm_head(x, self.file_rows.span(lo, hi), self.kind, self.lm_scratch, part)
+            out[rows, lo:hi] = part
 
     @property
     def top_k_pays(self) -> bool:
