@@ -1,5 +1,8 @@
 """The int8 screen of the argmax lm_head (``jit_kernels.lm_head_int8``) against numpy twins: the quantized table
-and rows, the exact integer dots on every kernel family this CPU runs, and the screen's bound entry by entry."""
+and rows, the exact integer dots on every kernel family this CPU runs, and the screen's bound entry by entry; and
+the reads of its candidates' rows from the file (``buffers.read_rows``)."""
+import os
+
 import numba
 import numpy as np
 import pytest
@@ -132,3 +135,25 @@ def test_the_bound_holds_for_every_entry(kind):
     gap = np.abs(approx - exact.astype(np.float64))
     assert np.all(gap <= eps) and gap.max() > 0
     assert 0.02 < (gap / np.where(eps > 0, eps, 1)).max() < 1     # and the bound is not vacuous
+
+
+def test_read_rows_reads_scattered_rows_of_a_file(tmp_path):
+    """``buffers.read_rows``: the rows of a table at an offset in a file, in the order asked, by both threads; rows
+    past the end of the file count as short."""
+    from jit_kernels.buffers import read_rows
+
+    table = np.arange(50 * 12, dtype=np.uint16).reshape(50, 12)
+    path = tmp_path / "t.bin"
+    path.write_bytes(b"x" * 100 + table.tobytes())
+    rows = np.array([7, 0, 49, 7, 23], np.int64)
+    out = np.zeros((6, 12), np.uint16)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert read_rows(fd, 100, rows, out) == 0
+        np.testing.assert_array_equal(out[:5], table[rows])
+        assert np.all(out[5] == 0)
+        assert read_rows(fd, 100, np.array([48, 50, 51], np.int64), out) == 2
+        with pytest.raises(ValueError, match="read_rows"):
+            read_rows(fd, 100, rows.astype(np.int32), out)
+    finally:
+        os.close(fd)

@@ -33,11 +33,11 @@ from ..sampling.params import TOP_K_ONLY_MAX
 from .gguf import mapped_file_range, release_array_pages
 
 SCREENS = ("bf16", "int8")
-# candidates per row beyond which a row takes the whole float32 lm_head instead (~2.5 us a candidate against
-# ~3.5 ms for a row of 32 of the whole lm_head, ~15 ms for one row alone)
+# candidates per row beyond which a row takes the whole float32 lm_head instead (~1 us a candidate row read and
+# computed, against ~3.5 ms for a row of 32 of the whole lm_head, ~15-20 ms for one row alone)
 MAX_CANDIDATES = {"bf16": 1024, "int8": 4096}
 TOP_K_TRIAL = 256          # top-k rows after which ``top_k_pays`` judges their candidates per row ...
-TOP_K_CANDIDATES = 200     # ... against this (32 rows of the 2B4T table: ~45 ms saved, ~2.5 us a candidate row)
+TOP_K_CANDIDATES = 200     # ... against this (32 rows of the 2B4T table: ~45-55 ms saved, ~1 us a candidate row)
 
 
 def argmax_screen_for(setting: str, model) -> str | None:
@@ -90,7 +90,7 @@ class ArgmaxHead:
     screen's table (the model's, shared by its engines) is made on the first call (``prepare``): in a job that is
     the warm-up, after the kernels that make it were compiled or loaded from the cache."""
 
-    def __init__(self, model, max_rows: int, screen: str = "bf16"):
+    def __init__(self, model, max_rows: int, screen: str = "int8"):
         if screen not in SCREENS:
             raise ValueError(f"argmax lm_head screen must be one of {', '.join(SCREENS)}, got {screen!r}")
         w = model.weights
