@@ -394,7 +394,7 @@ def inspect(model, model_file, as_json):
                if as_json else
                f"{format_description(info)}\nkernels   {KERNEL} (this CPU runs {', '.join(AVAILABLE)}); "
                f"--lm-head-dtype bf16: {bf16}; greedy rows (--argmax-head auto): "
-               f"{'the int8 screen' if screen == 'int8' else 'the float32 lm_head'}")
+               f"{'the int8 screen (lm_head tables of 16.8M entries or more)' if screen == 'int8' else 'float32'}")
 
 
 @main.command()

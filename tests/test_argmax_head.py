@@ -251,12 +251,14 @@ def test_engine_argmax_rows(model, screen):
         np.testing.assert_array_equal(got[0][finite], full[p][finite])
 
 
-def test_which_screen_an_engine_takes(model):
-    """"auto": int8 where vpdpbusd runs, whatever the streams; "on" int8 on any SIMD family; a screen by name for
-    any engine; none for "off" or with the opt-in bf16 lm_head."""
+def test_which_screen_an_engine_takes(model, monkeypatch):
+    """"auto": int8 where vpdpbusd runs and the table is large enough to pay, whatever the streams; "on" int8 on any
+    SIMD family; a screen by name for any engine; none for "off" or with the opt-in bf16 lm_head."""
     def screen(setting, batch, **kw):
         head = Engine(model, EngineConfig(max_batch=batch, max_seq_len=16, argmax_head=setting, **kw)).argmax_head
         return None if head is None else head.screen
+    assert model.weights.output.size < A.AUTO_MIN_ENTRIES and screen("auto", 4) is None     # a tiny table
+    monkeypatch.setattr(A, "AUTO_MIN_ENTRIES", model.weights.output.size)
     auto = "int8" if I.has_fast_path() else None
     assert screen("auto", 1) == screen("auto", 4) == auto
     assert (screen("on", 1), screen("on", 4), screen("int8", 4), screen("bf16", 1)) == ("int8", "int8", "int8", "bf16")

@@ -6,6 +6,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from jit_kernels._cpu import KERNEL
+
 CHILD = textwrap.dedent("""
     import sys
     sys.path = [p for p in sys.path if p not in ("", ".")]     # this child imports the packages under test
@@ -16,12 +18,15 @@ CHILD = textwrap.dedent("""
     from bitnet_batch.engine.warmup import kernel_cache_cold, warm_up
     import jit_kernels.activations, jit_kernels.attention, jit_kernels.embedding, jit_kernels.norms
     import jit_kernels.layer, jit_kernels.rope, jit_kernels.ternary
+    import jit_kernels.argmax_screen, jit_kernels.buffers, jit_kernels.lm_head_int8
     m = bitnet_batch.load_model(sys.argv[1])
     cold_before = kernel_cache_cold()
-    compile_s = warm_up(Engine(m, EngineConfig(max_batch=2, max_seq_len=32, prefill_chunk=16)))
+    # with the argmax lm_head (its int8 screen, and its reads of candidate rows: pread called from a cached kernel)
+    compile_s = warm_up(Engine(m, EngineConfig(max_batch=2, max_seq_len=32, prefill_chunk=16, argmax_head="on")))
     hits, misses = {}, 0
     for mod in (jit_kernels.activations, jit_kernels.attention, jit_kernels.embedding, jit_kernels.layer,
-                jit_kernels.norms, jit_kernels.rope, jit_kernels.ternary):
+                jit_kernels.norms, jit_kernels.rope, jit_kernels.ternary, jit_kernels.argmax_screen,
+                jit_kernels.buffers, jit_kernels.lm_head_int8):
         for name, obj in vars(mod).items():
             if isinstance(obj, numba.core.registry.CPUDispatcher) and obj.signatures:
                 hits[name] = sum(obj.stats.cache_hits.values())
@@ -44,6 +49,8 @@ def test_second_process_loads_kernels_from_cache(small_model_path):
     assert second["misses"] == 0, second     # every kernel the step uses came from the cache, the compiled layer
     assert second["hits"].get("bitnet_layer", 0) >= 1 and sum(second["hits"].values()) >= 5, second   # among them
     assert not second["cold_before"] and not second["cold_after"]
+    if KERNEL != "portable":                 # the argmax lm_head's: its candidate search and its reads from the file
+        assert second["hits"].get("_argmax_candidates", 0) >= 1 and second["hits"].get("_read_rows", 0) >= 1, second
 
 
 def test_a_cold_cache_is_filled_by_a_child_process(small_model_path, tmp_path):

@@ -57,7 +57,7 @@ def test_bench_inspect_and_job_summary_name_the_kernel_family(tmp_path, small_mo
     assert res.exit_code == 0, res.output
     bench = json.loads(res.stdout.strip().splitlines()[-1])
     assert bench["kernel"] == _cpu.KERNEL
-    assert bench["argmax_head"] == ("int8" if _cpu.KERNEL == "avx512" else "off")     # the greedy rows' screen
+    assert bench["argmax_head"] == "off"            # the greedy rows' screen: none for so small a table
     res = r.invoke(main, ["inspect", str(small_model_path)])
     assert res.exit_code == 0 and f"kernels   {_cpu.KERNEL} (this CPU runs {', '.join(_cpu.AVAILABLE)})" in res.output
     fast = _cpu.KERNEL == "avx512" and _cpu.HAS_AVX512_BF16

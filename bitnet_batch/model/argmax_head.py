@@ -40,16 +40,23 @@ TOP_K_TRIAL = 256          # top-k rows after which ``top_k_pays`` judges their 
 TOP_K_CANDIDATES = 200     # ... against this (32 rows of the 2B4T table: ~45-55 ms saved, ~1 us a candidate row)
 
 
+# "auto" screens lm_head tables of at least this many entries: below it the whole float32 lm_head takes well under
+# a millisecond, less than the screen's own work per step (the shipped 4.2M-parameter model: greedy decode ~20%
+# slower through it)
+AUTO_MIN_ENTRIES = 1 << 24
+
+
 def argmax_screen_for(setting: str, model) -> str | None:
     """The screen of an engine's argmax lm_head (None: the engine has none). ``setting``
-    (``EngineConfig.argmax_head``): "auto" int8 where ``vpdpbusd`` runs (the faster screen at every batch size
-    measured, and the smaller table); "on" int8 on any CPU where the SIMD lm_head runs (the same tokens, not
-    always faster); "bf16" / "int8" that one; "off" none."""
-    if setting == "off" or not emb_k.simd_table(model.weights.output):
+    (``EngineConfig.argmax_head``): "auto" int8 where ``vpdpbusd`` runs and the table has AUTO_MIN_ENTRIES or more
+    (the faster screen at every batch size measured, and the smaller table); "on" int8 on any CPU where the SIMD
+    lm_head runs, any table (the same tokens, not always faster); "bf16" / "int8" that one; "off" none."""
+    table = model.weights.output
+    if setting == "off" or not emb_k.simd_table(table):
         return None
     if setting in SCREENS:
         return setting
-    return "int8" if setting == "on" or lm_head_int8.has_fast_path() else None
+    return "int8" if setting == "on" or (lm_head_int8.has_fast_path() and table.size >= AUTO_MIN_ENTRIES) else None
 
 
 ROWS_AT_ONCE = 4096        # table rows read into memory at a time (20 MB of 2B4T F16 rows)
