@@ -163,9 +163,9 @@ class EngineConfig:
     argmax_head: str = "auto"
     """Rows that want only their argmax (greedy sampling without penalties, bans or logprobs, constrained or not):
     "auto" computes the float32 logits of a cheaper screen's candidates for the maximum alone, the same tokens bit
-    for bit, where the CPU has AVX-512 VNNI and the lm_head table has 16.8M entries or more: the int8 screen (exact
-    integer dots with an int8 copy of the table, which replaces it in memory at half its size; 2B4T, 2 threads:
-    1.5-1.9x faster logits at 1-32 streams); "on" the int8 screen wherever the SIMD lm_head runs, and for top-k sampling rows too (k <= 256; the
+    for bit, on the SIMD kernel families (AVX2, AVX-512 VNNI) for lm_head tables of 16.8M entries or more: the
+    int8 screen (exact integer dots with an int8 copy of the table, which replaces it in memory at half its size;
+    2B4T, 2 threads, avx512: 1.5-1.9x faster logits at 1-32 streams); "on" the int8 screen wherever the SIMD lm_head runs, and for top-k sampling rows too (k <= 256; the
     same tokens); "int8" the same; "bf16" the bf16 screen instead (bfloat16 logits, whose bound does not widen with
     outliers in the rows; +1 bfloat16 copy of the table); "off" never."""
 

@@ -7,9 +7,9 @@ the maximum (``jit_kernels.argmax_screen``); their float32 logits are computed e
 compute them (``embedding.lm_head_entries``), and every other entry of the row is -inf. So the row's argmax,
 first index among equal maxima included, is the float32 lm_head's: the same greedy tokens, bit for bit. Screens:
 
-- ``int8`` (``jit_kernels.lm_head_int8``; "auto" where ``vpdpbusd`` runs): exact integer dots of int8-quantized
+- ``int8`` (``jit_kernels.lm_head_int8``; "auto" on the SIMD families): exact integer dots of int8-quantized
   rows and an int8 copy of the table, half the F16 table's bytes (one-stream decode streams the table from
-  memory) and 64 multiply-adds per instruction. Its bound is about twice the bf16 one's, so a row has more
+  memory) and, with VNNI, 64 multiply-adds per instruction. Its bound is about twice the bf16 one's, so a row has more
   candidates (~600 a row on the flat logits of a random-weight 2B4T model, ~2 on the shipped trained model).
   2B4T table, 2 threads, Zen 4, that random model: 1 / 8 / 32 rows 12-14 / 25 / 58 ms against 15-24 / 39 / 113
   for the float32 lm_head and 22 / 31 / 72 through the bf16 screen.
@@ -48,9 +48,10 @@ AUTO_MIN_ENTRIES = 1 << 24
 
 def argmax_screen_for(setting: str, model) -> str | None:
     """The screen of an engine's argmax lm_head (None: the engine has none). ``setting``
-    (``EngineConfig.argmax_head``): "auto" int8 where ``vpdpbusd`` runs and the table has AUTO_MIN_ENTRIES or more
-    (the faster screen at every batch size measured, and the smaller table); "on" int8 on any CPU where the SIMD
-    lm_head runs, any table (the same tokens, not always faster); "bf16" / "int8" that one; "off" none."""
+    (``EngineConfig.argmax_head``): "auto" int8 where its SIMD tiles run (``vpdpbusd`` or ``vpmaddubsw``) and the
+    table has AUTO_MIN_ENTRIES or more (the faster screen at every batch size measured, and the smaller table);
+    "on" int8 wherever the SIMD lm_head runs, any table (the same tokens, not always faster); "bf16" / "int8" that
+    one; "off" none."""
     table = model.weights.output
     if setting == "off" or not emb_k.simd_table(table):
         return None
