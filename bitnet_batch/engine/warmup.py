@@ -44,14 +44,16 @@ def warm_up(engine: Engine) -> float:
             engine.step([(slot, np.array([3, 4], np.int32), 3, want)])
     finally:
         engine.kv.free(slot)
-    if engine.argmax_head is not None:
+    head = engine.argmax_head
+    if head is not None:
         # the float32 lm_head of the other rows, compiled on a slice of the table: the file's table, whose pages
-        # the screen table's making released, stays out of memory until such a row comes
-        table = engine.model.weights.output
-        emb_k.lm_head(engine.ws.xl32[:1], table[:8], engine.model.weights.output_kind, engine.ws.lm_scratch,
-                      np.empty((1, 8), np.float32))
-        # and the whole row of one the screen cannot narrow (read from the file in parts)
-        engine.argmax_head.full_logits(engine.ws.xl32[:1], np.empty((1, table.shape[0]), np.float32), [0])
+        # the screen table's making released, stays out of memory until such a row comes; and on rows read from
+        # the file, as the whole row of one the screen cannot narrow is (``ArgmaxHead.full_logits``)
+        part = engine.model.weights.output[:8]
+        parts = [part] + ([] if head.file_rows is None else [head.file_rows.span(0, len(part))])
+        for part in parts:
+            emb_k.lm_head(engine.ws.xl32[:1], part, head.kind, engine.ws.lm_scratch,
+                          np.empty((1, len(part)), np.float32))
     n_vocab = engine.model.config.n_vocab
     sampler = make_sampler(SamplingParams(temperature=1.0, top_k=5, top_p=0.9, min_p=0.01, repetition_penalty=1.1),
                            0, n_vocab)

@@ -108,7 +108,7 @@ class JobKind:
     @classmethod
     def engine_config(cls, job) -> EngineConfig:
         """The configuration of the job's engine: ``job.engine``, with no argmax lm_head unless the kind asks for
-        argmax rows (``RunKind``): its bfloat16 table would only take memory."""
+        argmax rows (``RunKind``): its copy of the lm_head table would only take memory."""
         if job.engine.argmax_head == "auto":
             return replace(job.engine, argmax_head="off")
         return job.engine

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -169,9 +169,7 @@ class RunKind(JobKind):
         penalties, bans or logprobs; constrained or not); records that override it take the float32 lm_head.
         Top-k rows take it only when asked for ("on", "bf16", "int8"): how many candidates they need depends on
         the model."""
-        if job.engine.argmax_head == "auto" and not job.sampling.argmax_only:
-            return replace(job.engine, argmax_head="off")
-        return job.engine
+        return job.engine if job.sampling.argmax_only else super().engine_config(job)
 
     def __init__(self, job: JobConfig, model, engine, sink):
         super().__init__(job, model, engine, sink)
@@ -407,9 +405,8 @@ class RunKind(JobKind):
 
     def _fill_masks(self, seqs: list[Sequence]) -> None:
         """The grammar masks of this step's constrained requests, computed together in parallel (those computed
-        already, before the step, are kept)."""
-        constraints = [s.state.completion.constraint for s in seqs if s.state.completion.constraint is not None
-                       and not s.state.completion.constraint.mask_ready]
+        already, before the step, are kept: ``MaskBatch.fill``)."""
+        constraints = [s.state.completion.constraint for s in seqs if s.state.completion.constraint is not None]
         if len(constraints) < 2:
             return
         if self._masks is None:
