@@ -148,7 +148,7 @@ def test_bad_lines_become_bad_records_and_good_rows_still_come(tmp_path):
 
     row = "fallback"  # the record's own id is unusable: BadRecord.id is the reserved row-{index}
     expected = {  # line -> (error.field, words the message must contain, BadRecord.id)
-        3: (None, "invalid JSON", row),
+        3: (None, "invalid JSON: Unterminated string starting at column 23", row),   # not the line ending's column
         4: (None, "must be a JSON object, got list", row),
         5: ("prompt", "missing prompt", "c"),
         6: ("prompt", "field 'prompt' must be a string, got int (42)", "d"),

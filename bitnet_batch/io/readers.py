@@ -333,9 +333,11 @@ def _decode_json_line(raw: bytes, *, first: bool) -> Any:
     except UnicodeDecodeError as e:
         raise InputError(f"line is not valid UTF-8 ({e.reason} at byte {e.start})") from None
     try:
-        return json.loads(text)
+        # without its line ending: a line cut short would otherwise be reported at column 1 of the next line
+        return json.loads(text.rstrip("\r\n"))
     except json.JSONDecodeError as e:
-        raise InputError(f"invalid JSON: {e.msg} at column {e.colno}") from None
+        at = "" if e.msg.endswith(" at") else " at"      # "Unterminated string starting at"
+        raise InputError(f"invalid JSON: {e.msg}{at} column {e.colno}") from None
 
 
 def _read_id(record: dict, key: str, index: int) -> str | int:
