@@ -167,7 +167,9 @@ class EngineConfig:
     int8 screen (exact integer dots with an int8 copy of the table, which replaces it in memory at half its size;
     2B4T, 2 threads, avx512: 1.5-1.9x faster logits at 1-32 streams); "on" the int8 screen wherever the SIMD lm_head runs, and for top-k sampling rows too (k <= 256; the
     same tokens); "int8" the same; "bf16" the bf16 screen instead (bfloat16 logits, whose bound does not widen with
-    outliers in the rows; +1 bfloat16 copy of the table); "off" never."""
+    outliers in the table's rows; +1 bfloat16 copy of the table); "off" never. Under "auto" a job whose greedy rows
+    the screen cannot narrow (over 2048 candidates a row on average after 256 rows) takes the float32 lm_head for
+    the rest."""
 
     prefault_kv: bool = False
     """Write every page of the KV pool when the engine is built (see ``Engine``)."""

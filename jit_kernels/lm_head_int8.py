@@ -12,8 +12,16 @@ so the screen's logit A = sx s (qx . q) (an exact integer dot, scaled in float64
 sx ||qx|| E + ||x - sx qx|| W of x . w (Cauchy-Schwarz), and the float32 lm_head's logit within gamma_n ||x|| W
 more (float32 sums of n products, ``f32_sum_bound``): eps = P E + Q W with P = sx ||qx|| and
 Q = ||x - sx qx|| + gamma_n ||x|| per logit row (``quantize_rows``). ``argmax_screen.argmax_candidates`` takes it
-from there. The bound uses the actual quantization residuals, so it is tight where the rows' values are spread
-evenly and loose where a few outliers set the scales.
+from there. The bound uses the actual quantization residuals, so it is tight where the values are spread evenly
+and loose where a few outliers set a scale.
+
+Outliers of a logit row (a few values far above its RMS, as the final hidden states of large models often have:
+with 4 values at 10x the RMS the step of a plain absmax row is ~3x coarser and a random-weight 2B4T row had ~12,600
+candidates instead of ~560) are kept apart: of its ``ocoef.shape[1]`` largest values, those above ``OUTLIER_RMS``
+times the RMS of the others get integer coefficients c = rint(x_d / sx) on the step sx of the other values (any size up to ``COEF_MAX``)
+instead of int8 codes, so the row is x^ = sx k with k its int8 codes and those coefficients. The dots add
+c (codes[v, d] - OFFSET) for them (``lm_head_int8``, in the tile's task while its rows are in L2), still exact
+integers, and the bound is the same with x^ for sx qx: P = ||x^||, Q = ||x - x^|| + gamma_n ||x||.
 
 Paths (exact integers: every path gives the same dots): ``avx512`` LLVM-IR tiles with ``vpdpbusd`` (the table's
 unsigned bytes times the row's signed ones, 64 per instruction; 6 vocabulary x 4 token rows, 8 x 1 prefetching
@@ -37,6 +45,10 @@ from .embedding import BF16, F16, F32, LM_PREFETCH, VOCAB_TASK, _widen_row
 CHUNK = 64            # bytes per vpdpbusd operand: D is padded to a multiple of it
 OFFSET = 128          # table bytes are q + OFFSET (vpdpbusd's unsigned operand)
 QMAX = 127
+OUTLIERS = 8         # outliers a logit row may have (``ArgmaxHead``'s buffers)
+OUTLIER_RMS = 4.0     # a logit row's values above this many times the RMS of its others are outliers (Gaussian
+                      # rows of 2560: ~0.16 a row)
+COEF_MAX = 1 << 20    # largest outlier coefficient: the step grows rather than a coefficient exceed it
 _REL = 1e-12          # float64 rounding in the norms and scales (relative, far above the ~D 2^-53 it covers)
 
 
@@ -121,61 +133,158 @@ def _int8_table(table, kind, codes, scale, enorm, wnorm):
 
 # ---- the logit rows -----------------------------------------------------------------------------------------
 
-def quantize_rows(x, xq, xsum, xscale, P, Q):
-    """For each row r of x (float32 [R, D]): xq[r] (int8 [>= R, padded_dim(D)]) <- its int8 values (padding 0),
-    xsum[r] (int32) <- their sum, xscale[r] <- sx, P[r] >= sx ||qx||, Q[r] >= ||x - sx qx|| + gamma_n ||x|| (float64
-    [>= R]; module docstring). A row with a value that is not finite gets NaN bounds."""
+def quantize_rows(x, xq, xsum, xscale, P, Q, odims, ocoef):
+    """For each row r of x (float32 [R, D]): xq[r] (int8 [>= R, padded_dim(D)]) <- its int8 codes (0 at its
+    outliers and in the padding), xsum[r] (int32) <- their sum, odims[r] / ocoef[r] (int64 / int32 [>= R, K]) <- its
+    outliers' columns and coefficients (0 / 0 in unused slots), xscale[r] <- sx, P[r] >= ||x^||, Q[r] >= ||x - x^||
+    + gamma_n ||x|| (float64 [>= R]; module docstring). A row with a value that is not finite gets NaN bounds."""
     R, D = x.shape
+    K = ocoef.shape[1] if ocoef.ndim == 2 else -1
     if x.dtype != np.float32 or xq.dtype != np.int8 or xq.shape[0] < R or xq.shape[1] != padded_dim(D) \
             or not xq.flags.c_contiguous or xsum.dtype != np.int32 or xsum.shape[0] < R \
-            or any(a.dtype != np.float64 or a.shape[0] < R for a in (xscale, P, Q)):
+            or any(a.dtype != np.float64 or a.shape[0] < R for a in (xscale, P, Q)) or ocoef.dtype != np.int32 \
+            or odims.dtype != np.int64 or ocoef.ndim != 2 or odims.shape != ocoef.shape or ocoef.shape[0] < R \
+            or not coefficients_fit(xq.shape[1], K):
         raise ValueError(f"quantize_rows: x {x.shape} {x.dtype}, xq {xq.shape} {xq.dtype}, xsum {xsum.shape} "
-                         f"{xsum.dtype}, xscale {xscale.shape}, P {P.shape}, Q {Q.shape} do not match")
-    _quantize_rows(x, xq, xsum, xscale, P, Q, f32_sum_bound(D))
+                         f"{xsum.dtype}, xscale {xscale.shape}, P {P.shape}, Q {Q.shape}, odims {odims.shape} "
+                         f"{odims.dtype}, ocoef {ocoef.shape} {ocoef.dtype} do not match")
+    _quantize_rows(x, xq, xsum, xscale, P, Q, odims, ocoef, f32_sum_bound(D))
+
+
+def coefficients_fit(Dp: int, K: int) -> bool:
+    """Whether every dot of rows of width Dp with K outliers fits int32: |dot| <= Dp 127 127 + K 127 COEF_MAX."""
+    return K >= 0 and Dp * QMAX * QMAX + K * QMAX * COEF_MAX < 2 ** 31
 
 
 @njit(**JIT_EXACT)
-def _quantize_rows(x, xq, xsum, xscale, P, Q, gamma):
+def _quantize_rows(x, xq, xsum, xscale, P, Q, odims, ocoef, gamma):
+    D = x.shape[1]
+    K = ocoef.shape[1]
+    top = np.empty(K, np.float64)
+    outlier = np.zeros(D, np.bool_)
     for r in range(x.shape[0]):
-        s, e, n, qn = _quantize(x[r], xq[r], 0)
-        xscale[r] = s
-        P[r] = s * qn * (1 + _REL)
-        Q[r] = (e + gamma * n) * (1 + _REL)
+        row, q = x[r], xq[r]
+        q[:] = 0
+        odims[r] = 0
+        ocoef[r] = 0
+        xsum[r] = 0
+        amax = ss = 0.0
+        for d in range(D):
+            v = abs(np.float64(row[d]))
+            amax = max(amax, v)
+            ss += v * v
+        if not (np.isfinite(amax) and np.isfinite(ss)) or amax == 0.0:
+            xscale[r] = P[r] = Q[r] = 0.0 if amax == 0.0 else np.nan
+            continue
+        # the K largest values (in decreasing order, equal ones in column order), then the outliers among them:
+        # those above OUTLIER_RMS x the RMS of the others (which a few huge values do not inflate)
+        n = 0
+        rest = 0.0                                     # the largest value not among them
+        for d in range(D):
+            v = abs(np.float64(row[d]))
+            if K == 0 or (n == K and v <= top[K - 1]):
+                rest = max(rest, v)
+                continue
+            if n == K:
+                rest = max(rest, top[K - 1])
+                n -= 1
+            i = n
+            while i > 0 and top[i - 1] < v:
+                top[i] = top[i - 1]
+                odims[r, i] = odims[r, i - 1]
+                i -= 1
+            top[i] = v
+            odims[r, i] = d
+            n += 1
+        for j in range(n):
+            outlier[odims[r, j]] = True
+        rest_ss = 0.0
+        for d in range(D):
+            v = np.float64(row[d])
+            rest_ss += 0.0 if outlier[d] else v * v
+        limit = OUTLIER_RMS * np.sqrt(rest_ss / max(D - n, 1))
+        m = 0
+        while m < n and top[m] > limit:
+            m += 1
+        bulk = max(rest, top[m]) if m < n else rest
+        for j in range(m, n):
+            outlier[odims[r, j]] = False
+            odims[r, j] = 0
+        n = m
+        s = max(bulk / QMAX, amax / COEF_MAX)
+        e2 = k2 = 0.0
         t = 0
-        for d in range(x.shape[1]):
-            t += np.int32(xq[r, d])
+        for d in range(D):
+            v = np.float64(row[d])
+            k = np.rint(v / s)
+            if not outlier[d]:
+                k = min(max(k, -QMAX), QMAX)
+                q[d] = k
+                t += np.int32(k)
+            res = v - s * k
+            e2 += res * res
+            k2 += k * k                                # exact: integers, sum < 2^53
+        for j in range(n):
+            d = odims[r, j]
+            ocoef[r, j] = np.int32(np.rint(np.float64(row[d]) / s))
+            outlier[d] = False
         xsum[r] = t
-        if not np.isfinite(s):
-            P[r] = Q[r] = np.nan
+        xscale[r] = s
+        # each residual v - s k is rounded at most twice (|error| <= 2^-52 amax): the absolute term covers D of them
+        e = np.sqrt(e2) * (1 + _REL) + np.sqrt(np.float64(D)) * amax * 2.0 ** -50
+        P[r] = s * np.sqrt(k2) * (1 + _REL)
+        Q[r] = (e + gamma * np.sqrt(ss) * (1 + _REL)) * (1 + _REL)
 
 
 # ---- the dots -----------------------------------------------------------------------------------------------
 
-def lm_head_int8(xq, xsum, codes, out, kernel=None):
-    """out[r, v] (int32 [>= R, V]) <- sum_d (codes[v, d] - OFFSET) xq[r, d] for r < R = len(xq): exact (|dot| <=
-    Dp 127 127 < 2^31 for any width a model has). xq, xsum from ``quantize_rows``; codes from ``int8_table``."""
+def lm_head_int8(xq, xsum, odims, ocoef, codes, out, kernel=None):
+    """out[r, v] (int32 [>= R, V]) <- sum_d (codes[v, d] - OFFSET) xq[r, d] + sum_j (codes[v, odims[r, j]] - OFFSET)
+    ocoef[r, j] for r < R = len(xq): exact (``coefficients_fit``). xq, xsum, odims, ocoef from ``quantize_rows``;
+    codes from ``int8_table``."""
     R, Dp = xq.shape
     V = codes.shape[0]
     if Dp % CHUNK or codes.shape[1] != Dp or out.shape[0] < R or out.shape[1] != V or xq.dtype != np.int8 \
             or codes.dtype != np.uint8 or out.dtype != np.int32 or xsum.dtype != np.int32 or xsum.shape[0] < R \
-            or not (xq.flags.c_contiguous and codes.flags.c_contiguous) or Dp * QMAX * QMAX >= 2 ** 31:
+            or not (xq.flags.c_contiguous and codes.flags.c_contiguous) or odims.dtype != np.int64 \
+            or ocoef.dtype != np.int32 or ocoef.ndim != 2 or odims.shape != ocoef.shape or ocoef.shape[0] < R \
+            or not coefficients_fit(Dp, ocoef.shape[1]):
         raise ValueError(f"lm_head_int8: xq {xq.shape} {xq.dtype}, codes {codes.shape} {codes.dtype}, out "
-                         f"{out.shape} {out.dtype}, xsum {xsum.shape} {xsum.dtype} do not match")
+                         f"{out.shape} {out.dtype}, xsum {xsum.shape} {xsum.dtype}, odims {odims.shape} "
+                         f"{odims.dtype}, ocoef {ocoef.shape} {ocoef.dtype} do not match")
+    if R and ((odims[:R] < 0) | (odims[:R] >= Dp) | (np.abs(ocoef[:R].astype(np.int64)) > COEF_MAX)).any():
+        raise ValueError(f"lm_head_int8: an outlier column lies outside [0, {Dp}) or a coefficient beyond "
+                         f"{COEF_MAX}")
     kernel = check_kernel("lm_head_int8", KERNEL if kernel is None else kernel)
     if R == 0:
         return
     if kernel == "portable":
-        _lm_head_plain(xq, xsum, codes, out)
+        _lm_head_plain(xq, xsum, odims, ocoef, codes, out)
     else:
-        _lm_head_tiles(xq, xsum, codes, out, kernel == "avx512")
+        _lm_head_tiles(xq, xsum, odims, ocoef, codes, out, kernel == "avx512")
+
+
+@njit(inline="always", **JIT_EXACT)
+def _add_outliers(odims, ocoef, codes, out, R, v_lo, v_hi):
+    """out[r, v] += (codes[v, odims[r, j]] - OFFSET) ocoef[r, j] for v in [v_lo, v_hi): after a task's tiles, while
+    its table rows are in L2."""
+    for t in range(R):
+        for j in range(ocoef.shape[1]):
+            c = ocoef[t, j]
+            if c != 0:
+                d = odims[t, j]
+                for v in range(v_lo, v_hi):
+                    out[t, v] += (np.int32(codes[v, d]) - np.int32(OFFSET)) * c
 
 
 @njit(**JIT_EXACT_PARALLEL)
-def _lm_head_plain(xq, xsum, codes, out):
+def _lm_head_plain(xq, xsum, odims, ocoef, codes, out):
     R, Dp = xq.shape
     V = codes.shape[0]
     for task in prange((V + VOCAB_TASK - 1) // VOCAB_TASK):
-        for v in range(task * VOCAB_TASK, min(V, (task + 1) * VOCAB_TASK)):
+        v_lo = task * VOCAB_TASK
+        v_hi = min(V, v_lo + VOCAB_TASK)
+        for v in range(v_lo, v_hi):
             w = codes[v]
             for t in range(R):
                 x = xq[t]
@@ -183,6 +292,7 @@ def _lm_head_plain(xq, xsum, codes, out):
                 for d in range(Dp):
                     acc += np.int32(w[d]) * np.int32(x[d])
                 out[t, v] = acc - np.int32(OFFSET) * xsum[t]
+        _add_outliers(odims, ocoef, codes, out, R, v_lo, v_hi)
 
 
 _V16I32, _V8I32 = ir.VectorType(I32, 16), ir.VectorType(I32, 8)
@@ -270,10 +380,10 @@ _a24, _a14, _a81, _a11 = _tile(2, 4, 0, False), _tile(1, 4, 0, False), _tile(8, 
 
 
 @njit(**JIT_EXACT_PARALLEL)
-def _lm_head_tiles(xq, xsum, codes, out, native):
+def _lm_head_tiles(xq, xsum, odims, ocoef, codes, out, native):
     """``lm_head_bf16._lm_head_tiles``' task split: a task's vocabulary rows stay in L2 while 4 token rows at a
     time pass (6 vocabulary rows a tile with ``vpdpbusd``: 24 zmm accumulators; 2 with AVX2); the last R % 4 rows
-    stream 8 at a time."""
+    stream 8 at a time; then the task's outlier terms."""
     R = xq.shape[0]
     V = codes.shape[0]
     RV = 6 if native else 2
@@ -311,3 +421,4 @@ def _lm_head_tiles(xq, xsum, codes, out, native):
                     _a11(codes, xq, xsum, v, t, out)
                 v += 1
             t += 1
+        _add_outliers(odims, ocoef, codes, out, R, v_lo, v_hi)

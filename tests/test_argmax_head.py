@@ -367,6 +367,38 @@ def test_top_k_sampling_jobs_write_the_same_records_with_it_and_without(tmp_path
     assert SamplingParams(temperature=0.8, top_k=300).top_k_only == 0 and SamplingParams(top_k=5).top_k_only == 0
 
 
+def test_auto_stops_screening_when_rows_cannot_be_narrowed(tmp_path, small_model_path, small_model, monkeypatch):
+    """Under "auto", once argmax rows cost more than ARGMAX_CANDIDATES a row (here every row takes the whole float32
+    lm_head), the job's next greedy rows get the float32 lm_head: the same records, fewer screened rows."""
+    from jit_kernels import embedding
+
+    if not embedding.simd_table(small_model.weights.output):
+        pytest.skip("the argmax lm_head needs a SIMD kernel family")
+    monkeypatch.setattr(A, "AUTO_MIN_ENTRIES", 0)
+    monkeypatch.setattr(A.lm_head_int8, "has_fast_path", lambda kernel=None: True)
+    monkeypatch.setattr(A, "ARGMAX_TRIAL", 6)
+    rows = [{"id": i, "prompt": f"KING {'HENRY' if i % 2 else 'LEAR'}. {i}"} for i in range(4)]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    records, heads = {}, {}
+    for setting, cap in (("off", None), ("auto", None), ("auto-full", 0)):
+        if cap is not None:
+            monkeypatch.setattr(A, "MAX_CANDIDATES", {s: cap for s in A.SCREENS})
+        job = JobConfig(inputs=(str(src),), output=str(tmp_path / f"{setting}.jsonl"), model=str(small_model_path),
+                        sampling=SamplingParams(max_tokens=20),
+                        engine=EngineConfig(max_batch=2, prefill_chunk=32, argmax_head=setting.split("-")[0]))
+        heads[setting] = run_job(job, model=small_model, quiet=True)["argmax_head"]
+        records[setting] = [(r["id"], r["text"]) for r in read_jsonl(tmp_path / f"{setting}.jsonl")]
+    assert records["auto"] == records["off"] == records["auto-full"]
+    assert heads["auto"]["rows"] == 80 and heads["auto"]["full_rows"] == 0     # 4 x 20 greedy rows, all screened
+    assert 6 <= heads["auto-full"]["rows"] == heads["auto-full"]["full_rows"] < 12
+    head = A.ArgmaxHead(small_model, 4)
+    assert head.argmax_pays
+    head.argmax_rows, head.argmax_cost = A.ARGMAX_TRIAL, A.ARGMAX_TRIAL * A.ARGMAX_CANDIDATES
+    assert head.argmax_pays
+    head.argmax_cost += 1
+    assert not head.argmax_pays
+
+
 @pytest.mark.parametrize("path", sorted(REF.glob("tiny-*.gguf")) + [REF.parent / "hf" / "tiny-master-mha",
                                                                     REF.parent / "hf" / "tiny-packed-gqa"],
                          ids=lambda p: p.name)

@@ -46,6 +46,7 @@ def warm_up(engine: Engine) -> float:
         engine.kv.free(slot)
     head = engine.argmax_head
     if head is not None:
+        head.reset_counts()
         # the float32 lm_head of the other rows, compiled on a slice of the table: the file's table, whose pages
         # the screen table's making released, stays out of memory until such a row comes; and on rows read from
         # the file, as the whole row of one the screen cannot narrow is (``ArgmaxHead.full_logits``)

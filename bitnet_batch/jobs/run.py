@@ -359,13 +359,15 @@ class RunKind(JobKind):
         return part.want_logits
 
     def wants(self, parts: list[Part]) -> list:
-        """A greedy sequence's logits as "argmax", a top-k one's as ("top_k", k, mask) (the engine may compute the
-        float32 logits near the largest alone), with its constraint's mask for this position (computed here,
+        """A greedy sequence's logits as "argmax" (under "auto" while the screen pays: ``argmax_pays``), a top-k one's
+        as ("top_k", k, mask) (the engine may compute the float32 logits near the largest alone), with its constraint's mask for this position (computed here,
         together, then kept for the sampler)."""
-        if self.engine.argmax_head is None:
+        head = self.engine.argmax_head
+        if head is None:
             return [p.want_logits for p in parts]
-        top_k = self.engine.config.argmax_head != "auto" and self.engine.argmax_head.top_k_pays
-        ks = [(1 if p.seq.state.completion.argmax_only else top_k and p.seq.state.completion.top_k_only)
+        forced = self.engine.config.argmax_head != "auto"
+        argmax, top_k = int(forced or head.argmax_pays), forced and head.top_k_pays
+        ks = [(argmax if p.seq.state.completion.argmax_only else top_k and p.seq.state.completion.top_k_only)
               if p.want_logits else 0 for p in parts]
         self._fill_masks([p.seq for p, k in zip(parts, ks) if k])
         out = []

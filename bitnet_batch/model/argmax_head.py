@@ -14,7 +14,11 @@ first index among equal maxima included, is the float32 lm_head's: the same gree
   2B4T table, 2 threads, Zen 4, that random model: 1 / 8 / 32 rows 12-14 / 25 / 58 ms against 15-24 / 39 / 113
   for the float32 lm_head and 22 / 31 / 72 through the bf16 screen.
 - ``bf16`` (``jit_kernels.lm_head_bf16``): bfloat16 logits (``vdpbf16ps`` on AVX512_BF16 CPUs), a bound of
-  ~0.8% of ||x|| ||w|| whatever the values (the int8 one widens when a few outliers set a row's scale).
+  ~0.8% of ||x|| ||w|| whatever the values (the int8 one widens when a few outliers set a table row's scale; a
+  logit row's outliers are kept apart, ``lm_head_int8``).
+
+Under "auto" the job stops sending greedy rows here once they cost more than the float32 lm_head would
+(``argmax_pays``): a guard for models whose final rows the screen cannot narrow.
 """
 from __future__ import annotations
 
@@ -38,6 +42,11 @@ SCREENS = ("bf16", "int8")
 MAX_CANDIDATES = {"bf16": 1024, "int8": 4096}
 TOP_K_TRIAL = 256          # top-k rows after which ``top_k_pays`` judges their candidates per row ...
 TOP_K_CANDIDATES = 200     # ... against this (32 rows of the 2B4T table: ~45-55 ms saved, ~1 us a candidate row)
+ARGMAX_TRIAL = 256         # argmax rows after which "auto" (``argmax_pays``) judges their cost per row ...
+ARGMAX_CANDIDATES = 2048   # ... in candidates against this: the screen saves ~2-7 ms a row (2B4T table, 2 threads,
+                           # Zen 4: one row 12 against 17-20 ms, 32 rows 58 against 113 ms), a candidate costs ~1 us
+FULL_ROW_COST = 8192       # a row that takes the whole float32 lm_head, in candidates (~8 ms a row when 32 rows
+                           # share the table's reads, ~100 ms for one row alone)
 
 
 # "auto" screens lm_head tables of at least this many entries: below it the whole float32 lm_head takes well under
@@ -120,17 +129,25 @@ class ArgmaxHead:
         else:
             self.xq = aligned_zeros((max_rows, lm_head_int8.padded_dim(D)), np.int8)
             self.xsum = np.zeros(max_rows, np.int32)
+            self.odims = np.zeros((max_rows, lm_head_int8.OUTLIERS), np.int64)
+            self.ocoef = np.zeros((max_rows, lm_head_int8.OUTLIERS), np.int32)
         self.xscale, self.P, self.Q = np.zeros((3, max_rows))
         self.cand = np.zeros((max_rows, MAX_CANDIDATES[screen]), np.int64)
         self.allowed = np.full((max_rows, -(-V // 32)), -1, np.int32)   # all tokens
         self.ks = np.ones(max_rows, np.int64)                            # the argmax
         self.best = np.zeros((max_rows, TOP_K_ONLY_MAX), np.float64)
         self.counts = np.zeros(max_rows, np.int64)
+        self.reset_counts()
+
+    def reset_counts(self) -> None:
+        """Zero the counters (the warm-up's rows are not a job's)."""
         self.rows = 0              # argmax rows computed, candidates computed exactly, rows that took the
         self.candidates = 0        # whole float32 lm_head
         self.full_rows = 0
         self.top_k_rows = 0        # the same for the rows of k > 1 (top-k sampling), which ``top_k_pays`` reads
         self.top_k_candidates = 0
+        self.argmax_rows = 0       # rows of k = 1 and their cost in candidates, which ``argmax_pays`` reads
+        self.argmax_cost = 0
 
     def prepare(self) -> None:
         """Make (or take the model's) screen table."""
@@ -156,9 +173,10 @@ class ArgmaxHead:
                                             allowed, ks, self.best, out)
         else:
             t = self.int8
-            xq, xsum, dots = self.xq[:R], self.xsum[:R], out[:R].view(np.int32)
-            lm_head_int8.quantize_rows(x, xq, xsum, xscale, P, Q)
-            lm_head_int8.lm_head_int8(xq, xsum, t.codes, dots)
+            xq, xsum, odims, ocoef, dots = self.xq[:R], self.xsum[:R], self.odims[:R], self.ocoef[:R], \
+                out[:R].view(np.int32)
+            lm_head_int8.quantize_rows(x, xq, xsum, xscale, P, Q, odims, ocoef)
+            lm_head_int8.lm_head_int8(xq, xsum, odims, ocoef, t.codes, dots)
             argmax_screen.argmax_candidates(dots, xscale, t.scale, P, t.enorm, Q, t.wnorm, cand, counts, allowed,
                                             ks, self.best, out)
 
@@ -201,6 +219,8 @@ class ArgmaxHead:
         top = kk > 1
         self.top_k_rows += int(top.sum())
         self.top_k_candidates += int(np.where(counts < 0, cand.shape[1], n)[top].sum())
+        self.argmax_rows += int(R - top.sum())
+        self.argmax_cost += int(np.where(counts < 0, FULL_ROW_COST, n)[~top].sum())
 
     def full_logits(self, x: np.ndarray, out: np.ndarray, rows) -> None:
         """out[rows[i]] <- the float32 logits of x[i] (float32 [n, D]), every one: for the rows the screen could not
@@ -219,6 +239,14 @@ class ArgmaxHead:
             part = buf[:len(x) * (hi - lo)].reshape(len(x), hi - lo)       # C-contiguous, as every other call's
             emb_k.lm_head(x, self.file_rows.span(lo, hi), self.kind, self.lm_scratch, part)
             out[rows, lo:hi] = part
+
+    @property
+    def argmax_pays(self) -> bool:
+        """Whether "auto" still sends argmax rows here: after ARGMAX_TRIAL of them, only while their cost averages at
+        most ARGMAX_CANDIDATES candidates a row (a row that took the whole float32 lm_head counting FULL_ROW_COST):
+        a model whose final rows the screen cannot narrow (none measured so far) then gets the float32 lm_head, as
+        with "off", and the same tokens."""
+        return self.argmax_rows < ARGMAX_TRIAL or self.argmax_cost <= ARGMAX_CANDIDATES * self.argmax_rows
 
     @property
     def top_k_pays(self) -> bool:
