@@ -36,9 +36,15 @@ class Completion:
 
     @property
     def argmax_only(self) -> bool:
-        """The next token is the argmax of the logits (among the tokens the constraint allows, if any) and nothing
-        else of them is used."""
+        """The next token is the argmax of the logits (among the tokens the constraint allows, if any, but the
+        ``banned_ids``) and nothing else of them is used."""
         return self.params.argmax_only
+
+    @property
+    def banned_ids(self) -> tuple[int, ...]:
+        """The ids never sampled (``ignore_eos``: the end-of-generation ids): an engine that computes the logits
+        near the maximum alone leaves them out, as it does the tokens a constraint forbids."""
+        return self.sampler.banned_ids
 
     @property
     def top_k_only(self) -> int:

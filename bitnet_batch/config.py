@@ -161,7 +161,7 @@ class EngineConfig:
     up to ~0.05)."""
 
     argmax_head: str = "auto"
-    """Rows that want only their argmax (greedy sampling without penalties, bans or logprobs, constrained or not):
+    """Rows that want only their argmax (greedy sampling without penalties or logprobs, constrained or not):
     "auto" computes the float32 logits of a cheaper screen's candidates for the maximum alone, the same tokens bit
     for bit, on the SIMD kernel families (AVX2, AVX-512 VNNI) for lm_head tables of 16.8M entries or more: the
     int8 screen (exact integer dots with an int8 copy of the table, which replaces it in memory at half its size;

@@ -315,6 +315,35 @@ def test_greedy_jobs_write_the_same_records_with_it_and_without(tmp_path, small_
                                  ).argmax_head == "on"
 
 
+def test_ignore_eos_rows_take_it_with_the_end_ids_left_out(tmp_path):
+    """Greedy and top-k rows with ``ignore_eos`` (the sampler bans the end-of-generation ids) take the argmax
+    lm_head with those ids out of its mask, alone or beside a constraint's: the same records as without it. The
+    shipped model never ends a text by itself, so "," (its most frequent token) is made an end id too."""
+    path = Path(__file__).parents[1] / "examples" / "models" / "shakespeare-b158-i2s.gguf"
+    model = bitnet_batch.load_model(path)
+    comma = model.tokenizer.encode(",")
+    assert len(comma) == 1
+    model.tokenizer.eog_ids = model.tokenizer.eog_ids | set(comma)
+    rows = [{"id": i, "prompt": f"{'HAMLET' if i % 2 else 'KING LEAR'}. {i}"} for i in range(6)]
+    rows += [{"id": "re", "prompt": "Say a word.", "regex": "[a-z ]{3,40}"},
+             {"id": "topk", "prompt": "ROMEO.", "temperature": 0.8, "top_k": 20, "seed": 3}]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    records, heads = {}, {}
+    for setting, ignore in (("off", True), ("on", True), ("on", False)):
+        name = f"{setting}{ignore}"
+        job = JobConfig(inputs=(str(src),), output=str(tmp_path / f"{name}.jsonl"), model=str(path),
+                        sampling=SamplingParams(max_tokens=60, ignore_eos=ignore),
+                        engine=EngineConfig(max_batch=4, prefill_chunk=32, argmax_head=setting))
+        heads[name] = run_job(job, model=model, quiet=True)["argmax_head"]
+        records[name] = [(r["id"], r["text"], r["finish_reason"]) for r in read_jsonl(tmp_path / f"{name}.jsonl")]
+    assert records["onTrue"] == records["offTrue"]
+    assert heads["onTrue"]["rows"] >= 7 * 59 and heads["offTrue"]["rows"] == 0       # "re" may end sooner
+    assert all(r[2] == "length" for r in records["onTrue"] if r[0] != "re")
+    assert any(r[2] == "stop" for r in records["onFalse"])      # without it, some records end on their own
+    base = dict(inputs=("x.jsonl",), output=str(tmp_path / "y.jsonl"), model="m", engine=EngineConfig(max_batch=4))
+    assert RunKind.engine_config(JobConfig(**base, sampling=SamplingParams(ignore_eos=True))).argmax_head == "auto"
+
+
 def test_constrained_greedy_jobs_write_the_same_records_with_it_and_without(tmp_path, small_model_path,
                                                                             small_model):
     """A greedy job under a JSON schema (masks computed before the step, kept for the sampler) and a record with a

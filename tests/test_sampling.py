@@ -11,7 +11,7 @@ from bitnet_batch.sampling import (SamplingParams, SamplingWorkspace, SamplingEr
                                    as_allowed_mask, derive_seed, make_sampler, resolve_seed, token_logprobs)
 from bitnet_batch.sampling.chain import SamplerChain
 from bitnet_batch.sampling.steps import (BanTokens, Candidates, Greedy, MinP, Penalties,
-                                         StepContext, Temperature, TokenMask, TopK, TopP)
+                                         StepContext, Temperature, TokenMask, TopK, TopP, without_ids)
 from jit_kernels import sampling as ks
 
 # a 5-token table; canonical order (prob descending): 1 (0.4), 3 (0.25), 2 (0.2), 0 (0.1), 4 (0.05)
@@ -298,8 +298,17 @@ def test_ignore_eos_masks_end_of_generation_ids():
     assert make_sampler(SamplingParams(), 0, 5, eog_ids=frozenset({3})).sample(logits) == 3
     s = make_sampler(SamplingParams(ignore_eos=True), 0, 5, eog_ids=frozenset({3}))
     assert s.sample(logits) == 4
-    s = make_sampler(SamplingParams(ignore_eos=True, temperature=1.0), 0, 5, eog_ids=frozenset({3, 4}))
+    s = make_sampler(SamplingParams(ignore_eos=True, temperature=1.0), 0, 5, eog_ids=frozenset({3, 4, 9}))
     assert all(s.sample(logits) not in (3, 4) for _ in range(300))
+    assert s.banned_ids == (3, 4) and make_sampler(SamplingParams(), 0, 5, eog_ids=frozenset({3})).banned_ids == ()
+    # the ids as a mask (what the argmax lm_head takes): every other token, or those another mask allows
+    V = 70
+    assert np.flatnonzero(~as_allowed_mask(without_ids(None, [0, 31, 63, 69], V), V)).tolist() == [0, 31, 63, 69]
+    other = np.full(3, -1, np.int32)
+    other[1] = 0                                                  # tokens 32-63 not allowed
+    banned = without_ids(other, [5, 40], V)
+    assert np.flatnonzero(~as_allowed_mask(banned, V)).tolist() == [5] + list(range(32, 64))
+    assert other[0] == -1 and banned.dtype == np.int32
 
 
 def test_unsampleable_logits_raise():

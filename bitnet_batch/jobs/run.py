@@ -28,6 +28,7 @@ from ..io.readers import BadRecord, RecordSpec, Request, request_spec
 from ..records import error_record, timing
 from ..sampling.constraints import ConstraintCompiler, ConstraintSpec, JsonLimits, MaskBatch, request_constraint
 from ..sampling.params import SamplingParams, resolve_seed
+from ..sampling.steps import without_ids
 from ..scheduler import Part, Scheduler, Sequence
 from .common import (JobBase, errors_in_output, peak_rss_mb, prefix_cache_line, prefix_cache_summary, summary_head,
                      summary_times)
@@ -176,6 +177,7 @@ class RunKind(JobKind):
         self._compiler: ConstraintCompiler | None = None    # built on the first constrained request
         self._masks: MaskBatch | None = None                # parallel grammar masks, ditto
         self._keys = 0                                      # scheduler keys, unique per sequence
+        self._ban_masks: dict = {}                          # banned ids -> the bitmask of every other token
         head = engine.argmax_head
         self._head_seen = (0, 0, 0) if head is None else (head.rows, head.candidates, head.full_rows)
 
@@ -360,8 +362,9 @@ class RunKind(JobKind):
 
     def wants(self, parts: list[Part]) -> list:
         """A greedy sequence's logits as "argmax" (under "auto" while the screen pays: ``argmax_pays``), a top-k one's
-        as ("top_k", k, mask) (the engine may compute the float32 logits near the largest alone), with its constraint's mask for this position (computed here,
-        together, then kept for the sampler)."""
+        as ("top_k", k, mask) (the engine may compute the float32 logits near the largest alone), with its
+        constraint's mask for this position (computed here, together, then kept for the sampler) less the ids
+        ``ignore_eos`` bans."""
         head = self.engine.argmax_head
         if head is None:
             return [p.want_logits for p in parts]
@@ -381,6 +384,13 @@ class RunKind(JobKind):
             except BitnetBatchError:              # a grammar in error: the sampler reports it, as without this
                 out.append(True)
                 continue
+            banned = p.seq.state.completion.banned_ids
+            if banned and mask is None:           # ignore_eos: the ids it bans are out of the running too
+                mask = self._ban_masks.get(banned)
+                if mask is None:
+                    mask = self._ban_masks[banned] = without_ids(None, banned, self.tok.vocab_size)
+            elif banned:
+                mask = without_ids(mask, banned, self.tok.vocab_size)
             out.append(("top_k", k, mask) if k > 1 else "argmax" if mask is None else ("argmax", mask))
         return out
 

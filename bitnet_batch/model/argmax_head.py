@@ -1,6 +1,6 @@
-"""The lm_head for logit rows of which only the argmax is wanted (greedy sampling without penalties, bans or
-logprobs; under a constraint, the argmax among the tokens its mask allows): the float32 argmax at the speed of a
-cheaper screen.
+"""The lm_head for logit rows of which only the argmax is wanted (greedy sampling without penalties or logprobs;
+under a constraint or ``ignore_eos``, the argmax among the tokens its mask allows): the float32 argmax at the speed
+of a cheaper screen.
 
 A screen computes approximate logits within a proven bound of the float32 ones, which leaves a few candidates for
 the maximum (``jit_kernels.argmax_screen``); their float32 logits are computed exactly as the whole lm_head would

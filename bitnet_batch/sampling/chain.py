@@ -137,6 +137,14 @@ class Sampler:
         np.copyto(ws.dense, logits, casting="same_kind")
         return self.chain.run(Candidates(ws.dense, ws.weights), StepContext(allowed))
 
+    @property
+    def banned_ids(self) -> tuple[int, ...]:
+        """The ids this sampler never picks whatever the logits (``ignore_eos``: the end-of-generation ids), sorted."""
+        for step in self.chain.steps:
+            if isinstance(step, BanTokens):
+                return tuple(int(i) for i in step.ids)
+        return ()
+
     def accept(self, token: int) -> None:
         """Record a generated token: penalty counts, grammar state."""
         self._check_token(token)

@@ -81,25 +81,27 @@ class SamplingParams:
 
     @property
     def argmax_only(self) -> bool:
-        """True when a token is the argmax of the logits (among the tokens a constraint allows) and nothing else of
-        them is used: greedy, no penalties, no banned ids, no logprobs (an engine may then compute the logits near
-        the maximum alone: ``EngineConfig.argmax_head``)."""
+        """True when a token is the argmax of the logits (among the tokens a constraint allows and ``ignore_eos``
+        leaves: ``Sampler.banned_ids``) and nothing else of them is used: greedy, no penalties, no logprobs (an
+        engine may then compute the logits near the maximum alone: ``EngineConfig.argmax_head``)."""
         return self.greedy and self._logits_unchanged
 
     @property
     def top_k_only(self) -> int:
         """k when a token is drawn from the k best logits alone (top-k sampling, k <= TOP_K_ONLY_MAX, with no
-        penalties, banned ids or logprobs: the rest of the vocabulary never counts, not even for normalising),
-        else 0 (an engine may then compute the logits of the candidates for the k best alone)."""
+        penalties or logprobs: the rest of the vocabulary never counts, not even for normalising; among the tokens
+        a constraint allows and ``ignore_eos`` leaves), else 0 (an engine may then compute the logits of the
+        candidates for the k best alone)."""
         if self.greedy or not 0 < self.top_k <= TOP_K_ONLY_MAX or not self._logits_unchanged:
             return 0
         return self.top_k
 
     @property
     def _logits_unchanged(self) -> bool:
-        """No step before the selection changes or reads other logits: no penalties, no banned ids, no logprobs."""
+        """No step before the selection changes or reads other logits than a mask would: no penalties, no logprobs
+        (the ids ``ignore_eos`` bans are a mask, like a constraint's)."""
         return (self.repetition_penalty == 1.0 and self.presence_penalty == 0.0 and self.frequency_penalty == 0.0
-                and not self.ignore_eos and self.logprobs is None)
+                and self.logprobs is None)
 
     @classmethod
     def field_names(cls) -> frozenset[str]:

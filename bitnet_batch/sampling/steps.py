@@ -61,6 +61,15 @@ def as_allowed_mask(mask: np.ndarray, vocab_size: int) -> np.ndarray:
     return np.unpackbits(mask.view(np.uint8), count=vocab_size, bitorder="little").view(np.bool_)
 
 
+def without_ids(mask: np.ndarray | None, ids: Sequence[int], vocab_size: int) -> np.ndarray:
+    """A bitmask (int32 words [ceil(V/32)], bit j of word i: token 32 i + j) of the tokens ``mask`` allows (None:
+    every token; the same layout, not modified) but ``ids``."""
+    out = np.full(-(-vocab_size // 32), -1, np.int32) if mask is None else np.array(mask, np.int32)
+    ids = np.asarray(ids, np.int64)
+    np.bitwise_and.at(out.view(np.uint32), ids >> 5, ~(np.uint32(1) << (ids & 31).astype(np.uint32)))
+    return out
+
+
 def checked_mask(mask: np.ndarray, vocab_size: int) -> np.ndarray:
     """A constraint mask checked and brought to bool [V] or uint32 words [ceil(V/32)].
 
