@@ -384,12 +384,8 @@ def test_top_k_sampling_jobs_write_the_same_records_with_it_and_without(tmp_path
         texts[setting] = [(r["id"], r["text"]) for r in read_jsonl(tmp_path / f"{setting}.jsonl")]
         assert (summary["argmax_head"]["rows"] > 0) == (setting != "off")
     assert texts["on"] == texts["off"] == texts["bf16"]
-    head = A.ArgmaxHead(small_model, 4)
-    assert head.top_k_pays
-    head.top_k_rows, head.top_k_candidates = A.TOP_K_TRIAL, A.TOP_K_TRIAL * A.TOP_K_CANDIDATES
-    assert head.top_k_pays
-    head.top_k_candidates += 1
-    assert not head.top_k_pays
+    judged_at_the_limit(A.ArgmaxHead(small_model, 4), "top_k_pays", "top_k_rows", "top_k_candidates", A.TOP_K_TRIAL,
+                        A.TOP_K_CANDIDATES)
     base = dict(inputs=("x.jsonl",), output=str(tmp_path / "y.jsonl"), model="m", engine=EngineConfig(max_batch=4))
     assert RunKind.engine_config(JobConfig(**base, sampling=SamplingParams(temperature=0.8, top_k=40))
                                  ).argmax_head == "off"           # top-k rows: only when asked for ("on")
@@ -420,12 +416,18 @@ def test_auto_stops_screening_when_rows_cannot_be_narrowed(tmp_path, small_model
     assert records["auto"] == records["off"] == records["auto-full"]
     assert heads["auto"]["rows"] == 80 and heads["auto"]["full_rows"] == 0     # 4 x 20 greedy rows, all screened
     assert 6 <= heads["auto-full"]["rows"] == heads["auto-full"]["full_rows"] < 12
-    head = A.ArgmaxHead(small_model, 4)
-    assert head.argmax_pays
-    head.argmax_rows, head.argmax_cost = A.ARGMAX_TRIAL, A.ARGMAX_TRIAL * A.ARGMAX_CANDIDATES
-    assert head.argmax_pays
-    head.argmax_cost += 1
-    assert not head.argmax_pays
+    judged_at_the_limit(A.ArgmaxHead(small_model, 4), "argmax_pays", "argmax_rows", "argmax_cost", A.ARGMAX_TRIAL,
+                        A.ARGMAX_CANDIDATES)
+
+
+def judged_at_the_limit(head, pays, rows, cost, trial, per_row):
+    """``head.<pays>`` holds before ``trial`` rows and after them up to ``per_row`` a row, and not past it."""
+    assert getattr(head, pays)
+    setattr(head, rows, trial)
+    setattr(head, cost, trial * per_row)
+    assert getattr(head, pays)
+    setattr(head, cost, trial * per_row + 1)
+    assert not getattr(head, pays)
 
 
 @pytest.mark.parametrize("path", sorted(REF.glob("tiny-*.gguf")) + [REF.parent / "hf" / "tiny-master-mha",
