@@ -161,15 +161,15 @@ class EngineConfig:
     up to ~0.05)."""
 
     argmax_head: str = "auto"
-    """Rows that want only their argmax (greedy sampling without penalties or logprobs, constrained or not):
-    "auto" computes the float32 logits of a cheaper screen's candidates for the maximum alone, the same tokens bit
-    for bit, on the SIMD kernel families (AVX2, AVX-512 VNNI) for lm_head tables of 16.8M entries or more: the
-    int8 screen (exact integer dots with an int8 copy of the table, which replaces it in memory at half its size;
-    2B4T, 2 threads, avx512: 1.5-1.9x faster logits at 1-32 streams); "on" the int8 screen wherever the SIMD lm_head runs, and for top-k sampling rows too (k <= 256; the
-    same tokens); "int8" the same; "bf16" the bf16 screen instead (bfloat16 logits, whose bound does not widen with
-    outliers in the table's rows; +1 bfloat16 copy of the table); "off" never. Under "auto" a job whose greedy rows
-    the screen cannot narrow (over 2048 candidates a row on average after 256 rows) takes the float32 lm_head for
-    the rest."""
+    """Rows that want only their argmax (greedy sampling without penalties or logprobs, constrained or not) or
+    their k largest logits (top-k sampling, k <= 256): "auto" computes the float32 logits of a cheaper screen's
+    candidates for them alone, the same tokens bit for bit, on the SIMD kernel families (AVX2, AVX-512 VNNI) for
+    lm_head tables of 16.8M entries or more: the int8 screen (exact integer dots with an int8 copy of the table,
+    which replaces it in memory at half its size; 2B4T, 2 threads, avx512: 1.5-1.9x faster logits at 1-32
+    streams); a job whose rows it cannot narrow (over 2048 candidates a row on average, judged over 32 rows or
+    more) takes the float32 lm_head for the rest. "on" the int8 screen wherever the SIMD lm_head runs, always for
+    greedy rows; "int8" the same; "bf16" the bf16 screen instead (bfloat16 logits, whose bound does not widen
+    with outliers in the table's rows; +1 bfloat16 copy of the table); "off" never."""
 
     prefault_kv: bool = False
     """Write every page of the KV pool when the engine is built (see ``Engine``)."""

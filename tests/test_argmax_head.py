@@ -384,24 +384,31 @@ def test_top_k_sampling_jobs_write_the_same_records_with_it_and_without(tmp_path
         texts[setting] = [(r["id"], r["text"]) for r in read_jsonl(tmp_path / f"{setting}.jsonl")]
         assert (summary["argmax_head"]["rows"] > 0) == (setting != "off")
     assert texts["on"] == texts["off"] == texts["bf16"]
-    judged_at_the_limit(A.ArgmaxHead(small_model, 4), "top_k_pays", "top_k_rows", "top_k_candidates", A.TOP_K_TRIAL,
-                        A.TOP_K_CANDIDATES)
+    judged_at_the_limit(A.ArgmaxHead(small_model, 4), "top_k_pays", "top_k_rows", "top_k_cost", A.TRIAL,
+                        A.PAYING_CANDIDATES)
     base = dict(inputs=("x.jsonl",), output=str(tmp_path / "y.jsonl"), model="m", engine=EngineConfig(max_batch=4))
     assert RunKind.engine_config(JobConfig(**base, sampling=SamplingParams(temperature=0.8, top_k=40))
-                                 ).argmax_head == "off"           # top-k rows: only when asked for ("on")
+                                 ).argmax_head == "auto"
+    assert RunKind.engine_config(JobConfig(**base, sampling=SamplingParams(temperature=0.8, top_p=0.9))
+                                 ).argmax_head == "off"
     assert SamplingParams(temperature=0.8, top_k=300).top_k_only == 0 and SamplingParams(top_k=5).top_k_only == 0
 
 
-def test_auto_stops_screening_when_rows_cannot_be_narrowed(tmp_path, small_model_path, small_model, monkeypatch):
-    """Under "auto", once argmax rows cost more than ARGMAX_CANDIDATES a row (here every row takes the whole float32
-    lm_head), the job's next greedy rows get the float32 lm_head: the same records, fewer screened rows."""
+@pytest.mark.parametrize("sampling", [SamplingParams(max_tokens=20),
+                                      SamplingParams(max_tokens=20, temperature=0.8, top_k=10, seed=4)],
+                         ids=["greedy", "top_k"])
+def test_auto_stops_screening_when_rows_cannot_be_narrowed(tmp_path, small_model_path, small_model, monkeypatch,
+                                                           sampling):
+    """Under "auto", once argmax (or top-k) rows cost more than PAYING_CANDIDATES a row over TRIAL rows (here every
+    row takes the whole float32 lm_head), the job's next such rows get the float32 lm_head: the same records, fewer
+    screened rows."""
     from jit_kernels import embedding
 
     if not embedding.simd_table(small_model.weights.output):
         pytest.skip("the argmax lm_head needs a SIMD kernel family")
     monkeypatch.setattr(A, "AUTO_MIN_ENTRIES", 0)
     monkeypatch.setattr(A.lm_head_int8, "has_fast_path", lambda kernel=None: True)
-    monkeypatch.setattr(A, "ARGMAX_TRIAL", 6)
+    monkeypatch.setattr(A, "TRIAL", 6)
     rows = [{"id": i, "prompt": f"KING {'HENRY' if i % 2 else 'LEAR'}. {i}"} for i in range(4)]
     src = write_jsonl(tmp_path / "in.jsonl", rows)
     records, heads = {}, {}
@@ -409,25 +416,35 @@ def test_auto_stops_screening_when_rows_cannot_be_narrowed(tmp_path, small_model
         if cap is not None:
             monkeypatch.setattr(A, "MAX_CANDIDATES", {s: cap for s in A.SCREENS})
         job = JobConfig(inputs=(str(src),), output=str(tmp_path / f"{setting}.jsonl"), model=str(small_model_path),
-                        sampling=SamplingParams(max_tokens=20),
+                        sampling=sampling, seed=5,
                         engine=EngineConfig(max_batch=2, prefill_chunk=32, argmax_head=setting.split("-")[0]))
         heads[setting] = run_job(job, model=small_model, quiet=True)["argmax_head"]
         records[setting] = [(r["id"], r["text"]) for r in read_jsonl(tmp_path / f"{setting}.jsonl")]
     assert records["auto"] == records["off"] == records["auto-full"]
-    assert heads["auto"]["rows"] == 80 and heads["auto"]["full_rows"] == 0     # 4 x 20 greedy rows, all screened
-    assert 6 <= heads["auto-full"]["rows"] == heads["auto-full"]["full_rows"] < 12
-    judged_at_the_limit(A.ArgmaxHead(small_model, 4), "argmax_pays", "argmax_rows", "argmax_cost", A.ARGMAX_TRIAL,
-                        A.ARGMAX_CANDIDATES)
+    assert heads["auto"]["rows"] == 80 and heads["auto"]["full_rows"] == 0     # 4 x 20 rows, all screened
+    assert 2 <= heads["auto-full"]["rows"] == heads["auto-full"]["full_rows"] <= 4    # 6 x 2048 < 2 x 8192
+    judged_at_the_limit(A.ArgmaxHead(small_model, 4), "argmax_pays", "argmax_rows", "argmax_cost", A.TRIAL,
+                        A.PAYING_CANDIDATES)
+    # a kind that stopped paying lets the screen table go, unless another kind still pays
+    head = A.ArgmaxHead(small_model, 4)
+    head.prepare()
+    head.argmax_rows, head.argmax_cost = A.TRIAL, A.TRIAL * A.PAYING_CANDIDATES + 1
+    head.top_k_rows = 1
+    assert not head.retire_if_unpaying() and head.int8 is not None
+    head.top_k_rows, head.top_k_cost = A.TRIAL, A.TRIAL * A.FULL_ROW_COST
+    assert head.retire_if_unpaying() and head.int8 is None and small_model._int8_lm_head is None
+    assert not head.argmax_pays and not head.top_k_pays
 
 
 def judged_at_the_limit(head, pays, rows, cost, trial, per_row):
-    """``head.<pays>`` holds before ``trial`` rows and after them up to ``per_row`` a row, and not past it."""
+    """``head.<pays>`` holds up to ``per_row`` candidates a row over ``trial`` rows or more, and not past it."""
     assert getattr(head, pays)
-    setattr(head, rows, trial)
-    setattr(head, cost, trial * per_row)
-    assert getattr(head, pays)
-    setattr(head, cost, trial * per_row + 1)
-    assert not getattr(head, pays)
+    for n in (1, trial, 2 * trial):
+        setattr(head, rows, n)
+        setattr(head, cost, max(n, trial) * per_row)
+        assert getattr(head, pays)
+        setattr(head, cost, max(n, trial) * per_row + 1)
+        assert not getattr(head, pays)
 
 
 @pytest.mark.parametrize("path", sorted(REF.glob("tiny-*.gguf")) + [REF.parent / "hf" / "tiny-master-mha",

@@ -167,10 +167,10 @@ class RunKind(JobKind):
     @classmethod
     def engine_config(cls, job: JobConfig) -> EngineConfig:
         """An argmax lm_head ("auto": where it is faster) when the job's own sampling wants argmax rows (greedy, no
-        penalties, bans or logprobs; constrained or not); records that override it take the float32 lm_head.
-        Top-k rows take it only when asked for ("on", "bf16", "int8"): how many candidates they need depends on
-        the model."""
-        return job.engine if job.sampling.argmax_only else super().engine_config(job)
+        penalties or logprobs; constrained or not) or top-k rows (``SamplingParams.top_k_only``); records that
+        override it take it where theirs does, else the float32 lm_head."""
+        sampling = job.sampling
+        return job.engine if sampling.argmax_only or sampling.top_k_only else super().engine_config(job)
 
     def __init__(self, job: JobConfig, model, engine, sink):
         super().__init__(job, model, engine, sink)
@@ -369,7 +369,9 @@ class RunKind(JobKind):
         if head is None:
             return [p.want_logits for p in parts]
         forced = self.engine.config.argmax_head != "auto"
-        argmax, top_k = int(forced or head.argmax_pays), forced and head.top_k_pays
+        if not forced and head.retire_if_unpaying():
+            return [p.want_logits for p in parts]
+        argmax, top_k = int(forced or head.argmax_pays), head.top_k_pays
         ks = [(argmax if p.seq.state.completion.argmax_only else top_k and p.seq.state.completion.top_k_only)
               if p.want_logits else 0 for p in parts]
         self._fill_masks([p.seq for p, k in zip(parts, ks) if k])

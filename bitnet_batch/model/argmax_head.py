@@ -40,11 +40,10 @@ SCREENS = ("bf16", "int8")
 # candidates per row beyond which a row takes the whole float32 lm_head instead (~1 us a candidate row read and
 # computed, against ~3.5 ms for a row of 32 of the whole lm_head, ~15-20 ms for one row alone)
 MAX_CANDIDATES = {"bf16": 1024, "int8": 4096}
-TOP_K_TRIAL = 256          # top-k rows after which ``top_k_pays`` judges their candidates per row ...
-TOP_K_CANDIDATES = 200     # ... against this (32 rows of the 2B4T table: ~45-55 ms saved, ~1 us a candidate row)
-ARGMAX_TRIAL = 256         # argmax rows after which "auto" (``argmax_pays``) judges their cost per row ...
-ARGMAX_CANDIDATES = 2048   # ... in candidates against this: the screen saves ~2-7 ms a row (2B4T table, 2 threads,
-                           # Zen 4: one row 12 against 17-20 ms, 32 rows 58 against 113 ms), a candidate costs ~1 us
+TRIAL = 32                 # rows of a kind (argmax, top-k) over which ``argmax_pays`` / ``top_k_pays`` judge at least
+PAYING_CANDIDATES = 2048   # ... their cost per row in candidates against this: the screen saves ~2-7 ms a row (2B4T
+                           # table, 2 threads, Zen 4: one row 12 against 17-20 ms, 32 rows 58 against 113 ms), a
+                           # candidate costs ~1 us
 FULL_ROW_COST = 8192       # a row that takes the whole float32 lm_head, in candidates (~8 ms a row when 32 rows
                            # share the table's reads, ~100 ms for one row alone)
 
@@ -137,6 +136,7 @@ class ArgmaxHead:
         self.ks = np.ones(max_rows, np.int64)                            # the argmax
         self.best = np.zeros((max_rows, TOP_K_ONLY_MAX), np.float64)
         self.counts = np.zeros(max_rows, np.int64)
+        self.retired = False       # ``retire_if_unpaying``: no kind of row pays here, the screen table is gone
         self.reset_counts()
 
     def reset_counts(self) -> None:
@@ -144,10 +144,10 @@ class ArgmaxHead:
         self.rows = 0              # argmax rows computed, candidates computed exactly, rows that took the
         self.candidates = 0        # whole float32 lm_head
         self.full_rows = 0
-        self.top_k_rows = 0        # the same for the rows of k > 1 (top-k sampling), which ``top_k_pays`` reads
-        self.top_k_candidates = 0
-        self.argmax_rows = 0       # rows of k = 1 and their cost in candidates, which ``argmax_pays`` reads
-        self.argmax_cost = 0
+        self.argmax_rows = 0       # rows of k = 1 and their cost in candidates (``argmax_pays``), the same for
+        self.argmax_cost = 0       # the rows of k > 1 (top-k sampling; ``top_k_pays``)
+        self.top_k_rows = 0
+        self.top_k_cost = 0
 
     def prepare(self) -> None:
         """Make (or take the model's) screen table."""
@@ -216,11 +216,11 @@ class ArgmaxHead:
         self.rows += R
         self.candidates += int(n.sum())
         self.full_rows += int((counts < 0).sum())
-        top = kk > 1
-        self.top_k_rows += int(top.sum())
-        self.top_k_candidates += int(np.where(counts < 0, cand.shape[1], n)[top].sum())
+        top, cost = kk > 1, np.where(counts < 0, FULL_ROW_COST, n)
         self.argmax_rows += int(R - top.sum())
-        self.argmax_cost += int(np.where(counts < 0, FULL_ROW_COST, n)[~top].sum())
+        self.argmax_cost += int(cost[~top].sum())
+        self.top_k_rows += int(top.sum())
+        self.top_k_cost += int(cost[top].sum())
 
     def full_logits(self, x: np.ndarray, out: np.ndarray, rows) -> None:
         """out[rows[i]] <- the float32 logits of x[i] (float32 [n, D]), every one: for the rows the screen could not
@@ -242,16 +242,29 @@ class ArgmaxHead:
 
     @property
     def argmax_pays(self) -> bool:
-        """Whether "auto" still sends argmax rows here: after ARGMAX_TRIAL of them, only while their cost averages at
-        most ARGMAX_CANDIDATES candidates a row (a row that took the whole float32 lm_head counting FULL_ROW_COST):
-        a model whose final rows the screen cannot narrow (none measured so far) then gets the float32 lm_head, as
-        with "off", and the same tokens."""
-        return self.argmax_rows < ARGMAX_TRIAL or self.argmax_cost <= ARGMAX_CANDIDATES * self.argmax_rows
+        """Whether "auto" still sends argmax rows here: while their cost averages at most PAYING_CANDIDATES
+        candidates a row (a row that took the whole float32 lm_head counting FULL_ROW_COST), judged over TRIAL rows
+        at least (so at most TRIAL PAYING_CANDIDATES / FULL_ROW_COST = 8 whole rows are tried): a model whose final
+        rows the screen cannot narrow (none measured so far) then gets the float32 lm_head, as with "off", and the
+        same tokens."""
+        return not self.retired and self.argmax_cost <= PAYING_CANDIDATES * max(self.argmax_rows, TRIAL)
 
     @property
     def top_k_pays(self) -> bool:
-        """Whether top-k rows still go through here: their candidates are about k where a model's logits are
-        peaked (a trained Shakespeare model, k = 40: 47 a row), but hundreds where they are flat (a random-weight
-        2B4T model, k = 40: 605 a row, slower than the float32 lm_head), so after TOP_K_TRIAL rows that needed
-        more than TOP_K_CANDIDATES a row on average, the caller stops sending them."""
-        return self.top_k_rows < TOP_K_TRIAL or self.top_k_candidates <= TOP_K_CANDIDATES * self.top_k_rows
+        """The same for top-k rows, whose candidates depend more on the model: about k where its logits are peaked
+        (a trained Shakespeare model, k = 40: ~50 a row), but thousands where they are flat (a random-weight 2B4T
+        model, k = 40: more than 4096 a row, every row the whole float32 lm_head)."""
+        return not self.retired and self.top_k_cost <= PAYING_CANDIDATES * max(self.top_k_rows, TRIAL)
+
+    def retire_if_unpaying(self) -> bool:
+        """Once a kind of row (argmax, top-k) has stopped paying and no kind that came still does, let the screen
+        table go (the float32 lm_head, which the caller then uses, brings the F16 table back into memory: both
+        would count otherwise, +328 MB for 2B4T); ``argmax_pays`` and ``top_k_pays`` are False from then on.
+        Returns ``retired``."""
+        if not self.retired:
+            kinds = ((self.argmax_rows, self.argmax_pays), (self.top_k_rows, self.top_k_pays))
+            if any(rows and not pays for rows, pays in kinds) and not any(rows and pays for rows, pays in kinds):
+                self.retired = True
+                self.int8 = self.bf16 = self.wnorm = None
+                self.model.drop_lm_head_copies()
+        return self.retired

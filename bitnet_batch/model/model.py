@@ -107,6 +107,12 @@ class Model:
             self._int8_lm_head = t
         return self._int8_lm_head
 
+    def drop_lm_head_copies(self) -> None:
+        """Forget the int8 and bfloat16 copies of the lm_head table (made again on demand): their memory goes back
+        to the OS once no engine holds them."""
+        self._int8_lm_head = self._bf16_lm_head = self._bf16_row_norms = None
+        release_free_heap()
+
     def _copy_table(self, convert) -> None:
         """convert(part, first_row) over the lm_head table in slices of 64 MB. The file's table leaves this
         process's resident pages as the copy is made (a tied table's rows fault back in as the embedding lookup
