@@ -388,12 +388,12 @@ def inspect(model, model_file, as_json):
     fast = lm_head_bf16.has_fast_path()                     # whether --lm-head-dtype bf16 pays here
     bf16 = ("vdpbf16ps, faster for many streams" if fast else
             "same results, no faster here (vdpbf16ps: the avx512 kernels on an AVX512_BF16 CPU)")
-    # the argmax lm_head's screen that --argmax-head auto takes for greedy rows (model/argmax_head.py)
+    # the argmax lm_head's screen that --argmax-head auto takes for greedy and top-k rows (model/argmax_head.py)
     screen = "int8" if lm_head_int8.has_fast_path() else "off"
     click.echo(json.dumps(dict(info, kernel=KERNEL, lm_head_bf16_fast=fast, argmax_head_auto=screen), indent=2)
                if as_json else
                f"{format_description(info)}\nkernels   {KERNEL} (this CPU runs {', '.join(AVAILABLE)}); "
-               f"--lm-head-dtype bf16: {bf16}; greedy rows (--argmax-head auto): "
+               f"--lm-head-dtype bf16: {bf16}; greedy and top-k rows (--argmax-head auto): "
                f"{'the int8 screen (lm_head tables of 16.8M entries or more)' if screen == 'int8' else 'float32'}")
 
 
