@@ -18,9 +18,9 @@ and loose where a few outliers set a scale.
 Outliers of a logit row (a few values far above its RMS, as the final hidden states of large models often have:
 with 4 values at 10x the RMS the step of a plain absmax row is ~3x coarser and a random-weight 2B4T row had ~12,600
 candidates instead of ~560) are kept apart: of its ``ocoef.shape[1]`` largest values, those above ``OUTLIER_RMS``
-times the RMS of the others get integer coefficients c = rint(x_d / sx) on the step sx of the other values (any size up to ``COEF_MAX``)
-instead of int8 codes, so the row is x^ = sx k with k its int8 codes and those coefficients. The dots add
-c (codes[v, d] - OFFSET) for them (``lm_head_int8``, in the tile's task while its rows are in L2), still exact
+times the RMS of the others get integer coefficients c = rint(x_d / sx) on the step sx of the other values (up to
+``COEF_MAX``) instead of int8 codes, so the row is x^ = sx k with k its int8 codes and those coefficients. The dots
+add c (codes[v, d] - OFFSET) for them (``lm_head_int8``, in the tile's task while its rows are in L2), still exact
 integers, and the bound is the same with x^ for sx qx: P = ||x^||, Q = ||x - x^|| + gamma_n ||x||.
 
 Paths (exact integers: every path gives the same dots): ``avx512`` LLVM-IR tiles with ``vpdpbusd`` (the table's

@@ -17,8 +17,9 @@ first index among equal maxima included, is the float32 lm_head's: the same gree
   ~0.8% of ||x|| ||w|| whatever the values (the int8 one widens when a few outliers set a table row's scale; a
   logit row's outliers are kept apart, ``lm_head_int8``).
 
-Under "auto" the job stops sending greedy rows here once they cost more than the float32 lm_head would
-(``argmax_pays``): a guard for models whose final rows the screen cannot narrow.
+Under "auto" a job stops sending greedy (or top-k) rows here once they cost more than the float32 lm_head would
+(``argmax_pays``, ``top_k_pays``), and lets the screen table go when no kind of row pays
+(``retire_if_unpaying``): a guard for models whose final rows the screen cannot narrow.
 """
 from __future__ import annotations
 
