@@ -38,7 +38,7 @@ from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 from ._config import JIT_EXACT, JIT_EXACT_PARALLEL
-from ._cpu import KERNEL, check_kernel
+from ._cpu import HAS_AVX512, KERNEL, check_kernel
 from ._ir import I8, I16, I32, Emit, const64
 from .embedding import BF16, F16, F32, LM_PREFETCH, VOCAB_TASK, _widen_row
 
@@ -374,7 +374,10 @@ def _tile(RV, C, prefetch=0, native=True):
 
 # one token row streams the table (memory bound): 8 rows a tile, each prefetched LM_PREFETCH bytes ahead (8 x 1,
 # 2B4T table, 2 threads, AMD Zen 4: 9.8-10.2 ms at 48-96 KB, 11.5 ms with none)
-_n64, _n14, _n81, _n11 = _tile(6, 4), _tile(1, 4), _tile(8, 1, LM_PREFETCH), _tile(1, 1, LM_PREFETCH)
+# the vpdpbusd tiles only where the CPU Numba compiles for has them: elsewhere LLVM cannot select the instruction
+# and aborts the process when the driver, which holds both kinds, compiles (the AVX2 tiles stand in, never chosen)
+_n64, _n14, _n81, _n11 = (_tile(6, 4, 0, HAS_AVX512), _tile(1, 4, 0, HAS_AVX512),
+                          _tile(8, 1, LM_PREFETCH, HAS_AVX512), _tile(1, 1, LM_PREFETCH, HAS_AVX512))
 _a24, _a14, _a81, _a11 = _tile(2, 4, 0, False), _tile(1, 4, 0, False), _tile(8, 1, LM_PREFETCH, False), \
     _tile(1, 1, LM_PREFETCH, False)
 

@@ -489,3 +489,43 @@ def test_rows_from_the_file_a_few_at_a_time(model, monkeypatch, cap):
         np.testing.assert_array_equal(got[finite], want[finite])
     if cap is None:                                       # more distinct candidate rows than one read holds
         assert len(set().union(*(np.flatnonzero(np.isfinite(o)) for o in outs["int8"]))) > 5
+
+
+AVX2_CHILD = """
+import json, sys, numpy as np
+import bitnet_batch
+from bitnet_batch.config import EngineConfig
+from bitnet_batch.engine.engine import Engine
+from jit_kernels import _cpu
+engine = Engine(bitnet_batch.load_model(sys.argv[1]), EngineConfig(max_batch=2, max_seq_len=32, argmax_head="on"))
+slot = engine.kv.allocate()
+out = engine.step([(slot, np.arange(1, 9, dtype=np.int32), 0, "argmax")])[0]
+print(json.dumps({"kernel": _cpu.KERNEL, "argmax": int(np.argmax(out)), "screen": engine.argmax_head.screen}))
+"""
+
+
+def test_a_cpu_without_avx512_runs_the_int8_screen(small_model_path, tmp_path):
+    """A child that sees this host without AVX-512 (an AVX2 CPU such as Zen 3) compiles and runs a greedy step
+    through the int8 screen: the AVX-512 tiles must not even be compiled there (LLVM cannot select ``vpdpbusd``
+    and aborts the process), and the token is this process's."""
+    import os
+    import subprocess
+    import sys
+    from numba.core.codegen import get_host_cpu_features
+
+    from jit_kernels import _cpu
+
+    if not _cpu.HAS_AVX2:
+        pytest.skip("no AVX2 on this CPU")
+    feats = ",".join(f"-{f[1:]}" if f[1:].startswith(("avx512", "amx")) else f
+                     for f in get_host_cpu_features().split(","))
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=feats, NUMBA_CACHE_DIR=str(tmp_path))
+    env.pop(_cpu.KERNEL_ENV, None)
+    res = subprocess.run([sys.executable, "-c", AVX2_CHILD, str(small_model_path)], capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert res.returncode == 0 and "Fatal Python error" not in res.stderr, res.stderr[-3000:]
+    child = json.loads(res.stdout.splitlines()[-1])
+    engine = Engine(bitnet_batch.load_model(small_model_path), EngineConfig(max_batch=2, max_seq_len=32,
+                                                                           argmax_head="off"))
+    want = engine.step([(engine.kv.allocate(), np.arange(1, 9, dtype=np.int32), 0, True)])[0]
+    assert child == {"kernel": "avx2", "argmax": int(np.argmax(want)), "screen": "int8"}
