@@ -57,6 +57,8 @@ class BenchResult:
     step_ms: float           # mean wall time of one decode step
     peak_rss_mb: float
     kv_prefault_s: float     # writing the KV pool once before the clock starts (EngineConfig.prefault_kv)
+    argmax_candidates: float | None = None   # the argmax lm_head's candidates a greedy row (None: no screen) ...
+    argmax_full_rows: int = 0                # ... and rows that took the whole float32 lm_head
 
 
 def bench_batch(model, batch: int, prompt_tokens: int, gen_tokens: int, *, prefill_chunk: int = 128,
@@ -99,13 +101,16 @@ def bench_batch(model, batch: int, prompt_tokens: int, gen_tokens: int, *, prefi
         tokens = np.array([int(np.argmax(o)) for o in outs], np.int32)
     t2 = time.perf_counter()
     steps = max(gen_tokens - 1, 1)
+    head = eng.argmax_head
     return BenchResult(batch=batch, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
                        prefill_tok_s=round(batch * prompt_tokens / (t1 - t0), 2),
                        decode_tok_s=round(batch * (gen_tokens - 1) / (t2 - t1), 2) if gen_tokens > 1 else 0.0,
                        ttft_s=round(t1 - t0, 4),
                        total_tok_s=round(batch * (prompt_tokens + gen_tokens) / (t2 - t0), 2),
                        step_ms=round(1000 * (t2 - t1) / steps, 2), peak_rss_mb=round(peak_rss_mb(), 1),
-                       kv_prefault_s=round(eng.kv_prefault_s, 3))
+                       kv_prefault_s=round(eng.kv_prefault_s, 3),
+                       argmax_candidates=None if head is None else round(head.candidates / max(head.rows, 1), 1),
+                       argmax_full_rows=0 if head is None else head.full_rows)
 
 
 def cpu_model() -> str:
@@ -172,6 +177,8 @@ def run_bench(model_ref, batch_sizes=(1, 8, 32), prompt_tokens=64, gen_tokens=64
                                                       "total_tok_s": x.total_tok_s} for x in runs]))
         spread = "" if repeat == 1 else (f" | decode over {repeat} runs {min(x.decode_tok_s for x in runs):.1f}-"
                                           f"{max(x.decode_tok_s for x in runs):.1f}")
+        if r.argmax_candidates is not None:    # how well the screen narrows this model's rows (random prompts)
+            spread += f" | screen {r.argmax_candidates:.0f} candidates a row, {r.argmax_full_rows} whole rows"
         log(f"batch {r.batch:3d}: prefill {r.prefill_tok_s:8.1f} tok/s | decode {r.decode_tok_s:8.1f} tok/s "
             f"({r.step_ms:.0f} ms/step) | ttft {r.ttft_s:.3f}s | total {r.total_tok_s:8.1f} tok/s | "
             f"peak RSS {r.peak_rss_mb:.0f} MB | KV prefault {r.kv_prefault_s:.2f}s{spread}")

@@ -2,6 +2,7 @@
 import errno
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -154,8 +155,22 @@ def test_bench_json(small_model_path, kv_dtype, lm_head_dtype):
     for key in ("prefill_tok_s", "decode_tok_s", "ttft_s", "total_tok_s", "peak_rss_mb"):
         assert out["results"][0][key] > 0
     assert out["results"][0]["kv_prefault_s"] >= 0            # a tiny model's pool: well under a millisecond
+    assert out["results"][0]["argmax_candidates"] is None      # no screen for so small a table ("auto")
     assert out["compile_s"] >= 0 and out["load_s"] > 0
     assert out["threading_layer"] in ("omp", "tbb", "workqueue")
+
+
+def test_bench_reports_how_many_candidates_the_screen_leaves(small_model_path, small_model):
+    """With the argmax lm_head ("on": any table) the bench says how many candidates a greedy row needed and how many
+    rows took the whole float32 lm_head (what to look at on a model of one's own)."""
+    from jit_kernels import embedding
+
+    if not embedding.simd_table(small_model.weights.output):
+        pytest.skip("the argmax lm_head needs a SIMD kernel family")
+    res = CliRunner().invoke(main, ["bench", "-m", str(small_model_path), "--batch-sizes", "2", "--prompt-tokens",
+                                    "8", "--gen-tokens", "4", "--argmax-head", "on"])
+    assert res.exit_code == 0, res.output
+    assert re.search(r"screen \d+ candidates a row, 0 whole rows", res.output), res.output
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the peak RSS count restarts on Linux only")
