@@ -90,32 +90,31 @@ def int8_table(table, kind, codes, scale, enorm, wnorm):
 
 
 @njit(**JIT_EXACT)
-def _quantize(w, q, lo):
-    """q[:len(w)] <- rint(w / s) + lo (as the integer type of q), s = max|w| / QMAX; q[len(w):] <- lo. Returns
-    (s, ||w - s (q - lo)||, ||w||, ||q - lo||), the norms rounded up to cover float64 rounding; s NaN and
-    infinite norms when w holds a value that is not finite."""
+def _quantize_table_row(w, q):
+    """q[:len(w)] <- rint(w / s) + OFFSET, s = max|w| / QMAX; q[len(w):] <- OFFSET. Returns (s, ||w - s (q -
+    OFFSET)||, ||w||), the norms rounded up to cover float64 rounding; s NaN and infinite norms when w holds a value
+    that is not finite."""
     D = w.shape[0]
     amax = 0.0
     for d in range(D):
         amax = max(amax, abs(np.float64(w[d])))
-    q[:] = lo
+    q[:] = OFFSET
     if not np.isfinite(amax):
-        return np.nan, np.inf, np.inf, np.inf
+        return np.nan, np.inf, np.inf
     if amax == 0.0:
-        return 0.0, 0.0, 0.0, 0.0
+        return 0.0, 0.0, 0.0
     s = amax / QMAX
-    e2 = w2 = q2 = 0.0
+    e2 = w2 = 0.0
     for d in range(D):
         v = np.float64(w[d])
         k = min(max(np.rint(v / s), -QMAX), QMAX)
-        q[d] = k + lo
+        q[d] = k + OFFSET
         r = v - s * k
         e2 += r * r
         w2 += v * v
-        q2 += k * k
     # each r is v - s k rounded once (|error| <= 2^-53 |s k| <= 2^-53 amax): the absolute term covers D of them
     slack = np.sqrt(np.float64(D)) * amax * 2.0 ** -50
-    return s, np.sqrt(e2) * (1 + _REL) + slack, np.sqrt(w2) * (1 + _REL), np.sqrt(q2) * (1 + _REL)
+    return s, np.sqrt(e2) * (1 + _REL) + slack, np.sqrt(w2) * (1 + _REL)
 
 
 @njit(**JIT_EXACT_PARALLEL)
@@ -128,7 +127,7 @@ def _int8_table(table, kind, codes, scale, enorm, wnorm):
                 row[:] = table[v]
             else:
                 _widen_row(table[v], kind, row)
-            scale[v], enorm[v], wnorm[v], _ = _quantize(row, codes[v], OFFSET)
+            scale[v], enorm[v], wnorm[v] = _quantize_table_row(row, codes[v])
 
 
 # ---- the logit rows -----------------------------------------------------------------------------------------

@@ -142,8 +142,7 @@ class ArgmaxHead:
 
     def reset_counts(self) -> None:
         """Zero the counters (the warm-up's rows are not a job's)."""
-        self.rows = 0              # argmax rows computed, candidates computed exactly, rows that took the
-        self.candidates = 0        # whole float32 lm_head
+        self.candidates = 0        # candidates computed exactly, rows that took the whole float32 lm_head
         self.full_rows = 0
         self.argmax_rows = 0       # rows of k = 1 and their cost in candidates (``argmax_pays``), the same for
         self.argmax_cost = 0       # the rows of k > 1 (top-k sampling; ``top_k_pays``)
@@ -214,7 +213,6 @@ class ArgmaxHead:
                 emb_k.lm_head_entries(x, part, self.kind, rows[sel], index[sel] - c * ROWS_AT_ONCE, out,
                                       dest=cols[sel])
                 start = end
-        self.rows += R
         self.candidates += int(n.sum())
         self.full_rows += int((counts < 0).sum())
         top, cost = kk > 1, np.where(counts < 0, FULL_ROW_COST, n)
@@ -242,20 +240,28 @@ class ArgmaxHead:
             out[rows, lo:hi] = part
 
     @property
+    def rows(self) -> int:
+        """Rows computed here (argmax and top-k)."""
+        return self.argmax_rows + self.top_k_rows
+
+    def _pays(self, rows: int, cost: int) -> bool:
+        return not self.retired and cost <= PAYING_CANDIDATES * max(rows, TRIAL)
+
+    @property
     def argmax_pays(self) -> bool:
         """Whether "auto" still sends argmax rows here: while their cost averages at most PAYING_CANDIDATES
         candidates a row (a row that took the whole float32 lm_head counting FULL_ROW_COST), judged over TRIAL rows
         at least (so at most TRIAL PAYING_CANDIDATES / FULL_ROW_COST = 8 whole rows are tried): a model whose final
         rows the screen cannot narrow (none measured so far) then gets the float32 lm_head, as with "off", and the
         same tokens."""
-        return not self.retired and self.argmax_cost <= PAYING_CANDIDATES * max(self.argmax_rows, TRIAL)
+        return self._pays(self.argmax_rows, self.argmax_cost)
 
     @property
     def top_k_pays(self) -> bool:
         """The same for top-k rows, whose candidates depend more on the model: about k where its logits are peaked
         (a trained Shakespeare model, k = 40: ~50 a row), but thousands where they are flat (a random-weight 2B4T
         model, k = 40: more than 4096 a row, every row the whole float32 lm_head)."""
-        return not self.retired and self.top_k_cost <= PAYING_CANDIDATES * max(self.top_k_rows, TRIAL)
+        return self._pays(self.top_k_rows, self.top_k_cost)
 
     def retire_if_unpaying(self) -> bool:
         """Once a kind of row (argmax, top-k) has stopped paying and no kind that came still does, let the screen
