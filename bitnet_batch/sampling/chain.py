@@ -19,6 +19,7 @@ a sampler keeps no state in them between calls, so hundreds of in-flight request
 """
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from typing import Iterable, Sequence
@@ -137,9 +138,10 @@ class Sampler:
         np.copyto(ws.dense, logits, casting="same_kind")
         return self.chain.run(Candidates(ws.dense, ws.weights), StepContext(allowed))
 
-    @property
+    @functools.cached_property
     def banned_ids(self) -> tuple[int, ...]:
-        """The ids this sampler never picks whatever the logits (``ignore_eos``: the end-of-generation ids), sorted."""
+        """The ids this sampler never picks whatever the logits (``ignore_eos``: the end-of-generation ids), sorted
+        (read once: the chain is fixed, and the job asks for every row of every step)."""
         for step in self.chain.steps:
             if isinstance(step, BanTokens):
                 return tuple(int(i) for i in step.ids)
