@@ -14,7 +14,7 @@ from numba.core.extending import intrinsic
 
 from ._bounds import in_range
 from ._config import JIT, JIT_EXACT_PARALLEL, JIT_PARALLEL
-from ._cpu import AVAILABLE, KERNEL, check_kernel
+from ._cpu import AVAILABLE, KERNEL, check_kernel, simd_family
 from ._ir import I16, I32, Emit, const64
 from .buffers import aligned_zeros
 
@@ -122,7 +122,7 @@ def lm_head(x, table, kind, scratch, out, kernel=None):
         return
     kernel = check_kernel("lm_head", KERNEL if kernel is None else kernel)
     if simd_table(table, kernel) and x.strides[1] == 4:
-        _lm_head_avx2(x, table, kind, out, kernel == "avx512")
+        _lm_head_avx2(x, table, kind, out, simd_family(kernel) == "avx512")
     else:
         if scratch.shape[0] < numba.config.NUMBA_NUM_THREADS or scratch.shape[1] != 2 * D:
             raise ValueError(f"lm_head: scratch {scratch.shape} must be [>= {numba.config.NUMBA_NUM_THREADS}, "

@@ -26,20 +26,31 @@ from numba.extending import overload
 
 from . import activations, attention, rope, ternary
 from ._config import JIT_PARALLEL
-from ._cpu import HAS_AVX2, HAS_AVX512, kernel_id
+from ._cpu import HAS_AMX_INSTRUCTIONS, HAS_AVX2, HAS_AVX512, kernel_id
 
 
 def _matmul(kernel, xq, xscale, xsum, packed, wscale, out):
     """``ternary.ternary_matmul``'s kernel call for the family ``kernel`` (``_cpu.kernel_id``)."""
 
 
-_AVX512, _AVX2 = kernel_id("avx512"), kernel_id("avx2")
+_AMX, _AVX512, _AVX2 = kernel_id("amx"), kernel_id("avx512"), kernel_id("avx2")
 
 
 @overload(_matmul, inline="always")
 def _matmul_impl(kernel, xq, xscale, xsum, packed, wscale, out):
     # which families the CPU runs is a CPU fact (part of Numba's cache key): a SIMD driver is only compiled where
     # it runs (its instructions would not even compile elsewhere)
+    if HAS_AMX_INSTRUCTIONS:
+        def four(kernel, xq, xscale, xsum, packed, wscale, out):
+            if kernel == _AMX:
+                ternary._matmul_amx(xq, xscale, xsum, packed, wscale, out)
+            elif kernel == _AVX512:
+                ternary._matmul_avx512(xq, xscale, xsum, packed, wscale, out)
+            elif kernel == _AVX2:
+                ternary._matmul_avx2(xq, xscale, xsum, packed, wscale, out)
+            else:
+                ternary._matmul_portable(xq, xscale, xsum, packed, wscale, out)
+        return four
     if HAS_AVX512:
         def three(kernel, xq, xscale, xsum, packed, wscale, out):
             if kernel == _AVX512:

@@ -31,7 +31,7 @@ from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 from ._config import JIT_EXACT, JIT_EXACT_PARALLEL, JIT_PARALLEL
-from ._cpu import HAS_AVX512_BF16, KERNEL, check_kernel
+from ._cpu import HAS_AVX512_BF16, KERNEL, check_kernel, simd_family
 from ._ir import I16, I32, Emit, const64
 from .embedding import BF16, F16, F32, LM_PREFETCH, VOCAB_TASK, _widen_row
 
@@ -47,7 +47,7 @@ def padded_dim(D: int) -> int:
 def has_fast_path(kernel=None) -> bool:
     """Whether ``lm_head_bf16`` takes the ``vdpbf16ps`` tiles here (the ``avx512`` family on an AVX512_BF16
     CPU); elsewhere it gives the same bits from FMA tiles (SIMD families) or plain loops (``portable``)."""
-    return (KERNEL if kernel is None else kernel) == "avx512" and HAS_AVX512_BF16
+    return simd_family(KERNEL if kernel is None else kernel) == "avx512" and HAS_AVX512_BF16
 
 
 def scratch(n_threads: int, D: int) -> np.ndarray:

@@ -38,7 +38,7 @@ from numba.core import cgutils
 from numba.core.extending import intrinsic
 
 from ._config import JIT_EXACT, JIT_EXACT_PARALLEL
-from ._cpu import HAS_AVX512, KERNEL, check_kernel
+from ._cpu import HAS_AVX512, KERNEL, check_kernel, simd_family
 from ._ir import I8, I16, I32, Emit, const64
 from .embedding import BF16, F16, F32, LM_PREFETCH, VOCAB_TASK, _widen_row
 
@@ -60,7 +60,7 @@ def padded_dim(D: int) -> int:
 def has_fast_path(kernel=None) -> bool:
     """Whether ``lm_head_int8`` takes SIMD tiles here (``vpdpbusd`` in the ``avx512`` family, ``vpmaddubsw`` in
     ``avx2``), rather than the plain loop."""
-    return (KERNEL if kernel is None else kernel) in ("avx512", "avx2")
+    return simd_family(KERNEL if kernel is None else kernel) in ("avx512", "avx2")
 
 
 def f32_sum_bound(D: int) -> float:
@@ -260,7 +260,7 @@ def lm_head_int8(xq, xsum, odims, ocoef, codes, out, kernel=None):
     if kernel == "portable":
         _lm_head_plain(xq, xsum, odims, ocoef, codes, out)
     else:
-        _lm_head_tiles(xq, xsum, odims, ocoef, codes, out, kernel == "avx512")
+        _lm_head_tiles(xq, xsum, odims, ocoef, codes, out, simd_family(kernel) == "avx512")
 
 
 @njit(inline="always", **JIT_EXACT)

@@ -29,9 +29,11 @@ Math (BitNet b1.58, as bitnet.cpp computes it)::
 The integer dot is exact and the float epilogue is the same per element in every kernel, so a row's result
 never depends on the kernel, the batch it is computed in or the thread count (bit-identical).
 
-Kernels (``KERNEL`` is chosen once at import by ``_cpu``; ``BITNET_BATCH_KERNEL=auto|avx512|avx2|portable``
+Kernels (``KERNEL`` is chosen once at import by ``_cpu``; ``BITNET_BATCH_KERNEL=auto|amx|avx512|avx2|portable``
 forces one):
 
+- ``amx``: AMX-INT8 tile products (``ternary_amx``) for steps of ``AMX_MIN_ROWS`` token rows or more, the
+  ``avx512`` kernel for fewer; on CPUs (and OSes) that have AMX.
 - ``avx512``: AVX-512 VNNI tiles of 8 weight rows x 4 token rows (``ternary_avx512``), on CPUs that have it.
 - ``avx2``: bitnet.cpp's I2_S dot written as LLVM IR (Numba ``@intrinsic``; the block body of the batched tiles
   as inline assembly, see ``_emit_block_asm``): ``vpmaddubsw`` of 32 code bytes
@@ -198,7 +200,7 @@ def ternary_matmul(xq, xscale, xsum, packed, wscale, out, kernel=None):
     xq int8 [T, Kp] (rows may be strided, elements contiguous); xscale float32 [T]; xsum int32 [T];
     packed uint8 [Np, Kp // 4], C-contiguous, Np = N rounded up to whole row groups (a slice of whole groups
     of a larger matrix is fine); wscale float32 [N]; out float32 or float64 [T, N] (rows may be strided,
-    elements contiguous: the avx512 tiles store 8 consecutive outputs at once). ``kernel``: ``"avx512"`` / ``"avx2"`` / ``"portable"``, default ``KERNEL``."""
+    elements contiguous: the avx512 tiles store 8 consecutive outputs at once). ``kernel``: ``"amx"`` / ``"avx512"`` / ``"avx2"`` / ``"portable"``, default ``KERNEL``."""
     T, Kp = xq.shape
     Np, KB = packed.shape
     N = wscale.shape[0]
@@ -222,7 +224,9 @@ def ternary_matmul(xq, xscale, xsum, packed, wscale, out, kernel=None):
     if not packed.flags.c_contiguous:
         raise ValueError("ternary_matmul: packed must be C-contiguous (its row groups are runs of bytes)")
     kernel = check_kernel("ternary_matmul", KERNEL if kernel is None else kernel)
-    if kernel == "avx512":
+    if kernel == "amx":
+        _matmul_amx(xq, xscale, xsum, packed, wscale, out)
+    elif kernel == "avx512":
         _matmul_avx512(xq, xscale, xsum, packed, wscale, out)
     elif kernel == "avx2":
         _matmul_avx2(xq, xscale, xsum, packed, wscale, out)
@@ -619,3 +623,4 @@ def _matmul_portable(xq, xscale, xsum, packed, wscale, out):
 
 
 from .ternary_avx512 import _matmul_avx512  # noqa: E402  (it builds on the tiles and epilogues above)
+from .ternary_amx import _matmul_amx  # noqa: E402  (it builds on the avx512 kernel)

@@ -79,7 +79,7 @@ def _best(fn, repeat, budget_s, clock=time.perf_counter):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kernels", default=ternary.KERNEL,
-                    help=f"comma list of avx512, avx2, portable, baseline (default: selected = {ternary.KERNEL})")
+                    help=f"comma list of amx, avx512, avx2, portable, baseline (default: selected = {ternary.KERNEL})")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma list of " + ", ".join(SHAPES))
     ap.add_argument("--T", default="1,8,32,128", help="token rows per call, comma list")
     ap.add_argument("--repeat", type=int, default=5, help="timed calls per case at least (best is kept)")

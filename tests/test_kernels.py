@@ -16,7 +16,7 @@ from bitnet_batch.model.layout import (deinterleave_rows, from_i2s_rows, interle
 from jit_kernels import _config, _cpu, activations, attention, buffers, embedding, norms, rope, ternary
 
 RNG = np.random.default_rng(1234)
-KERNELS = _cpu.available_kernels()       # ("avx512", "avx2", "portable") on an AVX-512 VNNI machine
+KERNELS = _cpu.available_kernels()       # ("amx", "avx512", "avx2", "portable") on a Xeon with AMX
 # every kernel family of this build; those the CPU Numba compiles for cannot run are skipped, saying why
 FAMILIES = [pytest.param(k, marks=pytest.mark.skipif(
     k not in KERNELS, reason=f"{k}: the CPU Numba compiles for lacks {'/'.join(f[1:] for f in _cpu.NEEDS[k])} "
@@ -227,6 +227,50 @@ def test_ternary_matmul_writes_only_its_view(kernel):
     assert (big_out[:, :10] == 0).all() and (big_out[:, 10 + N:] == 0).all()
 
 
+AMX = pytest.mark.skipif("amx" not in KERNELS, reason=f"amx: the CPU Numba compiles for lacks AMX-TILE/AMX-INT8 "
+                                                     f"or the OS refused the tile state ({_cpu.AMX_REFUSED})")
+
+
+@AMX
+@pytest.mark.parametrize("T,N,K", [(16, 16, 128), (17, 64, 256), (31, 48, 384), (32, 130, 640), (33, 80, 2560),
+                                   (48, 200, 128), (100, 64, 1152), (129, 35, 256)])
+def test_amx_tiles_match_the_twin_and_avx512(T, N, K):
+    """Every tile combination of the AMX kernel (2 x 2, 2 x 1, 1 x 4, 1 x 2, 1 x 1; a last token tile of 1..16
+    rows; weight rows past the last whole 16 (N = 130, 35) on the avx512 tiles), strided views, both output
+    types: the twin's bits and avx512's."""
+    t = _ternary(N, K)
+    wscale = RNG.uniform(0.1, 2.0, N).astype(np.float32)
+    _, xq, s, sm = _quantized(T, K, spread=RNG.uniform(0.1, 10))
+    packed = pack_kernel(t)
+    want = naive.ternary_matmul(xq[:, :K], s, t, wscale)
+    for dtype in (np.float64, np.float32):
+        out = _matmul(xq, s, sm, packed, wscale, "amx", dtype)
+        np.testing.assert_array_equal(out, want.astype(dtype))
+        np.testing.assert_array_equal(out, _matmul(xq, s, sm, packed, wscale, "avx512", dtype))
+
+
+@AMX
+def test_amx_epilogue_divides_exactly_without_a_division():
+    """The AMX epilogue computes (dot - xsum) / xscale with FMA corrections of a product by 1 / xscale: correctly
+    rounded for any float32 scale and int32 difference, as IEEE division. Scales over 2^-60 .. 2^60 with random
+    and all-ones mantissas, differences up to +-2^31 (dots of code 3 against -128 and 127)."""
+    N, K, T = 16, 128, 16 * 40
+    rows = RNG.integers(0, 256, size=(N, K // 4)).astype(np.uint8)
+    rows[:4] = 0xFF
+    packed = interleave_rows(rows)
+    xq = RNG.integers(-128, 128, size=(T, K)).astype(np.int8)
+    xq[::3] = RNG.choice(np.array([-128, 127], np.int8), size=(len(xq[::3]), K))
+    xq = _view(xq)
+    sm = RNG.integers(-2 ** 31 + 2 ** 17, 2 ** 31 - 2 ** 17, T).astype(np.int32)      # any difference dot - xsum
+    mant = np.where(RNG.random(T) < 0.3, np.float32(2 - 2 ** -23), RNG.uniform(1, 2, T).astype(np.float32))
+    s = (mant * np.exp2(RNG.integers(-60, 61, T))).astype(np.float32)
+    wscale = RNG.uniform(0.1, 2.0, N).astype(np.float32)
+    codes = np.concatenate([(rows.reshape(N, -1, 1, 32) >> sh) & 3 for sh in (6, 4, 2, 0)], axis=2)
+    dot = xq.astype(np.int64) @ codes.reshape(N, K).astype(np.int64).T - sm[:, None]
+    want = dot.astype(np.float64) / s.astype(np.float64)[:, None] * wscale.astype(np.float64)
+    np.testing.assert_array_equal(_matmul(xq, s, sm, packed, wscale, "amx"), want)
+
+
 def test_ternary_matmul_rejects_bad_arguments():
     p = pack_kernel(_ternary(6, 300))
     args = (np.ones(1, np.float32), np.zeros(1, np.int32), p, np.ones(6, np.float32), np.zeros((1, 6), np.float32))
@@ -251,43 +295,77 @@ def test_ternary_matmul_rejects_bad_arguments():
 
 # ---- kernel selection and the JIT cache -------------------------------------------------------------------
 
-ALL = ("avx512", "avx2", "portable")
+ALL = ("amx", "avx512", "avx2", "portable")
+REFUSED = "the kernel refused the AMX tile state (arch_prctl(ARCH_REQ_XCOMP_PERM): Invalid argument)"
 
 
 def test_select_kernel():
-    assert _cpu.select_kernel("auto", ALL) == "avx512"
-    assert _cpu.select_kernel("auto", ALL[1:]) == "avx2"
+    assert _cpu.select_kernel("auto", ALL) == "amx"
+    assert _cpu.select_kernel("auto", ALL[1:]) == "avx512"
+    assert _cpu.select_kernel("auto", ALL[2:]) == "avx2"
     assert _cpu.select_kernel("auto", ("portable",)) == "portable"
     assert _cpu.select_kernel("", ("portable",)) == "portable"
     assert _cpu.select_kernel(" Portable ", ALL) == "portable"
     assert _cpu.select_kernel("avx2", ALL) == "avx2"
     assert _cpu.select_kernel("AVX512", ALL) == "avx512"
+    assert _cpu.select_kernel("amx", ALL) == "amx"
     with pytest.raises(ValueError, match="avx512 but the CPU Numba compiles for lacks AVX2/FMA/F16C/AVX512F/"
                                          "AVX512BW/AVX512VL/AVX512VNNI .*use auto or one of avx2, portable"):
-        _cpu.select_kernel("avx512", ALL[1:])
+        _cpu.select_kernel("avx512", ALL[2:])
     with pytest.raises(ValueError, match="lacks AVX2/FMA/F16C "):
         _cpu.select_kernel("avx2", ("portable",))
-    with pytest.raises(ValueError, match="amx: this build has no AMX kernel .*has AMX-INT8"):
-        _cpu.select_kernel("amx", ALL, has_amx=True)
-    with pytest.raises(ValueError, match="amx: this build has no AMX kernel .*lacks AMX-INT8 too"):
+    with pytest.raises(ValueError, match="amx but the CPU Numba compiles for lacks .*/AMX-TILE/AMX-INT8 .*use auto "
+                                         "or one of avx512, avx2, portable"):
         _cpu.select_kernel("amx", ALL[1:])
+    # a CPU with AMX whose OS refused the tile state: the error says so, auto takes the next family
+    with pytest.raises(ValueError, match=r"amx but the kernel refused the AMX tile state \(arch_prctl"):
+        _cpu.select_kernel("amx", ALL[1:], amx_refused=REFUSED)
+    assert _cpu.select_kernel("auto", ALL[1:], amx_refused=REFUSED) == "avx512"
     with pytest.raises(ValueError, match="BITNET_BATCH_KERNEL must be one of auto, amx, avx512, avx2, portable, "
                                          "got 'neon'"):
         _cpu.select_kernel("neon", ALL)
-    amx = all(f in _cpu.cpu_features() for f in _cpu.AMX_FEATURES)
-    assert ternary.KERNEL == _cpu.KERNEL == _cpu.select_kernel(os.environ.get(_cpu.KERNEL_ENV, "auto"), KERNELS, amx)
+    assert ternary.KERNEL == _cpu.KERNEL == _cpu.select_kernel(os.environ.get(_cpu.KERNEL_ENV, "auto"), KERNELS,
+                                                               _cpu.AMX_REFUSED)
 
 
-def test_runnable_families_follow_the_cpu_features():
+def test_runnable_families_follow_the_cpu_features_and_the_tile_permission():
     avx2 = {"+avx2", "+fma", "+f16c", "+sse4.2"}
     vnni = avx2 | {"+avx512f", "+avx512bw", "+avx512vl", "+avx512vnni"}
-    assert _cpu.runnable(vnni) == ALL
+    amx = vnni | {"+amx-tile", "+amx-int8"}
+    assert _cpu.runnable(amx) == ALL
+    assert _cpu.runnable(amx, amx_refused=REFUSED) == ALL[1:]                   # the OS said no: avx512
+    assert _cpu.runnable(amx - {"+amx-int8"}) == ALL[1:]                        # AMX-BF16 only
+    assert _cpu.runnable(vnni) == ALL[1:]
     assert _cpu.runnable(vnni - {"+avx512vnni"} | {"-avx512vnni"}) == ("avx2", "portable")   # Skylake-SP
     assert _cpu.runnable(avx2) == ("avx2", "portable")
     assert _cpu.runnable(avx2 - {"+f16c"}) == ("portable",)
-    assert _cpu.runnable(vnni, jit=False) == ("portable",)                                  # NUMBA_DISABLE_JIT
-    assert _cpu.AVAILABLE == _cpu.runnable(_cpu.cpu_features(), not numba.config.DISABLE_JIT)
-    assert [_cpu.kernel_id(k) for k in ALL] == [0, 1, 2] and _cpu.FAMILIES == ALL
+    assert _cpu.runnable(amx, jit=False) == ("portable",)                                   # NUMBA_DISABLE_JIT
+    assert _cpu.AVAILABLE == _cpu.runnable(_cpu.cpu_features(), not numba.config.DISABLE_JIT, _cpu.AMX_REFUSED)
+    assert [_cpu.kernel_id(k) for k in ALL] == [0, 1, 2, 3] and _cpu.FAMILIES == ALL
+    assert [_cpu.simd_family(k) for k in ALL] == ["avx512", "avx512", "avx2", "portable"]
+
+
+def test_request_amx_asks_linux_for_the_tile_state(monkeypatch):
+    """``request_amx`` calls arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) and reports a refusal (or a
+    platform without it) as a reason instead of raising."""
+    calls = []
+
+    class Libc:
+        def syscall(self, *args):
+            calls.append(args)
+            return rc
+
+    monkeypatch.setattr(_cpu.sys, "platform", "linux")
+    monkeypatch.setattr(_cpu.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(_cpu.ctypes, "CDLL", lambda *a, **k: Libc())
+    monkeypatch.setattr(_cpu.ctypes, "get_errno", lambda: 22)
+    rc = 0
+    assert _cpu.request_amx() is None and calls == [(158, 0x1023, 18)]
+    rc = -1
+    assert _cpu.request_amx() == ("the kernel refused the AMX tile state (arch_prctl(ARCH_REQ_XCOMP_PERM): "
+                                  "Invalid argument)")
+    monkeypatch.setattr(_cpu.sys, "platform", "darwin")
+    assert "only requested on Linux x86-64" in _cpu.request_amx()
 
 
 def _features_without(*names):
@@ -304,13 +382,14 @@ def _features_without(*names):
      "BITNET_BATCH_KERNEL=avx512 but the CPU Numba compiles for lacks"),
     ({_cpu.KERNEL_ENV: "avx2", "NUMBA_CPU_FEATURES": _features_without("avx2", "fma")},
      "BITNET_BATCH_KERNEL=avx2 but the CPU Numba compiles for lacks AVX2/FMA/F16C"),
-    ({_cpu.KERNEL_ENV: "amx"}, "BITNET_BATCH_KERNEL=amx: this build has no AMX kernel"),
+    ({_cpu.KERNEL_ENV: "amx", "NUMBA_CPU_FEATURES": _features_without("amx-int8")},
+     "BITNET_BATCH_KERNEL=amx but the CPU Numba compiles for lacks"),
     ({_cpu.KERNEL_ENV: "avx2", "NUMBA_DISABLE_JIT": "1"}, "BITNET_BATCH_KERNEL=avx2 but"),
     ({_cpu.KERNEL_ENV: "auto", "NUMBA_DISABLE_JIT": "1"}, "portable"),
 ])
 def test_forced_kernel_the_cpu_lacks_is_a_clear_error(env, want):
     """What a process picks from its CPU's features (here a child that sees this host with some turned off):
-    the best family it has, or for a forced family it lacks (or ``amx``) an error naming what is missing."""
+    the best family it has, or for a forced family it lacks an error naming what is missing."""
     res = _child("from jit_kernels import _cpu; print(_cpu.KERNEL)", env)
     if want in ALL:
         assert res.returncode == 0 and res.stdout.split() == [want], res.stderr[-2000:]
@@ -326,7 +405,7 @@ xq = np.ones((5, 384), np.int8)[:, :256]              # views, as in the engine 
 s, sm = np.ones(5, np.float32), np.full(5, 256, np.int32)
 out = np.zeros((5, 8), np.float32)[:, :3]
 ternary.ternary_matmul(xq, s, sm, np.full((4, 64), 0xAA, np.uint8), np.ones(3, np.float32), out)
-fn = {"avx512": ternary._matmul_avx512, "avx2": ternary._matmul_avx2, "portable": ternary._matmul_portable}[ternary.KERNEL]
+fn = {"amx": ternary._matmul_amx, "avx512": ternary._matmul_avx512, "avx2": ternary._matmul_avx2, "portable": ternary._matmul_portable}[ternary.KERNEL]
 print(json.dumps({"kernel": ternary.KERNEL, "out": out.tolist(),
                   "hits": sum(fn.stats.cache_hits.values()), "misses": sum(fn.stats.cache_misses.values())}))
 """

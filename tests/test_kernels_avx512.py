@@ -13,17 +13,18 @@ from jit_kernels import _cpu
 
 from conftest import write_jsonl
 
-SIMD = ("avx512", "avx2")
+SIMD = [k for k in ("amx", "avx512", "avx2") if k in _cpu.AVAILABLE]     # the SIMD families this CPU runs
 
 
-@pytest.mark.skipif(not set(SIMD) <= set(_cpu.AVAILABLE),
-                    reason=f"needs both SIMD families; the CPU Numba compiles for runs {', '.join(_cpu.AVAILABLE)}")
+@pytest.mark.skipif(len(SIMD) < 2, reason=f"needs two SIMD families; the CPU Numba compiles for runs "
+                                          f"{', '.join(_cpu.AVAILABLE)}")
 @pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
-def test_logits_are_the_same_bits_on_both_simd_families(tmp_path, monkeypatch, kv_dtype):
-    """The avx512 family's ternary tiles give the avx2 tiles' integer dots and epilogue, and its lm_head tiles the
-    same 8-lane FMA chains: an engine's logits are bit for bit the same, for prefill chunks of several sequences
-    (every tile shape and tail: 38 rows, widths of 1, 2 and 3 blocks, an odd vocabulary) and decode steps of 3
-    rows and of 1 (the one-token tiles)."""
+def test_logits_are_the_same_bits_on_every_simd_family(tmp_path, monkeypatch, kv_dtype):
+    """The avx512 family's ternary tiles give the avx2 tiles' integer dots and epilogue, the amx family's tile
+    products the same dots and epilogue bits, and the lm_head tiles the same 8-lane FMA chains: an engine's
+    logits are bit for bit the same on every family, for prefill chunks of several sequences (every tile shape
+    and tail: 38 rows, widths of 1, 2 and 3 blocks, an odd vocabulary) and decode steps of 3 rows and of 1 (the
+    one-token tiles)."""
     from bitnet_batch.model import bitnet
     from bitnet_batch.testing.models import write_test_model
     from jit_kernels import embedding, ternary
@@ -45,9 +46,11 @@ def test_logits_are_the_same_bits_on_both_simd_families(tmp_path, monkeypatch, k
                                    for s, p in zip(slots, prompts)]))
         steps.append(eng.step([(slots[1], np.array([7], np.int32), len(prompts[1]) + 3, True)]))
         got[kernel] = [np.array(o) for step in steps for o in step]
-    assert len(got["avx512"]) == 13 and np.isfinite(got["avx512"][0]).all()
-    for a, b in zip(got["avx512"], got["avx2"]):
-        np.testing.assert_array_equal(a, b)
+    first = got[SIMD[0]]
+    assert len(first) == 13 and np.isfinite(first[0]).all()
+    for kernel in SIMD[1:]:
+        for a, b in zip(first, got[kernel]):
+            np.testing.assert_array_equal(a, b, err_msg=f"{SIMD[0]} against {kernel}")
 
 
 def test_bench_inspect_and_job_summary_name_the_kernel_family(tmp_path, small_model_path):
@@ -60,7 +63,7 @@ def test_bench_inspect_and_job_summary_name_the_kernel_family(tmp_path, small_mo
     assert bench["argmax_head"] == "off"            # the greedy rows' screen: none for so small a table
     res = r.invoke(main, ["inspect", str(small_model_path)])
     assert res.exit_code == 0 and f"kernels   {_cpu.KERNEL} (this CPU runs {', '.join(_cpu.AVAILABLE)})" in res.output
-    fast = _cpu.KERNEL == "avx512" and _cpu.HAS_AVX512_BF16
+    fast = _cpu.simd_family(_cpu.KERNEL) == "avx512" and _cpu.HAS_AVX512_BF16
     assert ("bf16: vdpbf16ps" if fast else "bf16: same results, no faster") in res.output
     res = r.invoke(main, ["inspect", str(small_model_path), "--json"])
     out = json.loads(res.output)
