@@ -8,22 +8,24 @@ order.
 
 - Token tiles (``_token_tiles``): once per call, xq is copied into contiguous 1 KB A tiles (the last padded with
   zero rows), so each tile load is one sequential run instead of 16 rows of xq.
-- Unpacking (``_unpack``): block b of the 8 row groups of 16 weight rows is 8 zmm loads (one per group: the two
-  rows' 32 bytes each); dword q of row r holds, in field j (bits 7-2j, 6-2j of each byte), the codes of inputs
-  128b + 32j + 4q + {0, 1, 2, 3}. A dword transpose (three rounds of two-source permutes) gathers dword q of the
-  16 rows into one vector; a shift and the mask 0x03030303 then give, per field j, a B row whose column c holds
-  row c's codes of those 4 inputs: row (j % 2) * 8 + q of the B tile of k-chunk 2b + j // 2, which pairs with
-  the 64 inputs of that chunk in their natural order. A task's weights (``AMX_TASK_ROWS`` rows x K, <= 442 KB on
-  the 2B4T shapes) are unpacked once per call into a buffer of the task's (in L2), then every token tile of the
-  call passes over them.
-- Tiles (``_tiles``): TA token tiles x TB weight columns of accumulators, at most 8 tile registers in all:
-  2 x 2 (4 C, 2 A, 2 B) while two token tiles remain, then 1 x 4 (4 C, 1 A, B in two registers in turn). The
-  tile configuration (all tiles 16 x 64 bytes) is loaded once per task on the thread that runs it and released
-  after it (so a context switch need not save 8 KB of tile data). The epilogue stores the C tiles to the stack
-  and computes out[t, n] = float64(dot - xsum[t]) / float64(xscale[t]) * float64(wscale[n]) in <8 x double>
-  vectors, the quotient correctly rounded by FMA corrections instead of a division (``_emit_divide``): the same
-  bits as the other kernels. Rows past the task's last whole 16 weight rows (none in the 2B4T shapes) take the
-  avx512 tiles, and so do calls of fewer than ``AMX_MIN_ROWS`` token rows.
+- Unpacking (``_emit_unpack_block``): block b of the 8 row groups of 16 weight rows is 8 zmm loads (one per
+  group: the two rows' 32 bytes each); dword q of row r holds, in field j (bits 7-2j, 6-2j of each byte), the
+  codes of inputs 128b + 32j + 4q + {0, 1, 2, 3}. A dword transpose (three rounds of two-source permutes) gathers
+  dword q of the 16 rows into one vector; a shift and the mask 0x03030303 then give, per field j, a B row whose
+  column c holds row c's codes of those 4 inputs: row (j % 2) * 8 + q of the B tile of k-chunk 2b + j // 2,
+  which pairs with the 64 inputs of that chunk in their natural order.
+- Tiles (``_tiles``): TA token tiles x TB weight columns (16 rows each) of accumulators, at most 8 tile
+  registers: 2 x 2 (4 C, 2 A, 2 B) while two token tiles remain, 1 x 2 for a last single one. Block by block
+  over K, the TB columns' block is unpacked into a small ring in L1 (``RING`` blocks of 2 TB KB) and multiplied
+  by the token tiles at once: a task buffer unpacked once in L2 and reused by every token tile measured 1.5-2x
+  slower at 32 token rows (its 64-byte stores to L2 cost more than unpacking again per pair of token tiles) and
+  slower at 128 too. The tile configuration (all tiles 16 x 64 bytes) is loaded once per task of
+  ``AMX_TASK_ROWS`` weight rows on the thread that runs it and released after it (so a context switch need not
+  save 8 KB of tile data). The epilogue stores the C tiles to the stack and computes out[t, n] =
+  float64(dot - xsum[t]) / float64(xscale[t]) * float64(wscale[n]) in <8 x double> vectors, the quotient
+  correctly rounded by FMA corrections instead of a division (``_emit_divide``): the same bits as the other
+  kernels. Rows past the task's last whole 16 weight rows (none in the 2B4T shapes) take the avx512 tiles, and
+  so do calls of fewer than ``AMX_MIN_ROWS`` token rows.
 
 Tile loads and stores must not straddle cache lines (measured several times slower): the buffers and the stack
 slots start lines. The process must be allowed the tile state before the first tile instruction
@@ -38,16 +40,16 @@ from numba.core.extending import intrinsic
 
 from ._config import JIT_EXACT, JIT_EXACT_PARALLEL
 from ._ir import I8, I16, I32, I64, Emit, const64
-from .ternary import BLOCK, GROUP_BYTES, ROW_GROUP
+from .ternary import GROUP_BYTES, ROW_GROUP
 from .ternary_avx512 import _matmul_avx512, _rows_avx512
 
 TILE = 16                # rows of a tile (token rows of A and C, weight rows of a B tile)
 TILE_K = 64              # inputs per tile product
 TILE_BYTES = 1024        # one B tile: 16 rows of 64 bytes
-AMX_TASK_ROWS = 64       # weight rows unpacked per task: 4 B tiles wide, 64 * K bytes (<= 442 KB at K = 6912)
-# fewer token rows take the avx512 kernel: one thread, 2B4T shapes, T = 8 AMX 0.70-0.78x avx512's speed (half of
-# each A tile is padding, and the unpacking is paid for 8 rows), T = 16 1.2-1.4x, T = 32 1.9-2.1x
-AMX_MIN_ROWS = 16
+AMX_TASK_ROWS = 64       # weight rows per parallel task (4 tile columns)
+# fewer token rows take the avx512 kernel. 2B4T shapes, 2 threads (one thread): T = 4 avx512 is faster (AMX
+# 0.73-0.92x), T = 5-7 AMX 1.14-1.43x, T = 8 1.27-1.59x (1.43-1.74x), T = 16 2.3-2.5x, T = 32 3.2-3.5x
+AMX_MIN_ROWS = 5
 
 _V16I32 = ir.VectorType(I32, 16)
 
@@ -119,8 +121,8 @@ _TRANSPOSE = _transpose_plan()
 
 
 def _emit_unpack_block(e, group, gstride, blk, dst, chunk_bytes):
-    """IR: block ``blk`` of the 16 weight rows whose first row group starts at ``group`` -> the rows of their B
-    tiles for k-chunks 2 blk and 2 blk + 1, at dst + chunk_bytes * k-chunk (i64 addresses)."""
+    """IR: block ``blk`` of the 16 weight rows whose first row group starts at ``group`` -> their B tiles for
+    k-chunks 2 blk and 2 blk + 1, at dst and dst + chunk_bytes (i64 addresses)."""
     b = e.b
     off = b.mul(blk, const64(GROUP_BYTES))
     vecs = [e.load(b.add(b.add(group, b.mul(gstride, const64(g))), off), _V16I32) for g in range(8)]
@@ -129,42 +131,13 @@ def _emit_unpack_block(e, group, gstride, blk, dst, chunk_bytes):
         vecs = [b.shuffle_vector(vecs[x], vecs[y], ir.Constant(_V16I32, idx)) for x, y, idx in ops]
     vecs = [vecs[i] for i in by_q]
     mask = ir.Constant(_V16I32, [0x03030303] * 16)
-    base = b.add(dst, b.mul(blk, b.mul(chunk_bytes, const64(2))))
+    base = dst
     for q in range(8):
         for j in range(4):
             v = b.lshr(vecs[q], ir.Constant(_V16I32, [6 - 2 * j] * 16)) if j < 3 else vecs[q]
             row = b.and_(v, mask)
             addr = b.add(b.add(base, b.mul(chunk_bytes, const64(j // 2))), const64(((j % 2) * 8 + q) * TILE_K))
             b.store(row, b.inttoptr(addr, _V16I32.as_pointer()), align=64)
-
-
-@intrinsic
-def _unpack(typingctx, packed, n0, ncols, buf):
-    """Weight rows [n0, n0 + 16 ncols) of ``packed`` (n0 even) -> B tiles in ``buf`` from its first cache line:
-    tile (column c: rows n0 + 16 c ..; k-chunk kc) at TILE_BYTES * (kc * ncols + c), rows of 64 bytes."""
-    if not (isinstance(packed, types.Array) and packed.dtype == types.uint8 and isinstance(buf, types.Array)
-            and buf.dtype == types.uint8):
-        return None
-
-    def codegen(context, builder, sig, args):
-        packed_v, n0_v, ncols_v, buf_v = args
-        e = Emit(builder)
-        pk = context.make_array(sig.args[0])(context, builder, packed_v)
-        bf = context.make_array(sig.args[3])(context, builder, buf_v)
-        pstride = cgutils.unpack_tuple(builder, pk.strides)[0]
-        nblk = builder.sdiv(cgutils.unpack_tuple(builder, pk.shape)[1], const64(BLOCK // 4))
-        gstride = builder.mul(pstride, const64(ROW_GROUP))
-        first = builder.add(builder.ptrtoint(pk.data, I64), builder.mul(n0_v, pstride))
-        dst0 = _aligned(builder, bf.data)
-        chunk_bytes = builder.mul(ncols_v, const64(TILE_BYTES))
-        with cgutils.for_range(builder, ncols_v) as loop:
-            c = loop.index
-            group = builder.add(first, builder.mul(c, builder.mul(gstride, const64(TILE // ROW_GROUP))))
-            dst = builder.add(dst0, builder.mul(c, const64(TILE_BYTES)))
-            with cgutils.for_range(builder, nblk) as inner:
-                _emit_unpack_block(e, group, gstride, inner.index, dst, chunk_bytes)
-        return context.get_dummy_value()
-    return types.void(packed, types.intp, types.intp, buf), codegen
 
 
 # ---- tile products -----------------------------------------------------------------------------------------
@@ -198,38 +171,52 @@ def _tile_state(release):
 _tile_config, _tile_release = _tile_state(False), _tile_state(True)
 
 
+RING = 2                 # blocks of unpacked B tiles in flight in a call's L1 ring
+
+
 def _tiles_codegen(TA, TB):
-    nB = TB if TA > 1 else 2                 # B registers: one per column, or two in turn for one token tile
-    assert TA * TB + TA + nB <= 8, (TA, TB)
+    """``_tiles``'s body: per block of K, unpack the TB columns' block into the ring, then two k-chunks of tile
+    products; then the epilogue."""
+    assert TA * TB + TA + TB <= 8, (TA, TB)
     regC = [[ta * TB + tb for tb in range(TB)] for ta in range(TA)]
     regA = [TA * TB + ta for ta in range(TA)]
-    regB = [TA * TB + TA + i for i in range(nB)]
+    regB = [TA * TB + TA + tb for tb in range(TB)]
 
     def codegen(context, builder, sig, args):
-        xa_v, tt0, m, wb_v, ncols, c0, n0 = args[:7]
+        packed_v, n0, xa_v, tt0, m, ring_v = args[:6]
+        nchunks = args[10]
         b = builder
         e = _EmitAMX(b)
-        xa = context.make_array(sig.args[0])(context, b, xa_v)
-        wb = context.make_array(sig.args[3])(context, b, wb_v)
-        nchunks = args[11]                                 # k-chunks: K / 64
+        pk = context.make_array(sig.args[0])(context, b, packed_v)
+        xa = context.make_array(sig.args[2])(context, b, xa_v)
+        rg = context.make_array(sig.args[5])(context, b, ring_v)
+        pstride = cgutils.unpack_tuple(b, pk.strides)[0]
+        gstride = b.mul(pstride, const64(ROW_GROUP))
+        first = b.add(b.ptrtoint(pk.data, I64), b.mul(n0, pstride))
         ap = b.add(_aligned(b, xa.data), b.mul(b.mul(tt0, nchunks), const64(TILE_BYTES)))
-        bp = b.add(_aligned(b, wb.data), b.mul(c0, const64(TILE_BYTES)))
-        wrow = b.mul(ncols, const64(TILE_BYTES))          # the buffer's bytes per k-chunk
+        ring = _aligned(b, rg.data)
+        chunk_bytes = const64(TB * TILE_BYTES)                # a k-chunk's B tiles of the TB columns
+        block_bytes = 2 * TB * TILE_BYTES
         stride = const64(TILE_K)
         for reg in sum(regC, []):
             e.tile(e.tilezero, reg)
-        with cgutils.for_range(b, nchunks) as loop:
-            kc = loop.index
-            for ta in range(TA):
-                a_addr = b.add(ap, b.mul(b.add(kc, b.mul(nchunks, const64(ta))), const64(TILE_BYTES)))
-                e.tile(e.tileload, regA[ta], e.ptr(a_addr), stride)
+        nblk = b.sdiv(nchunks, const64(2))
+        with cgutils.for_range(b, nblk) as loop:
+            blk = loop.index
+            slot = b.add(ring, b.mul(b.srem(blk, const64(RING)), const64(block_bytes)))
             for tb in range(TB):
-                reg = regB[tb % nB]
-                e.tile(e.tileload, reg, e.ptr(b.add(b.add(bp, b.mul(kc, wrow)), const64(TILE_BYTES * tb))), stride)
+                group = b.add(first, b.mul(gstride, const64(tb * TILE // ROW_GROUP)))
+                _emit_unpack_block(e, group, gstride, blk, b.add(slot, const64(tb * TILE_BYTES)), chunk_bytes)
+            for h in range(2):
+                kc = b.add(b.mul(blk, const64(2)), const64(h))
                 for ta in range(TA):
-                    e.tile(e.tdpbssd, regC[ta][tb], regA[ta], reg)
-        # C tiles to the stack (cache-line aligned: tile rows that straddle lines load and store several times
-        # slower), then the epilogue
+                    a_addr = b.add(ap, b.mul(b.add(kc, b.mul(nchunks, const64(ta))), const64(TILE_BYTES)))
+                    e.tile(e.tileload, regA[ta], e.ptr(a_addr), stride)
+                for tb in range(TB):
+                    e.tile(e.tileload, regB[tb], e.ptr(b.add(slot, const64(h * TB * TILE_BYTES + tb * TILE_BYTES))),
+                           stride)
+                    for ta in range(TA):
+                        e.tile(e.tdpbssd, regC[ta][tb], regA[ta], regB[tb])
         cbuf = cgutils.alloca_once(b, ir.ArrayType(I32, TA * TB * TILE * TILE))
         cbuf.align = 64
         cbase = b.ptrtoint(cbuf, I64)
@@ -237,20 +224,38 @@ def _tiles_codegen(TA, TB):
             for tb in range(TB):
                 e.tile(e.tilestore, regC[ta][tb], e.ptr(b.add(cbase, const64((ta * TB + tb) * TILE * TILE * 4))),
                        const64(TILE * 4))
-        _emit_epilogue(context, b, sig, args, cbase, TA, TB, m, b.mul(tt0, const64(TILE)),
-                       b.add(n0, b.mul(c0, const64(TILE))))
+        _emit_epilogue(context, b, sig, args, cbase, TA, TB, m, b.mul(tt0, const64(TILE)), n0)
         return context.get_dummy_value()
     return codegen
 
 
-def _emit_epilogue(context, b, sig, args, cbase, TA, TB, m, t0, n0):
+def _tiles(TA, TB):
+    """``(packed, n0, xa, tt0, m, ring, xscale, xsum, wscale, out, nchunks)``: token tiles [tt0, tt0 + TA) of
+    ``xa`` (m of their rows real) against weight rows [n0, n0 + 16 TB) of ``packed`` (n0 even), unpacked on the
+    way through ``ring`` (>= RING * 2 TB KB + 64 bytes), epilogue included. Needs ``_tile_config``."""
+    codegen = _tiles_codegen(TA, TB)
+
+    @intrinsic
+    def tiles(typingctx, packed, n0, xa, tt0, m, ring, xscale, xsum, wscale, out, nchunks):
+        if not all(isinstance(a, types.Array) for a in (packed, xa, ring, xscale, xsum, wscale, out)):
+            return None
+        sig = types.void(packed, types.intp, xa, types.intp, types.intp, ring, xscale, xsum, wscale, out,
+                         types.intp)
+        return sig, codegen
+    return tiles
+
+
+_t22, _t21, _t12, _t11 = _tiles(2, 2), _tiles(2, 1), _tiles(1, 2), _tiles(1, 1)
+
+
+def _emit_epilogue(context, b, sig, args, cbase, TA, TB, m, t0, n0, first_array=6):
     """out[t, n] for the call's m token rows from t0 and 16 TB weight rows from n0, from the C tiles at
     ``cbase``: per token row and 8 weight rows, float64(dot - xsum[t]) / float64(xscale[t]) * float64(wscale[n])
     as <8 x double> operations (IEEE: each lane the scalar epilogue's bits), rounded once to out's type."""
     f64 = ir.DoubleType()
     v8f64, v8i32 = ir.VectorType(f64, 8), ir.VectorType(I32, 8)
-    arrays = {name: (sig.args[i], context.make_array(sig.args[i])(context, b, args[i]))
-              for name, i in (("xscale", 7), ("xsum", 8), ("wscale", 9), ("out", 10))}
+    arrays = {name: (sig.args[first_array + i], context.make_array(sig.args[first_array + i])(
+        context, b, args[first_array + i])) for i, name in enumerate(("xscale", "xsum", "wscale", "out"))}
 
     def ptr(name, *idx):
         aryty, ary = arrays[name]
@@ -260,7 +265,7 @@ def _emit_epilogue(context, b, sig, args, cbase, TA, TB, m, t0, n0):
         one = b.insert_element(ir.Constant(ir.VectorType(ty, 1), None), value, ir.Constant(I32, 0))
         return b.shuffle_vector(one, one, ir.Constant(ir.VectorType(I32, 8), [0] * 8))
 
-    out_t = sig.args[10].dtype
+    out_t = sig.args[first_array + 3].dtype
     fma = cgutils.get_or_insert_function(b.module, ir.FunctionType(v8f64, [v8f64] * 3), "llvm.fma.v8f64")
     ws = []
     for tb in range(TB):
@@ -303,51 +308,29 @@ def _emit_divide(b, fma, d, s, r):
     return q
 
 
-def _tiles(TA, TB):
-    """``(xa, tt0, m, wbuf, ncols, c0, n0, xscale, xsum, wscale, out, nchunks)``: token tiles [tt0, tt0 + TA) of
-    ``xa`` (``_token_tiles``: nchunks = K / 64 tiles each; m of their rows are real) against the TB weight columns [c0, c0 + TB) of ``wbuf``
-    (``_unpack``, ``ncols`` columns: weight rows n0 + 16 c ..), epilogue included. Needs ``_tile_config``."""
-    codegen = _tiles_codegen(TA, TB)
-
-    @intrinsic
-    def tiles(typingctx, xa, tt0, m, wbuf, ncols, c0, n0, xscale, xsum, wscale, out, nchunks):
-        if not all(isinstance(a, types.Array) for a in (xa, wbuf, xscale, xsum, wscale, out)):
-            return None
-        sig = types.void(xa, types.intp, types.intp, wbuf, types.intp, types.intp, types.intp, xscale, xsum,
-                         wscale, out, types.intp)
-        return sig, codegen
-    return tiles
-
-
-_t22, _t21, _t14, _t12, _t11 = _tiles(2, 2), _tiles(2, 1), _tiles(1, 4), _tiles(1, 2), _tiles(1, 1)
-
-
 @njit(**JIT_EXACT)
-def _task_tiles(xa, T, nchunks, wbuf, ncols, n0, xscale, xsum, wscale, out):
-    """All T token rows against the ``ncols`` unpacked weight columns (rows [n0, n0 + 16 ncols)): two token tiles
-    at a time against 2 columns at a time, a last single token tile against 4 columns at a time."""
+def _task_tiles(packed, xa, T, nchunks, ring, ncols, n0, xscale, xsum, wscale, out):
+    """All T token rows against weight rows [n0, n0 + 16 ncols), unpacked on the way (``_fused``): two token tiles
+    at a time against 2 columns at a time."""
     ntiles = (T + TILE - 1) // TILE
     tt = 0
-    while tt + 2 <= ntiles:
+    while tt < ntiles:
         m = min(2 * TILE, T - TILE * tt)
         c = 0
-        while c + 2 <= ncols:
-            _t22(xa, tt, m, wbuf, ncols, c, n0, xscale, xsum, wscale, out, nchunks)
-            c += 2
-        if c < ncols:
-            _t21(xa, tt, m, wbuf, ncols, c, n0, xscale, xsum, wscale, out, nchunks)
-        tt += 2
-    if tt < ntiles:
-        m = T - TILE * tt
-        c = 0
-        while c + 4 <= ncols:
-            _t14(xa, tt, m, wbuf, ncols, c, n0, xscale, xsum, wscale, out, nchunks)
-            c += 4
-        while c + 2 <= ncols:
-            _t12(xa, tt, m, wbuf, ncols, c, n0, xscale, xsum, wscale, out, nchunks)
-            c += 2
-        if c < ncols:
-            _t11(xa, tt, m, wbuf, ncols, c, n0, xscale, xsum, wscale, out, nchunks)
+        if tt + 2 <= ntiles:
+            while c + 2 <= ncols:
+                _t22(packed, n0 + TILE * c, xa, tt, m, ring, xscale, xsum, wscale, out, nchunks)
+                c += 2
+            if c < ncols:
+                _t21(packed, n0 + TILE * c, xa, tt, m, ring, xscale, xsum, wscale, out, nchunks)
+            tt += 2
+        else:
+            while c + 2 <= ncols:
+                _t12(packed, n0 + TILE * c, xa, tt, m, ring, xscale, xsum, wscale, out, nchunks)
+                c += 2
+            if c < ncols:
+                _t11(packed, n0 + TILE * c, xa, tt, m, ring, xscale, xsum, wscale, out, nchunks)
+            tt += 1
 
 
 @njit(**JIT_EXACT)
@@ -400,10 +383,9 @@ def _matmul_amx(xq, xscale, xsum, packed, wscale, out):
         n_hi = min(N, n_lo + AMX_TASK_ROWS)
         ncols = (n_hi - n_lo) // TILE
         if ncols > 0:
-            wbuf = np.empty(TILE * ncols * Kp + 64, np.uint8)
-            _unpack(packed, n_lo, ncols, wbuf)
+            ring = np.empty(RING * 4 * TILE_BYTES + 64, np.uint8)
             _tile_config()
-            _task_tiles(xa, T, Kp // TILE_K, wbuf, ncols, n_lo, xscale, xsum, wscale, out)
+            _task_tiles(packed, xa, T, Kp // TILE_K, ring, ncols, n_lo, xscale, xsum, wscale, out)
             _tile_release()
         n_rest = n_lo + TILE * ncols
         if n_rest < n_hi:
