@@ -1,14 +1,15 @@
 """Which kernel family runs here, decided once at import (shared by the ternary matmul and the lm_head).
 
-``amx``: the ``avx512`` family whose ternary matmul takes AMX-INT8 tile products (``ternary_amx``) for steps of
-``ternary_amx.AMX_MIN_ROWS`` token rows or more; chosen when the CPU has AMX-TILE/INT8 besides AVX-512 VNNI (Intel
-Sapphire Rapids and later) and the OS lets the process use the tile state (Linux: ``arch_prctl`` asked once at
-import, ``request_amx``). ``avx512``: the ``avx2`` family plus AVX-512 VNNI ternary tiles (``ternary_avx512``) and lm_head tiles that use
-AVX-512's 32 vector registers; chosen when the CPU Numba compiles for has AVX-512 F/BW/VL/VNNI (Intel Ice Lake
-and later servers, AMD Zen 4 and later). ``avx2``: LLVM-IR microkernels (Numba ``@intrinsic``) with AVX2 integer
-dots, FMA and F16C conversions; chosen when the CPU has all three (every AVX2 CPU in practice: Haswell, Zen and
-later). ``portable``: plain Numba for any CPU (also under ``NUMBA_DISABLE_JIT``). Both SIMD families need the
-JIT. ``BITNET_BATCH_KERNEL=auto|amx|avx512|avx2|portable`` forces one.
+``amx``: the ``avx512`` family with AMX-INT8 tile products for steps of ``ternary_amx.AMX_MIN_ROWS`` token rows or
+more, in the ternary matmul (``ternary_amx``) and the int8 screen of the argmax lm_head (``lm_head_int8``); chosen
+when the CPU has AMX-TILE/INT8 besides AVX-512 VNNI (Intel Sapphire Rapids and later) and the OS lets the process
+use the tile state (Linux: ``arch_prctl``, asked once at import, ``request_amx``). ``avx512``: the ``avx2``
+family plus AVX-512 VNNI ternary tiles (``ternary_avx512``) and lm_head tiles that use AVX-512's 32 vector
+registers; chosen when the CPU Numba compiles for has AVX-512 F/BW/VL/VNNI (Intel Ice Lake and later servers, AMD
+Zen 4 and later). ``avx2``: LLVM-IR microkernels (Numba ``@intrinsic``) with AVX2 integer dots, FMA and F16C
+conversions; chosen when the CPU has all three (every AVX2 CPU in practice: Haswell, Zen and later).
+``portable``: plain Numba for any CPU (also under ``NUMBA_DISABLE_JIT``). The SIMD families need the JIT.
+``BITNET_BATCH_KERNEL=auto|amx|avx512|avx2|portable`` forces one.
 """
 import ctypes
 import os

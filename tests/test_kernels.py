@@ -405,7 +405,8 @@ xq = np.ones((5, 384), np.int8)[:, :256]              # views, as in the engine 
 s, sm = np.ones(5, np.float32), np.full(5, 256, np.int32)
 out = np.zeros((5, 8), np.float32)[:, :3]
 ternary.ternary_matmul(xq, s, sm, np.full((4, 64), 0xAA, np.uint8), np.ones(3, np.float32), out)
-fn = {"amx": ternary._matmul_amx, "avx512": ternary._matmul_avx512, "avx2": ternary._matmul_avx2, "portable": ternary._matmul_portable}[ternary.KERNEL]
+fn = {"amx": ternary._matmul_amx, "avx512": ternary._matmul_avx512, "avx2": ternary._matmul_avx2,
+      "portable": ternary._matmul_portable}[ternary.KERNEL]
 print(json.dumps({"kernel": ternary.KERNEL, "out": out.tolist(),
                   "hits": sum(fn.stats.cache_hits.values()), "misses": sum(fn.stats.cache_misses.values())}))
 """

@@ -142,11 +142,12 @@ def dots_twin(xq, odims, ocoef, codes):
 
 
 @pytest.mark.parametrize("kernel", AVAILABLE)
-@pytest.mark.parametrize("R", [1, 3, 4, 9])
+@pytest.mark.parametrize("R", [1, 3, 4, 9, 17, 33, 40])
 def test_dots_are_exact_on_every_family(kernel, R):
-    """Every tile shape (6 x 4, 1 x 4, 8 x 1, 1 x 1; V = 6 * 20 + 5 vocabulary rows over tasks of 64), the
-    extreme codes and the outliers' terms (extreme coefficients, unused slots): the integer dots of the numpy
-    twin."""
+    """Every tile shape (vpdpbusd: 6 x 4, 1 x 4, 8 x 1, 1 x 1; amx from 5 rows: 2 x 2, 1 x 2, 2 x 1, 1 x 1 table x
+    token tiles, a last token tile of 1-16 rows, the rows past a task's last 16 on the vpdpbusd tiles; V = 6 * 20
+    + 5 vocabulary rows over tasks of 64), the extreme codes and the outliers' terms (extreme coefficients, unused
+    slots): the integer dots of the numpy twin."""
     rng = np.random.default_rng(R)
     V, Dp, K = 125, 256, 3
     codes = rng.integers(0, 256, (V, Dp), dtype=np.uint8)
