@@ -36,24 +36,27 @@ def _matmul(kernel, xq, xscale, xsum, packed, wscale, out):
 _AMX, _AVX512, _AVX2 = kernel_id("amx"), kernel_id("avx512"), kernel_id("avx2")
 
 
+def _matmul_amx(xq, xscale, xsum, packed, wscale, out):
+    """``ternary._matmul_amx`` where the CPU has AMX, else the avx512 driver (a kernel id ``amx`` never reaches it
+    there: ``_cpu`` offers the family only where it runs)."""
+
+
+@overload(_matmul_amx, inline="always")
+def _matmul_amx_impl(xq, xscale, xsum, packed, wscale, out):
+    if HAS_AMX_INSTRUCTIONS:
+        return lambda xq, xscale, xsum, packed, wscale, out: ternary._matmul_amx(xq, xscale, xsum, packed, wscale, out)
+    return lambda xq, xscale, xsum, packed, wscale, out: ternary._matmul_avx512(xq, xscale, xsum, packed, wscale, out)
+
+
 @overload(_matmul, inline="always")
 def _matmul_impl(kernel, xq, xscale, xsum, packed, wscale, out):
     # which families the CPU runs is a CPU fact (part of Numba's cache key): a SIMD driver is only compiled where
     # it runs (its instructions would not even compile elsewhere)
-    if HAS_AMX_INSTRUCTIONS:
-        def four(kernel, xq, xscale, xsum, packed, wscale, out):
-            if kernel == _AMX:
-                ternary._matmul_amx(xq, xscale, xsum, packed, wscale, out)
-            elif kernel == _AVX512:
-                ternary._matmul_avx512(xq, xscale, xsum, packed, wscale, out)
-            elif kernel == _AVX2:
-                ternary._matmul_avx2(xq, xscale, xsum, packed, wscale, out)
-            else:
-                ternary._matmul_portable(xq, xscale, xsum, packed, wscale, out)
-        return four
     if HAS_AVX512:
         def three(kernel, xq, xscale, xsum, packed, wscale, out):
-            if kernel == _AVX512:
+            if kernel == _AMX:
+                _matmul_amx(xq, xscale, xsum, packed, wscale, out)
+            elif kernel == _AVX512:
                 ternary._matmul_avx512(xq, xscale, xsum, packed, wscale, out)
             elif kernel == _AVX2:
                 ternary._matmul_avx2(xq, xscale, xsum, packed, wscale, out)

@@ -587,22 +587,20 @@ def _lm_head_amx(xq, xsum, odims, ocoef, codes, out):
             _tile_config()
             tt = 0
             while tt < ntiles:
+                pair = tt + 2 <= ntiles          # two token tiles, or a last single one
                 m = min(32, R - 16 * tt)
                 vt = 0
-                if tt + 2 <= ntiles:
-                    while vt + 2 <= nv:
+                while vt + 2 <= nv:
+                    if pair:
                         _s22(codes, v_lo + 16 * vt, xb, tt, m, xsum, out, nchunks)
-                        vt += 2
-                    if vt < nv:
-                        _s12(codes, v_lo + 16 * vt, xb, tt, m, xsum, out, nchunks)
-                    tt += 2
-                else:
-                    while vt + 2 <= nv:
+                    else:
                         _s21(codes, v_lo + 16 * vt, xb, tt, m, xsum, out, nchunks)
-                        vt += 2
-                    if vt < nv:
-                        _s11(codes, v_lo + 16 * vt, xb, tt, m, xsum, out, nchunks)
-                    tt += 1
+                    vt += 2
+                if vt < nv and pair:
+                    _s12(codes, v_lo + 16 * vt, xb, tt, m, xsum, out, nchunks)
+                elif vt < nv:
+                    _s11(codes, v_lo + 16 * vt, xb, tt, m, xsum, out, nchunks)
+                tt += 2 if pair else 1
             _tile_release()
         for v in range(v_lo + 16 * nv, v_hi):
             for t in range(0, R - 3, 4):

@@ -310,27 +310,25 @@ def _emit_divide(b, fma, d, s, r):
 
 @njit(**JIT_EXACT)
 def _task_tiles(packed, xa, T, nchunks, ring, ncols, n0, xscale, xsum, wscale, out):
-    """All T token rows against weight rows [n0, n0 + 16 ncols), unpacked on the way (``_fused``): two token tiles
-    at a time against 2 columns at a time."""
+    """All T token rows against weight rows [n0, n0 + 16 ncols), unpacked on the way (``_tiles``): two token tiles
+    at a time (one for a last single tile) against 2 columns at a time."""
     ntiles = (T + TILE - 1) // TILE
     tt = 0
     while tt < ntiles:
+        pair = tt + 2 <= ntiles
         m = min(2 * TILE, T - TILE * tt)
         c = 0
-        if tt + 2 <= ntiles:
-            while c + 2 <= ncols:
+        while c + 2 <= ncols:
+            if pair:
                 _t22(packed, n0 + TILE * c, xa, tt, m, ring, xscale, xsum, wscale, out, nchunks)
-                c += 2
-            if c < ncols:
-                _t21(packed, n0 + TILE * c, xa, tt, m, ring, xscale, xsum, wscale, out, nchunks)
-            tt += 2
-        else:
-            while c + 2 <= ncols:
+            else:
                 _t12(packed, n0 + TILE * c, xa, tt, m, ring, xscale, xsum, wscale, out, nchunks)
-                c += 2
-            if c < ncols:
-                _t11(packed, n0 + TILE * c, xa, tt, m, ring, xscale, xsum, wscale, out, nchunks)
-            tt += 1
+            c += 2
+        if c < ncols and pair:
+            _t21(packed, n0 + TILE * c, xa, tt, m, ring, xscale, xsum, wscale, out, nchunks)
+        elif c < ncols:
+            _t11(packed, n0 + TILE * c, xa, tt, m, ring, xscale, xsum, wscale, out, nchunks)
+        tt += 2 if pair else 1
 
 
 @njit(**JIT_EXACT)
