@@ -82,7 +82,8 @@ def select_kernel(choice: str, available: tuple, amx_refused: str | None = None)
 
 
 def simd_family(kernel: str) -> str:
-    """The family whose kernels run everything but the ternary matmul: ``amx`` is ``avx512`` there."""
+    """The family of the kernels that have no AMX path (everything but the ternary matmul and the int8 screen):
+    ``amx`` is ``avx512`` there."""
     return "avx512" if kernel == "amx" else kernel
 
 

@@ -200,7 +200,8 @@ def ternary_matmul(xq, xscale, xsum, packed, wscale, out, kernel=None):
     xq int8 [T, Kp] (rows may be strided, elements contiguous); xscale float32 [T]; xsum int32 [T];
     packed uint8 [Np, Kp // 4], C-contiguous, Np = N rounded up to whole row groups (a slice of whole groups
     of a larger matrix is fine); wscale float32 [N]; out float32 or float64 [T, N] (rows may be strided,
-    elements contiguous: the avx512 tiles store 8 consecutive outputs at once). ``kernel``: ``"amx"`` / ``"avx512"`` / ``"avx2"`` / ``"portable"``, default ``KERNEL``."""
+    elements contiguous: the avx512 and amx tiles store 8 consecutive outputs at once). ``kernel``: ``"amx"`` /
+    ``"avx512"`` / ``"avx2"`` / ``"portable"``, default ``KERNEL``."""
     T, Kp = xq.shape
     Np, KB = packed.shape
     N = wscale.shape[0]
