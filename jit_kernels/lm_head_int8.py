@@ -45,7 +45,7 @@ from ._config import JIT_EXACT, JIT_EXACT_PARALLEL
 from ._cpu import HAS_AVX512, KERNEL, check_kernel, simd_family
 from ._ir import I8, I16, I32, I64, Emit, const64
 from .embedding import BF16, F16, F32, LM_PREFETCH, VOCAB_TASK, _widen_row
-from .ternary_amx import AMX_MIN_ROWS, _address, _tile_config, _tile_release
+from .ternary_amx import AMX_MIN_ROWS, _address, _tile_config, _tile_release, transpose_plan
 
 CHUNK = 64            # bytes per vpdpbusd operand: D is padded to a multiple of it
 OFFSET = 128          # table bytes are q + OFFSET (vpdpbusd's unsigned operand)
@@ -435,31 +435,8 @@ def _lm_head_tiles(xq, xsum, odims, ocoef, codes, out, native):
 
 # ---- AMX ------------------------------------------------------------------------------------------------------
 
-def _transpose16_plan():
-    """A 16 x 16 dword transpose as four rounds of 16 two-source shuffles: vector a (lane c = element (a, c)) ->
-    vector c (lane a = element (a, c)) -> ([[(src a, src b, lane indices) per output] per round], the order of
-    the last round's outputs by column)."""
-    vecs = [[(a, c) for c in range(16)] for a in range(16)]
-    rounds = []
-    for qn in (8, 4, 2, 1):
-        out_vecs, ops = [], []
-        order = sorted(range(16), key=lambda i: (sorted({el[1] for el in vecs[i]}), vecs[i][0][0]))
-        for x, y in zip(order[::2], order[1::2]):
-            where = {el: i for i, el in enumerate(vecs[x])}
-            where.update({el: 16 + i for i, el in enumerate(vecs[y])})
-            cols = sorted({el[1] for el in vecs[x]})
-            for c0 in cols[::qn]:
-                want = sorted([el for el in vecs[x] + vecs[y] if c0 <= el[1] < c0 + qn], key=lambda el: (el[1], el[0]))
-                ops.append((x, y, [where[el] for el in want]))
-                out_vecs.append(want)
-        rounds.append(ops)
-        vecs = out_vecs
-    by_col = sorted(range(16), key=lambda i: vecs[i][0][1])
-    assert all(vecs[i] == [(a, c) for a in range(16)] for c, i in enumerate(by_col))
-    return rounds, by_col
-
-
-_TRANSPOSE16 = _transpose16_plan()
+# a C tile's 16 rows (vocabulary a: lane c = token c) -> 16 vectors (token c: lane a = vocabulary a): four rounds
+_TRANSPOSE16 = transpose_plan([[(a, c) for c in range(16)] for a in range(16)], lambda el: el[1])
 # the AMX tiles read the table's rows in place, 16 streams a tile: each row prefetched this many 64-byte chunks
 # ahead (2B4T table from DRAM, 2 threads, 32 rows: 8 chunks 22 ms, 16 17.3, 32 16.6, none 26.7)
 PREFETCH_CHUNKS = 16

@@ -81,43 +81,38 @@ def _aligned(b, data):
 
 # ---- unpacking ---------------------------------------------------------------------------------------------
 
-def _transpose_plan():
-    """The dword transpose of 8 vectors (row group g: lane 8r + q = dword q of row 2g + r) into 8 vectors Z_q
-    (lane c = dword q of row c), as three rounds of two-source shuffles -> ([[(src a, src b, lane indices) per
-    output] per round], which output of the last round is Z_q). Each vector is tracked as its 16 elements
-    (g, r, q)."""
-    vecs = [[(g, r, q) for r in range(2) for q in range(8)] for g in range(8)]
+def transpose_plan(vecs, col):
+    """A dword transpose as rounds of two-source shuffles of 16-lane vectors. ``vecs``: the input vectors, each as
+    its 16 elements (tuples, lane order); ``col(el)``: the output vector an element goes to (each output gathers 16
+    elements, in the order of the tuples) -> ([[(src a, src b, lane indices) per output] per round], the index of
+    each output (by ``col``) among the last round's vectors). Each round pairs vectors holding the same outputs'
+    elements and splits each pair's elements between half as many outputs."""
     rounds = []
-
-    def combine(x, y, want):
-        where = {el: i for i, el in enumerate(x)}
-        where.update({el: 16 + i for i, el in enumerate(y)})
-        return [where[el] for el in want]
-
-    # round 1: groups (2p, 2p + 1), split by q in halves; round 2: (4s .. 4s + 3) by quarters; round 3: all 8
-    # groups, one q each, lane 2g + r
-    for qn in (4, 2, 1):
-        # pair vectors holding the same inputs q of neighbouring groups; split each pair's elements by q
+    n_cols = len({col(el) for v in vecs for el in v})
+    span = n_cols // 2
+    while span >= 1:
         out_vecs, ops = [], []
-        order = sorted(range(len(vecs)), key=lambda i: (sorted({el[2] for el in vecs[i]}), vecs[i][0][0]))
+        order = sorted(range(len(vecs)), key=lambda i: (sorted({col(el) for el in vecs[i]}), vecs[i][0]))
         for a, b in zip(order[::2], order[1::2]):
-            qs = sorted({el[2] for el in vecs[a]})
-            assert qs == sorted({el[2] for el in vecs[b]})
-            for q0 in qs[::qn]:
-                want = sorted([el for el in vecs[a] + vecs[b] if q0 <= el[2] < q0 + qn],
-                              key=lambda el: (el[2], el[0], el[1]))
-                ops.append((a, b, combine(vecs[a], vecs[b], want)))
+            cols = sorted({col(el) for el in vecs[a]})
+            assert cols == sorted({col(el) for el in vecs[b]})
+            where = {el: i for i, el in enumerate(vecs[a])}
+            where.update({el: 16 + i for i, el in enumerate(vecs[b])})
+            for c0 in cols[::span]:
+                want = sorted([el for el in vecs[a] + vecs[b] if c0 <= col(el) < c0 + span],
+                              key=lambda el: (col(el), el))
+                ops.append((a, b, [where[el] for el in want]))
                 out_vecs.append(want)
         rounds.append(ops)
         vecs = out_vecs
-    by_q = sorted(range(len(vecs)), key=lambda i: vecs[i][0][2])
-    vecs = [vecs[i] for i in by_q]
-    # after round 3 the vectors hold q = 0..7 in order, lane 2g + r
-    assert all(v == [(g, r, q) for g in range(8) for r in range(2)] for q, v in enumerate(vecs)), vecs
-    return rounds, by_q
+        span //= 2
+    by_col = sorted(range(len(vecs)), key=lambda i: col(vecs[i][0]))
+    return rounds, by_col
 
 
-_TRANSPOSE = _transpose_plan()
+# block b of 8 row groups (vector g: lane 8r + q = dword q of row 2g + r) -> 8 vectors Z_q (lane 2g + r = dword q
+# of row 2g + r): three rounds
+_TRANSPOSE = transpose_plan([[(g, r, q) for r in range(2) for q in range(8)] for g in range(8)], lambda el: el[2])
 
 
 def _emit_unpack_block(e, group, gstride, blk, dst, chunk_bytes):

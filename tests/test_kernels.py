@@ -249,6 +249,31 @@ def test_amx_tiles_match_the_twin_and_avx512(T, N, K):
         np.testing.assert_array_equal(out, _matmul(xq, s, sm, packed, wscale, "avx512", dtype))
 
 
+def test_transpose_plans_transpose():
+    """The shuffle plans of the AMX kernels, applied with numpy: the unpacking's 8 row-group vectors -> one vector
+    per dword q over the 16 rows (3 rounds of 8 shuffles), and the screen's 16 x 16 C tile -> its columns (4 rounds
+    of 16); every shuffle takes two sources."""
+    from jit_kernels import lm_head_int8, ternary_amx
+
+    def apply(plan, vecs):
+        rounds, by_col = plan
+        for ops in rounds:
+            assert all(len(idx) == 16 and 0 <= min(idx) and max(idx) < 32 for _, _, idx in ops)
+            vecs = [np.concatenate([vecs[x], vecs[y]])[idx] for x, y, idx in ops]
+        return [vecs[i] for i in by_col]
+
+    groups = [np.array([100 * g + 10 * r + q for r in range(2) for q in range(8)]) for g in range(8)]
+    out = apply(ternary_amx._TRANSPOSE, groups)
+    assert len(ternary_amx._TRANSPOSE[0]) == 3
+    for q in range(8):
+        np.testing.assert_array_equal(out[q], [100 * g + 10 * r + q for g in range(8) for r in range(2)])
+    tile = [np.arange(16) + 100 * a for a in range(16)]
+    out = apply(lm_head_int8._TRANSPOSE16, tile)
+    assert len(lm_head_int8._TRANSPOSE16[0]) == 4
+    for c in range(16):
+        np.testing.assert_array_equal(out[c], np.arange(16) * 100 + c)
+
+
 @AMX
 def test_amx_epilogue_divides_exactly_without_a_division():
     """The AMX epilogue computes (dot - xsum) / xscale with FMA corrections of a product by 1 / xscale: correctly
