@@ -333,14 +333,13 @@ def _token_tiles(xq, xa):
     xq would be 16 streams per tile."""
     T, Kp = xq.shape
     nchunks = Kp // TILE_K
-    flat = xa
-    off = (-_address(flat)) % 64
+    off = (-_address(xa)) % 64
     for tt in range((T + TILE - 1) // TILE):
         for kc in range(nchunks):
             base = off + (tt * nchunks + kc) * TILE_BYTES
             for r in range(TILE):
                 t = TILE * tt + r
-                dst = flat[base + TILE_K * r:base + TILE_K * (r + 1)]
+                dst = xa[base + TILE_K * r:base + TILE_K * (r + 1)]
                 if t < T:
                     src = xq[t, TILE_K * kc:TILE_K * (kc + 1)]
                     for i in range(TILE_K):
@@ -362,7 +361,8 @@ def _address(typingctx, a):
 @njit(**JIT_EXACT_PARALLEL)
 def _matmul_amx(xq, xscale, xsum, packed, wscale, out):
     """The token rows as A tiles (one copy, ``_token_tiles``), then ``prange`` over tasks of AMX_TASK_ROWS weight
-    rows: each task's rows are unpacked once into a buffer of its own, then every token tile passes over them."""
+    rows, each with its own L1 ring (``_task_tiles``: two weight columns at a time, unpacked block by block as the
+    token tiles pass); fewer than AMX_MIN_ROWS token rows take the avx512 kernel."""
     T, Kp = xq.shape
     N = wscale.shape[0]
     if T < AMX_MIN_ROWS:
