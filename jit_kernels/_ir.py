@@ -30,6 +30,12 @@ class Emit:
     def load(self, address, vtype):
         return self.b.load(self.b.inttoptr(address, vtype.as_pointer()), align=1)
 
+    def splat(self, value, n):
+        """<n x type> of the scalar ``value``."""
+        b = self.b
+        one = b.insert_element(ir.Constant(ir.VectorType(value.type, 1), None), value, ir.Constant(I32, 0))
+        return b.shuffle_vector(one, one, ir.Constant(ir.VectorType(I32, n), [0] * n))
+
     def prefetch_read(self, address):
         i32 = lambda v: ir.Constant(I32, v)  # noqa: E731
         self.b.call(self.prefetch, [self.b.inttoptr(address, I8.as_pointer()), i32(0), i32(3), i32(1)])

@@ -43,9 +43,10 @@ from numba.core.extending import intrinsic
 
 from ._config import JIT_EXACT, JIT_EXACT_PARALLEL
 from ._cpu import HAS_AVX512, KERNEL, check_kernel, simd_family
-from ._ir import I8, I16, I32, I64, Emit, const64
+from ._ir import I8, I16, I32, Emit, const64
 from .embedding import BF16, F16, F32, LM_PREFETCH, VOCAB_TASK, _widen_row
-from .ternary_amx import AMX_MIN_ROWS, _address, _tile_config, _tile_release, transpose_plan
+from .ternary_amx import (AMX_MIN_ROWS, TILE, TILE_BYTES, TILE_K, _address, _aligned, _EmitAMX, _tile_config,
+                          _tile_release, store_accumulators, tile_registers, transpose_plan)
 
 CHUNK = 64            # bytes per vpdpbusd operand: D is padded to a multiple of it
 OFFSET = 128          # table bytes are q + OFFSET (vpdpbusd's unsigned operand)
@@ -446,17 +447,12 @@ def _amx_screen_codegen(TA, TB):
     """TA vocabulary tiles (A: 16 table rows x 64 bytes, unsigned, read in place) x TB token tiles (B: the rows'
     bytes in the VNNI layout, ``_token_vnni``) of ``tdpbusd`` accumulators C[v, t] over all of Dp; then each C tile
     is transposed in registers and out[t, v0 ..] = C[., t] - OFFSET xsum[t] stored for the m real token rows."""
-    from .ternary_amx import TILE, TILE_BYTES, TILE_K, _aligned, _EmitAMX
-    assert TA * TB + TA + TB <= 8
-    regC = [[ta * TB + tb for tb in range(TB)] for ta in range(TA)]
-    regA = [TA * TB + ta for ta in range(TA)]
-    regB = [TA * TB + TA + tb for tb in range(TB)]
+    regC, regA, regB = tile_registers(TA, TB)
 
     def codegen(context, builder, sig, args):
         codes_v, v0, xb_v, tt0, m, xsum_v, out_v, nchunks = args
         b = builder
         e = _EmitAMX(b)
-        tdpbusd = e.declare("llvm.x86.tdpbusd", ir.VoidType(), [I8, I8, I8])
         tp, tstride, _ = e.data_address(context, sig.args[0], codes_v, v0)
         xb = context.make_array(sig.args[2])(context, b, xb_v)
         bp = b.add(_aligned(b, xb.data), b.mul(b.mul(tt0, nchunks), const64(TILE_BYTES)))
@@ -474,14 +470,8 @@ def _amx_screen_codegen(TA, TB):
                 b_addr = b.add(bp, b.mul(b.add(kc, b.mul(nchunks, const64(tb))), const64(TILE_BYTES)))
                 e.tile(e.tileload, regB[tb], e.ptr(b_addr), const64(TILE_K))
                 for ta in range(TA):
-                    b.call(tdpbusd, [ir.Constant(I8, regC[ta][tb]), ir.Constant(I8, regA[ta]),
-                                     ir.Constant(I8, regB[tb])])
-        cbuf = cgutils.alloca_once(b, ir.ArrayType(I32, TA * TB * TILE * TILE))
-        cbuf.align = 64
-        cbase = b.ptrtoint(cbuf, I64)
-        for ta in range(TA):
-            for tb in range(TB):
-                e.tile(e.tilestore, regC[ta][tb], e.ptr(b.add(cbase, const64((ta * TB + tb) * 1024))), const64(64))
+                    e.tile(e.tdpbusd, regC[ta][tb], regA[ta], regB[tb])
+        cbase = store_accumulators(e, regC)
         sums = context.make_array(sig.args[5])(context, b, xsum_v)
         out = context.make_array(sig.args[6])(context, b, out_v)
         rounds, by_col = _TRANSPOSE16
@@ -497,9 +487,7 @@ def _amx_screen_codegen(TA, TB):
                     with b.if_then(b.icmp_signed("<", const64(tok), m)):
                         row = b.add(b.mul(tt0, const64(TILE)), const64(tok))
                         s = b.load(cgutils.get_item_pointer(context, b, sig.args[5], sums, [row], wraparound=False))
-                        off = b.mul(s, ir.Constant(I32, OFFSET))
-                        one = b.insert_element(ir.Constant(ir.VectorType(I32, 1), None), off, ir.Constant(I32, 0))
-                        splat = b.shuffle_vector(one, one, ir.Constant(_V16I32, [0] * 16))
+                        splat = e.splat(b.mul(s, ir.Constant(I32, OFFSET)), 16)
                         dst = cgutils.get_item_pointer(context, b, sig.args[6], out,
                                                        [row, b.add(v0, const64(TILE * ta))], wraparound=False)
                         b.store(b.sub(cols[t], splat), b.bitcast(dst, _V16I32.as_pointer()), align=4)

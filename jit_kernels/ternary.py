@@ -359,11 +359,12 @@ def _emit_dots(e, rows, xp, xstride, nblk, R, C, prefetch, asm, lanes=False):
     return [[builder.call(e.hsum, [builder.load(a)]) for a in row] for row in acc32]
 
 
-def _epilogue_operands(context, builder, sig, args):
-    """``ptr(name, *idx)``: the IR address of xscale / xsum / wscale / out[idx] (a tile's arguments 4-7)."""
+def _epilogue_operands(context, builder, sig, args, first=4):
+    """``ptr(name, *idx)``: the IR address of xscale / xsum / wscale / out[idx] (a tile's arguments first ..
+    first + 3)."""
     arrays = {}
-    for name, i in (("xscale", 4), ("xsum", 5), ("wscale", 6), ("out", 7)):
-        arrays[name] = (sig.args[i], context.make_array(sig.args[i])(context, builder, args[i]))
+    for i, name in enumerate(("xscale", "xsum", "wscale", "out")):
+        arrays[name] = (sig.args[first + i], context.make_array(sig.args[first + i])(context, builder, args[first + i]))
 
     def ptr(name, *idx):
         aryty, ary = arrays[name]

@@ -40,7 +40,7 @@ from numba.core.extending import intrinsic
 
 from ._config import JIT_EXACT, JIT_EXACT_PARALLEL
 from ._ir import I8, I16, I32, I64, Emit, const64
-from .ternary import GROUP_BYTES, ROW_GROUP
+from .ternary import GROUP_BYTES, ROW_GROUP, _epilogue_operands
 from .ternary_avx512 import _matmul_avx512, _rows_avx512
 
 TILE = 16                # rows of a tile (token rows of A and C, weight rows of a B tile)
@@ -65,13 +65,36 @@ class _EmitAMX(Emit):
         self.tilezero = self.declare("llvm.x86.tilezero", ir.VoidType(), [I8])
         self.tileload = self.declare("llvm.x86.tileloadd64", ir.VoidType(), [I8, ptr, I64])
         self.tilestore = self.declare("llvm.x86.tilestored64", ir.VoidType(), [I8, ptr, I64])
-        self.tdpbssd = self.declare("llvm.x86.tdpbssd", ir.VoidType(), [I8, I8, I8])
+        self.tdpbssd = self.declare("llvm.x86.tdpbssd", ir.VoidType(), [I8, I8, I8])     # signed x signed
+        self.tdpbusd = self.declare("llvm.x86.tdpbusd", ir.VoidType(), [I8, I8, I8])     # unsigned x signed
 
     def tile(self, fn, *args):
         self.b.call(fn, [ir.Constant(I8, a) if isinstance(a, int) else a for a in args])
 
     def ptr(self, address):
         return self.b.inttoptr(address, I8.as_pointer())
+
+
+def tile_registers(TA, TB):
+    """Tile numbers for TA x TB accumulators C[ta][tb], TA A tiles and TB B tiles (at most 8 in all)."""
+    assert TA * TB + TA + TB <= 8, (TA, TB)
+    regC = [[ta * TB + tb for tb in range(TB)] for ta in range(TA)]
+    return regC, [TA * TB + ta for ta in range(TA)], [TA * TB + TA + tb for tb in range(TB)]
+
+
+def store_accumulators(e, regC):
+    """IR: the C tiles to a cache-line aligned stack slot (tile rows that straddle lines store several times
+    slower), C[ta][tb] at 1 KB * (ta * TB + tb), rows of 64 bytes -> the slot's address (i64)."""
+    b = e.b
+    TA, TB = len(regC), len(regC[0])
+    cbuf = cgutils.alloca_once(b, ir.ArrayType(I32, TA * TB * TILE * TILE))
+    cbuf.align = 64
+    cbase = b.ptrtoint(cbuf, I64)
+    for ta in range(TA):
+        for tb in range(TB):
+            e.tile(e.tilestore, regC[ta][tb], e.ptr(b.add(cbase, const64((ta * TB + tb) * TILE_BYTES))),
+                   const64(TILE * 4))
+    return cbase
 
 
 def _aligned(b, data):
@@ -172,10 +195,7 @@ RING = 2                 # blocks of unpacked B tiles in flight in a call's L1 r
 def _tiles_codegen(TA, TB):
     """``_tiles``'s body: per block of K, unpack the TB columns' block into the ring, then two k-chunks of tile
     products; then the epilogue."""
-    assert TA * TB + TA + TB <= 8, (TA, TB)
-    regC = [[ta * TB + tb for tb in range(TB)] for ta in range(TA)]
-    regA = [TA * TB + ta for ta in range(TA)]
-    regB = [TA * TB + TA + tb for tb in range(TB)]
+    regC, regA, regB = tile_registers(TA, TB)
 
     def codegen(context, builder, sig, args):
         packed_v, n0, xa_v, tt0, m, ring_v = args[:6]
@@ -212,14 +232,8 @@ def _tiles_codegen(TA, TB):
                            stride)
                     for ta in range(TA):
                         e.tile(e.tdpbssd, regC[ta][tb], regA[ta], regB[tb])
-        cbuf = cgutils.alloca_once(b, ir.ArrayType(I32, TA * TB * TILE * TILE))
-        cbuf.align = 64
-        cbase = b.ptrtoint(cbuf, I64)
-        for ta in range(TA):
-            for tb in range(TB):
-                e.tile(e.tilestore, regC[ta][tb], e.ptr(b.add(cbase, const64((ta * TB + tb) * TILE * TILE * 4))),
-                       const64(TILE * 4))
-        _emit_epilogue(context, b, sig, args, cbase, TA, TB, m, b.mul(tt0, const64(TILE)), n0)
+        cbase = store_accumulators(e, regC)
+        _emit_epilogue(e, context, sig, args, cbase, TA, TB, m, b.mul(tt0, const64(TILE)), n0)
         return context.get_dummy_value()
     return codegen
 
@@ -243,24 +257,15 @@ def _tiles(TA, TB):
 _t22, _t21, _t12, _t11 = _tiles(2, 2), _tiles(2, 1), _tiles(1, 2), _tiles(1, 1)
 
 
-def _emit_epilogue(context, b, sig, args, cbase, TA, TB, m, t0, n0, first_array=6):
+def _emit_epilogue(e, context, sig, args, cbase, TA, TB, m, t0, n0):
     """out[t, n] for the call's m token rows from t0 and 16 TB weight rows from n0, from the C tiles at
     ``cbase``: per token row and 8 weight rows, float64(dot - xsum[t]) / float64(xscale[t]) * float64(wscale[n])
     as <8 x double> operations (IEEE: each lane the scalar epilogue's bits), rounded once to out's type."""
+    b = e.b
     f64 = ir.DoubleType()
     v8f64, v8i32 = ir.VectorType(f64, 8), ir.VectorType(I32, 8)
-    arrays = {name: (sig.args[first_array + i], context.make_array(sig.args[first_array + i])(
-        context, b, args[first_array + i])) for i, name in enumerate(("xscale", "xsum", "wscale", "out"))}
-
-    def ptr(name, *idx):
-        aryty, ary = arrays[name]
-        return cgutils.get_item_pointer(context, b, aryty, ary, list(idx), wraparound=False)
-
-    def splat(value, ty):
-        one = b.insert_element(ir.Constant(ir.VectorType(ty, 1), None), value, ir.Constant(I32, 0))
-        return b.shuffle_vector(one, one, ir.Constant(ir.VectorType(I32, 8), [0] * 8))
-
-    out_t = sig.args[first_array + 3].dtype
+    ptr = _epilogue_operands(context, b, sig, args, first=6)      # _tiles' xscale, xsum, wscale, out
+    out_t = sig.args[9].dtype
     fma = cgutils.get_or_insert_function(b.module, ir.FunctionType(v8f64, [v8f64] * 3), "llvm.fma.v8f64")
     ws = []
     for tb in range(TB):
@@ -274,10 +279,10 @@ def _emit_epilogue(context, b, sig, args, cbase, TA, TB, m, t0, n0, first_array=
         with cgutils.for_range(b, rows) as loop:
             i = loop.index
             t = b.add(t0, b.add(const64(TILE * ta), i))
-            xsum = splat(b.load(ptr("xsum", t)), I32)
+            xsum = e.splat(b.load(ptr("xsum", t)), 8)
             s64 = b.fpext(b.load(ptr("xscale", t)), f64)
-            scale = splat(s64, f64)
-            recip = splat(b.fdiv(ir.Constant(f64, 1.0), s64), f64)
+            scale = e.splat(s64, 8)
+            recip = e.splat(b.fdiv(ir.Constant(f64, 1.0), s64), 8)
             for tb in range(TB):
                 crow = b.add(cbase, b.add(const64((ta * TB + tb) * TILE * TILE * 4), b.mul(i, const64(TILE * 4))))
                 for h in range(2):

@@ -144,10 +144,6 @@ def _emit_epilogue_rows(e, context, sig, args, acc, C, n0, t0):
     def pick(x, y, idx):
         return b.shuffle_vector(x, y, ir.Constant(ir.VectorType(I32, len(idx)), idx))
 
-    def splat(value, ty):           # <8 x ty> of a scalar
-        one = b.insert_element(ir.Constant(ir.VectorType(ty, 1), None), value, ir.Constant(I32, 0))
-        return pick(one, one, [0] * 8)
-
     # rows 2p, 2p + 1 of group p: lanes 0-7 and 8-15 of acc[p][c]. Level 1 halves the partial sums of two groups'
     # rows (4 rows x 4 partials), level 2 of all 8 rows (8 x 2), level 3 leaves one sum per row
     first = [i for q in range(4) for i in range(8 * q, 8 * q + 4)]
@@ -164,8 +160,8 @@ def _emit_epilogue_rows(e, context, sig, args, acc, C, n0, t0):
         t = b.add(t0, const64(c))
         xsum = b.load(ptr("xsum", t))
         # |dot - xsum| <= 512 K < 2^31 (ternary_matmul checks K): the int32 difference is exact
-        diff = b.sub(sums, splat(xsum, I32))
-        scale8 = splat(b.fpext(b.load(ptr("xscale", t)), f64), f64)
+        diff = b.sub(sums, e.splat(xsum, 8))
+        scale8 = e.splat(b.fpext(b.load(ptr("xscale", t)), f64), 8)
         v = b.fmul(b.fdiv(b.sitofp(diff, v8f64), scale8), ws)
         if out_t == types.float32:
             v = b.fptrunc(v, ir.VectorType(ir.FloatType(), 8))
